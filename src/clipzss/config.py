@@ -1,0 +1,305 @@
+"""Nested dataclass configs, YAML load/save and ``section.key=value`` command-line overrides.
+
+Every choice of DESIGN.md §2 is a field here with its default, so any of them can be ablated from the command
+line. The resolved config is written to every run folder and stored beside every checkpoint: a checkpoint alone
+rebuilds its model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# ZegCLIP's 15-template ensemble (reference/paper.md §2).
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "a {} in the scene.",
+    "a photo of a {} in the scene.",
+    "There is a {} in the scene.",
+    "There is the {} in the scene.",
+    "This is a {} in the scene.",
+    "This is the {} in the scene.",
+    "This is one {} in the scene.",
+)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where, and how training crops are made."""
+
+    dataset: str = "folder"  # voc | coco-stuff | context | ade20k | ade20k-full | folder | synthetic
+    root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    # Class names held out as unseen. None = the dataset's standard split (DESIGN.md §3); [] = fully supervised.
+    unseen: list[str] | None = None
+    crop_size: int = 512
+    scale: int = 512  # short side before the random ratio, mmseg's img_scale (2048, 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    flip: bool = True
+    photometric: bool = True
+    num_workers: int = 4
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen CLIP teacher (training only) that also provides the text classifier."""
+
+    model: str = "ViT-B-16"
+    # An open_clip pretrained tag (needs the hub), a local .safetensors/.bin/.pt path, or "none" (random weights).
+    weights: str = "openai"
+    image_size: int = 448
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    # Keys passed to open_clip.create_model over the named config, e.g. a tiny vision_cfg for tests.
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
+    cache_dir: str | None = None  # text-embedding disk cache; None = $XDG_CACHE_HOME/clipzss
+
+
+@dataclass
+class StudentConfig:
+    """Any segmentation-models-pytorch network whose head outputs ``embed_dim`` channels at stride 4."""
+
+    arch: str = "Segformer"
+    encoder: str = "mit_b2"
+    weights: str | None = None  # None | "imagenet" | a local path to encoder weights
+    embed_dim: int = 512  # must equal the teacher's joint embedding size
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    """CLIP-ZSS modules, their switches (ablations) and their hyper-parameters (DESIGN.md §2)."""
+
+    glm: bool = True
+    bank: bool = True
+    pseudo_labels: bool = True
+    multi_scale: bool = True
+    mask_fusion: bool = True
+    synthesizer: bool = True
+    nel: bool = True
+    ce: bool = True
+    # GLM
+    tau: float = 0.07
+    bank_size: int = 1024
+    # pseudo labels
+    kmeans_iters: int = 10
+    window_divisors: tuple[int, ...] = (2, 4, 8)
+    fusion_threshold: float = 0.85
+    min_region: float = 0.01
+    # synthesizer
+    synth_layers: int = 2
+    synth_heads: int = 8
+    # logits and losses
+    alpha: float = 1 / 0.07
+    beta: float | None = None  # None = alpha
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    w_glm: float = 1.0
+    w_nel: float = 1.0
+    w_ce: float = 1.0
+    w_bce: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, logging and checkpointing."""
+
+    max_iters: int = 20000
+    batch_size: int = 16
+    lr: float = 6e-5
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    warmup_iters: int = 1500
+    poly_power: float = 0.9
+    min_lr: float = 0.0
+    grad_clip: float | None = 1.0
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    log_interval: int = 50
+    eval_interval: int = 2000
+    ckpt_interval: int = 2000
+    output_dir: str = "runs/default"
+
+
+@dataclass
+class EvalConfig:
+    """Test-time protocol: every class name predicted jointly (ZegCLIP), short-side resize, sliding window."""
+
+    mode: str = "slide"  # slide | whole
+    crop_size: int = 512
+    stride: int = 341
+    short_side: int = 512
+    batch_size: int = 1
+    max_images: int | None = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        return _build(cls, data or {}, source)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _to_plain(value: Any) -> Any:
+    """Tuples become lists so the YAML stays plain (safe_load can read it back)."""
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check and convert a YAML value to the field's annotated type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        items = [_coerce(v, item_type, where) for v in value]
+        if origin is tuple and args and args[-1] is not Ellipsis and len(items) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(items)}")
+        return tuple(items) if origin is tuple else items
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(key, list(fields), where)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults) and apply ``section.key=value`` overrides.
+
+    Unknown sections or keys fail with a did-you-mean, so a typo never silently trains with a default.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        source = str(path)
+    data = {k: dict(v or {}) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-4)")
+        section, _, name = key.strip().partition(".")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(value, str) and _looks_like_float(value):
+            value = float(value)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"override '{item}': section '{section}' is not a mapping")
+        data[section][name] = value
+    return Config.from_dict(data, source)
+
+
+def _looks_like_float(text: str) -> bool:
+    # YAML 1.1 reads "1e-4" as a string; users mean a number.
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random models built through the real code paths, and the real sample data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipzss.config import StudentConfig, TeacherConfig
+
+# A tiny OpenCLIP ViT: passed to open_clip.create_model as overrides of the named config, so the model is built by
+# exactly the code that builds ViT-B-16. 8x8 patches keep a usable token grid at small image sizes.
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def shared_data_dir() -> Path | None:
+    """../shared/data beside the checkout (or $CLIPZSS_SHARED_DATA); None when absent, e.g. in a user's clone."""
+    env = os.environ.get("CLIPZSS_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    for path in candidates:
+        if path.is_dir():
+            return path
+    return None
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("../shared/data is not present")
+    return path
+
+
+@pytest.fixture
+def tiny_teacher_cfg(tmp_path: Path) -> TeacherConfig:
+    return TeacherConfig(
+        model="ViT-B-16",
+        weights="none",
+        image_size=64,
+        templates=("a photo of a {}.", "a {} in the scene."),
+        model_overrides=TINY_CLIP,
+        cache_dir=str(tmp_path / "text_cache"),
+    )
+
+
+@pytest.fixture
+def tiny_student_cfg() -> StudentConfig:
+    return StudentConfig(arch="Segformer", encoder="mit_b0", weights=None, embed_dim=TINY_CLIP["embed_dim"])
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads() -> None:
+    torch.manual_seed(0)
