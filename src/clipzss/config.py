@@ -37,6 +37,12 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 
+# The student's input normalisation (ImageNet statistics, as every smp/timm encoder expects). Datasets produce
+# images normalised this way; the teacher converts them to CLIP's own statistics itself.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message names the key."""
 
