@@ -1,0 +1,557 @@
+"""The frozen CLIP teacher: a CLS embedding and MaskCLIP-style dense tokens per image, and text embeddings per class.
+
+Training and evaluation depend only on the :class:`Teacher` protocol; :class:`CLIPTeacher` wraps an open_clip
+ViT built by :func:`build_teacher` from a :class:`~clipzss.config.TeacherConfig`. Weights come from a local file,
+an open_clip tag (only when the hub is reachable or the file is already in the Hugging Face cache), or a fixed-seed
+random init. Text embeddings are cached in memory and on disk because the student's classifier is made of them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import typing
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
+
+from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
+
+logger = logging.getLogger(__name__)
+
+# Seed of the random teacher (weights="none"): fixed so that every process builds the same weights, and so a
+# checkpoint trained against a random teacher stays reproducible.
+RANDOM_TEACHER_SEED = 0
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TEXT_CHUNK = 256  # prompts per text-encoder batch
+HUB_PROBE_TIMEOUT_S = 3.0
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz")
+_HOW_TO_GET_WEIGHTS = (
+    "give a local file with teacher.weights=/path/to/file, use an open_clip tag on a machine that reaches the "
+    "Hugging Face hub (the download is cached for offline use), or set teacher.weights=none for a random teacher"
+)
+
+
+@typing.runtime_checkable
+class Teacher(typing.Protocol):
+    """What training and evaluation need from a teacher; any object with these members works."""
+
+    embed_dim: int
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, H, W) normalised the student's way → (CLS (B, C), dense (B, C, h, w)), L2-normalised."""
+        ...
+
+    def text_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
+        """Class names → (K, C) L2-normalised text embeddings."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """Where the teacher weights come from, resolved before the model is built."""
+
+    kind: str  # none | file | tag
+    path: str | None  # the file to load (file, or a tag's resolved checkpoint)
+    key: str  # identity of the weights inside the text-cache key
+    label: str  # short human name for `identity`
+    quick_gelu: bool = False
+    mean: tuple[float, ...] = OPENAI_DATASET_MEAN
+    std: tuple[float, ...] = OPENAI_DATASET_STD
+
+
+def renormalize(
+    images: torch.Tensor,
+    mean_in: Sequence[float],
+    std_in: Sequence[float],
+    mean_out: Sequence[float],
+    std_out: Sequence[float],
+) -> torch.Tensor:
+    """Re-express images normalised with (mean_in, std_in) as if normalised with (mean_out, std_out).
+
+    The student and the teacher expect different statistics; undoing one and applying the other is exact, so the
+    data pipeline normalises once, the student's way.
+    """
+
+    def col(values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+
+    pixels = images * col(std_in) + col(mean_in)  # (B, 3, H, W) in [0, 1]
+    return (pixels - col(mean_out)) / col(std_out)
+
+
+class CLIPTeacher(nn.Module):
+    """A frozen open_clip ViT: CLS + MaskCLIP dense tokens from one image pass, and cached text embeddings.
+
+    Always in eval mode with gradients off; `train()` is a no-op so a parent module's `train()` cannot switch on
+    dropout in the teacher.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TeacherConfig, weights: _Weights) -> None:
+        super().__init__()
+        _check_visual_tower(getattr(model, "visual", None), cfg.model)
+        _check_precision(cfg.precision)
+        self.model = model
+        self.cfg = cfg
+        self.weights = weights
+        visual = model.visual
+        preprocess = getattr(visual, "preprocess_cfg", None) or {}
+        self.clip_mean = tuple(float(v) for v in preprocess.get("mean", weights.mean))
+        self.clip_std = tuple(float(v) for v in preprocess.get("std", weights.std))
+        self.embed_dim = int(visual.proj.shape[1])
+        self.patch_size = int(visual.patch_size[0])
+        self.native_grid = (int(visual.grid_size[0]), int(visual.grid_size[1]))
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._tokenizer: Any = None
+        self.requires_grad_(False)
+        super().train(False)
+
+    # ------------------------------------------------------------------ module plumbing
+    def train(self, mode: bool = True) -> CLIPTeacher:
+        """Stay in eval mode whatever is asked: the teacher is frozen."""
+        return super().train(False)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> CLIPTeacher:
+        # .to()/.cuda() move the parameters; cached position embeddings must follow, so drop them.
+        self._pos_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.visual.proj.device
+
+    @property
+    def identity(self) -> str:
+        """Short name of model + weights, stored in checkpoints (e.g. ``ViT-B-16/openai``)."""
+        name = f"{self.cfg.model}/{self.weights.label}"
+        if self.cfg.model_overrides:
+            overrides = json.dumps(self.cfg.model_overrides, sort_keys=True, default=str)
+            name += f"+overrides:{hashlib.sha256(overrides.encode()).hexdigest()[:8]}"
+        return name
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        if self.cfg.precision == "auto" and self.device.type == "cuda":
+            dtype = torch.bfloat16
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ image side
+    def forward(
+        self, images: torch.Tensor, size: int | tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(images, size)
+
+    def interpolated_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The positional embedding (1 + h·w, width) for a token grid, bicubic over the grid, class slot kept.
+
+        Cached per grid size: training calls it with the same grid every step.
+        """
+        grid = (int(grid[0]), int(grid[1]))
+        pos = self.model.visual.positional_embedding  # (1 + h0·w0, width)
+        if grid == self.native_grid:
+            return pos
+        if grid not in self._pos_cache:
+            h0, w0 = self.native_grid
+            cls_pos, patch_pos = pos[:1], pos[1:]
+            patch_pos = rearrange(patch_pos.float(), "(h w) c -> 1 c h w", h=h0, w=w0)
+            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+            patch_pos = rearrange(patch_pos, "1 c h w -> (h w) c").to(pos.dtype)
+            self._pos_cache[grid] = torch.cat([cls_pos, patch_pos], dim=0)
+        return self._pos_cache[grid]
+
+    def _target_size(self, size: int | tuple[int, int] | None) -> tuple[int, int]:
+        if size is None:
+            size = self.cfg.image_size
+        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        # A multiple of the patch so that no border pixels fall outside the token grid.
+        p = self.patch_size
+        return max(p, round(h / p) * p), max(p, round(w / p) * p)
+
+    def to_clip_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Student-normalised images → the teacher's own normalisation (exact affine map)."""
+        return renormalize(images, IMAGENET_MEAN, IMAGENET_STD, self.clip_mean, self.clip_std)
+
+    @torch.no_grad()
+    def encode_image(
+        self, images: torch.Tensor, size: int | tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the vision tower → CLS (B, C) and MaskCLIP dense tokens (B, C, h, w), float32, normalised.
+
+        Args:
+            images: (B, 3, H, W) normalised with IMAGENET_MEAN/STD, as the student sees them.
+            size: resize target: None = cfg.image_size square, an int = square, (h, w) as given (rounded to a
+                multiple of the patch size); the positional embedding is interpolated to the resulting grid.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"teacher images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        x = self.to_clip_input(images.to(self.device, torch.float32))
+        target = self._target_size(size)
+        if tuple(x.shape[-2:]) != target:
+            x = F.interpolate(x, size=target, mode="bilinear", align_corners=False, antialias=True)
+        visual = self.model.visual
+        with self._autocast():
+            tokens = visual.conv1(x)  # (B, width, h, w)
+            grid = (tokens.shape[-2], tokens.shape[-1])
+            tokens = rearrange(tokens, "b c h w -> b (h w) c")
+            cls_token = visual.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+            tokens = torch.cat([cls_token, tokens], dim=1) + self.interpolated_pos_embed(grid).to(
+                tokens.dtype
+            )
+            tokens = visual.ln_pre(visual.patch_dropout(tokens))  # (B, 1 + h·w, width)
+
+            blocks = visual.transformer.resblocks
+            batch_first = getattr(visual.transformer, "batch_first", True)
+            h = tokens if batch_first else tokens.transpose(0, 1)
+            for block in blocks[:-1]:
+                h = block(h)
+            last = blocks[-1]
+            out = last(h)
+            dense = _value_path(last, h)
+            if not batch_first:
+                out, dense = out.transpose(0, 1), dense.transpose(0, 1)
+
+            cls = visual.ln_post(out[:, 0]) @ visual.proj  # (B, C)
+            dense = visual.ln_post(dense[:, 1:]) @ visual.proj  # (B, h·w, C)
+        cls = F.normalize(cls.float(), dim=-1)
+        dense = F.normalize(dense.float(), dim=-1)
+        return cls, rearrange(dense, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
+
+    # ------------------------------------------------------------------ text side
+    def text_embeddings(
+        self, class_names: Sequence[str], templates: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """(K, C) float32 normalised class embeddings: the prompt-template ensemble, averaged and renormalised.
+
+        Cached in memory and on disk (safetensors under cfg.cache_dir): the student's classifier is these rows,
+        and recomputing 15 prompts × 171 classes at every evaluation is wasted work.
+        """
+        names = _check_class_names(class_names)
+        templates = tuple(self.cfg.templates if templates is None else templates)
+        _check_templates(templates)
+        key = self._text_cache_key(names, templates)
+        if key not in self._text_cache:
+            path = text_cache_dir(self.cfg) / f"{key}.safetensors"
+            emb = _read_text_cache(path, len(names), self.embed_dim)
+            if emb is None:
+                emb = self._encode_classes(names, templates).cpu()
+                _write_text_cache(path, emb, {"model": self.identity, "classes": str(len(names))})
+            self._text_cache[key] = emb
+        return self._text_cache[key].clone().to(self.device)
+
+    def _text_cache_key(self, names: tuple[str, ...], templates: tuple[str, ...]) -> str:
+        payload = {
+            "version": 1,
+            "model": self.cfg.model,
+            "weights": self.weights.key,
+            "overrides": self.cfg.model_overrides,
+            "templates": list(templates),
+            "names": list(names),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts → (N, context_length) token ids with the model's own tokenizer (the BPE vocab ships with open_clip)."""
+        if self._tokenizer is None:
+            context = getattr(self.model, "context_length", None)
+            self._tokenizer = open_clip.get_tokenizer(self.cfg.model, context_length=context)
+        return self._tokenizer(list(prompts))
+
+    @torch.no_grad()
+    def _encode_classes(self, names: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
+        # Text runs in fp32 even under bf16 image precision: it is computed once, cached, and becomes the classifier.
+        prompts = [template.format(name) for name in names for template in templates]
+        chunks = [
+            F.normalize(self.model.encode_text(self.tokenize(chunk).to(self.device)).float(), dim=-1)
+            for chunk in _chunks(prompts, TEXT_CHUNK)
+        ]
+        per_prompt = torch.cat(chunks).view(len(names), len(templates), -1)  # (K, T, C)
+        return F.normalize(per_prompt.mean(dim=1), dim=-1)  # (K, C)
+
+
+# ---------------------------------------------------------------------- building
+def build_teacher(cfg: TeacherConfig, device: str | torch.device | None = None) -> CLIPTeacher:
+    """Build the frozen teacher from its config; never touches the network unless a tag must be downloaded.
+
+    Raises:
+        ValueError: unknown model, tag, precision or an unsupported vision tower.
+        FileNotFoundError: `cfg.weights` looks like a path that does not exist.
+        RuntimeError: a tag's weights are neither cached nor downloadable (offline).
+    """
+    _check_precision(cfg.precision)
+    models = open_clip.list_models()
+    if cfg.model not in models:
+        close = difflib.get_close_matches(cfg.model, models, n=5, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
+        raise ValueError(f"unknown teacher model '{cfg.model}'; {hint}")
+    weights = resolve_weights(cfg)
+    overrides = dict(cfg.model_overrides)
+    if weights.kind == "none":
+        logger.warning(
+            "teacher '%s' has RANDOM weights (teacher.weights=none, seed %d): zero-shot results with a random "
+            "teacher are meaningless; use it for tests and smoke runs only",
+            cfg.model,
+            RANDOM_TEACHER_SEED,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_TEACHER_SEED)
+            model = open_clip.create_model(cfg.model, pretrained=None, **overrides)
+    else:
+        try:
+            model = open_clip.create_model(
+                cfg.model,
+                pretrained=weights.path,
+                force_quick_gelu=weights.quick_gelu,
+                force_preprocess_cfg={"mean": weights.mean, "std": weights.std},
+                **overrides,
+            )
+        except (RuntimeError, KeyError) as err:
+            reason = " ".join(str(err).split())  # torch's load_state_dict message spans lines
+            raise ValueError(
+                f"teacher weights {weights.path} do not fit model '{cfg.model}': {reason}"
+            ) from err
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return CLIPTeacher(model, cfg, weights).to(device)
+
+
+def resolve_weights(cfg: TeacherConfig) -> _Weights:
+    """Decide what `cfg.weights` means (random, local file, or open_clip tag) and locate the file to load."""
+    spec = cfg.weights.strip()
+    if spec.lower() == "none":
+        return _Weights("none", None, f"none:seed={RANDOM_TEACHER_SEED}", f"none(seed={RANDOM_TEACHER_SEED})")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        key = f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        return _Weights("file", str(path), key, f"file:{path.name}")
+    if _looks_like_path(spec):
+        raise FileNotFoundError(f"teacher weights file not found: {path}; {_HOW_TO_GET_WEIGHTS}")
+    tags = open_clip.list_pretrained_tags_by_model(cfg.model)
+    tag = spec.lower().replace("-", "_")
+    if tag not in tags:
+        valid = ", ".join(tags) if tags else "none for this model"
+        raise ValueError(
+            f"unknown teacher weights '{spec}' for {cfg.model}: not a file and not an open_clip tag "
+            f"(valid tags: {valid}); {_HOW_TO_GET_WEIGHTS}"
+        )
+    pretrained = open_clip.get_pretrained_cfg(cfg.model, tag)
+    return _Weights(
+        "tag",
+        _tag_checkpoint(cfg.model, tag, pretrained),
+        f"tag:{tag}",
+        tag,
+        quick_gelu=bool(pretrained.get("quick_gelu", False)),
+        mean=tuple(pretrained.get("mean", OPENAI_DATASET_MEAN)),
+        std=tuple(pretrained.get("std", OPENAI_DATASET_STD)),
+    )
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        any(sep in spec for sep in ("/", "\\"))
+        or spec.startswith(("~", "."))
+        or spec.lower().endswith(_WEIGHT_SUFFIXES)
+    )
+
+
+def _tag_checkpoint(model: str, tag: str, pretrained: dict[str, Any]) -> str:
+    """A local file for an open_clip tag: the Hugging Face cache first, a download only when the hub answers.
+
+    huggingface_hub retries an unreachable host for ~25 s per file; a 3 s socket probe fails fast instead.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants as hf_constants
+
+    if pretrained.get("file"):
+        return str(pretrained["file"])
+    hub = pretrained.get("hf_hub", "")
+    if not hub:
+        raise ValueError(
+            f"open_clip tag '{tag}' for {model} has no Hugging Face hub entry; {_HOW_TO_GET_WEIGHTS}"
+        )
+    # open_clip's convention: "org/repo/" = the default weights file, "org/repo/file.pt" = that file.
+    repo_id, filename = os.path.split(hub)
+    candidates = [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME] if not filename else _safe_first(filename)
+    for name in candidates:
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, name)
+        if isinstance(cached, str) and os.path.isfile(cached):
+            logger.info("teacher weights %s/%s from the Hugging Face cache: %s", model, tag, cached)
+            return cached
+
+    def unavailable(reason: str) -> RuntimeError:
+        return RuntimeError(
+            f"cannot load teacher weights '{tag}' for {model}: they are not in the Hugging Face cache and {reason}; "
+            f"{_HOW_TO_GET_WEIGHTS}"
+        )
+
+    env_offline = any(
+        os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+    if env_offline or hf_constants.is_offline_mode():
+        raise unavailable("HF_HUB_OFFLINE is set")
+    reachable, why = _hub_reachable(hf_constants.ENDPOINT)
+    if not reachable:
+        raise unavailable(f"the hub is unreachable ({why})")
+    last_error: Exception | None = None
+    for name in candidates:
+        try:
+            return huggingface_hub.hf_hub_download(repo_id, name, etag_timeout=HUB_PROBE_TIMEOUT_S)
+        except Exception as err:  # a missing .safetensors variant is normal; try the next name
+            last_error = err
+    raise unavailable(f"the download failed ({type(last_error).__name__}: {last_error})")
+
+
+def _safe_first(filename: str) -> list[str]:
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
+
+
+def _hub_reachable(endpoint: str) -> tuple[bool, str]:
+    """Open (and close) a TCP connection to the hub, or to the HTTPS proxy when one is configured."""
+    proxy = next(
+        (
+            os.environ[v]
+            for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+            if os.environ.get(v)
+        ),
+        "",
+    )
+    url = urlparse(proxy if proxy else endpoint)
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return True, ""
+    except OSError as err:
+        return False, f"{host}:{port}: {err}"
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown teacher precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+
+
+def _check_visual_tower(visual: nn.Module | None, model_name: str) -> None:
+    """The dense path needs the standard open_clip ViT: class-token pooling, nn.MultiheadAttention blocks."""
+
+    def unsupported(why: str) -> ValueError:
+        return ValueError(
+            f"teacher model '{model_name}' is not supported: {why}; use a standard open_clip ViT (e.g. ViT-B-16)"
+        )
+
+    if not isinstance(visual, VisionTransformer):
+        raise unsupported(f"its vision tower is {type(visual).__name__}, not open_clip's VisionTransformer")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise unsupported("its vision tower pools with attention (attn_pool)")
+    if visual.pool_type != "tok":
+        raise unsupported(f"its vision tower pools with '{visual.pool_type}', not the class token")
+    if visual.proj is None:
+        raise unsupported("its vision tower has no output projection")
+    if visual.patch_size[0] != visual.patch_size[1]:
+        raise unsupported(f"its patches are not square ({visual.patch_size})")
+    for block in visual.transformer.resblocks:
+        attn = getattr(block, "attn", None)
+        if not isinstance(block, ResidualAttentionBlock) or getattr(attn, "in_proj_weight", None) is None:
+            raise unsupported(f"its transformer blocks are {type(block).__name__} with a custom attention")
+
+
+def _value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MaskCLIP dense tokens: ln_1 → value projection → out_proj (→ layer scale), no attention mixing, no residual.
+
+    Raw last-layer patch tokens are dominated by the global attention; the value path keeps each token local.
+    """
+    width = x.shape[-1]
+    attn = block.attn
+    value = F.linear(block.ln_1(x), attn.in_proj_weight[2 * width :], attn.in_proj_bias[2 * width :])
+    return block.ls_1(attn.out_proj(value))
+
+
+# ---------------------------------------------------------------------- text helpers
+def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(class_names, str):
+        raise ValueError(f"class_names must be a list of names, got the single string '{class_names}'")
+    names = tuple(class_names)
+    if not names:
+        raise ValueError("class_names is empty; give at least one class name")
+    bad = [repr(n) for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise ValueError(f"class names must be non-empty strings; got {', '.join(bad)}")
+    seen: set[str] = set()
+    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
+    if duplicates:
+        raise ValueError(f"duplicate class names: {', '.join(duplicates)}")
+    return names
+
+
+def _check_templates(templates: tuple[str, ...]) -> None:
+    if not templates:
+        raise ValueError("no prompt templates given; each template needs a '{}' for the class name")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"prompt templates without a '{{}}' for the class name: {bad}")
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def text_cache_dir(cfg: TeacherConfig) -> Path:
+    """cfg.cache_dir, else $XDG_CACHE_HOME/clipzss/text, else ~/.cache/clipzss/text."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clipzss" / "text"
+
+
+def _read_text_cache(path: Path, num_classes: int, dim: int) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        emb = load_file(str(path))["embeddings"]
+        if emb.shape != (num_classes, dim) or emb.dtype != torch.float32 or not torch.isfinite(emb).all():
+            raise ValueError(f"shape {tuple(emb.shape)}, dtype {emb.dtype}")
+    except Exception as err:
+        logger.warning("ignoring corrupt text-embedding cache %s (%s); recomputing it", path, err)
+        return None
+    return emb
+
+
+def _write_text_cache(path: Path, emb: torch.Tensor, metadata: dict[str, str]) -> None:
+    """Atomic write (temp file + os.replace) so concurrent ranks never read half a file; failures only warn."""
+    from safetensors.torch import save_file
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        os.close(fd)
+        save_file({"embeddings": emb.contiguous()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as err:
+        logger.warning("could not write the text-embedding cache %s (%s); continuing without it", path, err)
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
