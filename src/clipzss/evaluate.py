@@ -1,0 +1,389 @@
+"""Evaluation under the ZegCLIP generalised zero-shot protocol: joint argmax, one confusion matrix, split means.
+
+Every class, seen and unseen, competes in one argmax (a model is never told which classes are unseen); the per-class
+IoUs of the resulting confusion matrix are then averaged separately over the seen and the unseen ids, and hIoU is
+their harmonic mean (DESIGN.md §3). The matrix streams over the dataset and sums across processes, so the numbers
+do not depend on how many GPUs ran the evaluation. Model code is not imported here: callers pass a ``logits_fn``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from clipzss.config import EvalConfig
+
+logger = logging.getLogger(__name__)
+
+LogitsFn = Callable[[Tensor], Tensor]
+SUMMARY_KEYS: tuple[str, ...] = ("pAcc", "mAcc", "mIoU(S)", "mIoU(U)", "hIoU", "mIoU")
+
+
+class ConfusionMatrix:
+    """A streaming (K, K) confusion matrix: rows are ground truth, columns are predictions.
+
+    Pixels whose target is ``ignore_index`` are never counted. One ``bincount`` per update keeps it at GPU speed.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Count one batch of predicted ids against ground-truth ids, both (B, H, W) integer tensors."""
+        if pred.shape != target.shape:
+            raise ValueError(
+                f"pred shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}"
+            )
+        for name, tensor in (("pred", pred), ("target", target)):
+            if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+                raise ValueError(f"{name} must hold integer class ids, got dtype {tensor.dtype} (logits?)")
+        device = self.matrix.device
+        pred = pred.to(device).long().flatten()
+        target = target.to(device).long().flatten()
+        keep = target != self.ignore_index
+        pred, target = pred[keep], target[keep]
+        k = self.num_classes
+        for name, ids in (("target", target), ("pred", pred)):
+            bad = (ids < 0) | (ids >= k)
+            if bool(bad.any()):
+                value = int(ids[bad][0])
+                raise ValueError(
+                    f"{name} holds class id {value}, outside [0, {k}) and not the ignore index {self.ignore_index}"
+                )
+        counts = torch.bincount(target * k + pred, minlength=k * k)  # (K*K,)
+        self.matrix += counts.view(k, k)
+
+    def all_reduce(self) -> ConfusionMatrix:
+        """Sum the matrices of every process when torch.distributed is initialised; a no-op otherwise."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
+        return self
+
+
+def _mean(values: Tensor, ids: Sequence[int]) -> float:
+    """Mean over ``ids`` skipping NaN (absent classes); NaN when nothing is left to average."""
+    if len(ids) == 0:
+        return math.nan
+    return float(torch.nanmean(values[list(ids)]))
+
+
+def compute_metrics(
+    matrix: Tensor, class_names: Sequence[str], seen: Sequence[int], unseen: Sequence[int]
+) -> dict[str, Any]:
+    """pAcc, mAcc, mIoU, mIoU(S), mIoU(U), hIoU and per-class IoU/accuracy from a confusion matrix.
+
+    All values are percentages (0-100), as in mmseg and ZegCLIP tables. A class absent from the ground truth gets
+    IoU and accuracy NaN and is left out of every mean: its IoU would otherwise be 0 (any false positive) or 0/0.
+    This differs from mmseg only there, where a class absent from the ground truth but predicted scores 0; on the
+    full validation sets every class is present and the two agree. hIoU = 2·S·U/(S+U), 0 when S+U == 0; with no
+    unseen classes mIoU(U) and hIoU are NaN.
+
+    Args:
+        matrix: (K, K) counts, rows = ground truth, columns = prediction.
+        class_names: K names, in class-id order.
+        seen: ids of the seen classes.
+        unseen: ids of the unseen classes (disjoint from ``seen``).
+
+    Returns:
+        Scalars under ``SUMMARY_KEYS`` plus ``"IoU"`` and ``"Acc"``: lists of K per-class values (NaN when absent).
+    """
+    matrix = torch.as_tensor(matrix)
+    k = len(class_names)
+    if matrix.shape != (k, k):
+        raise ValueError(f"confusion matrix shape {tuple(matrix.shape)} does not match {k} class names")
+    seen, unseen = [int(i) for i in seen], [int(i) for i in unseen]
+    for name, ids in (("seen", seen), ("unseen", unseen)):
+        out = [i for i in ids if not 0 <= i < k]
+        if out:
+            raise ValueError(f"{name} class id {out[0]} is outside [0, {k})")
+    both = sorted(set(seen) & set(unseen))
+    if both:
+        raise ValueError(f"class '{class_names[both[0]]}' (id {both[0]}) is listed as both seen and unseen")
+
+    matrix = matrix.double()
+    tp = matrix.diagonal()  # (K,)
+    gt = matrix.sum(1)  # (K,)
+    union = gt + matrix.sum(0) - tp
+    absent = gt == 0
+    iou = torch.where(absent, math.nan, tp / union.clamp_min(1)) * 100
+    acc = torch.where(absent, math.nan, tp / gt.clamp_min(1)) * 100
+    total = float(gt.sum())
+
+    miou_s, miou_u = _mean(iou, seen), _mean(iou, unseen)
+    if math.isnan(miou_s) or math.isnan(miou_u):
+        hiou = math.nan
+    elif miou_s + miou_u == 0:
+        hiou = 0.0
+    else:
+        hiou = 2 * miou_s * miou_u / (miou_s + miou_u)
+    return {
+        "pAcc": float(tp.sum()) / total * 100 if total > 0 else math.nan,
+        "mAcc": _mean(acc, range(k)),
+        "mIoU(S)": miou_s,
+        "mIoU(U)": miou_u,
+        "hIoU": hiou,
+        "mIoU": _mean(iou, range(k)),
+        "IoU": iou.tolist(),
+        "Acc": acc.tolist(),
+    }
+
+
+def whole_inference(logits_fn: LogitsFn, images: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
+    """Logits of the whole image in one pass, upsampled bilinearly to ``out_size`` (default: the image size)."""
+    out_size = tuple(out_size) if out_size is not None else tuple(images.shape[-2:])
+    logits = logits_fn(images)  # (B, K, h', w'), any stride
+    return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)  # (B, K, H, W)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def sliding_windows(
+    height: int, width: int, crop_size: int | Sequence[int], stride: int | Sequence[int]
+) -> list[tuple[int, int, int, int]]:
+    """mmseg's slide grid as ``(y1, y2, x1, x2)`` windows.
+
+    ceil((H - crop) / stride) + 1 rows (likewise columns); the last window is shifted back to end at the border
+    and windows are clipped to the image when it is smaller than the crop, so every window has the same size
+    ``(min(crop_h, H), min(crop_w, W))`` and every pixel is covered.
+    """
+    (crop_h, crop_w), (stride_h, stride_w) = _pair(crop_size), _pair(stride)
+    if min(crop_h, crop_w, stride_h, stride_w) < 1:
+        raise ValueError(f"crop_size {crop_size} and stride {stride} must be positive")
+    rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
+    cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
+    windows = []
+    for r in range(rows):
+        y2 = min(r * stride_h + crop_h, height)
+        y1 = max(y2 - crop_h, 0)
+        for c in range(cols):
+            x2 = min(c * stride_w + crop_w, width)
+            x1 = max(x2 - crop_w, 0)
+            windows.append((y1, y2, x1, x2))
+    return windows
+
+
+def slide_inference(
+    logits_fn: LogitsFn,
+    images: Tensor,
+    crop_size: int | Sequence[int] = 512,
+    stride: int | Sequence[int] = 341,
+    out_size: tuple[int, int] | None = None,
+    window_batch: int = 8,
+) -> Tensor:
+    """Sliding-window logits (mmseg semantics): windows' logits averaged where they overlap.
+
+    Each window's logits are upsampled to the window size and summed into a full-size canvas that is divided by the
+    per-pixel window count. Windows of one image all have the same size, so up to ``window_batch`` of them go
+    through ``logits_fn`` together.
+
+    Args:
+        logits_fn: normalised images (N, 3, h, w) -> logits (N, K, h', w') at any resolution.
+        images: (B, 3, H, W) normalised images.
+        crop_size: window size, an int or (h, w).
+        stride: window step, an int or (h, w).
+        out_size: resize the averaged logits to this (H_out, W_out) when given.
+        window_batch: windows per ``logits_fn`` call (memory versus speed).
+
+    Returns:
+        (B, K, H, W) logits, or (B, K, H_out, W_out) with ``out_size``.
+    """
+    b, _, h, w = images.shape
+    windows = sliding_windows(h, w, crop_size, stride)
+    win_h, win_w = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
+    canvas: Tensor | None = None
+    count = torch.zeros(1, 1, h, w, device=images.device)
+    for start in range(0, len(windows), max(window_batch, 1)):
+        chunk = windows[start : start + max(window_batch, 1)]
+        crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n*B, 3, win_h, win_w)
+        logits = logits_fn(crops).float()  # (n*B, K, h', w'); fp32 so overlaps average without bf16 rounding
+        logits = F.interpolate(logits, size=(win_h, win_w), mode="bilinear", align_corners=False)
+        if canvas is None:
+            canvas = logits.new_zeros(b, logits.shape[1], h, w)  # (B, K, H, W)
+        for i, (y1, y2, x1, x2) in enumerate(chunk):
+            canvas[:, :, y1:y2, x1:x2] += logits[i * b : (i + 1) * b]
+            count[:, :, y1:y2, x1:x2] += 1
+    assert canvas is not None and bool((count > 0).all()), "sliding windows left pixels uncovered"
+    canvas = canvas / count
+    if out_size is not None and tuple(out_size) != (h, w):
+        canvas = F.interpolate(canvas, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return canvas
+
+
+@dataclass
+class EvalResult:
+    """Summary metrics (percentages), one row per class, and how many images were evaluated."""
+
+    metrics: dict[str, float]
+    per_class: list[dict[str, Any]]  # {"name", "split": seen | unseen | other, "IoU", "Acc"}
+    class_names: tuple[str, ...]
+    num_images: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_matrix(
+        cls,
+        matrix: Tensor,
+        class_names: Sequence[str],
+        seen: Sequence[int],
+        unseen: Sequence[int],
+        num_images: int = 0,
+    ) -> EvalResult:
+        full = compute_metrics(matrix, class_names, seen, unseen)
+        seen_set, unseen_set = set(seen), set(unseen)
+        rows = [
+            {
+                "name": name,
+                "split": "seen" if i in seen_set else "unseen" if i in unseen_set else "other",
+                "IoU": full["IoU"][i],
+                "Acc": full["Acc"][i],
+            }
+            for i, name in enumerate(class_names)
+        ]
+        summary = {key: full[key] for key in SUMMARY_KEYS}
+        return cls(metrics=summary, per_class=rows, class_names=tuple(class_names), num_images=num_images)
+
+    def summary_line(self) -> str:
+        return "  ".join(
+            f"{key} {_fmt(self.metrics[key])}" for key in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU", "mIoU")
+        )
+
+    def format_table(self) -> str:
+        """A fixed-width table: the summary line, then per-class IoU and accuracy (``-`` for absent classes)."""
+        width = max([5, *(len(row["name"]) for row in self.per_class)])
+        lines = [f"{self.num_images} images  " + self.summary_line(), ""]
+        lines.append(f"{'class':<{width}}  {'split':<6}  {'IoU':>6}  {'Acc':>6}")
+        lines.append("-" * (width + 24))
+        for row in self.per_class:
+            lines.append(
+                f"{row['name']:<{width}}  {row['split']:<6}  {_fmt(row['IoU']):>6}  {_fmt(row['Acc']):>6}"
+            )
+        return "\n".join(lines)
+
+    def save(self, out_dir: str | Path) -> list[Path]:
+        """Write metrics.json (summary + per class, NaN as null) and per_class.csv (NaN as an empty cell)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "summary": self.metrics,
+            "num_images": self.num_images,
+            "per_class": self.per_class,
+            **self.extra,
+        }
+        json_path = out_dir / "metrics.json"
+        json_path.write_text(json.dumps(_nan_to_none(payload), indent=2, allow_nan=False) + "\n")
+        csv_path = out_dir / "per_class.csv"
+        with csv_path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["class_id", "name", "split", "IoU", "Acc"])
+            for i, row in enumerate(self.per_class):
+                writer.writerow([i, row["name"], row["split"], _csv_num(row["IoU"]), _csv_num(row["Acc"])])
+        return [json_path, csv_path]
+
+
+def _fmt(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def _csv_num(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.4f}"
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def _split_ids(dataset: Dataset) -> tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]:
+    missing = [attr for attr in ("class_names", "seen", "unseen") if not hasattr(dataset, attr)]
+    if missing:
+        raise ValueError(
+            f"dataset {type(dataset).__name__} has no attribute '{missing[0]}' needed for evaluation"
+        )
+    return tuple(dataset.class_names), tuple(dataset.seen), tuple(dataset.unseen)
+
+
+@torch.inference_mode()
+def evaluate(
+    logits_fn: LogitsFn,
+    dataset: Dataset,
+    cfg: EvalConfig,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> EvalResult:
+    """Run ``logits_fn`` over ``dataset`` with every class predicted jointly and return the metrics.
+
+    Images go one at a time (they differ in size); logits come from ``cfg.mode`` (slide or whole), are upsampled
+    bilinearly to the mask's original resolution and argmax-ed. Under torch.distributed each rank takes
+    ``indices[rank::world_size]`` (no padding duplicates) and the matrix is all-reduced, so every rank returns the
+    same result. ``cfg.batch_size`` is not used: sizes differ, so the batch is always 1.
+    """
+    if cfg.mode not in ("slide", "whole"):
+        raise ValueError(f"unknown eval mode '{cfg.mode}', choose one of: slide, whole")
+    class_names, seen, unseen = _split_ids(dataset)
+    device = torch.device(device)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+
+    indices = list(range(len(dataset)))
+    if cfg.max_images is not None:
+        indices = indices[: cfg.max_images]
+    loader = DataLoader(
+        Subset(dataset, indices[rank::world]),
+        batch_size=1,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    confusion = ConfusionMatrix(len(class_names), device=device)
+    seen_images = torch.zeros((), dtype=torch.int64, device=device)
+    for item in tqdm(loader, desc="eval", disable=not progress or rank != 0, dynamic_ncols=True):
+        image = item["image"].to(device, non_blocking=True)  # (1, 3, H, W)
+        mask = item["mask"].to(device, non_blocking=True).long()  # (1, H0, W0)
+        out_size = tuple(mask.shape[-2:])
+        if cfg.mode == "slide":
+            logits = slide_inference(logits_fn, image, cfg.crop_size, cfg.stride, out_size=out_size)
+        else:
+            logits = whole_inference(logits_fn, image, out_size=out_size)
+        if logits.shape[1] != len(class_names):
+            raise ValueError(
+                f"logits_fn returned {logits.shape[1]} channels for image '{item['name'][0]}' "
+                f"but the dataset has {len(class_names)} classes"
+            )
+        confusion.update(logits.argmax(1), mask)
+        seen_images += 1
+
+    confusion.all_reduce()
+    if distributed:
+        dist.all_reduce(seen_images, op=dist.ReduceOp.SUM)
+    result = EvalResult.from_matrix(confusion.matrix.cpu(), class_names, seen, unseen, int(seen_images))
+    if rank == 0:
+        logger.info("eval: %d images  %s", result.num_images, result.summary_line())
+    return result

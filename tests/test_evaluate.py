@@ -1,0 +1,339 @@
+"""Evaluation: confusion matrix and metrics against torchmetrics and hand-computed values, slide inference, the loop."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from clipzss.config import EvalConfig
+from clipzss.evaluate import (
+    ConfusionMatrix,
+    EvalResult,
+    compute_metrics,
+    evaluate,
+    slide_inference,
+    sliding_windows,
+    whole_inference,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# confusion matrix and metrics
+
+
+def _random_batch(k: int, seed: int, shape=(2, 17, 23), ignore_frac: float = 0.2):
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, k, shape, generator=gen)
+    target[torch.rand(shape, generator=gen) < ignore_frac] = 255
+    pred = torch.randint(0, k, shape, generator=gen)
+    # bias towards correct so IoUs are not all tiny
+    agree = torch.rand(shape, generator=gen) < 0.5
+    pred = torch.where(agree & (target != 255), target, pred)
+    return pred, target
+
+
+def test_metrics_match_torchmetrics():
+    # imported here: the spawned workers of the distributed test re-import this module and should start fast
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+    k = 6
+    pred, target = _random_batch(k, seed=1)
+    assert set(target[target != 255].unique().tolist()) == set(range(k))
+    confusion = ConfusionMatrix(k)
+    confusion.update(pred[:1], target[:1])
+    confusion.update(pred[1:], target[1:])  # streaming over batches sums up
+    metrics = compute_metrics(confusion.matrix, [f"c{i}" for i in range(k)], seen=(0, 1, 2, 3), unseen=(4, 5))
+
+    iou = MulticlassJaccardIndex(num_classes=k, average=None, ignore_index=255)(pred, target) * 100
+    acc = MulticlassAccuracy(num_classes=k, average=None, ignore_index=255)(pred, target) * 100
+    pacc = MulticlassAccuracy(num_classes=k, average="micro", ignore_index=255)(pred, target) * 100
+    macc = MulticlassAccuracy(num_classes=k, average="macro", ignore_index=255)(pred, target) * 100
+    torch.testing.assert_close(torch.tensor(metrics["IoU"]), iou.float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(metrics["Acc"]), acc.float(), atol=1e-4, rtol=0)
+    assert metrics["pAcc"] == pytest.approx(float(pacc), abs=1e-4)
+    assert metrics["mAcc"] == pytest.approx(float(macc), abs=1e-4)
+    assert metrics["mIoU"] == pytest.approx(float(iou.mean()), abs=1e-4)
+    s, u = float(iou[:4].mean()), float(iou[4:].mean())
+    assert metrics["mIoU(S)"] == pytest.approx(s, abs=1e-4)
+    assert metrics["mIoU(U)"] == pytest.approx(u, abs=1e-4)
+    assert metrics["hIoU"] == pytest.approx(2 * s * u / (s + u), abs=1e-4)
+
+
+def test_hand_computed_with_absent_class():
+    # rows = ground truth, columns = prediction; class 1 never occurs in the ground truth but is predicted twice.
+    matrix = torch.tensor([[6, 2, 0], [0, 0, 0], [1, 0, 3]])
+    m = compute_metrics(matrix, ["a", "b", "c"], seen=(0, 1), unseen=(2,))
+    assert m["IoU"][0] == pytest.approx(100 * 6 / 9)  # union = 8 gt + 7 pred - 6
+    assert math.isnan(m["IoU"][1]) and math.isnan(m["Acc"][1])
+    assert m["IoU"][2] == pytest.approx(75.0)  # 3 / (4 + 3 - 3)
+    assert m["mIoU(S)"] == pytest.approx(100 * 2 / 3)  # class 1 left out, not counted as 0
+    assert m["mIoU(U)"] == pytest.approx(75.0)
+    assert m["hIoU"] == pytest.approx(100 * 12 / 17)  # 2·(2/3)·(3/4) / (2/3 + 3/4)
+    assert m["mIoU"] == pytest.approx((100 * 2 / 3 + 75) / 2)
+    assert m["pAcc"] == pytest.approx(75.0)  # 9 / 12
+    assert m["mAcc"] == pytest.approx(75.0)
+
+
+def test_hiou_edge_cases():
+    names = ["a", "b"]
+    no_unseen = compute_metrics(torch.tensor([[3, 1], [1, 3]]), names, seen=(0, 1), unseen=())
+    assert math.isnan(no_unseen["mIoU(U)"]) and math.isnan(no_unseen["hIoU"])
+    assert no_unseen["mIoU(S)"] == pytest.approx(60.0)
+    all_wrong = compute_metrics(torch.tensor([[0, 4], [5, 0]]), names, seen=(0,), unseen=(1,))
+    assert all_wrong["mIoU(S)"] == 0 and all_wrong["mIoU(U)"] == 0 and all_wrong["hIoU"] == 0
+    with pytest.raises(ValueError, match="both seen and unseen"):
+        compute_metrics(torch.eye(2), names, seen=(0, 1), unseen=(1,))
+    with pytest.raises(ValueError, match="does not match 3 class names"):
+        compute_metrics(torch.eye(2), ["a", "b", "c"], seen=(0,), unseen=(1,))
+
+
+def test_iou_invariant_to_class_permutation():
+    k = 5
+    pred, target = _random_batch(k, seed=2)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    target_p = torch.where(target == 255, target, perm[target.clamp(max=k - 1)])
+    names = [str(i) for i in range(k)]
+    a, b = ConfusionMatrix(k), ConfusionMatrix(k)
+    a.update(pred, target)
+    b.update(perm[pred], target_p)
+    iou_a = torch.tensor(compute_metrics(a.matrix, names, (0, 1, 2), (3, 4))["IoU"])
+    iou_b = torch.tensor(compute_metrics(b.matrix, names, (0, 1, 2), (3, 4))["IoU"])
+    torch.testing.assert_close(iou_b[perm], iou_a)
+
+
+def test_ignore_pixels_never_counted():
+    k = 4
+    pred, target = _random_batch(k, seed=3, ignore_frac=0.5)
+    confusion = ConfusionMatrix(k)
+    confusion.update(pred, target)
+    keep = target != 255
+    assert int(confusion.matrix.sum()) == int(keep.sum())
+    # whatever is predicted on ignored pixels changes nothing
+    other = ConfusionMatrix(k)
+    other.update(torch.where(keep, pred, (pred + 1) % k), target)
+    assert torch.equal(other.matrix, confusion.matrix)
+    # a custom ignore index works the same way
+    custom = ConfusionMatrix(k, ignore_index=-1)
+    custom.update(pred, torch.where(keep, target, -1))
+    assert torch.equal(custom.matrix, confusion.matrix)
+    confusion.reset()
+    assert int(confusion.matrix.sum()) == 0
+
+
+@pytest.mark.parametrize(
+    ("pred_value", "target_value", "message"),
+    [(0, 7, "target holds class id 7"), (0, -3, "target holds class id -3"), (9, 1, "pred holds class id 9")],
+)
+def test_update_rejects_out_of_range_ids(pred_value, target_value, message):
+    confusion = ConfusionMatrix(5)
+    pred = torch.zeros(1, 2, 2, dtype=torch.long)
+    target = torch.zeros(1, 2, 2, dtype=torch.long)
+    pred[0, 1, 1], target[0, 1, 1] = pred_value, target_value
+    with pytest.raises(ValueError, match=message):
+        confusion.update(pred, target)
+
+
+def test_update_rejects_bad_inputs():
+    confusion = ConfusionMatrix(3)
+    with pytest.raises(ValueError, match="does not match target shape"):
+        confusion.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer class ids"):
+        confusion.update(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inference
+
+
+def _conv_fn(k: int = 4):
+    """A fixed pointwise (1x1 conv) logits_fn: translation-equivariant, so slide and whole inference agree."""
+    conv = torch.nn.Conv2d(3, k, 1)
+    return lambda x: conv(x).detach()
+
+
+def _stride4_fn(k: int = 4):
+    """A 1x1 conv on a 4x average-pooled image: logits at output stride 4 like the student."""
+    conv = torch.nn.Conv2d(3, k, 1)
+    return lambda x: conv(F.avg_pool2d(x, 4, ceil_mode=True)).detach()
+
+
+@pytest.mark.parametrize(("h", "w"), [(37, 53), (16, 16), (10, 12), (9, 40)])
+def test_slide_equals_whole_for_equivariant_fn(h, w):
+    fn = _conv_fn()
+    images = torch.randn(2, 3, h, w)
+    whole = whole_inference(fn, images)
+    slide = slide_inference(fn, images, crop_size=16, stride=11, window_batch=3)
+    assert slide.shape == (2, 4, h, w)
+    torch.testing.assert_close(slide, whole, atol=1e-5, rtol=1e-5)
+    out = (2 * h + 1, w + 3)
+    torch.testing.assert_close(
+        slide_inference(fn, images, 16, 11, out_size=out),
+        whole_inference(fn, images, out),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(("h", "w", "crop", "stride"), [(10, 12, 16, 11), (37, 53, 16, 11), (50, 50, 20, 7)])
+def test_sliding_windows_cover_every_pixel(h, w, crop, stride):
+    windows = sliding_windows(h, w, crop, stride)
+    rows = max(math.ceil((h - crop) / stride), 0) + 1
+    cols = max(math.ceil((w - crop) / stride), 0) + 1
+    assert len(windows) == rows * cols
+    count = torch.zeros(h, w)
+    for y1, y2, x1, x2 in windows:
+        assert 0 <= y1 < y2 <= h and 0 <= x1 < x2 <= w
+        assert (y2 - y1, x2 - x1) == (min(crop, h), min(crop, w))
+        count[y1:y2, x1:x2] += 1
+    assert bool((count > 0).all())
+    assert max(y2 for _, y2, _, _ in windows) == h and max(x2 for *_, x2 in windows) == w
+    # a logits_fn of ones gives exactly one everywhere only if the overlap count divides correctly
+    ones = slide_inference(
+        lambda x: x.new_ones(x.shape[0], 2, x.shape[2], x.shape[3]), torch.zeros(1, 3, h, w), crop, stride
+    )
+    torch.testing.assert_close(ones, torch.ones(1, 2, h, w))
+
+
+def test_stride4_logits():
+    fn = _stride4_fn()
+    # a constant image: pooled features are constant, so every pixel gets the same logits in both modes
+    images = torch.randn(1, 3, 1, 1).expand(1, 3, 30, 45).contiguous()
+    expected = fn(images[:, :, :4, :4])[:, :, :1, :1].expand(1, 4, 30, 45)
+    slide = slide_inference(fn, images, crop_size=16, stride=10)
+    torch.testing.assert_close(slide, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole_inference(fn, images, (30, 45)), expected, atol=1e-5, rtol=1e-5)
+    random = slide_inference(fn, torch.randn(2, 3, 30, 45), crop_size=16, stride=10, out_size=(61, 90))
+    assert random.shape == (2, 4, 61, 90) and bool(torch.isfinite(random).all())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate()
+
+
+class TinySegDataset(torch.utils.data.Dataset):
+    """Images at half the mask resolution; channel 0 holds the class id so an oracle can read it back."""
+
+    class_names = ("sky", "road", "cow")
+    seen = (0, 1)
+    unseen = (2,)
+
+    def __init__(self):
+        self.labels, self.masks = [], []
+        for i in range(3):
+            labels = torch.zeros(16, 24, dtype=torch.long)  # class 0 (sky): top half
+            labels[8:, :] = 1  # road: bottom half
+            labels[8:, 8 * i : 8 * i + 8] = 2  # cow: one 8x8 block, somewhere else in each image
+            mask = labels.clone()
+            mask[0, :4] = 255  # a few ignored pixels (the image still shows sky there)
+            self.labels.append(labels)
+            self.masks.append(mask)
+
+    def __len__(self):
+        return len(self.masks)
+
+    def __getitem__(self, index):
+        mask = self.masks[index]
+        ids = self.labels[index][
+            ::2, ::2
+        ].float()  # (8, 12): the resized image keeps the class blocks aligned
+        image = torch.stack([ids, torch.zeros_like(ids), torch.ones_like(ids)])
+        return {"image": image, "mask": mask, "name": f"img{index}"}
+
+
+def _oracle(x):
+    return F.one_hot(x[:, 0].round().long(), 3).permute(0, 3, 1, 2).float() * 10  # (B, 3, h, w)
+
+
+def _always_sky(x):
+    logits = torch.zeros(x.shape[0], 3, x.shape[2] // 4 + 1, x.shape[3] // 4 + 1)
+    logits[:, 0] = 1
+    return logits
+
+
+@pytest.mark.parametrize("mode", ["slide", "whole"])
+def test_evaluate_oracle_is_perfect(mode):
+    cfg = EvalConfig(mode=mode, crop_size=6, stride=4)
+    result = evaluate(_oracle, TinySegDataset(), cfg, progress=False)
+    assert result.num_images == 3
+    for key in ("pAcc", "mAcc", "mIoU(S)", "mIoU(U)", "hIoU", "mIoU"):
+        assert result.metrics[key] == pytest.approx(100.0), key
+    assert [row["split"] for row in result.per_class] == ["seen", "seen", "unseen"]
+
+
+def test_evaluate_constant_prediction_and_save(tmp_path: Path):
+    # per image: 192 sky (minus 4 ignored) = 188, road 128, cow 64 -> over 3 images 564 / 384 / 192 pixels
+    result = evaluate(
+        _always_sky, TinySegDataset(), EvalConfig(mode="slide", crop_size=8, stride=5), progress=False
+    )
+    sky = 564 / (564 + 384 + 192) * 100
+    assert result.metrics["pAcc"] == pytest.approx(sky)
+    assert [row["IoU"] for row in result.per_class] == pytest.approx([sky, 0.0, 0.0])
+    assert result.metrics["mAcc"] == pytest.approx(100 / 3)
+    assert result.metrics["mIoU(S)"] == pytest.approx(sky / 2)
+    assert result.metrics["mIoU(U)"] == 0 and result.metrics["hIoU"] == 0
+    assert result.metrics["mIoU"] == pytest.approx(sky / 3)
+
+    # max_images: only the first image, where the cow block sits in columns 0-7 of the mask
+    one = evaluate(_always_sky, TinySegDataset(), EvalConfig(mode="whole", max_images=1), progress=False)
+    assert one.num_images == 1 and one.metrics["pAcc"] == pytest.approx(188 / 380 * 100)
+
+    # a class absent from the ground truth: NaN in memory, null in JSON, empty in CSV
+    result = EvalResult.from_matrix(torch.tensor([[5, 1], [0, 0]]), ["sky", "cow"], seen=(0,), unseen=(1,))
+    table = result.format_table()
+    assert "hIoU" in table and "cow" in table and "unseen" in table
+    json_path, csv_path = result.save(tmp_path / "out")
+    data = json.loads(json_path.read_text())
+    assert data["summary"]["mIoU(U)"] is None and data["summary"]["hIoU"] is None
+    assert data["summary"]["mIoU(S)"] == pytest.approx(500 / 6)
+    assert data["per_class"][1] == {"name": "cow", "split": "unseen", "IoU": None, "Acc": None}
+    rows = list(csv.DictReader(csv_path.open()))
+    assert rows[0]["name"] == "sky" and float(rows[0]["IoU"]) == pytest.approx(500 / 6)
+    assert rows[1]["IoU"] == ""
+
+
+def test_evaluate_rejects_wrong_class_count():
+    with pytest.raises(ValueError, match="returned 2 channels"):
+        evaluate(lambda x: x[:, :2], TinySegDataset(), EvalConfig(mode="whole"), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        confusion = ConfusionMatrix(4)
+        pred, target = _random_batch(4, seed=10 + rank)
+        confusion.update(pred, target)
+        confusion.all_reduce()
+        result = evaluate(_always_sky, TinySegDataset(), EvalConfig(mode="whole"), progress=False)
+        torch.save(
+            {"matrix": confusion.matrix, "metrics": result.metrics, "n": result.num_images},
+            f"{out_dir}/{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_across_two_processes(tmp_path: Path):
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    expected = ConfusionMatrix(4)
+    for rank in range(2):
+        expected.update(*_random_batch(4, seed=10 + rank))
+    single = evaluate(_always_sky, TinySegDataset(), EvalConfig(mode="whole"), progress=False)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(out["matrix"], expected.matrix)
+        assert out["n"] == 3  # ranks split the 3 images 2 + 1 and the count is summed
+        assert out["metrics"] == pytest.approx(single.metrics)
+    local = ConfusionMatrix(4)
+    local.update(*_random_batch(4, seed=10))
+    assert not torch.equal(local.matrix, expected.matrix)  # the ranks really saw different data
