@@ -1,0 +1,381 @@
+"""PLM pseudo labels: multi-scale K-Means on the teacher's dense tokens, mask fusion, fused targets.
+
+The paper (reference/paper.md §4a) clusters CLIP's dense tokens with K-Means whose seeds are window averages at
+several sizes, fuses the resulting masks whose centres are similar ("each seed used once") and fills the ignored
+area of the ground truth with the fused regions. DESIGN.md §2 fixes what the paper leaves open; every function
+here is pure, batched over images on the input's device and free of host-device syncs unless stated, so the trainer
+can run it every step under ``torch.no_grad()``.
+
+Pipeline (``pseudo_labels``): ``window_sizes`` → per scale ``window_seeds`` + ``kmeans`` → pool the centroids of
+all scales → ``fuse_centroids`` → ``assign_tokens`` (token region map) → ``fuse_labels`` (ground truth + regions).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce
+
+from clipzss.config import MethodConfig
+
+logger = logging.getLogger(__name__)
+
+
+class KMeansResult(NamedTuple):
+    """Final state of a batched K-Means run."""
+
+    centroids: torch.Tensor  # (B, K, C)
+    labels: torch.Tensor  # (B, N) int64, assignment to the final centroids
+    counts: torch.Tensor  # (B, K) int64, number of points per final label
+
+
+class FusionResult(NamedTuple):
+    """Groups of fused centroids, padded over the batch."""
+
+    group_means: torch.Tensor  # (B, G, C) normalised; zeros where not valid
+    group_valid: torch.Tensor  # (B, G) bool; image b's groups are 0 .. num_groups[b] - 1
+    membership: torch.Tensor  # (B, M) int64 group of each centroid; -1 for empty centroids
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (reference tests); everything else (bf16/fp16 teacher output) clusters in float32."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def window_sizes(h: int, w: int, divisors: Sequence[int]) -> list[int]:
+    """Seed window size per scale: ``round(min(h, w) / d)``, at least 1, duplicates removed (order kept).
+
+    Rounding is half-up (3.5 → 4, 2.5 → 3), not Python's half-to-even, so the sizes grow monotonically with
+    the grid. The 28×28 default grid gives [14, 7, 4].
+    """
+    if h < 1 or w < 1:
+        raise ValueError(f"token grid must be at least 1x1, got {h}x{w}")
+    if not divisors:
+        raise ValueError("window_divisors is empty; give at least one divisor, e.g. (2, 4, 8)")
+    sizes: list[int] = []
+    for d in divisors:
+        if d <= 0:
+            raise ValueError(f"window divisor must be positive, got {d} in {tuple(divisors)}")
+        size = max(1, math.floor(min(h, w) / d + 0.5))
+        if size not in sizes:
+            sizes.append(size)
+    if len(sizes) < len(divisors):
+        logger.debug(
+            "window sizes %s for a %dx%d grid (duplicates of %s removed)", sizes, h, w, tuple(divisors)
+        )
+    return sizes
+
+
+def window_seeds(dense: torch.Tensor, window: int) -> torch.Tensor:
+    """Normalised mean token of each non-overlapping ``window``×``window`` cell: the K-Means seeds of one scale.
+
+    The grid of cells is ceil-sized, so partial cells at the right/bottom border average only their valid tokens
+    instead of being dropped (no token is left without a nearby seed). Seeds are ordered row-major over the cells.
+
+    Args:
+        dense: (B, C, h, w) dense tokens.
+        window: cell side in tokens (stride = window).
+
+    Returns:
+        (B, K, C) seeds with K = ceil(h / window) * ceil(w / window).
+    """
+    if dense.ndim != 4:
+        raise ValueError(f"dense tokens must be (B, C, h, w), got shape {tuple(dense.shape)}")
+    if window < 1:
+        raise ValueError(f"window size must be at least 1, got {window}")
+    _, _, h, w = dense.shape
+    gh, gw = math.ceil(h / window), math.ceil(w / window)
+    padding = (0, gw * window - w, 0, gh * window - h)  # zero tokens add nothing to the window sums
+    x = F.pad(dense.to(_compute_dtype(dense)), padding)  # (B, C, gh*window, gw*window)
+    sums = reduce(x, "b c (gh wh) (gw ww) -> b (gh gw) c", "sum", wh=window, ww=window)  # (B, K, C)
+    valid = F.pad(torch.ones(h, w, dtype=x.dtype, device=x.device), padding)
+    counts = reduce(valid, "(gh wh) (gw ww) -> (gh gw)", "sum", wh=window, ww=window)  # (K,)
+    return F.normalize(sums / counts[None, :, None], dim=-1)
+
+
+def _assign(x: torch.Tensor, centroids: torch.Tensor, spherical: bool) -> torch.Tensor:
+    """Nearest centroid per point: max cosine, or min squared distance (‖x‖² is constant per point)."""
+    dots = x @ centroids.transpose(1, 2)  # (B, N, K)
+    if spherical:
+        return dots.argmax(dim=-1)
+    dist = centroids.square().sum(-1)[:, None, :] - 2 * dots  # (B, N, K)
+    return dist.argmin(dim=-1)
+
+
+def _one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    # Compare with arange instead of F.one_hot, whose range check synchronises with the device on CUDA.
+    classes = torch.arange(num_classes, device=labels.device)
+    return (labels[..., None] == classes).to(dtype)
+
+
+def _bincount(labels: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Per-row histogram of (B, N) labels → (B, num_bins) int64 (integer adds: deterministic on every device)."""
+    counts = torch.zeros(labels.shape[0], num_bins, dtype=torch.long, device=labels.device)
+    return counts.scatter_add_(1, labels, torch.ones_like(labels))
+
+
+def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int, spherical: bool = True) -> KMeansResult:
+    """Batched Lloyd K-Means with a fixed number of iterations (no convergence test, so no device sync).
+
+    ``spherical=True``: cosine assignment (argmax x·c) and centroids renormalised after each mean update; the seeds
+    are normalised first. ``spherical=False``: plain Euclidean Lloyd (argmin squared distance, centroid = mean),
+    equal to scikit-learn's ``KMeans(init=init, n_init=1, max_iter=iters, algorithm="lloyd", tol=0)`` whenever no
+    cluster empties. An empty cluster keeps its previous centroid (scikit-learn instead relocates it to a far point):
+    deterministic, and harmless here because an empty cluster gets count 0 and is ignored by the fusion. Sums are
+    one-hot matmuls rather than float scatter-adds so the result is bitwise reproducible on GPU.
+
+    Args:
+        x: (B, N, C) points.
+        init: (B, K, C) initial centroids.
+        iters: number of update steps; the final labels are the assignment to the final centroids.
+        spherical: cosine K-Means on the unit sphere (the DESIGN default) instead of Euclidean.
+
+    Returns:
+        KMeansResult(centroids (B, K, C), labels (B, N), counts (B, K)).
+    """
+    if x.ndim != 3 or init.ndim != 3 or x.shape[0] != init.shape[0] or x.shape[2] != init.shape[2]:
+        raise ValueError(
+            f"kmeans needs x (B, N, C) and init (B, K, C), got {tuple(x.shape)} and {tuple(init.shape)}"
+        )
+    if iters < 0:
+        raise ValueError(f"kmeans_iters must be >= 0, got {iters}")
+    dtype = _compute_dtype(x, init)
+    x = x.to(dtype)
+    centroids = init.to(dtype)
+    if spherical:
+        centroids = F.normalize(centroids, dim=-1)
+    num_clusters = centroids.shape[1]
+    for _ in range(iters):
+        onehot = _one_hot(_assign(x, centroids, spherical), num_clusters, dtype)  # (B, N, K)
+        counts = onehot.sum(dim=1)  # (B, K)
+        means = (onehot.transpose(1, 2) @ x) / counts.clamp_min(1)[..., None]  # (B, K, C)
+        if spherical:
+            means = F.normalize(means, dim=-1)
+        centroids = torch.where(counts[..., None] > 0, means, centroids)
+    labels = _assign(x, centroids, spherical)
+    return KMeansResult(centroids, labels, _bincount(labels, num_clusters))
+
+
+def multi_scale_kmeans(
+    dense: torch.Tensor, windows: Sequence[int], iters: int, spherical: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run K-Means once per window size (seeds from ``window_seeds``) and pool the final centroids of all scales.
+
+    Args:
+        dense: (B, C, h, w) dense tokens, L2-normalised along C.
+        windows: window sizes, one per scale (see ``window_sizes``).
+        iters: K-Means iterations per scale.
+        spherical: cosine K-Means (default) or Euclidean.
+
+    Returns:
+        centroids (B, M, C) and counts (B, M) int64, M = the number of seeds summed over scales, scales in order.
+    """
+    if not windows:
+        raise ValueError("multi_scale_kmeans needs at least one window size")
+    x = rearrange(dense, "b c h w -> b (h w) c")
+    results = [kmeans(x, window_seeds(dense, size), iters, spherical) for size in windows]
+    return torch.cat([r.centroids for r in results], dim=1), torch.cat([r.counts for r in results], dim=1)
+
+
+def fuse_centroids(
+    centroids: torch.Tensor, counts: torch.Tensor, threshold: float, trim: bool = True
+) -> FusionResult:
+    """Greedy mask fusion: merge centroids whose cosine with a group's leader exceeds ``threshold``, each used once.
+
+    Centroids are visited in order of cluster size (counts descending, ties by index). The largest unused non-empty
+    centroid opens a group and absorbs every unused centroid with cosine > threshold to *it* (not to the running
+    group mean, so the order cannot drift a group across the sphere). A group's mean is the normalised
+    count-weighted mean of its members. Empty centroids (count 0) join no group. ``threshold=math.inf`` makes every
+    non-empty centroid its own group (no fusion). The loop runs over the M centroids, batched over images.
+
+    Args:
+        centroids: (B, M, C) pooled centroids.
+        counts: (B, M) cluster sizes.
+        threshold: cosine above which a centroid joins the current leader (λ).
+        trim: cut G to the largest number of groups in the batch (one host sync); False keeps G = M (sync-free).
+
+    Returns:
+        FusionResult(group_means (B, G, C), group_valid (B, G), membership (B, M)), groups numbered in the order
+        they were opened, i.e. by leader size.
+    """
+    if centroids.ndim != 3 or counts.shape != centroids.shape[:2]:
+        raise ValueError(
+            f"fuse_centroids needs centroids (B, M, C) and counts (B, M), "
+            f"got {tuple(centroids.shape)} and {tuple(counts.shape)}"
+        )
+    batch, num, _ = centroids.shape
+    device = centroids.device
+    units = F.normalize(centroids.to(_compute_dtype(centroids)), dim=-1)
+    cosine = units @ units.transpose(1, 2)  # (B, M, M)
+    order = torch.sort(counts, dim=1, descending=True, stable=True).indices  # (B, M)
+    positions = torch.arange(num, device=device).expand(batch, num)
+    rank = torch.empty_like(order).scatter_(1, order, positions)  # (B, M) rank of each centroid in size order
+    membership = torch.full((batch, num), -1, dtype=torch.long, device=device)
+    used = counts <= 0  # empty centroids are never leaders nor members
+    rows = torch.arange(batch, device=device)
+    for group in range(num):
+        free = ~used
+        leader = torch.where(free, rank, num).argmin(dim=1)  # (B,) largest unused centroid
+        opened = free[rows, leader]  # (B,) False once an image has no centroid left
+        joins = free & ((cosine[rows, leader] > threshold) | (positions == leader[:, None])) & opened[:, None]
+        membership = torch.where(joins, group, membership)
+        used = used | joins
+    num_groups = membership.max(dim=1).values + 1  # (B,) groups are opened consecutively from 0
+    size = int(num_groups.max()) if trim else num
+    weights = _one_hot(membership, size, units.dtype) * counts.to(units.dtype)[..., None]  # (B, M, G)
+    group_means = F.normalize(weights.transpose(1, 2) @ units, dim=-1)  # (B, G, C); empty groups stay 0
+    group_valid = torch.arange(size, device=device) < num_groups[:, None]
+    return FusionResult(group_means, group_valid, membership)
+
+
+def assign_tokens(
+    x: torch.Tensor, group_means: torch.Tensor, group_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label each token with the valid group of highest cosine, renumbered compactly per image.
+
+    Groups that win no token are removed from the numbering, so image b uses ids 0 .. num_regions[b] - 1, in the
+    groups' order (largest leader first).
+
+    Args:
+        x: (B, N, C) tokens.
+        group_means: (B, G, C) normalised group means.
+        group_valid: (B, G) bool.
+
+    Returns:
+        labels (B, N) int64 and num_regions (B,) int64.
+    """
+    dtype = _compute_dtype(x, group_means)
+    sim = x.to(dtype) @ group_means.to(dtype).transpose(1, 2)  # (B, N, G)
+    sim = sim.masked_fill(~group_valid[:, None, :], -math.inf)
+    labels = sim.argmax(dim=-1)  # (B, N)
+    present = (labels[..., None] == torch.arange(group_means.shape[1], device=x.device)).any(dim=1)  # (B, G)
+    new_ids = present.long().cumsum(dim=1) - 1
+    return new_ids.gather(1, labels), present.sum(dim=1)
+
+
+def cluster_regions(
+    dense: torch.Tensor, windows: Sequence[int], iters: int, fusion_threshold: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token region map of each image: multi-scale K-Means, optional mask fusion, argmax assignment.
+
+    ``fusion_threshold=None`` skips fusion: every non-empty centroid of the pooled scales is its own region, so a
+    single scale without fusion gives exactly the plain K-Means labels of that scale (renumbered by cluster size).
+
+    Args:
+        dense: (B, C, h, w) teacher tokens (renormalised here: bf16 output is only roughly unit length).
+        windows: seed window sizes, one per scale.
+        iters: K-Means iterations.
+        fusion_threshold: λ, or None for no fusion.
+
+    Returns:
+        token_labels (B, h, w) int64 with ids 0 .. num_regions[b] - 1, and num_regions (B,) int64.
+    """
+    if dense.ndim != 4:
+        raise ValueError(f"dense tokens must be (B, C, h, w), got shape {tuple(dense.shape)}")
+    _, _, h, w = dense.shape
+    dense = F.normalize(dense.to(_compute_dtype(dense)), dim=1)
+    centroids, counts = multi_scale_kmeans(dense, windows, iters)  # (B, M, C), (B, M)
+    threshold = math.inf if fusion_threshold is None else fusion_threshold
+    groups = fuse_centroids(centroids, counts, threshold, trim=False)
+    x = rearrange(dense, "b c h w -> b (h w) c")
+    labels, num_regions = assign_tokens(x, groups.group_means, groups.group_valid)
+    return rearrange(labels, "b (h w) -> b h w", h=h, w=w), num_regions
+
+
+def token_regions(dense: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cluster_regions`` configured from ``MethodConfig`` (multi_scale, mask_fusion, kmeans_iters, ...).
+
+    ``multi_scale=False`` keeps only the middle window size (index len // 2: window 7 of [14, 7, 4] on a 28×28
+    grid, 16 seeds), the scale between too-coarse and too-fragmented. ``mask_fusion=False`` keeps every non-empty
+    centroid as its own region (see ``cluster_regions``).
+
+    Returns:
+        token_labels (B, h, w) int64 and num_regions (B,) int64.
+    """
+    sizes = window_sizes(dense.shape[-2], dense.shape[-1], cfg.window_divisors)
+    if not cfg.multi_scale:
+        sizes = [sizes[len(sizes) // 2]]
+    threshold = cfg.fusion_threshold if cfg.mask_fusion else None
+    with torch.no_grad():
+        return cluster_regions(dense, sizes, cfg.kmeans_iters, threshold)
+
+
+def fuse_labels(
+    gt: torch.Tensor,
+    token_labels: torch.Tensor,
+    num_seen: int,
+    min_region: float = 0.01,
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill the ignored area of the ground truth with pseudo-region ids ``num_seen + r``.
+
+    The token map is upsampled nearest (source index floor(i·h/H), as ``F.interpolate``) to the label size.
+    Annotated pixels keep their ground truth. A region whose ignored-area pixels cover less than ``min_region`` of
+    the crop is dropped (stays ``ignore_index``): tiny fragments make noisy classes. The surviving regions are
+    renumbered compactly in their original order, so image b uses num_seen .. num_seen + num_pseudo[b] - 1.
+
+    Args:
+        gt: (B, H, W) int64 labels in the seen-index space 0 .. num_seen - 1, ``ignore_index`` elsewhere.
+        token_labels: (B, h, w) region ids, each < h·w (compact ids always are).
+        num_seen: number of seen classes (first pseudo channel).
+        min_region: minimum fraction of the H·W crop a region must cover inside the ignored area.
+        ignore_index: the ignore label.
+
+    Returns:
+        fused (B, H, W) int64 and num_pseudo (B,) int64.
+    """
+    if gt.ndim != 3 or token_labels.ndim != 3 or gt.shape[0] != token_labels.shape[0]:
+        raise ValueError(
+            f"fuse_labels needs gt (B, H, W) and token_labels (B, h, w) with the same B, "
+            f"got {tuple(gt.shape)} and {tuple(token_labels.shape)}"
+        )
+    if num_seen < 0:
+        raise ValueError(f"num_seen must be >= 0, got {num_seen}")
+    batch, height, width = gt.shape
+    h, w = token_labels.shape[1:]
+    device = gt.device
+    rows = torch.arange(height, device=device) * h // height
+    cols = torch.arange(width, device=device) * w // width
+    regions = token_labels.long()[:, rows][:, :, cols]  # (B, H, W) nearest upsampling, exact integer indices
+    ignored = gt == ignore_index  # (B, H, W)
+    num_bins = h * w + 1  # bin h*w collects annotated pixels
+    binned = torch.where(ignored, regions, num_bins - 1).flatten(1)  # (B, H*W)
+    area = _bincount(binned, num_bins)[:, :-1]  # (B, h*w) ignored pixels per region
+    keep = (area > 0) & (area >= min_region * height * width)
+    new_ids = num_seen + keep.long().cumsum(dim=1) - 1  # (B, h*w)
+    pseudo = new_ids.gather(1, regions.flatten(1)).view(batch, height, width)
+    kept = keep.gather(1, regions.flatten(1)).view(batch, height, width)
+    fused = torch.where(ignored & kept, pseudo, gt.long())
+    return fused, keep.sum(dim=1)
+
+
+def pseudo_labels(
+    dense: torch.Tensor, gt: torch.Tensor, num_seen: int, cfg: MethodConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's entry point: fused labels F from teacher tokens and ground truth (DESIGN.md §1).
+
+    Honours ``cfg.pseudo_labels`` (off: the ground truth unchanged, zero pseudo regions), ``multi_scale``,
+    ``mask_fusion``, ``kmeans_iters``, ``window_divisors``, ``fusion_threshold`` and ``min_region``.
+
+    Args:
+        dense: (B, C, h, w) teacher dense tokens, L2-normalised along C.
+        gt: (B, H, W) int64 labels, seen indices or 255.
+        num_seen: number of seen classes.
+        cfg: the method config.
+
+    Returns:
+        fused (B, H, W) int64 and num_pseudo (B,) int64.
+    """
+    with torch.no_grad():
+        if not cfg.pseudo_labels:
+            return gt.long().clone(), torch.zeros(gt.shape[0], dtype=torch.long, device=gt.device)
+        token_labels, _ = token_regions(dense, cfg)
+        return fuse_labels(gt, token_labels, num_seen, cfg.min_region)
