@@ -1,0 +1,200 @@
+"""Class lists of the benchmark datasets and seen/unseen splits (DESIGN.md §3).
+
+The class orders are mmsegmentation's, so label files prepared for mmseg index them directly. The unseen lists are
+the standard inductive zero-shot splits (ZS3Net/ZegCLIP); reference/paper.md §6 gives their provenance.
+:func:`relabel_unseen` is the single place where unseen pixels become ``ignore`` (training only): the files on disk
+are never rewritten.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = 255
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+COCO_STUFF_CLASSES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush", "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet",
+    "cage", "cardboard", "carpet", "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter",
+    "cupboard", "curtain", "desk-stuff", "dirt", "door-stuff", "fence", "floor-marble", "floor-other",
+    "floor-stone", "floor-tile", "floor-wood", "flower", "fog", "food-other", "fruit", "furniture-other", "grass",
+    "gravel", "ground-other", "hill", "house", "leaves", "light", "mat", "metal", "mirror-stuff", "moss",
+    "mountain", "mud", "napkin", "net", "paper", "pavement", "pillow", "plant-other", "plastic", "platform",
+    "playingfield", "railing", "railroad", "river", "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf",
+    "sky-other", "skyscraper", "snow", "solid-other", "stairs", "stone", "straw", "structural-other", "table",
+    "tent", "textile-other", "towel", "tree", "vegetable", "wall-brick", "wall-concrete", "wall-other",
+    "wall-panel", "wall-stone", "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind",
+    "window-other", "wood",
+)  # fmt: skip
+
+# mmseg's PascalContextDataset59 order (alphabetical, background removed by reduce_zero_label).
+CONTEXT59_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building",
+    "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain", "dog",
+    "door", "fence", "floor", "flower", "food", "grass", "ground", "horse", "keyboard", "light", "motorbike",
+    "mountain", "mouse", "person", "plate", "platform", "pottedplant", "road", "rock", "sheep", "shelves",
+    "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "tvmonitor", "wall",
+    "water", "window", "wood",
+)  # fmt: skip
+
+# mmseg's ADE20KDataset order (mmseg spells index 7 "bed " with a trailing space; stripped here).
+ADE20K_CLASSES: tuple[str, ...] = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet",
+    "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher",
+    "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier",
+    "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)  # fmt: skip
+
+DATASET_CLASSES: dict[str, tuple[str, ...]] = {
+    "voc": VOC_CLASSES,
+    "coco-stuff": COCO_STUFF_CLASSES,
+    "context": CONTEXT59_CLASSES,
+    "ade20k": ADE20K_CLASSES,
+}
+
+# Standard inductive splits. ADE20K has none: it is used for open-vocabulary evaluation only.
+# fmt: off
+STANDARD_UNSEEN: dict[str, tuple[str, ...]] = {
+    "voc": ("pottedplant", "sheep", "sofa", "train", "tvmonitor"),
+    "coco-stuff": (
+        "cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors", "cardboard", "clouds", "grass",
+        "playingfield", "river", "road", "tree", "wall-concrete",
+    ),
+    "context": ("aeroplane", "bird", "boat", "cat", "cow", "fence", "keyboard", "motorbike", "sofa", "tvmonitor"),
+}
+# fmt: on
+
+
+@dataclass(frozen=True)
+class Split:
+    """A class list and its partition into seen (labelled in training) and unseen ids (sorted, disjoint)."""
+
+    class_names: tuple[str, ...]
+    seen: tuple[int, ...]
+    unseen: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        ids = sorted(self.seen + self.unseen)
+        if ids != list(range(len(self.class_names))):
+            raise ValueError(
+                f"seen {self.seen} and unseen {self.unseen} must partition the ids 0..{len(self.class_names) - 1}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def seen_names(self) -> tuple[str, ...]:
+        return tuple(self.class_names[i] for i in self.seen)
+
+    @property
+    def unseen_names(self) -> tuple[str, ...]:
+        return tuple(self.class_names[i] for i in self.unseen)
+
+
+def _key(name: str) -> str:
+    # Users type "Car" or " tv monitor "; class lists never differ by case or outer whitespace alone.
+    return name.strip().lower()
+
+
+def validate_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
+    """Check a class list (non-empty, named, unique, fewer than 255 ids) and return it as a stripped tuple."""
+    if isinstance(class_names, str):
+        raise ValueError(f"class_names must be a sequence of names, got the string {class_names!r}")
+    names = tuple(class_names)
+    if not names:
+        raise ValueError("the class list is empty; give at least one class name")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"class name at index {i} is empty or not a string: {name!r}")
+    counts = Counter(_key(n) for n in names)
+    duplicates = sorted(k for k, c in counts.items() if c > 1)
+    if duplicates:
+        raise ValueError(f"duplicate class names: {', '.join(duplicates)}")
+    if len(names) > IGNORE_INDEX:
+        raise ValueError(
+            f"{len(names)} classes do not fit: ids must stay below the ignore index {IGNORE_INDEX}"
+        )
+    return tuple(n.strip() for n in names)
+
+
+def make_split(
+    class_names: Sequence[str], unseen_names: Sequence[str] | None, dataset: str | None = None
+) -> Split:
+    """Build a validated :class:`Split` from class names and the names held out as unseen.
+
+    Args:
+        class_names: all classes, in label-id order.
+        unseen_names: names to hold out; ``None`` takes the standard split of ``dataset`` (none if it has no
+            standard split); ``[]`` means fully supervised.
+        dataset: a key of :data:`STANDARD_UNSEEN`, consulted only when ``unseen_names`` is None.
+    """
+    names = validate_class_names(class_names)
+    if unseen_names is None:
+        unseen_names = STANDARD_UNSEEN.get(dataset, ()) if dataset is not None else ()
+    if isinstance(unseen_names, str):
+        raise ValueError(f"unseen names must be a list of class names, got the string {unseen_names!r}")
+    index = {_key(n): i for i, n in enumerate(names)}
+    unseen: list[int] = []
+    for name in unseen_names:
+        if not isinstance(name, str) or _key(name) not in index:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unseen class '{name}' is not in the class list{hint}")
+        i = index[_key(name)]
+        if i in unseen:
+            raise ValueError(f"unseen class '{name}' is listed twice")
+        unseen.append(i)
+    if len(unseen) == len(names):
+        raise ValueError("every class is unseen; at least one class must stay seen for training")
+    unseen_set = set(unseen)
+    seen = tuple(i for i in range(len(names)) if i not in unseen_set)
+    return Split(class_names=names, seen=seen, unseen=tuple(sorted(unseen)))
+
+
+def relabel_unseen(mask: torch.Tensor, split: Split) -> torch.Tensor:
+    """Return a copy of ``mask`` with every unseen class id set to 255 (ignore); the training-only relabelling."""
+    out = mask.clone()
+    if split.unseen:
+        unseen = torch.tensor(split.unseen, dtype=mask.dtype, device=mask.device)
+        out[torch.isin(mask, unseen)] = IGNORE_INDEX
+    return out
+
+
+def seen_lookup(split: Split) -> torch.Tensor:
+    """A (256,) int64 table mapping a class id to its index among the seen classes (255 for unseen and ignore).
+
+    ``seen_lookup(split)[mask]`` turns a training mask into the seen-class label space of the text classifier.
+    """
+    table = torch.full((IGNORE_INDEX + 1,), IGNORE_INDEX, dtype=torch.long)
+    table[list(split.seen)] = torch.arange(len(split.seen))
+    return table
