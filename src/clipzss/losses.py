@@ -1,0 +1,339 @@
+"""CLIP-ZSS losses as pure functions: InfoNCE, logits over text + pseudo prototypes, NEL, CE and prototype BCE.
+
+`compute_losses` assembles one training step's terms after the student forward (DESIGN.md §1):
+``loss = w_glm·L_global + w_nel·L_nel + w_ce·CE + w_bce·L_bce``. Nothing here reads tensor values on the host, so
+a step has no hidden host-device sync (the one exception, documented, is not passing ``max_pseudo``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+from clipzss.config import MethodConfig
+
+if TYPE_CHECKING:
+    from clipzss.modules import GLM, Synthesizer
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+# A finite "minus infinity" for padded pseudo channels: exp(-1e4) is exactly 0 in fp32/bf16 softmax, while -inf
+# would give NaN in a softmax or a loss if every channel of a row were padding. Representable in fp16 too.
+NEG_LOGIT = -1e4
+
+
+def info_nce(
+    pred: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None, tau: float
+) -> torch.Tensor:
+    """InfoNCE: for each i, -log softmax over [t_i·p_i, t_j·p_i (j≠i), n_k·p_i] / τ at the positive, batch mean.
+
+    Inputs are used as given (the GLM passes L2-normalised vectors).
+
+    Args:
+        pred: (B, C) predictions p (gradient flows here).
+        target: (B, C) targets t; target i is the positive of pred i and a negative of every other pred.
+        negatives: (n, C) extra negatives (the CLS bank), or None / empty.
+        tau: temperature.
+    """
+    keys = (
+        target if negatives is None or negatives.numel() == 0 else torch.cat([target, negatives.to(target)])
+    )
+    logits = pred @ keys.T / tau  # (B, B + n)
+    return F.cross_entropy(logits, torch.arange(pred.shape[0], device=pred.device))
+
+
+def build_logits(
+    R: torch.Tensor,
+    text_seen: torch.Tensor,
+    pseudo_protos: torch.Tensor | None = None,
+    pseudo_valid: torch.Tensor | None = None,
+    alpha: float = 1 / 0.07,
+    beta: float | None = None,
+) -> torch.Tensor:
+    """x = cat(α·cos(R, T_seen), β·cos(R, P_pseudo,b)) along channels, at R's resolution.
+
+    Padding pseudo channels (``pseudo_valid`` False) are set to NEG_LOGIT, so they never win a softmax.
+
+    Args:
+        R: (B, C, h, w) student embeddings (any norm).
+        text_seen: (S_n, C) seen-class text embeddings.
+        pseudo_protos: (B, P, C) per-image pseudo prototypes, or None.
+        pseudo_valid: (B, P) bool, or None (all valid).
+        alpha: scale of the text logits.
+        beta: scale of the pseudo logits; None = alpha.
+
+    Returns:
+        (B, S_n + P, h, w) logits.
+    """
+    feats = F.normalize(R, dim=1)  # (B, C, h, w)
+    text = F.normalize(text_seen.to(feats), dim=-1)  # (S_n, C)
+    seen = alpha * torch.einsum("bchw,kc->bkhw", feats, text)  # (B, S_n, h, w)
+    if pseudo_protos is None or pseudo_protos.shape[1] == 0:
+        return seen
+    protos = F.normalize(pseudo_protos.to(feats), dim=-1)  # (B, P, C)
+    pseudo = (alpha if beta is None else beta) * torch.einsum("bchw,bpc->bphw", feats, protos)  # (B, P, h, w)
+    if pseudo_valid is not None:
+        pseudo = pseudo.masked_fill(~pseudo_valid[:, :, None, None], NEG_LOGIT)
+    return torch.cat([seen, pseudo], dim=1)
+
+
+def upsample_logits(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (B, K, h, w) → (B, K, H, W): logits are upsampled, never the C-channel embeddings."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _one_hot_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, H, W) ids → (B, K, H, W) float one-hot; ids outside [0, K) (ignore) give an all-zero column."""
+    classes = torch.arange(num_classes, device=labels.device)
+    return (labels[:, None] == classes[None, :, None, None]).float()
+
+
+def _channel_mask(valid_channels: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    b, k = logits.shape[:2]
+    if valid_channels is None:
+        return logits.new_ones(b, k)
+    if valid_channels.shape != (b, k):
+        raise ValueError(
+            f"valid_channels must be {(b, k)} for logits {tuple(logits.shape)}, got {tuple(valid_channels.shape)}"
+        )
+    return valid_channels.to(logits.dtype)
+
+
+def masked_focal_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    valid_channels: torch.Tensor | None = None,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Sigmoid focal loss on one-hot targets, mean over (non-ignored pixel, valid channel) entries.
+
+    Args:
+        logits: (B, K, H, W).
+        labels: (B, H, W) ids in [0, K) or ``ignore_index``.
+        valid_channels: (B, K) bool, False for padding channels; None = all valid.
+    """
+    logits = logits.float()
+    pixels = (labels != ignore_index).float()  # (B, H, W)
+    channels = _channel_mask(valid_channels, logits)  # (B, K)
+    focal = sigmoid_focal_loss(
+        logits, _one_hot_targets(labels, logits.shape[1]), alpha, gamma, reduction="none"
+    )
+    per_channel = torch.einsum("bkhw,bhw->bk", focal, pixels)  # (B, K) summed over non-ignored pixels
+    entries = (pixels.sum(dim=(1, 2)) * channels.sum(dim=1)).sum()
+    return (per_channel * channels).sum() / entries.clamp_min(1)
+
+
+def masked_dice_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    valid_channels: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Dice loss 1 - (2Σpt + 1)/(Σp + Σt + 1) of sigmoid maps over non-ignored pixels, mean over the (image, class)
+    pairs whose class is present in the image (and valid); 0 when there is none.
+
+    Args:
+        logits: (B, K, H, W).
+        labels: (B, H, W) ids in [0, K) or ``ignore_index``.
+        valid_channels: (B, K) bool, or None = all valid.
+    """
+    logits = logits.float()
+    pixels = (labels != ignore_index).float()  # (B, H, W)
+    probs = logits.sigmoid()
+    target = _one_hot_targets(labels, logits.shape[1])  # (B, K, H, W)
+    inter = (probs * target).sum(dim=(2, 3))  # (B, K)
+    prob_sum = torch.einsum("bkhw,bhw->bk", probs, pixels)
+    target_sum = target.sum(dim=(2, 3))
+    dice = 1 - (2 * inter + 1) / (prob_sum + target_sum + 1)  # (B, K)
+    present = (target_sum > 0).float() * _channel_mask(valid_channels, logits)
+    return (dice * present).sum() / present.sum().clamp_min(1)
+
+
+def nel_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    valid_channels: torch.Tensor | None = None,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    focal_weight: float = 20.0,
+    dice_weight: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """ZegCLIP's non-mutually-exclusive loss: per-class sigmoid maps, focal_weight·focal + dice_weight·dice.
+
+    Normalisation: the focal term is the mean over every (non-ignored pixel, valid channel) entry (so absent
+    classes are pushed down too); the dice term is the mean over (image, present valid class) pairs.
+
+    Args:
+        logits: (B, K, H, W) at label resolution.
+        labels: (B, H, W) ids in [0, K) or ``ignore_index``.
+        valid_channels: (B, K) bool (padding pseudo channels False), or None = all valid.
+    """
+    focal = masked_focal_loss(logits, labels, valid_channels, focal_alpha, focal_gamma, ignore_index)
+    dice = masked_dice_loss(logits, labels, valid_channels, ignore_index)
+    return focal_weight * focal + dice_weight * dice
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Cross-entropy over the concatenated channels, mean over non-ignored pixels; 0 (not NaN) when all ignored.
+
+    Args:
+        logits: (B, K, H, W).
+        labels: (B, H, W) ids in [0, K) or ``ignore_index``; padding channels are never targets.
+    """
+    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp_min(1)
+
+
+def prototype_bce_loss(
+    p_seen: torch.Tensor,
+    p_seen_class: torch.Tensor,
+    text_seen: torch.Tensor,
+    scale: float = 1 / 0.07,
+    valid: torch.Tensor | None = None,
+    bias: float = 0.0,
+) -> torch.Tensor:
+    """Multi-label BCE-with-logits over the N×S_n matrix scale·cos(P_seen, T_seen) + bias, target 1 on the matching
+    class and 0 elsewhere (the transcribed formula has no negatives; DESIGN.md §2). Mean over the entries of valid
+    rows; 0 when no row is valid.
+
+    Args:
+        p_seen: (N, C) seen-class prototypes.
+        p_seen_class: (N,) long, the seen class of each prototype (ignored where not valid).
+        text_seen: (S_n, C) seen-class text embeddings.
+        scale: logit scale (1/τ).
+        valid: (N,) bool, rows that are real prototypes; None = all. Masking instead of indexing avoids a sync.
+        bias: added to the logits (0 = the DESIGN.md default).
+    """
+    num_classes = text_seen.shape[0]
+    logits = scale * F.normalize(p_seen.float(), dim=-1) @ F.normalize(text_seen.float(), dim=-1).T + bias
+    # A comparison, not F.one_hot: one_hot validates its input's range on the host (a device sync on CUDA).
+    target = (p_seen_class[:, None] == torch.arange(num_classes, device=p_seen.device)).float()  # (N, S_n)
+    rows = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=1)  # (N,)
+    weights = torch.ones_like(rows) if valid is None else valid.float()
+    return (rows * weights).sum() / (weights.sum() * num_classes).clamp_min(1)
+
+
+def restrict_targets(
+    labels: torch.Tensor, valid_channels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Ignore every pixel whose id has no valid logit channel (outside [0, K), or a padding/vanished region).
+
+    A pseudo region can vanish when F is downsampled to the feature size (its prototype slot is then padding); its
+    pixels must not become targets of a NEG_LOGIT channel.
+
+    Args:
+        labels: (B, H, W) ids.
+        valid_channels: (B, K) bool.
+    """
+    num_channels = valid_channels.shape[1]
+    inside = (labels >= 0) & (labels < num_channels)
+    index = torch.where(inside, labels, 0).flatten(1)  # (B, H*W)
+    ok = inside & valid_channels.gather(1, index).view_as(labels)
+    return torch.where(ok, labels, ignore_index)
+
+
+def compute_losses(
+    R: torch.Tensor,
+    labels: torch.Tensor,
+    text_seen: torch.Tensor,
+    teacher_cls: torch.Tensor,
+    teacher_dense: torch.Tensor,
+    num_seen: int,
+    cfg: MethodConfig,
+    glm: GLM | None = None,
+    synthesizer: Synthesizer | None = None,
+    max_pseudo: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every loss term of one training step after the student forward, each multiplied by its weight.
+
+    Keys: "glm" (cfg.glm), "bce" (cfg.synthesizer; 0 when a batch has no seen region, so the key set never depends
+    on data), "nel" (cfg.nel), "ce" (cfg.ce), and "loss" = their sum. With only ``ce`` on this is the plain supervised
+    student with a text classifier. Computed in fp32 with autocast off.
+
+    Args:
+        R: (B, C, h, w) student embeddings (stride 4, unnormalised).
+        labels: (B, H, W) fused labels F: seen ids, pseudo ids >= num_seen (only with cfg.pseudo_labels), 255.
+        text_seen: (S_n, C) seen text embeddings.
+        teacher_cls: (B, C) teacher CLS, normalised.
+        teacher_dense: (B, C, h', w') teacher dense tokens, normalised.
+        num_seen: S_n.
+        cfg: the method config (switches, weights, scales).
+        glm: the GLM, needed when cfg.glm.
+        synthesizer: the Synthesizer (possibly DDP-wrapped), needed when cfg.synthesizer.
+        max_pseudo: host-side upper bound on pseudo regions per image (e.g. int(num_pseudo.max()) from
+            pseudo_labels). None reads it from ``labels``: one host-device sync per step.
+    """
+    # modules imports info_nce from here, so its names are imported at call time.
+    from clipzss.modules import count_pseudo_slots, teacher_pseudo_prototypes
+
+    if not (cfg.glm or cfg.synthesizer or cfg.nel or cfg.ce):
+        raise ValueError("every loss is switched off (method.glm, synthesizer, nel and ce are all false)")
+    if cfg.glm and glm is None:
+        raise ValueError("method.glm is on but no GLM module was given to compute_losses")
+    if cfg.synthesizer and synthesizer is None:
+        raise ValueError("method.synthesizer is on but no Synthesizer was given to compute_losses")
+    if text_seen.shape[0] != num_seen:
+        raise ValueError(f"text_seen has {text_seen.shape[0]} rows but num_seen is {num_seen}")
+
+    losses: dict[str, torch.Tensor] = {}
+    batch = R.shape[0]
+    with torch.autocast(R.device.type, enabled=False):
+        R = R.float()
+        if cfg.glm:
+            losses["glm"] = cfg.w_glm * glm(R, teacher_cls)
+
+        num_pseudo = 0
+        if cfg.pseudo_labels:
+            num_pseudo = count_pseudo_slots(labels, num_seen) if max_pseudo is None else max_pseudo
+        if num_seen + num_pseudo > IGNORE_INDEX:
+            raise ValueError(
+                f"{num_seen} seen + {num_pseudo} pseudo ids reach the ignore label {IGNORE_INDEX}; lower the number "
+                "of pseudo regions (method.min_region)"
+            )
+        pseudo_protos = pseudo_valid = None
+        if cfg.synthesizer:
+            regions = synthesizer(R, labels, teacher_cls, teacher_dense, num_seen, num_pseudo)
+            seen_protos, seen_valid = regions.seen()  # (B, S_n, C), (B, S_n)
+            classes = torch.arange(num_seen, device=R.device).repeat(batch)  # (B*S_n,)
+            losses["bce"] = cfg.w_bce * prototype_bce_loss(
+                seen_protos.flatten(0, 1), classes, text_seen, 1 / cfg.tau, seen_valid.flatten()
+            )
+            if num_pseudo:
+                pseudo_protos, pseudo_valid = regions.pseudo()
+        elif num_pseudo:
+            pseudo_protos, pseudo_valid = teacher_pseudo_prototypes(
+                teacher_dense, labels, num_seen, num_pseudo
+            )
+
+        if cfg.nel or cfg.ce:
+            logits = build_logits(
+                R, text_seen, pseudo_protos, pseudo_valid, cfg.alpha, cfg.beta
+            )  # (B, K, h, w)
+            logits = upsample_logits(logits, tuple(labels.shape[-2:]))  # (B, K, H, W)
+            seen_ok = torch.ones(batch, num_seen, dtype=torch.bool, device=R.device)
+            valid = seen_ok if pseudo_valid is None else torch.cat([seen_ok, pseudo_valid], dim=1)  # (B, K)
+            targets = restrict_targets(labels, valid)
+            if cfg.nel:
+                losses["nel"] = cfg.w_nel * nel_loss(
+                    logits,
+                    targets,
+                    valid,
+                    cfg.focal_alpha,
+                    cfg.focal_gamma,
+                    cfg.focal_weight,
+                    cfg.dice_weight,
+                )
+            if cfg.ce:
+                losses["ce"] = cfg.w_ce * ce_loss(logits, targets)
+    losses["loss"] = torch.stack(list(losses.values())).sum()
+    return losses
