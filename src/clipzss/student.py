@@ -1,0 +1,515 @@
+"""The student: any segmentation-models-pytorch network that returns C-channel pixel embeddings at stride 4.
+
+smp models upsample their last map to full resolution. With ``classes = C = 512`` that map costs 1 GB per 512x512
+image, so every architecture is re-wired here to stop at stride 4 (DESIGN.md §2); the caller computes K-class
+logits there and upsamples those. How each architecture gets there is listed in ``SUPPORTED_ARCHS``.
+
+Weights (``StudentConfig.weights``): ``None`` (random), ``"imagenet"`` (or another smp tag such as ``"ssl"``; from
+the local Hugging Face cache, else the hub) or a local file holding the encoder's weights (``.safetensors`` or a
+torch file). A local file may be an encoder state dict (what smp downloads, or ``student.model.encoder.state_dict()``),
+a whole smp model / student state dict (its ``encoder.`` keys are used) or, for ``tu-`` encoders, a timm checkpoint
+(``model.safetensors`` / ``pytorch_model.bin`` of the timm model), loaded by timm's own pretrained loader.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import math
+import socket
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import timm
+import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.base.heads import SegmentationHead
+from segmentation_models_pytorch.base.initialization import initialize_head
+from segmentation_models_pytorch.decoders.dpt.decoder import DPTSegmentationHead
+from torch import nn
+
+from clipzss.config import StudentConfig
+
+log = logging.getLogger(__name__)
+
+# Every smp 0.6 architecture this module accepts, and how it reaches stride 4. smp models end at full resolution,
+# so the head's upsampling factor is the decoder's output stride; the factor is read from the built model.
+SUPPORTED_ARCHS: dict[str, str] = {
+    "Segformer": "its MLP decoder fuses at 1/4; the head's x4 upsampling is dropped",
+    "FPN": "its pyramid is merged at 1/4; the head's x4 upsampling is dropped",
+    "UPerNet": "its FPN fuses at 1/4; the head's x4 upsampling is dropped",
+    "PAN": "its last attention-upsampling block is at 1/4; the head's x4 upsampling is dropped",
+    "DeepLabV3Plus": "its decoder fuses ASPP with the 1/4 features; the head's x4 upsampling is dropped",
+    "DeepLabV3": "ASPP runs at the encoder's output stride (8 by default); the head upsamples x2 instead of x8",
+    "PSPNet": "the pyramid pooling runs at 2**encoder_depth (1/8 by default); the head upsamples x2 instead of x8",
+    "DPT": "its fusion ends at 1/2; that map is average-pooled x2 before the head, the head's x2 upsampling dropped",
+    "Unet": "the decoder stops after the block that fuses the 1/4 skip (its 1/2 and 1/1 blocks are removed)",
+    "MAnet": "the decoder stops after the block that fuses the 1/4 skip (its 1/2 and 1/1 blocks are removed)",
+    "Linknet": "the decoder stops after the block that fuses the 1/4 skip (its 1/2 and 1/1 blocks are removed)",
+}
+_TRUNCATED_DECODERS = ("Unet", "MAnet", "Linknet")
+_REJECTED_ARCHS: dict[str, str] = {
+    "UnetPlusPlus": "its nested decoder only finishes at full resolution and cannot be cut at 1/4 (use Unet)",
+}
+# smp arguments this module sets itself: the student always maps RGB to raw (not activated) embeddings.
+_RESERVED_KWARGS = ("encoder_name", "encoder_weights", "classes", "activation", "in_channels", "upsampling")
+_KEY_PREFIXES = ("", "encoder.", "model.encoder.", "module.", "module.encoder.", "module.model.encoder.")
+_HUB_TIMEOUT_S = 3.0
+
+
+class Student(nn.Module):
+    """An smp model re-wired to return (B, embed_dim, ceil(H/4), ceil(W/4)) embeddings, not normalised.
+
+    Inputs are images normalised with IMAGENET_MEAN/STD; sizes the encoder cannot take are padded at the bottom
+    and right with zeros (the mean colour) and the output is cropped back. Channels-last inputs stay channels-last.
+    """
+
+    output_stride: int = 4
+
+    def __init__(
+        self, model: nn.Module, embed_dim: int, pad_multiple: int, arch: str, encoder: str, min_size: int = 0
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.embed_dim = embed_dim
+        self.pad_multiple = pad_multiple
+        self.min_size = min_size
+        self.arch = arch
+        self.encoder_name = encoder
+        # Names of parameters smp builds but the forward never uses, frozen by build_student.
+        self.unused_parameters: tuple[str, ...] = ()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, embed_dim, ceil(H/4), ceil(W/4)) embeddings."""
+        height, width = images.shape[-2:]
+        padded_h, padded_w = self.padded_size(height, width)
+        pad_h, pad_w = padded_h - height, padded_w - width
+        x = images
+        if pad_h or pad_w:
+            x = F.pad(images, (0, pad_w, 0, pad_h))  # (B, 3, H', W'), zeros = mean colour after normalisation
+            if images.is_contiguous(memory_format=torch.channels_last):
+                x = x.contiguous(memory_format=torch.channels_last)
+        out = self.model(x)  # (B, C, H'/4, W'/4)
+        static = all(isinstance(size, int) for size in out.shape[-2:])  # not under symbolic export shapes
+        if static and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            expected = (padded_h // 4, padded_w // 4)
+            if tuple(out.shape[-2:]) != expected:
+                raise ValueError(
+                    f"student {self.arch}/{self.encoder_name} returned a {tuple(out.shape[-2:])} map for a "
+                    f"{tuple(x.shape[-2:])} input instead of {expected} (stride 4); its arch_kwargs change the "
+                    "decoder's stride in a way this module does not handle"
+                )
+        return out[..., : math.ceil(height / 4), : math.ceil(width / 4)]
+
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """The input size the network actually runs at: the next multiple it needs, at least its minimum."""
+        return (
+            max(height + -height % self.pad_multiple, self.min_size),
+            max(width + -width % self.pad_multiple, self.min_size),
+        )
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The backbone's parameters (base learning rate)."""
+        return list(self.model.encoder.parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter (decoder and head, learning rate x head_lr_mult)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("model.encoder.")]
+
+
+class _Stride4Head(nn.Module):
+    """The smp head's convolutions between an optional pooling of a finer map and an upsampling of a coarser one."""
+
+    def __init__(self, core: nn.Module, pool: int = 1, upsample: int = 1) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(pool) if pool > 1 else nn.Identity()
+        self.core = core
+        self.upsample = (
+            nn.Upsample(scale_factor=upsample, mode="bilinear", align_corners=False)
+            if upsample > 1
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.upsample(self.core(self.pool(x)))
+
+
+def build_student(cfg: StudentConfig) -> Student:
+    """Build the smp network ``cfg.arch`` / ``cfg.encoder`` with ``cfg.embed_dim`` output channels at stride 4.
+
+    Raises:
+        ValueError: unknown or unsupported architecture / encoder, bad ``arch_kwargs``, weights that do not fit.
+        FileNotFoundError: a weights file that does not exist, or hub weights that are neither cached nor
+            downloadable (offline).
+    """
+    arch_cls = _resolve_arch(cfg.arch)
+    arch = arch_cls.__name__
+    _check_encoder(cfg.encoder)
+    kwargs = _arch_kwargs(cfg, arch_cls)
+    is_timm = cfg.encoder.startswith("tu-")
+
+    source = _weights_source(cfg.weights, cfg.encoder)
+    state_dict: dict[str, torch.Tensor] | None = None
+    timm_pretrained = False
+    if isinstance(source, Path):
+        state_dict = _read_state_dict(source)
+    elif source is not None and not is_timm:
+        state_dict = _read_state_dict(_smp_hub_file(cfg.encoder, source))
+    elif source is not None:
+        timm_sd = _timm_hub_state_dict(cfg.encoder[3:])
+        if timm_sd is not None:
+            kwargs["pretrained_cfg_overlay"] = {"state_dict": timm_sd}
+        timm_pretrained = True
+
+    model = _create(arch_cls, cfg, kwargs, pretrained=timm_pretrained)
+    if state_dict is not None:
+        where = str(source)
+        if not _load_encoder_state(model.encoder, state_dict, where) and is_timm:
+            # Not the encoder's own keys: let timm load it as a checkpoint of the classification model.
+            kwargs["pretrained_cfg_overlay"] = {"state_dict": state_dict}
+            try:
+                model = _create(arch_cls, cfg, kwargs, pretrained=True)
+            except ValueError as err:
+                raise ValueError(
+                    f"{where} is neither a state dict of encoder '{cfg.encoder}' nor a timm checkpoint of "
+                    f"'{cfg.encoder[3:]}' ({err.__cause__ or err})"
+                ) from None
+        log.info("student encoder %s: weights loaded from %s", cfg.encoder, where)
+
+    _make_stride4(model, arch, cfg.embed_dim)
+    multiple = _pad_multiple(model, arch)
+    # PAN's feature pyramid attention pools its coarsest map three more times: it needs 8 pixels there.
+    min_size = 8 * int(model.encoder.output_stride) if arch == "PAN" else 0
+    student = Student(model, cfg.embed_dim, multiple, arch, cfg.encoder, min_size=min_size)
+    student.unused_parameters = _freeze_unused(student)
+    return student
+
+
+def _freeze_unused(student: Student) -> tuple[str, ...]:
+    """Freeze the parameters that get no gradient in a probe forward/backward; return their names.
+
+    smp keeps modules the forward never runs (the deeper stages of a depth-3 encoder, a ViT's final norm and
+    classifier); DDP fails on trainable parameters that take no part in the loss.
+    """
+    size = max(2 * student.pad_multiple, student.min_size)
+    was_training = student.training
+    student.eval()  # a probe must not move BatchNorm statistics; eval runs every branch that training does
+    try:
+        with torch.enable_grad():
+            student(torch.zeros(1, 3, size, size)).sum().backward()
+    except (RuntimeError, AssertionError) as err:  # e.g. a fixed-size ViT told dynamic_img_size=False
+        raise ValueError(
+            f"student {student.arch}/{student.encoder_name} cannot run a {size}x{size} image: {err}"
+        ) from err
+    finally:
+        student.train(was_training)
+    unused = []
+    for name, param in student.named_parameters():
+        if param.requires_grad and param.grad is None:
+            param.requires_grad_(False)
+            unused.append(name)
+        param.grad = None
+    if unused:
+        log.info(
+            "student %s/%s: froze %d unused parameters (%s, ...)",
+            student.arch,
+            student.encoder_name,
+            len(unused),
+            unused[0],
+        )
+    return tuple(unused)
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _resolve_arch(name: str) -> type[nn.Module]:
+    supported = list(SUPPORTED_ARCHS)
+    by_lower = {a.__name__.lower(): a for a in smp._MODEL_ARCHITECTURES}
+    arch_cls = by_lower.get(name.lower())
+    if arch_cls is None:
+        raise ValueError(
+            f"unknown student architecture '{name}'; choose one of {', '.join(supported)}"
+            + _did_you_mean(name, supported)
+        )
+    if arch_cls.__name__ not in SUPPORTED_ARCHS:
+        reason = _REJECTED_ARCHS.get(arch_cls.__name__, "it has no stride-4 output")
+        raise ValueError(
+            f"student architecture '{arch_cls.__name__}' is not supported: {reason}; "
+            f"choose one of {', '.join(supported)}"
+        )
+    return arch_cls
+
+
+def _check_encoder(name: str) -> None:
+    if name.startswith("tu-"):
+        if not timm.is_model(name[3:]):
+            close = difflib.get_close_matches(name[3:], timm.list_models(), n=1)
+            hint = f" (did you mean 'tu-{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown timm encoder '{name}': '{name[3:]}' is not a timm model{hint}")
+        try:
+            timm.models.get_pretrained_cfg(name[3:])
+        except RuntimeError as err:  # a tag the architecture does not have, e.g. tu-convnext_atto.nope
+            raise ValueError(f"unknown timm encoder '{name}': {err}") from None
+        return
+    names = smp.encoders.get_encoder_names()
+    if name not in names:
+        raise ValueError(
+            f"unknown student encoder '{name}'; choose one of {', '.join(names)}, or any timm model as "
+            f"tu-<timm name> (e.g. tu-convnext_tiny)" + _did_you_mean(name, names)
+        )
+
+
+def _arch_kwargs(cfg: StudentConfig, arch_cls: type[nn.Module]) -> dict[str, Any]:
+    arch = arch_cls.__name__
+    kwargs = dict(cfg.arch_kwargs)
+    for key in (*_RESERVED_KWARGS, "aux_params"):
+        if key in kwargs:
+            raise ValueError(
+                f"student.arch_kwargs may not set '{key}': the student sets it itself "
+                "(encoder and weights have their own fields, the output is always embed_dim raw channels)"
+            )
+    if cfg.encoder.startswith("tu-"):
+        pretrained_cfg = timm.models.get_pretrained_cfg(cfg.encoder[3:], allow_unregistered=True)
+        if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+            # ViT/Swin-style timm models take only their pretraining size unless told otherwise; training crops,
+            # padded odd sizes and sliding windows are not that size.
+            kwargs.setdefault("dynamic_img_size", True)
+    else:
+        # smp passes unknown keys to the encoder, and its own encoders silently ignore them: catch typos here.
+        valid = [
+            k
+            for k in inspect.signature(arch_cls).parameters
+            if k not in (*_RESERVED_KWARGS, "aux_params", "kwargs")
+        ]
+        for key in kwargs:
+            if key not in valid:
+                raise ValueError(
+                    f"unknown student.arch_kwargs key '{key}' for {arch} with an smp encoder; valid keys: "
+                    f"{', '.join(valid)}" + _did_you_mean(key, valid)
+                )
+    return kwargs
+
+
+def _create(
+    arch_cls: type[nn.Module], cfg: StudentConfig, kwargs: dict[str, Any], pretrained: bool
+) -> nn.Module:
+    try:
+        return arch_cls(
+            encoder_name=cfg.encoder,
+            encoder_weights=True if pretrained else None,
+            in_channels=3,
+            classes=cfg.embed_dim,
+            activation=None,
+            **kwargs,
+        )
+    except (ValueError, KeyError, TypeError, RuntimeError, AssertionError) as err:
+        raise ValueError(
+            f"cannot build student {arch_cls.__name__} with encoder '{cfg.encoder}' and arch_kwargs "
+            f"{ {k: v for k, v in kwargs.items() if k != 'pretrained_cfg_overlay'} }: {err}"
+        ) from err
+
+
+def _make_stride4(model: nn.Module, arch: str, embed_dim: int) -> None:
+    """Replace the model's segmentation head so its output has stride 4 (see SUPPORTED_ARCHS)."""
+    head = model.segmentation_head
+    if isinstance(head, SegmentationHead):
+        core, factor = head[0], head[1].scale_factor if isinstance(head[1], nn.Upsample) else 1
+    elif isinstance(head, DPTSegmentationHead):
+        core, factor = head.head, head.upsampling_factor
+    else:
+        raise ValueError(f"student {arch}: unexpected smp head {type(head).__name__}")
+    stride = int(factor)  # the decoder's output stride: smp heads upsample it to full resolution
+    if stride == 1 and arch in _TRUNCATED_DECODERS:
+        blocks = model.decoder.blocks
+        keep = len(blocks) - 2  # the blocks after this one work at 1/2 and 1/1
+        if keep < 1:
+            raise ValueError(f"student {arch} needs encoder_depth >= 3 to have a stride-4 decoder stage")
+        model.decoder.blocks = blocks[:keep]
+        channels = _last_conv_channels(blocks[keep - 1])
+        kernel = core.kernel_size[0]
+        core = nn.Conv2d(channels, embed_dim, kernel_size=kernel, padding=kernel // 2)
+        initialize_head(core)
+        stride = 4
+    if stride not in (2, 4, 8, 16, 32):
+        raise ValueError(
+            f"student {arch}: its decoder works at stride {stride}, which cannot be brought to 4"
+        )
+    model.segmentation_head = _Stride4Head(core, pool=max(4 // stride, 1), upsample=max(stride // 4, 1))
+
+
+def _last_conv_channels(block: nn.Module) -> int:
+    """Output channels of a decoder block: its last convolution outside attention modules."""
+    convs = [
+        m
+        for name, m in block.named_modules()
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d) and "attention" not in name
+    ]
+    return convs[-1].out_channels
+
+
+def _pad_multiple(model: nn.Module, arch: str) -> int:
+    """The input size multiple the encoder and decoder need so every feature map aligns (usually 32)."""
+    multiple = max(int(model.encoder.output_stride), 4)
+    if arch == "DPT":
+        # DPT resamples its ViT features to 1/4 ... 1/2**(n+1) and fuses them by x2 steps.
+        multiple = max(multiple, 2 ** (len(model.encoder.output_strides) + 1))
+    return multiple
+
+
+def _weights_source(weights: str | None, encoder: str) -> Path | str | None:
+    """None (random), a hub tag ('imagenet', 'ssl', ...) or an existing local file."""
+    if weights is None or weights.strip().lower() in ("", "none"):
+        return None
+    if encoder.startswith("tu-"):
+        if weights == "imagenet":
+            return weights
+    else:
+        tags = list(smp.encoders.encoders[encoder]["pretrained_settings"])
+        any_tag = {tag for entry in smp.encoders.encoders.values() for tag in entry["pretrained_settings"]}
+        if weights in tags:
+            return weights
+        if weights in any_tag and not Path(weights).is_file():
+            raise ValueError(
+                f"encoder '{encoder}' has no '{weights}' weights; its pretrained weights are: {', '.join(tags)}"
+            )
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"student weights file not found: {weights} (student.weights must be none, 'imagenet' or a local file)"
+        )
+    return path
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(path), device="cpu")
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling and safetensors raise many types; all mean "not a weights file"
+        raise ValueError(f"cannot read student weights {path}: {err}") from err
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"student weights {path} do not hold a state dict (a mapping of names to tensors)")
+    return data
+
+
+def _load_encoder_state(encoder: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> bool:
+    """Load an encoder (or whole-model) state dict strictly; False when no key is the encoder's at all."""
+    own = set(encoder.state_dict())
+    best, best_hits = {}, 0
+    for prefix in _KEY_PREFIXES:
+        sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        hits = len(own & sub.keys())
+        if hits > best_hits:
+            best, best_hits = sub, hits
+    if best_hits == 0 and isinstance(
+        encoder, smp.encoders.TimmUniversalEncoder | smp.encoders.TimmViTEncoder
+    ):
+        return False
+    if best_hits == 0:
+        best = state_dict
+    try:
+        encoder.load_state_dict(dict(best))  # smp encoders drop their classifier keys themselves
+    except RuntimeError as err:
+        missing = sorted(own - best.keys())
+        unexpected = sorted(best.keys() - own)
+        detail = "; ".join(
+            part
+            for part in (_keys("missing", missing), _keys("unexpected", unexpected), _size_mismatch(err))
+            if part
+        )
+        raise ValueError(f"student weights {where} do not fit the encoder: {detail}") from None
+    return True
+
+
+def _keys(kind: str, keys: list[str], show: int = 5) -> str:
+    if not keys:
+        return ""
+    more = f", ... ({len(keys) - show} more)" if len(keys) > show else ""
+    return f"{len(keys)} {kind} keys ({', '.join(keys[:show])}{more})"
+
+
+def _size_mismatch(err: RuntimeError) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+    return lines[0] if lines else ""
+
+
+def _offline_error(what: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"cannot get {what}: not in the local Hugging Face cache and the hub is unreachable (offline); download the "
+        "encoder weights on a connected machine and set student.weights=/path/to/encoder_weights.safetensors"
+    )
+
+
+def _hub_reachable(url: str) -> bool:
+    """A quick TCP connect, so that offline machines fail at once instead of after the hub client's retries."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=_HUB_TIMEOUT_S):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _hub_download(repo_id: str, filenames: tuple[str, ...], revision: str | None, what: str) -> Path:
+    """The first of ``filenames`` in the repo: from the cache if there, else downloaded; fails fast offline."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
+        except (EntryNotFoundError, OSError):
+            continue
+    if not _hub_reachable(constants.ENDPOINT):
+        raise _offline_error(what)
+    errors = []
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
+        except (EntryNotFoundError, OSError) as err:
+            errors.append(f"{filename}: {err}")
+    raise FileNotFoundError(f"cannot download {what} from {repo_id}: {'; '.join(errors)}")
+
+
+def _smp_hub_file(encoder: str, tag: str) -> Path:
+    settings = smp.encoders.encoders[encoder]["pretrained_settings"][tag]
+    return _hub_download(
+        settings["repo_id"], ("model.safetensors",), settings["revision"], f"'{tag}' weights for {encoder}"
+    )
+
+
+def _timm_hub_state_dict(timm_name: str) -> dict[str, torch.Tensor] | None:
+    """timm's pretrained checkpoint for the name (and tag), or None when timm must fetch it from a URL itself."""
+    what = f"pretrained weights for tu-{timm_name}"
+    try:
+        cfg = timm.models.get_pretrained_cfg(timm_name)
+    except RuntimeError as err:
+        raise ValueError(f"no {what}: {err}") from None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise ValueError(f"timm has no {what}")
+    if cfg.hf_hub_id:
+        filenames = (
+            (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
+        )
+        return _read_state_dict(_hub_download(cfg.hf_hub_id, filenames, None, what))
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlsplit(cfg.url).path).name
+    if not cached.is_file() and not _hub_reachable(cfg.url):
+        raise _offline_error(what)
+    return None
