@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipzss.config import StudentConfig, TeacherConfig
+from clipzss.config import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    MethodConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+)
 
 # A tiny OpenCLIP ViT: passed to open_clip.create_model as overrides of the named config, so the model is built by
 # exactly the code that builds ViT-B-16. 8x8 patches keep a usable token grid at small image sizes.
@@ -55,6 +63,51 @@ def tiny_student_cfg() -> StudentConfig:
     return StudentConfig(arch="Segformer", encoder="mit_b0", weights=None, embed_dim=TINY_CLIP["embed_dim"])
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per xdist worker: on a 2-core machine two workers with two threads each thrash.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_threads() -> None:
+def _seed() -> None:
     torch.manual_seed(0)
+
+
+def tiny_config(out: Path, cache_dir: Path, **train_kw: object) -> Config:
+    """A complete training config small enough for a CPU test: synthetic 64² crops, tiny teacher, SegFormer-B0."""
+    train = dict(
+        max_iters=4,
+        batch_size=2,
+        warmup_iters=2,
+        log_interval=2,
+        eval_interval=0,
+        ckpt_interval=2,
+        output_dir=str(out),
+        device="cpu",
+    )
+    train.update(train_kw)
+    return Config(
+        data=DataConfig(dataset="synthetic", crop_size=64, scale=64, num_workers=0),
+        teacher=TeacherConfig(
+            weights="none",
+            image_size=64,
+            templates=("a photo of a {}.", "a {} in the scene."),
+            model_overrides=TINY_CLIP,
+            cache_dir=str(cache_dir),
+        ),
+        student=StudentConfig(
+            arch="Segformer", encoder="mit_b0", weights=None, embed_dim=TINY_CLIP["embed_dim"]
+        ),
+        method=MethodConfig(bank_size=8, synth_heads=2),
+        train=TrainConfig(**train),
+        eval=EvalConfig(mode="whole", short_side=64, max_images=2),
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A student checkpoint saved by a (very short) real training run, shared by the CLI and predict tests."""
+    from clipzss.training import train
+
+    root = tmp_path_factory.mktemp("trained")
+    return train(tiny_config(root / "run", root / "text_cache", max_iters=2))

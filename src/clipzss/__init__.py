@@ -1,0 +1,34 @@
+"""clipzss: train any segmentation network with a frozen CLIP teacher for zero-shot segmentation (CLIP-ZSS).
+
+The public API is re-exported here lazily, so `clipzss --help` does not pay for importing torch models.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Config": "clipzss.config",
+    "load_config": "clipzss.config",
+    "build_teacher": "clipzss.teacher",
+    "CLIPTeacher": "clipzss.teacher",
+    "Teacher": "clipzss.teacher",
+    "build_student": "clipzss.student",
+    "build_dataset": "clipzss.data",
+    "make_split": "clipzss.data",
+    "evaluate": "clipzss.evaluate",
+    "Segmenter": "clipzss.predict",
+    "MaskCLIPSegmenter": "clipzss.predict",
+    "train": "clipzss.training",  # the module is not named train.py: it would shadow this function
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'clipzss' has no attribute '{name}'")

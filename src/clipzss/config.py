@@ -78,7 +78,7 @@ class TeacherConfig:
     # Keys passed to open_clip.create_model over the named config, e.g. a tiny vision_cfg for tests.
     model_overrides: dict[str, Any] = field(default_factory=dict)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
-    cache_dir: str | None = None  # text-embedding disk cache; None = $XDG_CACHE_HOME/clipzss
+    cache_dir: str | None = None  # text-embedding disk cache; None = $XDG_CACHE_HOME/clipzss/text
 
 
 @dataclass

@@ -1,0 +1,468 @@
+"""The CLIP-ZSS training loop: one readable `train(cfg)` around a `train_step` that returns a dict of losses.
+
+Per step (DESIGN.md §1): the frozen teacher gives CLS + dense tokens; pseudo labels fill the ignored pixels; the
+student embeds the crop; `compute_losses` adds GLM, NEL, CE and the synthesizer's BCE. Multi-GPU runs come from
+torchrun (DDP); resume is exact because the data stream, the augmentation seeds and every RNG are functions of
+(seed, step) or are restored from the training state.
+
+The module is ``training`` rather than ``train`` so that ``clipzss.train`` stays the function.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from clipzss.checkpoint import atomic_write, save_checkpoint
+from clipzss.config import Config
+from clipzss.data import build_dataset, seen_lookup
+from clipzss.evaluate import evaluate
+from clipzss.losses import compute_losses
+from clipzss.modules import GLM, Synthesizer
+from clipzss.predict import Segmenter, resolve_device
+from clipzss.pseudo_labels import pseudo_labels
+from clipzss.student import Student, build_student
+from clipzss.teacher import Teacher, build_teacher
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "train_state.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN/inf; training stops and the last good checkpoint is kept."""
+
+
+# --- distributed ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes in the environment (nothing to do for one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(), resolve_device(device_pref)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_pref)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local), device
+
+
+# --- data stream ------------------------------------------------------------------------------------------------
+
+
+def _mix(*values: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix-style), stable across processes and runs."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x ^= (v + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2)) & 0xFFFFFFFFFFFFFFFF
+        x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+class StreamSampler(Sampler):
+    """An endless stream of (index, sample seed): epochs are seeded permutations, sharded by rank.
+
+    Sample k of the stream is a pure function of (seed, rank, k), so resuming at step s only needs the offset
+    s × batch size: no data is replayed and augmentations are identical to the uninterrupted run.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        if size < world_size:
+            raise ValueError(f"the training set has {size} images, fewer than the {world_size} processes")
+        self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world_size, start
+        self.per_rank = size // world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(self.start, self.per_rank)
+        position = self.start
+        while True:
+            gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            perm = torch.randperm(self.size, generator=gen)[
+                self.rank : self.per_rank * self.world : self.world
+            ]
+            for index in perm[offset:].tolist():
+                yield index, _mix(self.seed, self.rank, position)
+                position += 1
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for len(), which we never call
+        return 2**62
+
+
+class SeededDataset(Dataset):
+    """Runs each item's random augmentation under its own seed, whichever worker loads it."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, seed = key
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return self.dataset[index]
+
+
+# --- optimisation -----------------------------------------------------------------------------------------------
+
+
+def build_optimizer(student: Student, extra: list[nn.Module], cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; decoder, head and synthesizer at lr × head_lr_mult; no weight decay on norms and biases."""
+    t = cfg.train
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+
+    def add(params: Any, lr: float) -> None:
+        for p in params:
+            if p.requires_grad:
+                wd = 0.0 if p.ndim <= 1 else t.weight_decay
+                groups.setdefault((lr, wd), []).append(p)
+
+    add(student.encoder_parameters(), t.lr)
+    add(student.head_parameters(), t.lr * t.head_lr_mult)
+    for module in extra:
+        add(module.parameters(), t.lr * t.head_lr_mult)
+    param_groups = [
+        {"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()
+    ]
+    return torch.optim.AdamW(param_groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warm-up (from 1e-6) then poly decay to min_lr, as in the SegFormer / ZegCLIP recipes."""
+    t = cfg.train
+    poly = (1 - min(step, t.max_iters) / max(1, t.max_iters)) ** t.poly_power
+    base = max(t.min_lr / t.lr, poly) if t.lr > 0 else poly
+    if step < t.warmup_iters:
+        warm = 1e-6 + (1 - 1e-6) * step / t.warmup_iters
+        return base * warm
+    return base
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: Config) -> float:
+    factor = lr_factor(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+# --- the step ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainParts:
+    """Everything a step needs; built once by `train`, or by tests and benchmarks directly."""
+
+    cfg: Config
+    teacher: Teacher
+    student: nn.Module  # the Student, possibly DDP-wrapped
+    glm: GLM | None
+    synthesizer: nn.Module | None  # possibly DDP-wrapped
+    text_seen: torch.Tensor  # (S, C)
+    label_lut: torch.Tensor  # (256,) class id → seen index, 255 otherwise
+    device: torch.device
+
+
+def autocast_context(cfg: Config, device: torch.device) -> torch.autocast:
+    amp = cfg.train.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def train_step(
+    parts: TrainParts, batch: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One forward of teacher, pseudo labels, student and losses; returns (losses, teacher CLS for the bank)."""
+    cfg, device = parts.cfg, parts.device
+    images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
+    masks = batch["mask"].to(device, non_blocking=True)  # (B, H, W) dataset ids, unseen already 255
+    labels = parts.label_lut[masks.clamp(0, 255)]  # (B, H, W) seen index or 255
+    num_seen = parts.text_seen.shape[0]
+    with torch.no_grad():
+        cls, dense = parts.teacher.encode_image(images)  # (B, C), (B, C, h, w)
+        max_pseudo = 0
+        if cfg.method.pseudo_labels:
+            labels, num_pseudo = pseudo_labels(dense, labels, num_seen, cfg.method)
+            max_pseudo = int(
+                num_pseudo.max()
+            )  # one small sync; spares compute_losses from scanning the labels
+    with autocast_context(cfg, device):
+        embeddings = parts.student(images)  # (B, C, H/4, W/4)
+    synth = parts.synthesizer
+    losses = compute_losses(
+        embeddings.float(),
+        labels,
+        parts.text_seen,
+        cls,
+        dense,
+        num_seen,
+        cfg.method,
+        parts.glm,
+        synth,
+        max_pseudo=max_pseudo,
+    )
+    return losses, cls
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
+    """Stop with the name of the offending term; one host sync per step is cheap next to a training step."""
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    if not bool(torch.isfinite(values).all()):
+        bad = [k for k, v in losses.items() if not math.isfinite(float(v.detach()))]
+        raise NonFiniteLossError(
+            f"loss term(s) {', '.join(bad)} became non-finite at step {step}; training stopped and the last "
+            "good checkpoint was kept (lower train.lr, check the data, or disable the term to find the cause)"
+        )
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def _unwrap(module: nn.Module | None) -> nn.Module | None:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def save_training_state(
+    out: Path, step: int, parts: TrainParts, optimizer: torch.optim.Optimizer, meta: dict[str, str]
+) -> Path:
+    """The inference checkpoint (safetensors + config) and the resumable state, each written atomically."""
+    student = _unwrap(parts.student)
+    ckpt = save_checkpoint(out, student.state_dict(), parts.cfg, step=str(step), **meta)
+    state = {
+        "step": step,
+        "student": student.state_dict(),
+        "synthesizer": _unwrap(parts.synthesizer).state_dict() if parts.synthesizer is not None else None,
+        "glm": parts.glm.state_dict() if parts.glm is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "rng_torch": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "config": parts.cfg.to_dict(),
+    }
+    atomic_write(out / STATE_NAME, lambda tmp: torch.save(state, tmp))
+    return ckpt
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """`weights_only=True`: a training state is tensors and plain values; anything else is refused."""
+    if path.is_dir():
+        path = path / STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no training state to resume from at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RuntimeError(
+            f"cannot resume from {path}: the file is truncated, corrupt or unsafe ({err})"
+        ) from None
+
+
+def _restore(state: dict[str, Any], parts: TrainParts, optimizer: torch.optim.Optimizer) -> int:
+    _unwrap(parts.student).load_state_dict(state["student"])
+    if parts.synthesizer is not None and state.get("synthesizer") is not None:
+        _unwrap(parts.synthesizer).load_state_dict(state["synthesizer"])
+    if parts.glm is not None and state.get("glm") is not None:
+        parts.glm.load_state_dict(state["glm"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_torch"])
+    if torch.cuda.is_available() and state.get("rng_cuda"):
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return int(state["step"])
+
+
+# --- the loop ---------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _evaluate_student(parts: TrainParts, val_set: Dataset, info: DistInfo) -> dict[str, float]:
+    student = _unwrap(parts.student)
+    segmenter = Segmenter(student, parts.teacher, parts.cfg, parts.device)
+    result = evaluate(
+        segmenter.logits_fn(val_set.class_names),
+        val_set,
+        parts.cfg.eval,
+        device=parts.device,
+        num_workers=min(2, parts.cfg.data.num_workers),
+        progress=info.main,
+    )
+    student.train()
+    return result.metrics
+
+
+def train(
+    cfg: Config,
+    teacher: Teacher | None = None,
+    train_set: Dataset | None = None,
+    val_set: Dataset | None = None,
+    resume: str | Path | None = None,
+) -> Path:
+    """Train a student; objects passed here replace the ones the config would build. Returns the checkpoint path."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    info, device = setup_distributed(cfg.train.device)
+    seed_everything(cfg.train.seed + info.rank)
+    out = Path(cfg.train.output_dir)
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+
+    teacher = teacher or build_teacher(cfg.teacher, device=device)
+    if teacher.embed_dim != cfg.student.embed_dim:
+        raise ValueError(
+            f"student.embed_dim={cfg.student.embed_dim} but the teacher's embeddings have {teacher.embed_dim} "
+            f"dimensions: set student.embed_dim={teacher.embed_dim}"
+        )
+    train_set = train_set or build_dataset(cfg, cfg.data.train_split, train=True)
+    if val_set is None and cfg.train.eval_interval > 0 and (cfg.data.root or cfg.data.dataset == "synthetic"):
+        val_set = build_dataset(cfg, cfg.data.val_split, train=False)
+    split = train_set.split
+    class_names = list(split.class_names)
+    text_all = teacher.text_embeddings(class_names).to(device)  # (K, C), only seen rows used in training
+    text_seen = text_all[list(split.seen)]
+    if info.main:
+        log.info(
+            "training on %d images: %d seen classes, %d unseen held out (%s)",
+            len(train_set),
+            len(split.seen),
+            len(split.unseen),
+            ", ".join(class_names[i] for i in split.unseen) or "none",
+        )
+
+    student = build_student(cfg.student).to(device)
+    glm = GLM(cfg.method, teacher.embed_dim).to(device) if cfg.method.glm else None
+    synth = (
+        Synthesizer(teacher.embed_dim, cfg.method.synth_layers, cfg.method.synth_heads).to(device)
+        if cfg.method.synthesizer
+        else None
+    )
+    if info.enabled and device.type == "cuda":  # batch statistics over all GPUs (SyncBatchNorm is CUDA-only)
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    if cfg.train.compile:
+        student = torch.compile(student)
+    optimizer = build_optimizer(_unwrap(student), [synth] if synth is not None else [], cfg)
+    if info.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        student = nn.parallel.DistributedDataParallel(student, device_ids=ids)
+        if synth is not None:
+            synth = nn.parallel.DistributedDataParallel(synth, device_ids=ids)
+    parts = TrainParts(cfg, teacher, student, glm, synth, text_seen, seen_lookup(split).to(device), device)
+
+    start = 0
+    if resume is not None:
+        start = _restore(load_training_state(Path(resume)), parts, optimizer)
+        if info.main:
+            log.info("resumed from %s at step %d", resume, start)
+    sampler = StreamSampler(
+        len(train_set), cfg.train.seed, info.rank, info.world_size, start * cfg.train.batch_size
+    )
+    loader = DataLoader(
+        SeededDataset(train_set),
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+    meta = {
+        "teacher": getattr(teacher, "identity", type(teacher).__name__),
+        "class_names": ",".join(class_names),
+        "unseen": ",".join(class_names[i] for i in split.unseen),
+    }
+    writer = SummaryWriter(str(out / "tb")) if info.main else None
+    student.train()
+    ckpt = out / "model.safetensors"
+    bar = tqdm(
+        total=cfg.train.max_iters, initial=start, disable=not info.main, desc="train", dynamic_ncols=True
+    )
+    batches = iter(loader)
+    tic = time.perf_counter()
+    for step in range(start, cfg.train.max_iters):
+        lr = set_lr(optimizer, step, cfg)
+        losses, cls = train_step(parts, next(batches))
+        check_finite(losses, step)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if cfg.train.grad_clip:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        optimizer.step()
+        if glm is not None and cfg.method.bank:
+            glm.update_bank(cls)
+        done = step + 1
+        bar.update(1)
+        if writer is not None and (done % cfg.train.log_interval == 0 or done == cfg.train.max_iters):
+            scalars = {k: float(v.detach()) for k, v in losses.items()}
+            for name, value in scalars.items():
+                writer.add_scalar(f"loss/{name}", value, done)
+            writer.add_scalar("lr", lr, done)
+            writer.add_scalar("it_per_s", cfg.train.log_interval / max(1e-9, time.perf_counter() - tic), done)
+            tic = time.perf_counter()
+            bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.2e}")
+            log.debug("step %d %s", done, scalars)
+        if done % cfg.train.ckpt_interval == 0 or done == cfg.train.max_iters:
+            if info.main:
+                ckpt = save_training_state(out, done, parts, optimizer, meta)
+            if info.enabled:
+                dist.barrier()
+        if val_set is not None and (done % cfg.train.eval_interval == 0 or done == cfg.train.max_iters):
+            metrics = _evaluate_student(parts, val_set, info)
+            if writer is not None:
+                for name, value in metrics.items():
+                    if isinstance(value, float) and math.isfinite(value):
+                        writer.add_scalar(f"val/{name}", value, done)
+                log.info("step %d: %s", done, _summary(metrics))
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if info.enabled:
+        dist.barrier()
+    return ckpt
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    keys = ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")
+    return " ".join(f"{k} {metrics[k]:.2f}" for k in keys if isinstance(metrics.get(k), float))

@@ -1,0 +1,178 @@
+"""The training loop: each ablation runs, resume is bit-exact, DDP ranks agree, NaN stops with a name."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from clipzss.config import Config, TrainConfig
+from clipzss.predict import Segmenter
+from clipzss.training import (
+    NonFiniteLossError,
+    StreamSampler,
+    load_training_state,
+    lr_factor,
+    train,
+)
+from conftest import tiny_config
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return tiny_config(tmp_path / "run", tmp_path / "text_cache")
+
+
+SWITCHES = ["glm", "bank", "pseudo_labels", "multi_scale", "mask_fusion", "synthesizer", "nel"]
+
+
+@pytest.mark.parametrize("switch", [*SWITCHES, "all_off"])
+def test_each_ablation_trains(cfg: Config, switch: str) -> None:
+    """Every switch can be turned off (and all of them: the plain supervised student with a text classifier)."""
+    off = SWITCHES if switch == "all_off" else [switch]
+    cfg.method = dataclasses.replace(cfg.method, **{name: False for name in off})
+    cfg.train.max_iters = 2
+    ckpt = train(cfg)
+    assert ckpt.is_file()
+    weights = load_file(str(ckpt))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_train_end_to_end_then_predict(cfg: Config, tmp_path: Path) -> None:
+    cfg.train.eval_interval = 4
+    ckpt = train(cfg)
+    run = Path(cfg.train.output_dir)
+    assert (run / "config.yaml").is_file() and (run / "train_state.pt").is_file()
+    assert any((run / "tb").iterdir()), "TensorBoard events are written"
+    seg = Segmenter.from_checkpoint(ckpt, device="cpu")
+    image = torch.randint(0, 255, (50, 70, 3), dtype=torch.uint8).numpy()
+    mask = seg.predict(image, ["red horizontal stripes", "a cat", "grass"])
+    assert mask.shape == (50, 70) and set(mask.ravel().tolist()) <= {0, 1, 2}
+    state = load_training_state(run)
+    assert state["step"] == 4
+
+
+def test_resume_is_bit_exact(tmp_path: Path) -> None:
+    straight = tiny_config(tmp_path / "straight", tmp_path / "cache", max_iters=4)
+    first = tiny_config(tmp_path / "split", tmp_path / "cache", max_iters=4, ckpt_interval=2)
+    full = load_file(str(train(straight)))
+
+    class Stop(Exception):
+        pass
+
+    # Interrupt the second run right after its step-2 checkpoint, as a kill would.
+    import clipzss.training as training
+
+    original = training.save_training_state
+
+    def save_then_stop(out, step, *args, **kwargs):
+        path = original(out, step, *args, **kwargs)
+        if step == 2:
+            raise Stop
+        return path
+
+    training.save_training_state = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            train(first)
+    finally:
+        training.save_training_state = original
+    resumed = load_file(str(train(first, resume=Path(first.train.output_dir))))
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+
+
+def test_nan_loss_names_term_and_keeps_checkpoint(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipzss.training as training
+
+    real = training.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third step (step index 2), after the step-2 checkpoint
+            losses["ce"] = losses["ce"] * float("nan")
+            losses["loss"] = losses["loss"] + losses["ce"]
+        return losses
+
+    monkeypatch.setattr(training, "compute_losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"ce.*step 2"):
+        train(cfg)
+    state = load_training_state(Path(cfg.train.output_dir))
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["student"].values())
+
+
+def test_lr_schedule_warmup_then_poly() -> None:
+    cfg = Config(train=TrainConfig(max_iters=100, warmup_iters=10, poly_power=1.0, lr=1.0))
+    assert lr_factor(0, cfg) == pytest.approx(1e-6, rel=1e-3)
+    assert lr_factor(5, cfg) == pytest.approx(0.95 * (0.5 + 0.5e-6), rel=1e-3)
+    assert lr_factor(10, cfg) == pytest.approx(0.9)
+    assert lr_factor(100, cfg) == pytest.approx(0.0)
+
+
+def test_stream_sampler_resumes_and_shards() -> None:
+    full = StreamSampler(10, seed=3)
+    stream = [next(it) for it in [iter(full)] for _ in range(25)]
+    resumed_iter = iter(StreamSampler(10, seed=3, start=13))
+    assert [next(resumed_iter) for _ in range(12)] == stream[13:]
+    epoch = sorted(i for i, _ in stream[:10])
+    assert epoch == list(range(10)), "each epoch is a permutation"
+    ranks = [
+        [i for i, _ in [next(it) for it in [iter(StreamSampler(10, 3, r, 2))] for _ in range(5)]]
+        for r in (0, 1)
+    ]
+    assert not set(ranks[0]) & set(ranks[1]) and len(set(ranks[0]) | set(ranks[1])) == 10
+
+
+def test_embed_dim_mismatch_is_explained(cfg: Config) -> None:
+    cfg.student.embed_dim = 48
+    with pytest.raises(ValueError, match=r"student\.embed_dim=32"):
+        train(cfg)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, cfg_dict: dict, port: int, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    import clipzss.training as training
+
+    built = []
+    real_build = training.build_student
+    training.build_student = lambda student_cfg: built.append(real_build(student_cfg)) or built[-1]
+    cfg = Config.from_dict(cfg_dict)
+    if rank == 1:  # both ranks write the same run folder otherwise; only rank 0 writes anyway
+        cfg.train.output_dir = str(Path(out) / "rank1_unused")
+    train(cfg)
+    # Parameters, not BatchNorm running statistics: on CPU (no SyncBatchNorm) each rank keeps its own, and rank 0's
+    # are the ones saved; on CUDA the trainer converts to SyncBatchNorm.
+    params = {name: p.detach() for name, p in built[0].named_parameters()}
+    torch.save(params, Path(out) / f"rank{rank}.pt")
+    training.dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_end_identical(tmp_path: Path) -> None:
+    """Two gloo processes (as torchrun starts them) train different shards and end with identical weights."""
+    cfg = tiny_config(tmp_path / "ddp", tmp_path / "cache", max_iters=3, ckpt_interval=3)
+    mp.spawn(_ddp_worker, args=(cfg.to_dict(), _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
