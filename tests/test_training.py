@@ -32,7 +32,7 @@ def cfg(tmp_path: Path) -> Config:
 SWITCHES = ["glm", "bank", "pseudo_labels", "multi_scale", "mask_fusion", "synthesizer", "nel"]
 
 
-@pytest.mark.parametrize("switch", [*SWITCHES, "all_off"])
+@pytest.mark.parametrize("switch", [*SWITCHES, "ce", "all_off"])
 def test_each_ablation_trains(cfg: Config, switch: str) -> None:
     """Every switch can be turned off (and all of them: the plain supervised student with a text classifier)."""
     off = SWITCHES if switch == "all_off" else [switch]

@@ -196,15 +196,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from clipzss.checkpoint import resolve_checkpoint_path
     from clipzss.config import Config
-    from clipzss.data import build_dataset
+    from clipzss.data import build_eval_dataset
     from clipzss.evaluate import evaluate
     from clipzss.predict import Segmenter, parse_class_names
 
     segmenter = _segmenter(args)
     cfg = segmenter.config if isinstance(segmenter, Segmenter) else Config()
     data = cfg.data
+    if (
+        args.dataset or args.data_root or args.unseen is not None
+    ):  # explicit data replace the config's eval set
+        data = replace(data, eval_dataset=None, eval_root=None, eval_unseen=None)
     if args.dataset:
-        data = replace(data, dataset=args.dataset)
+        data = replace(data, dataset=args.dataset, root="" if not args.data_root else data.root)
     if args.data_root:
         data = replace(data, root=args.data_root)
     if args.unseen is not None:
@@ -217,9 +221,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_images:
         eval_cfg = replace(eval_cfg, max_images=args.max_images)
     cfg = replace(cfg, data=data, eval=eval_cfg)
-    if not data.root and data.dataset != "synthetic":
+    if not (data.eval_root or data.root) and (data.eval_dataset or data.dataset) != "synthetic":
         raise ValueError("say where the dataset is: --data-root DIR")
-    dataset = build_dataset(cfg, args.split or data.val_split, train=False)
+    dataset = build_eval_dataset(cfg, args.split)
     segmenter.eval_cfg = eval_cfg
     result = evaluate(
         segmenter.logits_fn(dataset.class_names),

@@ -57,6 +57,10 @@ class DataConfig:
     val_split: str = "val"
     # Class names held out as unseen. None = the dataset's standard split (DESIGN.md §3); [] = fully supervised.
     unseen: list[str] | None = None
+    # Evaluation on another dataset (open-vocabulary transfer, e.g. train COCO-Stuff → evaluate VOC); None = the same.
+    eval_dataset: str | None = None
+    eval_root: str | None = None
+    eval_unseen: list[str] | None = None
     crop_size: int = 512
     scale: int = 512  # short side before the random ratio, mmseg's img_scale (2048, 512)
     ratio_range: tuple[float, float] = (0.5, 2.0)

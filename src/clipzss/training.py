@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipzss.checkpoint import atomic_write, save_checkpoint
 from clipzss.config import Config
-from clipzss.data import build_dataset, seen_lookup
+from clipzss.data import build_dataset, build_eval_dataset, seen_lookup
 from clipzss.evaluate import evaluate
 from clipzss.losses import compute_losses
 from clipzss.modules import GLM, Synthesizer
@@ -198,11 +198,21 @@ class TrainParts:
     device: torch.device
 
 
-def autocast_context(cfg: Config, device: torch.device) -> torch.autocast:
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def amp_mode(cfg: Config, device: torch.device) -> str:
+    """bf16 autocast on CUDA by default, fp32 on CPU (CPU autocast is slower than fp32 for these nets)."""
     amp = cfg.train.amp
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "off"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"train.amp='{cfg.train.amp}' is not one of auto, {', '.join(AMP_DTYPES)}")
+    return amp
+
+
+def autocast_context(cfg: Config, device: torch.device) -> torch.autocast:
+    dtype = AMP_DTYPES[amp_mode(cfg, device)]
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
@@ -260,7 +270,12 @@ def _unwrap(module: nn.Module | None) -> nn.Module | None:
 
 
 def save_training_state(
-    out: Path, step: int, parts: TrainParts, optimizer: torch.optim.Optimizer, meta: dict[str, str]
+    out: Path,
+    step: int,
+    parts: TrainParts,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, str],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """The inference checkpoint (safetensors + config) and the resumable state, each written atomically."""
     student = _unwrap(parts.student)
@@ -271,6 +286,7 @@ def save_training_state(
         "synthesizer": _unwrap(parts.synthesizer).state_dict() if parts.synthesizer is not None else None,
         "glm": parts.glm.state_dict() if parts.glm is not None else None,
         "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "rng_torch": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "config": parts.cfg.to_dict(),
@@ -293,13 +309,17 @@ def load_training_state(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def _restore(state: dict[str, Any], parts: TrainParts, optimizer: torch.optim.Optimizer) -> int:
+def _restore(
+    state: dict[str, Any], parts: TrainParts, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> int:
     _unwrap(parts.student).load_state_dict(state["student"])
     if parts.synthesizer is not None and state.get("synthesizer") is not None:
         _unwrap(parts.synthesizer).load_state_dict(state["synthesizer"])
     if parts.glm is not None and state.get("glm") is not None:
         parts.glm.load_state_dict(state["glm"])
     optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_torch"])
     if torch.cuda.is_available() and state.get("rng_cuda"):
         torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -355,8 +375,8 @@ def train(
             f"dimensions: set student.embed_dim={teacher.embed_dim}"
         )
     train_set = train_set or build_dataset(cfg, cfg.data.train_split, train=True)
-    if val_set is None and cfg.train.eval_interval > 0 and (cfg.data.root or cfg.data.dataset == "synthetic"):
-        val_set = build_dataset(cfg, cfg.data.val_split, train=False)
+    if val_set is None and cfg.train.eval_interval > 0:
+        val_set = build_eval_dataset(cfg)
     split = train_set.split
     class_names = list(split.class_names)
     text_all = teacher.text_embeddings(class_names).to(device)  # (K, C), only seen rows used in training
@@ -389,9 +409,11 @@ def train(
             synth = nn.parallel.DistributedDataParallel(synth, device_ids=ids)
     parts = TrainParts(cfg, teacher, student, glm, synth, text_seen, seen_lookup(split).to(device), device)
 
+    # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_mode(cfg, device) == "fp16")
     start = 0
     if resume is not None:
-        start = _restore(load_training_state(Path(resume)), parts, optimizer)
+        start = _restore(load_training_state(Path(resume)), parts, optimizer, scaler)
         if info.main:
             log.info("resumed from %s at step %d", resume, start)
     sampler = StreamSampler(
@@ -425,11 +447,13 @@ def train(
         losses, cls = train_step(parts, next(batches))
         check_finite(losses, step)
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        scaler.scale(losses["loss"]).backward()
         if cfg.train.grad_clip:
+            scaler.unscale_(optimizer)
             params = [p for g in optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         if glm is not None and cfg.method.bank:
             glm.update_bank(cls)
         done = step + 1
@@ -445,7 +469,7 @@ def train(
             log.debug("step %d %s", done, scalars)
         if done % cfg.train.ckpt_interval == 0 or done == cfg.train.max_iters:
             if info.main:
-                ckpt = save_training_state(out, done, parts, optimizer, meta)
+                ckpt = save_training_state(out, done, parts, optimizer, meta, scaler)
             if info.enabled:
                 dist.barrier()
         if val_set is not None and (done % cfg.train.eval_interval == 0 or done == cfg.train.max_iters):

@@ -8,6 +8,7 @@ from clipzss.data.datasets import (
     SegmentationDataset,
     SyntheticScenes,
     build_dataset,
+    build_eval_dataset,
 )
 from clipzss.data.splits import (
     DATASET_CLASSES,
@@ -32,6 +33,7 @@ __all__ = [
     "Split",
     "SyntheticScenes",
     "build_dataset",
+    "build_eval_dataset",
     "build_eval_transform",
     "build_train_transform",
     "build_transforms",

@@ -9,6 +9,7 @@ named; a missing mask fails when the dataset is built.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import zlib
@@ -530,3 +531,14 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegmentationDataset:
     return FileDataset(
         samples, data_split, transform, train=train, reduce_zero_label=reader.reduce_zero_label
     )
+
+
+def build_eval_dataset(cfg: Config, split: str | None = None) -> SegmentationDataset:
+    """The evaluation set: ``data.eval_dataset`` / ``eval_root`` / ``eval_unseen`` when set (cross-dataset
+    transfer), otherwise the training dataset's ``val_split``."""
+    data = cfg.data
+    if data.eval_dataset:
+        data = dataclasses.replace(
+            data, dataset=data.eval_dataset, root=data.eval_root or "", unseen=data.eval_unseen
+        )
+    return build_dataset(dataclasses.replace(cfg, data=data), split or data.val_split, train=False)
