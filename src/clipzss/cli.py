@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -49,6 +51,17 @@ def _add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)"
     )
+
+
+# Commands that live in their own modules. Each module keeps its top-level imports light (stdlib, clipzss.config)
+# and defines HELP, optional EPILOG, add_arguments(parser) and run(args) -> int.
+EXTENSION_COMMANDS = {
+    "prepare-data": "clipzss.data.prepare",
+    "check-data": "clipzss.data.doctor",
+    "inspect-pseudo-labels": "clipzss.inspect",
+    "export": "clipzss.export",
+    "demo": "clipzss.demo",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher-weights", default=None, help="real CLIP ViT-B-16 weights (file); default: random"
     )
     _add_device_arg(p)
+
+    for name, module_name in EXTENSION_COMMANDS.items():
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        p = command(name, module.HELP)
+        if getattr(module, "EPILOG", None):
+            p.epilog = module.EPILOG
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 
@@ -305,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("clipzss").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "func", None) or COMMANDS[args.command]
+        return handler(args)
     except (ValueError, OSError, RuntimeError, KeyError) as err:
         if os.environ.get("CLIPZSS_DEBUG"):
             raise
