@@ -36,6 +36,8 @@ def test_bad_values_name_the_key(tmp_path: Path) -> None:
         load_config(None, ["train.max_iters=abc"])
     with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
         load_config(None, ["lr=3"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(None, ["teacher.templates=[a {}.]"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"

@@ -137,7 +137,7 @@ class TrainConfig:
     """Optimisation, schedule, logging and checkpointing."""
 
     max_iters: int = 20000
-    batch_size: int = 16
+    batch_size: int = 16  # global: split evenly over the processes of a torchrun job
     lr: float = 6e-5
     head_lr_mult: float = 10.0
     weight_decay: float = 0.01
@@ -296,7 +296,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep or "." not in key:
             raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-4)")
         section, _, name = key.strip().partition(".")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML (quote it, e.g. {key}='[\"a {{}}.\"]')"
+            ) from None
         if isinstance(value, str) and _looks_like_float(value):
             value = float(value)
         data.setdefault(section, {})

@@ -416,12 +416,16 @@ def train(
         start = _restore(load_training_state(Path(resume)), parts, optimizer, scaler)
         if info.main:
             log.info("resumed from %s at step %d", resume, start)
-    sampler = StreamSampler(
-        len(train_set), cfg.train.seed, info.rank, info.world_size, start * cfg.train.batch_size
-    )
+    if cfg.train.batch_size % info.world_size:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} is the global batch and must divide evenly over "
+            f"{info.world_size} processes"
+        )
+    per_rank = cfg.train.batch_size // info.world_size
+    sampler = StreamSampler(len(train_set), cfg.train.seed, info.rank, info.world_size, start * per_rank)
     loader = DataLoader(
         SeededDataset(train_set),
-        batch_size=cfg.train.batch_size,
+        batch_size=per_rank,
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.data.num_workers,
