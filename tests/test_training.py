@@ -176,3 +176,53 @@ def test_ddp_two_ranks_end_identical(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_torchrun_launches_ddp_training(tmp_path: Path) -> None:
+    """The documented multi-GPU command, on CPU: `torchrun --nproc-per-node 2 -m clipzss train ...` (gloo)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import TINY_CLIP
+
+    overrides = [
+        "data.dataset=synthetic",
+        "data.crop_size=64",
+        "data.scale=64",
+        "data.num_workers=0",
+        "teacher.weights=none",
+        "teacher.image_size=64",
+        f"teacher.model_overrides={json.dumps(TINY_CLIP)}",
+        f"teacher.cache_dir={tmp_path / 'cache'}",
+        "student.encoder=mit_b0",
+        "student.weights=null",
+        f"student.embed_dim={TINY_CLIP['embed_dim']}",
+        "method.bank_size=8",
+        "method.synth_heads=2",
+        "train.max_iters=2",
+        "train.batch_size=4",
+        "train.warmup_iters=1",
+        "train.eval_interval=0",
+        "train.ckpt_interval=2",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.device=cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "clipzss",
+        "train",
+        *overrides,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert load_training_state(tmp_path / "run")["step"] == 2
