@@ -293,13 +293,17 @@ def cmd_embed_text(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from clipzss.config import load_config
-    from clipzss.training import train
+    from clipzss.training import TrainingInterrupted, train
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).is_file():
         config, overrides = None, [config, *overrides]  # `clipzss train key=value ...` with the defaults
     cfg = load_config(config, overrides)
-    path = train(cfg, resume=args.resume)
+    try:
+        path = train(cfg, resume=args.resume)
+    except TrainingInterrupted as stop:
+        print(f"clipzss train: {stop}", file=sys.stderr)
+        return 130
     print(f"checkpoint: {path}")
     return 0
 

@@ -14,6 +14,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +42,50 @@ from clipzss.teacher import Teacher, build_teacher
 log = logging.getLogger(__name__)
 
 STATE_NAME = "train_state.pt"
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM: a checkpoint was saved at ``step`` and ``--resume`` continues from it."""
+
+    def __init__(self, step: int, out: Path, signal_name: str) -> None:
+        super().__init__(
+            f"{signal_name} received: stopped after step {step}; the state is saved in {out} "
+            f"(continue with: clipzss train {out / 'config.yaml'} --resume {out})"
+        )
+        self.step = step
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so a stop never cuts a step or a write."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, info: DistInfo, device: torch.device) -> bool:
+        """True on every rank as soon as any rank got a signal (one tiny all-reduce per step under DDP)."""
+        if not info.enabled:
+            return self.signal_name is not None
+        flag = torch.tensor([float(self.signal_name is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signal_name is None:
+            self.signal_name = "SIGTERM (another rank)"
+        return bool(flag.item())
 
 
 class NonFiniteLossError(RuntimeError):
@@ -440,49 +486,56 @@ def train(
     }
     writer = SummaryWriter(str(out / "tb")) if info.main else None
     student.train()
-    ckpt = out / "model.safetensors"
     bar = tqdm(
         total=cfg.train.max_iters, initial=start, disable=not info.main, desc="train", dynamic_ncols=True
     )
     batches = iter(loader)
     tic = time.perf_counter()
-    for step in range(start, cfg.train.max_iters):
-        lr = set_lr(optimizer, step, cfg)
-        losses, cls = train_step(parts, next(batches))
-        check_finite(losses, step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["loss"]).backward()
-        if cfg.train.grad_clip:
-            scaler.unscale_(optimizer)
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if glm is not None and cfg.method.bank:
-            glm.update_bank(cls)
-        done = step + 1
-        bar.update(1)
-        if writer is not None and (done % cfg.train.log_interval == 0 or done == cfg.train.max_iters):
-            scalars = {k: float(v.detach()) for k, v in losses.items()}
-            for name, value in scalars.items():
-                writer.add_scalar(f"loss/{name}", value, done)
-            writer.add_scalar("lr", lr, done)
-            writer.add_scalar("it_per_s", cfg.train.log_interval / max(1e-9, time.perf_counter() - tic), done)
-            tic = time.perf_counter()
-            bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.2e}")
-            log.debug("step %d %s", done, scalars)
-        if done % cfg.train.ckpt_interval == 0 or done == cfg.train.max_iters:
-            if info.main:
-                ckpt = save_training_state(out, done, parts, optimizer, meta, scaler)
-            if info.enabled:
-                dist.barrier()
-        if val_set is not None and (done % cfg.train.eval_interval == 0 or done == cfg.train.max_iters):
-            metrics = _evaluate_student(parts, val_set, info)
-            if writer is not None:
-                for name, value in metrics.items():
-                    if isinstance(value, float) and math.isfinite(value):
-                        writer.add_scalar(f"val/{name}", value, done)
-                log.info("step %d: %s", done, _summary(metrics))
+    ckpt = out / "model.safetensors"
+    with StopRequest() as stop:
+        for step in range(start, cfg.train.max_iters):
+            lr = set_lr(optimizer, step, cfg)
+            losses, cls = train_step(parts, next(batches))
+            check_finite(losses, step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            if cfg.train.grad_clip:
+                scaler.unscale_(optimizer)
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if glm is not None and cfg.method.bank:
+                glm.update_bank(cls)
+            done = step + 1
+            bar.update(1)
+            if writer is not None and (done % cfg.train.log_interval == 0 or done == cfg.train.max_iters):
+                scalars = {k: float(v.detach()) for k, v in losses.items()}
+                for name, value in scalars.items():
+                    writer.add_scalar(f"loss/{name}", value, done)
+                writer.add_scalar("lr", lr, done)
+                writer.add_scalar(
+                    "it_per_s", cfg.train.log_interval / max(1e-9, time.perf_counter() - tic), done
+                )
+                tic = time.perf_counter()
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.2e}")
+                log.debug("step %d %s", done, scalars)
+            if done % cfg.train.ckpt_interval == 0 or done == cfg.train.max_iters:
+                if info.main:
+                    ckpt = save_training_state(out, done, parts, optimizer, meta, scaler)
+                if info.enabled:
+                    dist.barrier()
+            if val_set is not None and (done % cfg.train.eval_interval == 0 or done == cfg.train.max_iters):
+                metrics = _evaluate_student(parts, val_set, info)
+                if writer is not None:
+                    for name, value in metrics.items():
+                        if isinstance(value, float) and math.isfinite(value):
+                            writer.add_scalar(f"val/{name}", value, done)
+                    log.info("step %d: %s", done, _summary(metrics))
+            if stop.requested(info, device) and done < cfg.train.max_iters:
+                if info.main:
+                    save_training_state(out, done, parts, optimizer, meta, scaler)
+                raise TrainingInterrupted(done, out, stop.signal_name or "signal")
     bar.close()
     if writer is not None:
         writer.close()

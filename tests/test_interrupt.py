@@ -1,0 +1,122 @@
+"""Interrupted training: SIGTERM saves and exits cleanly; SIGKILL at random moments, then --resume, ends bit-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipzss.training import STATE_NAME
+from conftest import TINY_CLIP
+
+ITERS = 6
+
+
+def _cmd(out: Path, cache: Path, iters: int = ITERS, resume: bool = False) -> list[str]:
+    overrides = [
+        "data.dataset=synthetic",
+        "data.crop_size=64",
+        "data.scale=64",
+        "data.num_workers=0",
+        "teacher.weights=none",
+        "teacher.image_size=64",
+        f"teacher.model_overrides={json.dumps(TINY_CLIP)}",
+        f"teacher.cache_dir={cache}",
+        "student.encoder=mit_b0",
+        "student.weights=null",
+        f"student.embed_dim={TINY_CLIP['embed_dim']}",
+        "method.bank_size=8",
+        "method.synth_heads=2",
+        f"train.max_iters={iters}",
+        "train.batch_size=2",
+        "train.warmup_iters=2",
+        "train.eval_interval=0",
+        "train.ckpt_interval=1",
+        "train.log_interval=1",
+        f"train.output_dir={out}",
+        "train.device=cpu",
+    ]
+    cmd = [sys.executable, "-m", "clipzss", "train", *overrides]
+    return [*cmd, "--resume", str(out)] if resume else cmd
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def _wait_for_state(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not (out / STATE_NAME).exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "training exited early"
+        assert time.monotonic() < deadline, "training never wrote its first checkpoint"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    root = tmp_path_factory.mktemp("straight")
+    done = _run(_cmd(root / "run", root / "cache"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return load_file(str(root / "run" / "model.safetensors"))
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(straight, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cmd(out, tmp_path / "cache", iters=400),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    _wait_for_state(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGTERM received: stopped after step" in err and "--resume" in err and "Traceback" not in err
+    step = torch.load(out / STATE_NAME, weights_only=True)["step"]
+    assert 1 <= step < 400
+    assert not list(out.glob(".*.tmp")), "no half-written files"
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(straight, tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    for trial in range(3):
+        out = tmp_path / f"trial{trial}"
+        proc = subprocess.Popen(
+            _cmd(out, tmp_path / "cache"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        _wait_for_state(out, proc)
+        time.sleep(rng.uniform(0.0, 1.5))  # lands anywhere: mid-step, mid-checkpoint-write, or after the end
+        proc.kill()
+        proc.wait()
+        while True:  # resume until it finishes (it is never killed again here)
+            done = _run(_cmd(out, tmp_path / "cache", resume=True))
+            assert done.returncode == 0, done.stderr[-2000:]
+            if torch.load(out / STATE_NAME, weights_only=True)["step"] == ITERS:
+                break
+        _assert_same(straight, load_file(str(out / "model.safetensors")))
