@@ -203,8 +203,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         image = load_rgb(path)
         mask = segmenter.predict(image, names, mode=args.mode)
         stem = Path(path).stem
-        mask_img = Image.fromarray(mask.astype(np.uint8), mode="P")
-        mask_img.putpalette(palette(len(names)).reshape(-1).tolist())
+        if len(names) <= 256:  # a palette PNG: ids as pixel values, colours for people
+            mask_img = Image.fromarray(mask.astype(np.uint8))  # mode L; putpalette makes it P
+            mask_img.putpalette(palette(len(names)).reshape(-1).tolist())
+        else:  # more ids than a palette holds: 16-bit ids, never wrapped around
+            mask_img = Image.fromarray(mask.astype(np.uint16))
         mask_img.save(out / f"{stem}_mask.png")
         overlay(image, mask, names).save(out / f"{stem}_overlay.png")
         ids, counts = np.unique(mask, return_counts=True)

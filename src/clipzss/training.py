@@ -407,6 +407,7 @@ def train(
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    state = load_training_state(Path(resume)) if resume is not None else None  # fail before building anything
     info, device = setup_distributed(cfg.train.device)
     seed_everything(cfg.train.seed + info.rank)
     out = Path(cfg.train.output_dir)
@@ -458,8 +459,8 @@ def train(
     # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
     scaler = torch.amp.GradScaler(device.type, enabled=amp_mode(cfg, device) == "fp16")
     start = 0
-    if resume is not None:
-        start = _restore(load_training_state(Path(resume)), parts, optimizer, scaler)
+    if state is not None:
+        start = _restore(state, parts, optimizer, scaler)
         if info.main:
             log.info("resumed from %s at step %d", resume, start)
     if cfg.train.batch_size % info.world_size:
