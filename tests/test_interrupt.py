@@ -120,3 +120,34 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(straight, tmp_pa
             if torch.load(out / STATE_NAME, weights_only=True)["step"] == ITERS:
                 break
         _assert_same(straight, load_file(str(out / "model.safetensors")))
+
+
+SITECUSTOMIZE = '''
+import os
+if os.environ.get("RANK") == "1":  # make rank 1 crash on its second step
+    import clipzss.training as training
+    real_step = training.train_step
+    calls = [0]
+    def failing_step(parts, batch):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("simulated failure on rank 1")
+        return real_step(parts, batch)
+    training.train_step = failing_step
+'''
+
+
+@pytest.mark.slow
+def test_ddp_rank_failure_ends_every_rank(tmp_path: Path) -> None:
+    """One rank dies mid-training: torchrun ends the others (no hang) and the failure is named."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    cmd = _cmd(tmp_path / "run", tmp_path / "cache", iters=50)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *cmd[1:]]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(hook), ENV.get("PYTHONPATH", "")])}
+    start = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode != 0
+    assert "simulated failure on rank 1" in done.stdout + done.stderr
+    assert time.monotonic() - start < 200, "the surviving rank did not hang until a collective timeout"
