@@ -17,8 +17,12 @@ from clipzss.data.datasets import (
     SYNTHETIC_CLASSES,
     SYNTHETIC_UNSEEN,
     FileDataset,
+    Sample,
     SyntheticScenes,
     build_dataset,
+    class_ids,
+    read_listing,
+    read_palette,
 )
 from clipzss.data.splits import DATASET_CLASSES, make_split
 from clipzss.data.transforms import build_eval_transform
@@ -412,3 +416,99 @@ def test_file_dataset_default_transform_only_normalises(tmp_path: Path) -> None:
     dataset = build_dataset(_cfg("folder", tmp_path), "val", train=False)
     plain = FileDataset(dataset.samples, make_split(dataset.class_names, []))
     assert plain[0]["image"].shape == (3, H, W)
+
+
+# ---------------------------------------------------------------------------------------------------- palettes
+
+PALETTE = np.array([[128, 128, 128], [128, 64, 128], [0, 0, 192], [64, 64, 0], [0, 0, 0]], np.uint8)
+
+
+def test_folder_dataset_reads_colour_masks_through_palette_txt(tmp_path: Path) -> None:
+    ids = _raw_ids([0, 1, 2, 3, 4])  # 4 = the ignore colour
+    _write_folder(tmp_path, "val", ids)
+    for name in ("x", "y"):
+        Image.fromarray(PALETTE[ids]).save(tmp_path / "val" / "masks" / f"{name}.png")
+    with pytest.raises(ValueError, match=r"is a colour \(RGB\) image.*palette\.txt"):
+        build_dataset(_cfg("folder", tmp_path), "val", train=False)[0]
+    (tmp_path / "palette.txt").write_text(
+        "128 128 128 sky\n128,64,128 Road\n#0000C0\n64 64 0 tree\n0 0 0 void\n"
+    )
+    dataset = build_dataset(_cfg("folder", tmp_path), "val", train=False)
+    expected = np.where(ids == 4, 255, ids)
+    assert np.array_equal(_mask_of(dataset), expected)
+    _write_mask(tmp_path / "val" / "masks" / "y.png", expected)  # grey id masks still work beside colour ones
+    assert np.array_equal(_mask_of(dataset, 1), expected)
+    rgb = PALETTE[ids].copy()
+    rgb[0, 0] = (1, 2, 3)
+    Image.fromarray(rgb).save(tmp_path / "val" / "masks" / "x.png")
+    with pytest.raises(
+        ValueError, match=r"x\.png has 1 colour\(s\) not in .*palette\.txt: \(1, 2, 3\) × 1 px"
+    ):
+        dataset[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1 2 3\n4 5 6\n7 8 9\n", r"3 colours for 4 classes"),
+        ("1 2 3\n4 5\n7 8 9\n10 11 12\n", r"line 2 is not a colour: '4 5'"),
+        ("1 2 3 sky\n4 5 6 car\n7 8 9\n10 11 12\n", r"line 2 names 'car' but class id 1 is 'road'"),
+        ("1 2 3\n4 5 6\n1 2 3\n10 11 12\n", r"line 3 repeats the colour \(1, 2, 3\) of line 1"),
+        ("1 2 3\n4 5 600\n7 8 9\n10 11 12\n", r"line 2 is not a colour"),
+        ("#12345\n4 5 6\n7 8 9\n10 11 12\n", r"line 1 is not a colour"),
+    ],
+)
+def test_palette_file_errors_name_the_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "palette.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_palette(path, ("sky", "road", "car", "tree"))
+
+
+def test_palette_lookup_hand_computed(tmp_path: Path) -> None:
+    path = tmp_path / "palette.txt"
+    path.write_text("#ff0000 a\n0 255 0\n0,0,255 c\n255 255 255\n")
+    palette = read_palette(path, ("a", "b", "c"))
+    rgb = np.array([[[0, 0, 255], [255, 0, 0]], [[255, 255, 255], [0, 255, 0]]], np.uint8)
+    assert palette.to_ids(rgb).tolist() == [[2, 0], [255, 1]]
+
+
+# ---------------------------------------------------------------------------------------------------- listings
+
+
+def test_read_listing_lenient_collects_missing_files(tmp_path: Path) -> None:
+    _write_folder(tmp_path, "val", _raw_ids([0]))
+    (tmp_path / "val" / "masks" / "x.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no mask for image .*x\.png"):
+        read_listing("folder", tmp_path, "val")
+    listing = read_listing("folder", tmp_path, "val", strict=False)
+    assert [s.name for s in listing.samples] == ["y"] and len(listing.problems) == 1
+    assert "x.png" in listing.problems[0] and listing.mask_dirs == (tmp_path / "val" / "masks",)
+    base = tmp_path / "VOC2012"
+    _write_voc(base, _raw_ids([1]), ids=("a", "b"))
+    (base / "JPEGImages" / "a.jpg").unlink()
+    listing = read_listing("VOC", tmp_path, "val", strict=False)
+    assert [s.name for s in listing.samples] == ["b"] and "a.jpg" in listing.problems[0]
+    assert listing.reduce_zero_label and "val.txt" in listing.notes[0]
+
+
+def test_voc_segmentation_class_aug_without_lists_uses_train(tmp_path: Path) -> None:
+    base = tmp_path / "VOC2012"
+    _write_voc(base, _raw_ids([1]), ids=("a",))
+    (base / "SegmentationClassAug").mkdir()
+    assert [s.name for s in build_dataset(_cfg("voc", base), "train", train=False).samples] == ["a"]
+
+
+def test_wide_label_sets_use_65535_as_ignore(tmp_path: Path) -> None:
+    raw = _raw_ids([0, 300, 65535])
+    _write_mask(tmp_path / "m.png", raw, mode="I;16")
+    _write_image(tmp_path / "i.png")
+    names = [f"class {i}" for i in range(400)]
+    split = make_split(names, [], max_classes=65535)
+    dataset = FileDataset([Sample(tmp_path / "i.png", tmp_path / "m.png", "i")], split, ignore_index=65535)
+    assert dataset.ignore_index == 65535 and np.array_equal(_mask_of(dataset), raw)
+    with pytest.raises(ValueError, match="classes do not fit"):
+        make_split(names, [])
+    with pytest.raises(ValueError, match="evaluation only"):
+        FileDataset([], split, train=True, ignore_index=65535)
+    assert class_ids(np.array([0, 1, 255]), 3, reduce_zero_label=True).tolist() == [255, 0, 255]

@@ -119,3 +119,13 @@ def test_seen_lookup_hand_computed() -> None:
     assert (table[5:] == 255).all()
     mask = torch.tensor([[0, 1, 2], [3, 4, 255]])
     assert table[relabel_unseen(mask, split)].tolist() == [[0, 255, 1], [255, 2, 255]]
+
+
+def test_wide_class_lists_need_the_wide_ignore_value() -> None:
+    names = DATASET_CLASSES["ade20k-full"]
+    assert len(names) == 847 and names[0] == "wall" and names[-1] == "adding machine, totalizer, totaliser"
+    assert validate_class_names(names, max_classes=65535) == names
+    with pytest.raises(ValueError, match="847 classes do not fit: ids must stay below the ignore index 255"):
+        validate_class_names(names)
+    split = make_split(names, ["pier"], max_classes=65535)
+    assert split.unseen == (255,)  # a real class id, not "ignore", in a 16-bit label set

@@ -1,14 +1,20 @@
-"""Datasets, seen/unseen splits and transforms (DESIGN.md §3)."""
+"""Datasets, seen/unseen splits and transforms (DESIGN.md §3); `prepare` and `doctor` are the data commands."""
 
 from clipzss.data.datasets import (
     DATASET_NAMES,
+    EXPECTED_IMAGES,
     SYNTHETIC_CLASSES,
+    WIDE_IGNORE_INDEX,
     FileDataset,
+    Listing,
+    Palette,
     Sample,
     SegmentationDataset,
     SyntheticScenes,
     build_dataset,
     build_eval_dataset,
+    read_listing,
+    read_palette,
 )
 from clipzss.data.splits import (
     DATASET_CLASSES,
@@ -24,10 +30,14 @@ from clipzss.data.transforms import build_eval_transform, build_train_transform,
 __all__ = [
     "DATASET_CLASSES",
     "DATASET_NAMES",
+    "EXPECTED_IMAGES",
     "IGNORE_INDEX",
     "STANDARD_UNSEEN",
     "SYNTHETIC_CLASSES",
+    "WIDE_IGNORE_INDEX",
     "FileDataset",
+    "Listing",
+    "Palette",
     "Sample",
     "SegmentationDataset",
     "Split",
@@ -39,6 +49,8 @@ __all__ = [
     "build_transforms",
     "load_image",
     "make_split",
+    "read_listing",
+    "read_palette",
     "relabel_unseen",
     "seen_lookup",
 ]

@@ -5,6 +5,10 @@ Every dataset yields ``{"image": (3, H, W) float32 normalised, "mask": (H, W) in
 ids (after each layout's reduce-zero-label rule); with ``train=True`` the unseen classes become 255 through
 :func:`~clipzss.data.splits.relabel_unseen`, the one place that happens. Bad files fail when read, with the file
 named; a missing mask fails when the dataset is built.
+
+Colour-coded masks are read only through an explicit palette (``palette.txt`` beside the folder dataset's
+``classes.txt``), never guessed. Label sets wider than 255 classes (PASCAL Context-459, ADE20K-full 847) are stored
+as 16-bit PNGs whose ignore value is 65535 (:data:`WIDE_IGNORE_INDEX`); their datasets carry that ``ignore_index``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import math
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,9 @@ from clipzss.data.transforms import (
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+PALETTE_FILE = "palette.txt"
+# The ignore value of 16-bit label maps, whose class ids may pass 255 (detectron2's convention for ADE-847/PC-459).
+WIDE_IGNORE_INDEX = 65535
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,8 @@ class SegmentationDataset(Dataset):
 
     Subclasses implement :meth:`load` (class-id image and mask, untransformed) and ``__len__``.
     """
+
+    ignore_index: int = IGNORE_INDEX  # the mask value that means "no label"; 65535 for 16-bit label sets
 
     def __init__(self, split: Split, transform: SegTransform | None = None, train: bool = False) -> None:
         self.split = split
@@ -101,11 +110,128 @@ class SegmentationDataset(Dataset):
         )
 
 
-def load_mask(path: Path) -> np.ndarray:
-    """Read a label PNG as an (H, W) int64 array of raw ids (palette indices for "P" PNGs).
+# ----------------------------------------------------------------------------------------------------------------
+# Label files
+
+
+def colour_keys(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 colours → (H, W) int64 keys ``r << 16 | g << 8 | b``, one integer per colour."""
+    rgb = rgb.astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def _format_key(key: int) -> str:
+    return f"({key >> 16}, {(key >> 8) & 255}, {key & 255})"
+
+
+@dataclass(frozen=True)
+class Palette:
+    """Colour → class id table for colour-coded masks; colours it does not list are an error, never a guess.
+
+    Attributes:
+        keys: (N,) sorted :func:`colour_keys` of the listed colours.
+        ids: (N,) class id of each key (255 for the colours listed as ignore).
+        source: where the table came from, for messages.
+    """
+
+    keys: np.ndarray
+    ids: np.ndarray
+    source: str = "palette"
+
+    def to_ids(self, rgb: np.ndarray, path: Path | str = "mask") -> np.ndarray:
+        """(H, W, 3) colours → (H, W) int64 class ids.
+
+        Raises:
+            ValueError: the mask holds colours the palette does not list (the message names them and the file).
+        """
+        keys = colour_keys(rgb[..., :3])  # (H, W)
+        index = np.clip(np.searchsorted(self.keys, keys), 0, len(self.keys) - 1)  # (H, W)
+        known = self.keys[index] == keys
+        if not known.all():
+            values, counts = np.unique(keys[~known], return_counts=True)
+            order = np.argsort(-counts)[:5]
+            listed = ", ".join(f"{_format_key(int(values[i]))} × {counts[i]} px" for i in order)
+            raise ValueError(
+                f"mask {path} has {len(values)} colour(s) not in {self.source}: {listed}; add them to the "
+                "palette (as a class or, after the last class, as an ignore colour)"
+            )
+        return self.ids[index].astype(np.int64)
+
+
+def _parse_colour(text: str) -> tuple[tuple[int, int, int], str] | None:
+    """'R G B [name]', 'R,G,B [name]' or '#RRGGBB [name]' → ((r, g, b), name); None when it is none of these."""
+    text = text.strip()
+    if text.startswith("#"):
+        code, _, rest = text[1:].partition(" ")
+        if len(code) != 6:
+            return None
+        try:
+            value = int(code, 16)
+        except ValueError:
+            return None
+        return ((value >> 16, (value >> 8) & 255, value & 255), rest.strip())
+    parts = text.replace(",", " ").split(None, 3)
+    if len(parts) < 3 or not all(p.isdigit() for p in parts[:3]):
+        return None
+    rgb = tuple(int(p) for p in parts[:3])
+    if max(rgb) > 255:
+        return None
+    return (rgb, parts[3].strip() if len(parts) > 3 else "")  # type: ignore[return-value]
+
+
+def read_palette(path: Path, class_names: Sequence[str]) -> Palette:
+    """Read a palette file: line i colours class i, then optional extra lines of ignore colours.
+
+    Each line is ``R G B``, ``R,G,B`` or ``#RRGGBB``, optionally followed by a name. A class line's name, when
+    given, must be that class's name (a shifted palette is the usual mistake); the lines after the last class map
+    their colour to 255 (ignore).
 
     Raises:
-        ValueError: unreadable file, or a colour mask (class ids must be single-channel).
+        ValueError: a malformed line, a name that does not match ``class_names``, a repeated colour, or fewer
+            lines than classes.
+    """
+    lines = path.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    keys: list[int] = []
+    ids: list[int] = []
+    for number, line in enumerate(lines, start=1):
+        parsed = _parse_colour(line)
+        if parsed is None:
+            raise ValueError(
+                f"{path} line {number} is not a colour: {line.strip()!r} (expected 'R G B', 'R,G,B' or '#RRGGBB', "
+                "optionally followed by the class name)"
+            )
+        (r, g, b), name = parsed
+        class_id = number - 1 if number <= len(class_names) else IGNORE_INDEX
+        if name and class_id != IGNORE_INDEX and name.lower() != class_names[class_id].strip().lower():
+            raise ValueError(
+                f"{path} line {number} names '{name}' but class id {class_id} is '{class_names[class_id]}'; "
+                "line i of the palette must colour class i of classes.txt"
+            )
+        key = (r << 16) | (g << 8) | b
+        if key in keys:
+            other = keys.index(key) + 1
+            raise ValueError(f"{path} line {number} repeats the colour {_format_key(key)} of line {other}")
+        keys.append(key)
+        ids.append(class_id)
+    if len(lines) < len(class_names):
+        raise ValueError(
+            f"{path} has {len(lines)} colours for {len(class_names)} classes; give one line per class, "
+            "in classes.txt order"
+        )
+    order = np.argsort(keys)
+    return Palette(np.asarray(keys, np.int64)[order], np.asarray(ids, np.int64)[order], source=str(path))
+
+
+def load_mask(path: Path, palette: Palette | None = None) -> np.ndarray:
+    """Read a label PNG as an (H, W) int64 array of raw ids (palette indices for "P" PNGs).
+
+    With ``palette``, colour (RGB/RGBA) masks are translated through it; single-channel masks are ids either way.
+
+    Raises:
+        ValueError: unreadable file, a colour mask without a palette (class ids must be single-channel), or
+            colours the palette does not list.
     """
     try:
         with Image.open(path) as image:
@@ -116,6 +242,8 @@ def load_mask(path: Path) -> np.ndarray:
         raise ValueError(f"cannot read mask {path}: {err}") from None
     if array.ndim == 3 and mode in ("LA", "La", "PA"):
         array = array[..., 0]  # ids plus an alpha channel that carries no labels
+    elif array.ndim == 3 and palette is not None:
+        return palette.to_ids(array, path)
     elif array.ndim == 3:
         # An RGB(A) file whose channels agree is a grey id map saved as colour; anything else is a colour mask.
         if np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
@@ -123,7 +251,8 @@ def load_mask(path: Path) -> np.ndarray:
         else:
             raise ValueError(
                 f"mask {path} is a colour ({mode}) image; masks must hold class ids in one channel "
-                "(mode L, P or I;16), with 255 = ignore"
+                f"(mode L, P or I;16), with 255 = ignore; for colour-coded masks put a {PALETTE_FILE} "
+                "(one 'R G B' line per class, in classes.txt order) beside classes.txt"
             )
     if mode == "F" or array.dtype.kind == "f":
         raise ValueError(f"mask {path} holds floating-point values; masks must hold integer class ids")
@@ -148,8 +277,42 @@ def _image_matching(path: Path, size_hw: tuple[int, int]) -> Image.Image:
     return image
 
 
+def class_ids(
+    raw: np.ndarray,
+    num_classes: int,
+    reduce_zero_label: bool,
+    ignore_index: int = IGNORE_INDEX,
+    path: Path | str = "mask",
+) -> np.ndarray:
+    """Raw label values → class ids (``ignore_index`` = ignore), checking every value against the class list.
+
+    ``reduce_zero_label`` is mmseg's rule: 0 (background) → ignore, k → k-1, ignore stays.
+
+    Raises:
+        ValueError: values that are neither a class nor the ignore value (the first ten are listed).
+    """
+    top = num_classes + (1 if reduce_zero_label else 0)  # raw ids must be < top or the ignore value
+    bad = (raw < 0) | ((raw >= top) & (raw != ignore_index))
+    if bad.any():
+        values = np.unique(raw[bad])[:10].tolist()
+        rule = " after reduce_zero_label (0 = background)" if reduce_zero_label else ""
+        raise ValueError(
+            f"mask {path} has ids {values} beyond the {num_classes} classes{rule}; "
+            f"valid raw ids are 0..{top - 1} and {ignore_index} (ignore)"
+        )
+    if not reduce_zero_label:
+        return raw
+    ids = raw - 1
+    ids[(raw == 0) | (raw == ignore_index)] = ignore_index
+    return ids
+
+
 class FileDataset(SegmentationDataset):
-    """Image/mask file pairs. ``reduce_zero_label`` applies mmseg's rule: 0 → 255, k → k-1, 255 stays 255."""
+    """Image/mask file pairs. ``reduce_zero_label`` applies mmseg's rule: 0 → ignore, k → k-1, ignore stays.
+
+    ``palette`` translates colour-coded masks; ``ignore_index`` is 255, or 65535 for 16-bit label sets wider than
+    255 classes (evaluation only: training relabels with 255).
+    """
 
     def __init__(
         self,
@@ -158,39 +321,59 @@ class FileDataset(SegmentationDataset):
         transform: SegTransform | None = None,
         train: bool = False,
         reduce_zero_label: bool = False,
+        palette: Palette | None = None,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__(split, transform, train)
+        if train and ignore_index != IGNORE_INDEX:
+            raise ValueError(
+                f"training needs labels with ignore = {IGNORE_INDEX}; this label set uses {ignore_index} "
+                f"({split.num_classes} classes) and is for evaluation only"
+            )
         self.samples = list(samples)
         self.reduce_zero_label = reduce_zero_label
+        self.palette = palette
+        self.ignore_index = ignore_index
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         sample = self.samples[index]
-        raw = load_mask(sample.mask)  # (H, W)
+        raw = load_mask(sample.mask, self.palette)  # (H, W)
         image = _image_matching(sample.image, raw.shape)
-        return pil_to_tensor(image), torch.from_numpy(self._class_ids(raw, sample.mask)), sample.name
-
-    def _class_ids(self, raw: np.ndarray, path: Path) -> np.ndarray:
-        top = self.split.num_classes + (1 if self.reduce_zero_label else 0)  # raw ids must be < top or 255
-        bad = (raw < 0) | ((raw >= top) & (raw != IGNORE_INDEX))
-        if bad.any():
-            values = np.unique(raw[bad])[:10].tolist()
-            rule = " after reduce_zero_label (0 = background)" if self.reduce_zero_label else ""
-            raise ValueError(
-                f"mask {path} has ids {values} beyond the {self.split.num_classes} classes{rule}; "
-                f"valid raw ids are 0..{top - 1} and {IGNORE_INDEX} (ignore)"
-            )
-        if not self.reduce_zero_label:
-            return raw
-        ids = raw - 1
-        ids[(raw == 0) | (raw == IGNORE_INDEX)] = IGNORE_INDEX
-        return ids
+        ids = class_ids(raw, self.split.num_classes, self.reduce_zero_label, self.ignore_index, sample.mask)
+        return pil_to_tensor(image), torch.from_numpy(ids), sample.name
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Readers: (root, split) -> (samples, class names). Roots may be the dataset folder or a parent holding it.
+# Readers: (root, split) -> Listing. Roots may be the dataset folder or a parent holding it.
+
+
+@dataclass
+class Listing:
+    """What a reader found for one split: the file pairs, the class list and how to read the label values.
+
+    ``problems`` collects missing images/masks when the reader runs leniently (the data doctor); ``mask_dirs``
+    are folders that hold exactly this split's masks (so a mask without an image there is an orphan); ``notes``
+    say which choices the reader made (e.g. which VOC list).
+    """
+
+    samples: list[Sample]
+    class_names: tuple[str, ...]
+    reduce_zero_label: bool = False
+    palette: Palette | None = None
+    ignore_index: int = IGNORE_INDEX
+    problems: list[str] = field(default_factory=list)
+    mask_dirs: tuple[Path, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+
+def _report(problems: list[str] | None, message: str) -> None:
+    """Raise ``message`` (strict readers) or collect it (lenient readers)."""
+    if problems is None:
+        raise FileNotFoundError(message)
+    problems.append(message)
 
 
 def _first_dir(candidates: Sequence[Path], marker: str, what: str) -> Path:
@@ -209,10 +392,12 @@ def _split_dir(parent: Path, split: str, aliases: dict[str, str]) -> Path:
     raise FileNotFoundError(f"no images found in {parent / split}{alias}")
 
 
-def _list_images(folder: Path) -> list[Path]:
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _list_images(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
     if not images:
-        raise FileNotFoundError(f"no images found in {folder} (expected *.jpg, *.jpeg or *.png)")
+        raise FileNotFoundError(
+            f"no images found in {folder} (expected {', '.join('*' + s for s in suffixes)})"
+        )
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):
         twice = sorted({s for s in stems if stems.count(s) > 1})
@@ -220,12 +405,15 @@ def _list_images(folder: Path) -> list[Path]:
     return images
 
 
-def _pair(images: Sequence[Path], mask_of: Callable[[Path], Path]) -> list[Sample]:
+def _pair(
+    images: Sequence[Path], mask_of: Callable[[Path], Path], problems: list[str] | None = None
+) -> list[Sample]:
     samples = []
     for image in images:
         mask = mask_of(image)
         if not mask.is_file():
-            raise FileNotFoundError(f"no mask for image {image}: expected {mask}")
+            _report(problems, f"no mask for image {image}: expected {mask}")
+            continue
         samples.append(Sample(image=image, mask=mask, name=image.stem))
     return samples
 
@@ -240,7 +428,11 @@ def _read_list(path: Path) -> list[list[str]]:
 
 
 def _voc_style_samples(
-    base: Path, lists: Sequence[str], list_dir: Path, mask_dirs: dict[str, Sequence[str]]
+    base: Path,
+    lists: Sequence[str],
+    list_dir: Path,
+    mask_dirs: dict[str, Sequence[str]],
+    problems: list[str] | None = None,
 ) -> list[Sample]:
     """Samples from VOC-style id lists; each list has its mask folders in preference order."""
     samples: dict[str, Sample] = {}
@@ -253,70 +445,133 @@ def _voc_style_samples(
                 name = tokens[0]
                 image = base / "JPEGImages" / f"{name}.jpg"
                 folders = [base / d for d in mask_dirs[list_name]]
-                mask = next((f / f"{name}.png" for f in folders if (f / f"{name}.png").is_file()), None)
-                if mask is None:
-                    raise FileNotFoundError(
-                        f"no mask for image {image}: expected {name}.png in {' or '.join(map(str, folders))}"
+                found = next((f / f"{name}.png" for f in folders if (f / f"{name}.png").is_file()), None)
+                if found is None:
+                    _report(
+                        problems,
+                        f"no mask for image {image}: expected {name}.png in {' or '.join(map(str, folders))}",
                     )
+                    continue
+                mask = found
             if not image.is_file():
-                raise FileNotFoundError(f"image {image} listed in {list_dir / list_name} does not exist")
+                _report(problems, f"image {image} listed in {list_dir / list_name} does not exist")
+                continue
             if not mask.is_file():
-                raise FileNotFoundError(f"no mask for image {image}: expected {mask}")
+                _report(problems, f"no mask for image {image}: expected {mask}")
+                continue
             samples.setdefault(name, Sample(image=image, mask=mask, name=name))
     return list(samples.values())
 
 
-def voc_samples(root: Path, split: str) -> tuple[list[Sample], tuple[str, ...]]:
+def _voc_base(root: Path) -> Path:
+    return _first_dir(
+        [root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"], "JPEGImages", "VOC 2012 folder"
+    )
+
+
+def voc_samples(root: Path, split: str, problems: list[str] | None = None) -> Listing:
     """PASCAL VOC 2012 (+ SBD aug) in the VOC / mmseg layout.
 
     For ``split == "train"`` the augmented set is used when ``SegmentationClassAug/`` exists: the list
     ``ImageSets/Segmentation/train_aug.txt`` (10,582 ids, DeepLab/ZegCLIP) if present, else mmseg's
-    ``train.txt`` ∪ ``aug.txt``; otherwise ``train.txt`` alone. Other splits read ``<split>.txt``. Masks come from
+    ``train.txt`` ∪ ``aug.txt`` if ``aug.txt`` is present; otherwise ``train.txt`` alone. Other splits read ``<split>.txt``. Masks come from
     ``SegmentationClass/`` (``SegmentationClassAug/`` first for the aug lists).
     """
-    base = _first_dir(
-        [root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"], "JPEGImages", "VOC 2012 folder"
-    )
+    base = _voc_base(root)
     list_dir = base / "ImageSets" / "Segmentation"
     plain, aug = ("SegmentationClass", "SegmentationClassAug"), ("SegmentationClassAug", "SegmentationClass")
     lists = [f"{split}.txt"]
     if split == "train" and (base / "SegmentationClassAug").is_dir():
-        lists = ["train_aug.txt"] if (list_dir / "train_aug.txt").is_file() else ["train.txt", "aug.txt"]
-        logger.info("VOC train: using the SBD-augmented list(s) %s", " + ".join(lists))
+        if (list_dir / "train_aug.txt").is_file():
+            lists = ["train_aug.txt"]
+        elif (list_dir / "aug.txt").is_file():
+            lists = ["train.txt", "aug.txt"]
+        if len(lists) > 1 or lists[0] != "train.txt":
+            logger.info("VOC train: using the SBD-augmented list(s) %s", " + ".join(lists))
     mask_dirs = {name: aug if "aug" in name else plain for name in lists}
-    return _voc_style_samples(base, lists, list_dir, mask_dirs), DATASET_CLASSES["voc"]
+    samples = _voc_style_samples(base, lists, list_dir, mask_dirs, problems)
+    listing = Listing(samples, DATASET_CLASSES["voc"], reduce_zero_label=True)
+    listing.notes.append(f"list(s): {' + '.join(str(list_dir / n) for n in lists)}")
+    return listing
 
 
-def context_samples(root: Path, split: str) -> tuple[list[Sample], tuple[str, ...]]:
-    """PASCAL Context-59 (mmseg layout): JPEGImages, SegmentationClassContext, ImageSets/SegmentationContext."""
-    base = _first_dir(
+def _context_base(root: Path) -> Path:
+    return _first_dir(
         [root, root / "VOC2010", root / "VOCdevkit" / "VOC2010"], "JPEGImages", "VOC 2010 folder"
     )
+
+
+def context_samples(root: Path, split: str, problems: list[str] | None = None) -> Listing:
+    """PASCAL Context-59 (mmseg layout): JPEGImages, SegmentationClassContext, ImageSets/SegmentationContext."""
+    base = _context_base(root)
     lists = [f"{split}.txt"]
     samples = _voc_style_samples(
-        base, lists, base / "ImageSets" / "SegmentationContext", {lists[0]: ("SegmentationClassContext",)}
+        base,
+        lists,
+        base / "ImageSets" / "SegmentationContext",
+        {lists[0]: ("SegmentationClassContext",)},
+        problems,
     )
-    return samples, DATASET_CLASSES["context"]
+    return Listing(samples, DATASET_CLASSES["context"], reduce_zero_label=True)
 
 
-def coco_stuff_samples(root: Path, split: str) -> tuple[list[Sample], tuple[str, ...]]:
+CONTEXT459_CLASSES_FILE = "context459_classes.txt"
+
+
+def context459_samples(root: Path, split: str, problems: list[str] | None = None) -> Listing:
+    """PASCAL Context-459 (written by ``clipzss prepare-data context``): 16-bit ids 0..458, 65535 = ignore.
+
+    Masks in ``SegmentationClassContext459/``, the class names (line i = id i) in ``context459_classes.txt``,
+    the lists shared with Context-59. Evaluation only (open-vocabulary transfer).
+    """
+    base = _context_base(root)
+    class_names = read_classes_txt(base / CONTEXT459_CLASSES_FILE, max_classes=WIDE_IGNORE_INDEX)
+    lists = [f"{split}.txt"]
+    samples = _voc_style_samples(
+        base,
+        lists,
+        base / "ImageSets" / "SegmentationContext",
+        {lists[0]: ("SegmentationClassContext459",)},
+        problems,
+    )
+    return Listing(samples, class_names, ignore_index=WIDE_IGNORE_INDEX)
+
+
+def coco_stuff_samples(root: Path, split: str, problems: list[str] | None = None) -> Listing:
     """COCO-Stuff 164k (mmseg layout): images/<split>2017/*.jpg, annotations/<split>2017/*_labelTrainIds.png."""
     aliases = {"train": "train2017", "val": "val2017"}
     image_dir = _split_dir(root / "images", split, aliases)
     mask_dir = root / "annotations" / image_dir.name
-    samples = _pair(_list_images(image_dir), lambda p: mask_dir / f"{p.stem}_labelTrainIds.png")
-    return samples, DATASET_CLASSES["coco-stuff"]
+    samples = _pair(_list_images(image_dir), lambda p: mask_dir / f"{p.stem}_labelTrainIds.png", problems)
+    return Listing(samples, DATASET_CLASSES["coco-stuff"], mask_dirs=(mask_dir,))
 
 
-def ade20k_samples(root: Path, split: str) -> tuple[list[Sample], tuple[str, ...]]:
+def ade20k_samples(root: Path, split: str, problems: list[str] | None = None) -> Listing:
     """ADE20K-150 (ADEChallengeData2016): images/{training,validation}/*.jpg, annotations/<same>/*.png."""
     base = _first_dir([root, root / "ADEChallengeData2016"], "images", "ADEChallengeData2016 folder")
     image_dir = _split_dir(base / "images", split, {"train": "training", "val": "validation"})
     mask_dir = base / "annotations" / image_dir.name
-    return _pair(_list_images(image_dir), lambda p: mask_dir / f"{p.stem}.png"), DATASET_CLASSES["ade20k"]
+    samples = _pair(_list_images(image_dir), lambda p: mask_dir / f"{p.stem}.png", problems)
+    return Listing(samples, DATASET_CLASSES["ade20k"], reduce_zero_label=True, mask_dirs=(mask_dir,))
 
 
-def read_classes_txt(path: Path) -> tuple[str, ...]:
+ADE_FULL_FOLDER = "ADE20K_2021_17_01"
+
+
+def ade20k_full_samples(root: Path, split: str, problems: list[str] | None = None) -> Listing:
+    """ADE20K-full / ADE-847 in detectron2's layout (also what ``clipzss prepare-data ade20k`` writes):
+    ``images_detectron2/{training,validation}/*.jpg`` and ``annotations_detectron2/<same>/*.tif`` (16-bit ids
+    0..846, 65535 = ignore). Evaluation only (open-vocabulary transfer)."""
+    base = _first_dir([root, root / ADE_FULL_FOLDER], "images_detectron2", f"{ADE_FULL_FOLDER} folder")
+    image_dir = _split_dir(base / "images_detectron2", split, {"train": "training", "val": "validation"})
+    mask_dir = base / "annotations_detectron2" / image_dir.name
+    samples = _pair(_list_images(image_dir), lambda p: mask_dir / f"{p.stem}.tif", problems)
+    return Listing(
+        samples, DATASET_CLASSES["ade20k-full"], ignore_index=WIDE_IGNORE_INDEX, mask_dirs=(mask_dir,)
+    )
+
+
+def read_classes_txt(path: Path, max_classes: int = IGNORE_INDEX) -> tuple[str, ...]:
     """One class name per line, line i = id i; trailing blank lines are allowed, inner ones are not."""
     if not path.is_file():
         raise FileNotFoundError(
@@ -328,12 +583,13 @@ def read_classes_txt(path: Path) -> tuple[str, ...]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             raise ValueError(f"{path} line {number} is blank; every id up to the last class needs a name")
-    return validate_class_names(lines)
+    return validate_class_names(lines, max_classes=max_classes)
 
 
-def folder_samples(root: Path, split: str) -> tuple[list[Sample], tuple[str, ...]]:
-    """The folder dataset: classes.txt + <split>/images + <split>/masks, or images + masks when unsplit."""
+def folder_samples(root: Path, split: str, problems: list[str] | None = None) -> Listing:
+    """The folder dataset: classes.txt (+ palette.txt) + <split>/images + <split>/masks, or images + masks."""
     class_names = read_classes_txt(root / "classes.txt")
+    palette = read_palette(root / PALETTE_FILE, class_names) if (root / PALETTE_FILE).is_file() else None
     base = root / split
     if not (base / "images").is_dir():
         if not (root / "images").is_dir():
@@ -342,24 +598,70 @@ def folder_samples(root: Path, split: str) -> tuple[list[Sample], tuple[str, ...
             )
         logger.info("%s has no '%s' folder; using %s for this split", root, split, root / "images")
         base = root
-    samples = _pair(_list_images(base / "images"), lambda p: base / "masks" / f"{p.stem}.png")
-    return samples, class_names
+    mask_dir = base / "masks"
+    samples = _pair(_list_images(base / "images"), lambda p: mask_dir / f"{p.stem}.png", problems)
+    listing = Listing(samples, class_names, palette=palette, mask_dirs=(mask_dir,))
+    if palette is not None:
+        listing.notes.append(f"colour masks are read through {root / PALETTE_FILE}")
+    return listing
 
 
 @dataclass(frozen=True)
 class _Reader:
-    read: Callable[[Path, str], tuple[list[Sample], tuple[str, ...]]]
-    reduce_zero_label: bool
+    read: Callable[[Path, str, list[str] | None], Listing]
     trainable: bool = True
 
 
 READERS: dict[str, _Reader] = {
-    "voc": _Reader(voc_samples, reduce_zero_label=True),
-    "coco-stuff": _Reader(coco_stuff_samples, reduce_zero_label=False),
-    "context": _Reader(context_samples, reduce_zero_label=True),
-    "ade20k": _Reader(ade20k_samples, reduce_zero_label=True, trainable=False),
-    "folder": _Reader(folder_samples, reduce_zero_label=False),
+    "voc": _Reader(voc_samples),
+    "coco-stuff": _Reader(coco_stuff_samples),
+    "context": _Reader(context_samples),
+    "context-459": _Reader(context459_samples, trainable=False),
+    "ade20k": _Reader(ade20k_samples, trainable=False),
+    "ade20k-full": _Reader(ade20k_full_samples, trainable=False),
+    "folder": _Reader(folder_samples),
 }
+
+
+# Image/label pairs per split in the complete official data (after prepare-data), for prepare-data's summary and
+# check-data's count check. Two values where two list versions are in use (see docs/protocols.md).
+EXPECTED_IMAGES: dict[str, dict[str, tuple[int, ...]]] = {
+    "voc": {"train": (10582,), "val": (1449,)},
+    "coco-stuff": {"train": (118287,), "val": (5000,)},
+    "context": {"train": (4998, 4996), "val": (5105, 5104)},
+    "context-459": {"train": (4998, 4996), "val": (5105, 5104)},
+    "ade20k": {"train": (20210,), "val": (2000,)},
+    "ade20k-full": {"train": (25574,), "val": (2000,)},
+}
+VOC_PLAIN_TRAIN = 1464  # VOC 2012's own train.txt, without the SBD images
+
+
+def normalise_dataset_name(name: str) -> str:
+    """'COCO_Stuff' → 'coco-stuff': the spelling the readers are registered under."""
+    return name.strip().lower().replace("_", "-")
+
+
+def read_listing(dataset: str, root: Path | str, split: str, strict: bool = True) -> Listing:
+    """List one split of a dataset on disk without reading any file.
+
+    Args:
+        dataset: a key of :data:`READERS` (any case, ``_`` or ``-``).
+        root: the dataset folder (or a parent the reader knows, e.g. the one holding ``VOCdevkit``).
+        split: ``train``, ``val`` or any split the layout names.
+        strict: raise on the first missing image or mask (datasets); when False, collect them in
+            ``Listing.problems`` and keep going (the data doctor).
+
+    Raises:
+        ValueError: unknown dataset name.
+        FileNotFoundError: the layout is missing (a folder, a split list, or, when strict, a file).
+    """
+    name = normalise_dataset_name(dataset)
+    if name not in READERS:
+        raise ValueError(f"unknown dataset '{dataset}'; choose one of: {', '.join(READERS)}")
+    problems: list[str] | None = None if strict else []
+    listing = READERS[name].read(Path(root).expanduser(), split, problems)
+    listing.problems = problems or []
+    return listing
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -493,7 +795,7 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegmentationDataset:
         ValueError: an unknown dataset name, or training on an evaluation-only dataset.
         FileNotFoundError: ``cfg.data.root`` is missing or holds no data for ``split``.
     """
-    name = cfg.data.dataset.strip().lower().replace("_", "-")
+    name = normalise_dataset_name(cfg.data.dataset)
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset '{cfg.data.dataset}'; choose one of: {', '.join(DATASET_NAMES)}")
     transform = build_transforms(cfg.data, train, short_side=cfg.eval.short_side)
@@ -518,18 +820,26 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegmentationDataset:
     root = Path(cfg.data.root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist (data.root for dataset '{name}')")
-    samples, class_names = reader.read(root, split)
-    data_split = make_split(class_names, cfg.data.unseen, dataset=name)
+    listing = read_listing(name, root, split)
+    data_split = make_split(
+        listing.class_names, cfg.data.unseen, dataset=name, max_classes=listing.ignore_index
+    )
     logger.info(
         "%s/%s: %d images, %d classes (%d unseen)",
         name,
         split,
-        len(samples),
-        len(class_names),
+        len(listing.samples),
+        len(listing.class_names),
         len(data_split.unseen),
     )
     return FileDataset(
-        samples, data_split, transform, train=train, reduce_zero_label=reader.reduce_zero_label
+        listing.samples,
+        data_split,
+        transform,
+        train=train,
+        reduce_zero_label=listing.reduce_zero_label,
+        palette=listing.palette,
+        ignore_index=listing.ignore_index,
     )
 
 

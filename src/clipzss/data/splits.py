@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from clipzss.data.ade847 import ADE847_CLASSES
+
 IGNORE_INDEX = 255
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -78,6 +80,7 @@ DATASET_CLASSES: dict[str, tuple[str, ...]] = {
     "coco-stuff": COCO_STUFF_CLASSES,
     "context": CONTEXT59_CLASSES,
     "ade20k": ADE20K_CLASSES,
+    "ade20k-full": ADE847_CLASSES,  # 847 classes, 16-bit labels (ignore 65535); evaluation only
 }
 
 # Standard inductive splits. ADE20K has none: it is used for open-vocabulary evaluation only.
@@ -126,8 +129,11 @@ def _key(name: str) -> str:
     return name.strip().lower()
 
 
-def validate_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
-    """Check a class list (non-empty, named, unique, fewer than 255 ids) and return it as a stripped tuple."""
+def validate_class_names(class_names: Sequence[str], max_classes: int = IGNORE_INDEX) -> tuple[str, ...]:
+    """Check a class list (non-empty, named, unique, fewer ids than the ignore value) and return it stripped.
+
+    ``max_classes`` is the ignore value the labels use: 255, or 65535 for 16-bit label sets (ADE-847, PC-459).
+    """
     if isinstance(class_names, str):
         raise ValueError(f"class_names must be a sequence of names, got the string {class_names!r}")
     names = tuple(class_names)
@@ -140,15 +146,18 @@ def validate_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
     duplicates = sorted(k for k, c in counts.items() if c > 1)
     if duplicates:
         raise ValueError(f"duplicate class names: {', '.join(duplicates)}")
-    if len(names) > IGNORE_INDEX:
+    if len(names) > max_classes:
         raise ValueError(
-            f"{len(names)} classes do not fit: ids must stay below the ignore index {IGNORE_INDEX}"
+            f"{len(names)} classes do not fit: ids must stay below the ignore index {max_classes}"
         )
     return tuple(n.strip() for n in names)
 
 
 def make_split(
-    class_names: Sequence[str], unseen_names: Sequence[str] | None, dataset: str | None = None
+    class_names: Sequence[str],
+    unseen_names: Sequence[str] | None,
+    dataset: str | None = None,
+    max_classes: int = IGNORE_INDEX,
 ) -> Split:
     """Build a validated :class:`Split` from class names and the names held out as unseen.
 
@@ -157,8 +166,9 @@ def make_split(
         unseen_names: names to hold out; ``None`` takes the standard split of ``dataset`` (none if it has no
             standard split); ``[]`` means fully supervised.
         dataset: a key of :data:`STANDARD_UNSEEN`, consulted only when ``unseen_names`` is None.
+        max_classes: the labels' ignore value (255; 65535 for 16-bit label sets).
     """
-    names = validate_class_names(class_names)
+    names = validate_class_names(class_names, max_classes)
     if unseen_names is None:
         unseen_names = STANDARD_UNSEEN.get(dataset, ()) if dataset is not None else ()
     if isinstance(unseen_names, str):
