@@ -1,0 +1,482 @@
+"""`clipzss demo`: a local web page (Gradio) to segment an image with any class names, and to compare with MaskCLIP.
+
+The page has two tabs. *Segment*: upload or pick an image, type class names, get the overlay, a legend with each
+class's area, and the inference time. *Compare*: the trained student and the training-free MaskCLIP baseline (CLIP
+itself at inference) side by side on the same image and names, with their times. It binds 127.0.0.1 unless told
+otherwise, bounds the upload size and the image's pixel count (checked from the header, before decoding), and
+answers bad input (empty or duplicate class names, unreadable or huge images) with a message on the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import gradio as gr
+    from PIL import Image
+
+    from clipzss.predict import ZeroShotSegmenter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEFAULT_MAX_PIXELS = 16_000_000
+DEFAULT_MAX_FILE_SIZE = "20mb"
+IMAGE_HEIGHT = 360  # px on the page; the images themselves keep their size
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Prompt choices shown when the text encoder is CLIP; None = the model's own template ensemble.
+TEMPLATES: dict[str, tuple[str, ...] | None] = {
+    "the model's prompt ensemble": None,
+    "a photo of a {}.": ("a photo of a {}.",),
+    "a photo of a {} in the scene.": ("a photo of a {} in the scene.",),
+    "the name alone": ("{}",),
+}
+
+HELP = "open a local web demo: segment images with any class names, compare with MaskCLIP"
+EPILOG = """examples:
+  clipzss demo --checkpoint runs/quickstart
+  clipzss demo --checkpoint runs/voc --teacher-weights ViT-B-16.safetensors --examples photos/
+  clipzss demo --baseline maskclip --teacher-weights ViT-B-16.safetensors --port 8080
+
+The page is served on http://127.0.0.1:7860 (this machine only); --host 0.0.0.0 exposes it to the network.
+Needs the demo extra: pip install 'clipzss[demo]'."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", default=None, help="checkpoint file, run folder or hub id of a student"
+    )
+    parser.add_argument("--baseline", choices=["maskclip"], default=None, help="serve CLIP itself (MaskCLIP)")
+    parser.add_argument("--teacher-weights", default=None, help="local CLIP weights for the text classifier")
+    parser.add_argument("--examples", nargs="*", default=(), help="example images or folders of images")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image accepted, in pixels"
+    )
+    parser.add_argument(
+        "--max-file-size",
+        default=DEFAULT_MAX_FILE_SIZE,
+        help=f"largest upload (default {DEFAULT_MAX_FILE_SIZE})",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    primary, baseline = load_models(args.checkpoint, args.baseline, args.teacher_weights, args.device)
+    app = build_app(primary, baseline, examples=find_examples(args.examples), max_pixels=args.max_pixels)
+    launch(app, host=args.host, port=args.port, max_file_size=args.max_file_size, block=True)
+    return 0
+
+
+# --- models -----------------------------------------------------------------------------------------------------
+
+
+def load_models(
+    checkpoint: str | None, baseline: str | None, teacher_weights: str | None = None, device: str = "auto"
+) -> tuple[ZeroShotSegmenter, ZeroShotSegmenter | None]:
+    """The model the page serves and, for a student whose text encoder is CLIP, MaskCLIP on that same CLIP."""
+    from clipzss.predict import MaskCLIPSegmenter, Segmenter
+    from clipzss.teacher import build_teacher
+
+    if bool(checkpoint) == bool(baseline):
+        raise ValueError("give exactly one of --checkpoint CKPT or --baseline maskclip")
+    if baseline:
+        from clipzss.config import TeacherConfig
+
+        cfg = TeacherConfig() if teacher_weights is None else TeacherConfig(weights=teacher_weights)
+        return MaskCLIPSegmenter(build_teacher(cfg, device=device)), None
+    if Path(checkpoint).exists():
+        student = Segmenter.from_checkpoint(checkpoint, device=device, teacher_weights=teacher_weights)
+    else:
+        student = Segmenter.from_pretrained(checkpoint, device=device, teacher_weights=teacher_weights)
+    return student, comparison_baseline(student)
+
+
+def comparison_baseline(student: ZeroShotSegmenter) -> ZeroShotSegmenter | None:
+    """MaskCLIP on the student's own CLIP (same names, same inference settings), or None without a CLIP."""
+    from clipzss.predict import MaskCLIPSegmenter
+    from clipzss.teacher import CLIPTeacher
+
+    encoder = student.text_encoder
+    if not isinstance(encoder, CLIPTeacher):
+        return None
+    return MaskCLIPSegmenter(encoder, eval_cfg=student.eval_cfg, alpha=student.alpha)
+
+
+def describe(model: ZeroShotSegmenter) -> str:
+    """One line naming the model, for the page header and the comparison columns."""
+    from clipzss.predict import Segmenter
+
+    if isinstance(model, Segmenter):
+        s = model.config.student
+        step = model.meta.get("step")
+        return f"clipzss student {s.arch}/{s.encoder}" + (f" (step {step})" if step else "")
+    return "MaskCLIP baseline (CLIP at inference)"
+
+
+def _random_teacher(model: ZeroShotSegmenter) -> bool:
+    cfg = getattr(getattr(model, "text_encoder", None), "cfg", None)
+    return getattr(cfg, "weights", "") == "none"
+
+
+# --- the work behind the page -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Segmentation:
+    """What one click returns: the overlay at the image's size, the legend rows and the time it took."""
+
+    overlay: Image.Image
+    class_names: list[str]
+    areas: list[float]  # fraction of the image per class, in class order
+    image_seconds: float
+    text_seconds: float
+    size: tuple[int, int]  # (width, height)
+
+
+def open_bounded(path: str | Path, max_pixels: int) -> Image.Image:
+    """Open an uploaded image as upright RGB, refusing it from its header when it has too many pixels."""
+    from PIL import Image
+
+    from clipzss.predict import load_rgb
+
+    try:
+        with Image.open(path) as header:
+            width, height = header.size
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read the uploaded file as an image ({err})") from None
+    if width * height > max_pixels:
+        raise ValueError(
+            f"the image is {width}×{height} ({width * height / 1e6:.1f} MP); this demo accepts up to "
+            f"{max_pixels / 1e6:.1f} MP: resize it and try again"
+        )
+    return load_rgb(path)
+
+
+def segment(
+    model: ZeroShotSegmenter,
+    image: Image.Image,
+    class_names: Sequence[str],
+    templates: Sequence[str] | None = None,
+) -> Segmentation:
+    """Segment ``image`` and time the two parts: embedding the names (cached afterwards) and the image itself."""
+    import torch
+
+    from clipzss.visualize import blend, class_areas
+
+    def sync() -> None:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+
+    tic = time.perf_counter()
+    model.text_classifier(class_names, templates)
+    sync()
+    text_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    mask = model.predict(image, class_names, templates=templates)
+    sync()
+    image_s = time.perf_counter() - tic
+    return Segmentation(
+        overlay=blend(image, mask, len(class_names)),
+        class_names=list(class_names),
+        areas=class_areas(mask, len(class_names)).tolist(),
+        image_seconds=image_s,
+        text_seconds=text_s,
+        size=image.size,
+    )
+
+
+def legend_html(result: Segmentation) -> str:
+    """A table of colour swatch, class name and area, largest area first (names escaped: they are user input)."""
+    from clipzss.visualize import palette
+
+    colours = palette(len(result.class_names))
+    order = sorted(range(len(result.class_names)), key=lambda i: -result.areas[i])
+    rows = "".join(
+        f'<tr><td><span class="swatch" style="background: rgb{tuple(int(c) for c in colours[i])}"></span></td>'
+        f'<td class="name">{html.escape(result.class_names[i])}</td>'
+        f'<td class="area">{100 * result.areas[i]:.1f}%</td></tr>'
+        for i in order
+    )
+    return f'<table class="legend"><tr><th></th><th>class</th><th>area</th></tr>{rows}</table>'
+
+
+def timing_text(result: Segmentation, model: ZeroShotSegmenter) -> str:
+    width, height = result.size
+    return (
+        f"**{1000 * result.image_seconds:.0f} ms** for the {width}×{height} image on {model.device.type} "
+        f"(+ {1000 * result.text_seconds:.0f} ms for the class names' text embeddings, cached for next time)"
+    )
+
+
+def _status(message: str) -> str:
+    return f'<div class="status-error">⚠ {html.escape(message)}</div>' if message else ""
+
+
+# --- examples ---------------------------------------------------------------------------------------------------
+
+
+def find_examples(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files given directly or found (sorted, at most 8 per folder) in the given folders."""
+    found: list[Path] = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            found += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:8]
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"example image or folder not found: {item}")
+    return found
+
+
+def synthetic_examples(folder: Path, count: int = 2, size: int = 192) -> list[Path]:
+    """A few generated scenes (the quick start's classes) written as PNGs, so the page always has examples."""
+    from PIL import Image
+
+    from clipzss.data import SyntheticScenes
+
+    scenes = SyntheticScenes(num_images=count, size=size, seed=20231003, unseen=[])
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        pixels, _, name = scenes.load(index)
+        path = folder / f"{name}.png"
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
+        paths.append(path)
+    return paths
+
+
+# --- the page ---------------------------------------------------------------------------------------------------
+
+CSS = """
+.legend { border-collapse: collapse; font-size: 0.95em; margin-top: 6px; }
+.legend, .legend tr, .legend td, .legend th { border: none !important; background: none !important; }
+.legend td, .legend th { padding: 2px 12px 2px 0; text-align: left; }
+.legend .area { text-align: right; font-variant-numeric: tabular-nums; }
+.swatch { display: inline-block; width: 14px; height: 14px; border: 1px solid #333; vertical-align: middle; }
+.status-error { color: #b00020; font-weight: 600; padding: 4px 0; }
+.warning { color: #8a5300; }
+"""
+
+
+def build_app(
+    model: ZeroShotSegmenter,
+    baseline: ZeroShotSegmenter | None = None,
+    examples: Sequence[Path] = (),
+    default_classes: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    example_dir: Path | None = None,
+) -> gr.Blocks:
+    """The two-tab page around ``model`` (and ``baseline`` for the comparison tab).
+
+    Example images are ``examples`` plus two generated scenes written to ``example_dir`` (a temporary folder by
+    default); the class box starts with the checkpoint's training classes.
+    """
+    import gradio as gr
+
+    from clipzss.data import SYNTHETIC_CLASSES
+    from clipzss.predict import parse_class_names
+    from clipzss.teacher import CLIPTeacher
+
+    meta = getattr(model, "meta", {})
+    default_classes = default_classes or ", ".join(n for n in meta.get("class_names", "").split(",") if n)
+    example_dir = example_dir or Path(tempfile.mkdtemp(prefix="clipzss-demo-"))
+    generated = synthetic_examples(example_dir)
+    rows = [[str(p), default_classes] for p in examples] + [
+        [str(p), ", ".join(SYNTHETIC_CLASSES)] for p in generated
+    ]
+    can_template = isinstance(model.text_encoder, CLIPTeacher)
+
+    def run_one(target: ZeroShotSegmenter, path: str | None, names_text: str, template: str) -> Segmentation:
+        if not path:
+            raise ValueError("upload an image or pick an example first")
+        names = parse_class_names(names_text or "")
+        return segment(target, open_bounded(path, max_pixels), names, TEMPLATES.get(template))
+
+    def on_segment(path: str | None, names_text: str, template: str) -> tuple[Any, str, str, str]:
+        try:
+            result = run_one(model, path, names_text, template)
+        except (ValueError, FileNotFoundError) as err:
+            return None, "", "", _status(str(err))
+        except Exception:  # a message on the page, the traceback in the server log, never in the browser
+            log.exception("the demo failed on %s", path)
+            return None, "", "", _status("the model failed on this image (details in the server log)")
+        return result.overlay, legend_html(result), timing_text(result, model), ""
+
+    def on_compare(path: str | None, names_text: str) -> tuple[Any, ...]:
+        if baseline is None:
+            return None, "", "", None, "", "", _status("no baseline to compare with")
+        try:
+            ours = run_one(model, path, names_text, "the model's prompt ensemble")
+            theirs = run_one(baseline, path, names_text, "the model's prompt ensemble")
+        except (ValueError, FileNotFoundError) as err:
+            return None, "", "", None, "", "", _status(str(err))
+        except Exception:
+            log.exception("the comparison failed on %s", path)
+            return (
+                None,
+                "",
+                "",
+                None,
+                "",
+                "",
+                _status("a model failed on this image (details in the server log)"),
+            )
+        return (
+            ours.overlay,
+            legend_html(ours),
+            timing_text(ours, model),
+            theirs.overlay,
+            legend_html(theirs),
+            timing_text(theirs, baseline),
+            "",
+        )
+
+    header = f"# clipzss: zero-shot segmentation\nServing **{html.escape(describe(model))}**. "
+    header += "Type any class names, comma separated: the image is segmented into exactly those classes."
+    with gr.Blocks(title="clipzss demo", analytics_enabled=False) as app:
+        gr.Markdown(header)
+        if _random_teacher(model):
+            gr.HTML(
+                '<p class="warning">This model was built with a <b>random</b> CLIP (no weights on this machine): '
+                "its text embeddings carry no meaning, so the segmentation shows the pipeline, not zero-shot "
+                "quality.</p>"
+            )
+        with gr.Tab("Segment"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(
+                        type="filepath",
+                        image_mode=None,
+                        sources=["upload", "clipboard"],
+                        label="image",
+                        height=IMAGE_HEIGHT,
+                        elem_id="input-image",
+                    )
+                    classes = gr.Textbox(
+                        value=default_classes,
+                        label="class names (comma separated)",
+                        placeholder="road, car, tree, sky",
+                        elem_id="classes",
+                    )
+                    template = gr.Dropdown(
+                        list(TEMPLATES),
+                        value=next(iter(TEMPLATES)),
+                        label="prompt template",
+                        visible=can_template,
+                        elem_id="template",
+                    )
+                    button = gr.Button("Segment", variant="primary", elem_id="segment")
+                    status = gr.HTML(elem_id="status")
+                with gr.Column():
+                    result_image = gr.Image(
+                        type="pil",
+                        format="png",
+                        label="overlay",
+                        interactive=False,
+                        height=IMAGE_HEIGHT,
+                        elem_id="overlay",
+                    )
+                    legend = gr.HTML(elem_id="legend")
+                    timing = gr.Markdown(elem_id="timing")
+            gr.Examples(rows, inputs=[image, classes], label="examples")
+            button.click(on_segment, [image, classes, template], [result_image, legend, timing, status])
+            classes.submit(on_segment, [image, classes, template], [result_image, legend, timing, status])
+        with gr.Tab("Compare with MaskCLIP"):
+            if baseline is None:
+                gr.Markdown(
+                    "The comparison needs a trained student whose text encoder is CLIP: start the demo with "
+                    "`--checkpoint CKPT` (and `--teacher-weights` when the checkpoint names a hub tag)."
+                )
+            with gr.Row():
+                with gr.Column():
+                    cmp_image = gr.Image(
+                        type="filepath",
+                        image_mode=None,
+                        label="image",
+                        height=IMAGE_HEIGHT,
+                        elem_id="cmp-image",
+                    )
+                with gr.Column():
+                    cmp_classes = gr.Textbox(
+                        value=default_classes, label="class names (comma separated)", elem_id="cmp-classes"
+                    )
+                    cmp_button = gr.Button("Compare", variant="primary", elem_id="compare")
+                    cmp_status = gr.HTML(elem_id="cmp-status")
+            with gr.Row():
+                with gr.Column():
+                    gr.Markdown(f"### {html.escape(describe(model))}")
+                    ours_image = gr.Image(
+                        type="pil",
+                        format="png",
+                        label="student",
+                        interactive=False,
+                        height=IMAGE_HEIGHT,
+                        elem_id="ours-image",
+                    )
+                    ours_legend = gr.HTML(elem_id="ours-legend")
+                    ours_time = gr.Markdown(elem_id="ours-time")
+                with gr.Column():
+                    gr.Markdown("### MaskCLIP (CLIP image encoder at inference)")
+                    theirs_image = gr.Image(
+                        type="pil",
+                        format="png",
+                        label="MaskCLIP",
+                        interactive=False,
+                        height=IMAGE_HEIGHT,
+                        elem_id="theirs-image",
+                    )
+                    theirs_legend = gr.HTML(elem_id="theirs-legend")
+                    theirs_time = gr.Markdown(elem_id="theirs-time")
+            gr.Examples(rows, inputs=[cmp_image, cmp_classes], label="examples")
+            cmp_button.click(
+                on_compare,
+                [cmp_image, cmp_classes],
+                [ours_image, ours_legend, ours_time, theirs_image, theirs_legend, theirs_time, cmp_status],
+            )
+    return app
+
+
+def launch(
+    app: gr.Blocks,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    max_file_size: str | int = DEFAULT_MAX_FILE_SIZE,
+    block: bool = True,
+    quiet: bool = False,
+) -> str:
+    """Serve ``app``; with ``block=False`` return at once (tests, notebooks) and leave it to ``app.close()``.
+
+    Returns the local URL. Nothing is sent anywhere: no share link, no analytics, no server-side rendering.
+    """
+    import gradio as gr
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "the demo is reachable from the network on %s:%d; anyone who can reach it can use it", host, port
+        )
+    _, url, _ = app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        max_file_size=max_file_size,
+        prevent_thread_lock=not block,
+        quiet=quiet,
+        show_error=False,
+        ssr_mode=False,
+        mcp_server=False,
+        pwa=False,
+        theme=gr.themes.Default(),
+        css=CSS,
+    )
+    return url
