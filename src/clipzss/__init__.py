@@ -22,6 +22,7 @@ _EXPORTS = {
     "evaluate": "clipzss.evaluate",
     "Segmenter": "clipzss.predict",
     "MaskCLIPSegmenter": "clipzss.predict",
+    "OnnxSegmenter": "clipzss.export",
     "train": "clipzss.training",  # the module is not named train.py: it would shadow this function
 }
 

@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint file or run folder")
     p.add_argument("--baseline", choices=["maskclip"], default=None, help="evaluate CLIP itself instead")
-    p.add_argument("--dataset", default=None, help="voc, coco-stuff, context, ade20k, folder, synthetic")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="voc, coco-stuff, context, context-459, ade20k, ade20k-full, folder, synthetic",
+    )
     p.add_argument("--data-root", default=None, help="dataset root folder")
     p.add_argument("--split", default=None, help="which split to evaluate (default: the config's val split)")
     p.add_argument(
@@ -102,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["slide", "whole"], default=None, help="inference mode")
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--out", default=None, help="folder for metrics.json / per_class.csv")
+    p.add_argument(
+        "--report",
+        default=None,
+        help="folder for a report: per-class IoU, confusion matrix, examples, report.md",
+    )
     p.add_argument("--workers", type=int, default=None, help="data-loading workers")
     _add_teacher_args(p)
     _add_device_arg(p)
@@ -112,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="checkpoint file or run folder of a trained student")
     p.add_argument("--baseline", choices=["maskclip"], default=None, help="use CLIP itself (MaskCLIP)")
     p.add_argument("--text-embeddings", default=None, help="file written by `clipzss embed-text`")
+    p.add_argument("--onnx", default=None, help="run a model from `clipzss export` with onnxruntime alone")
     p.add_argument("--mode", choices=["slide", "whole"], default=None, help="inference mode")
     p.add_argument("--out", default="outputs/predict", help="output folder (default: outputs/predict)")
     _add_teacher_args(p)
@@ -181,6 +191,10 @@ def _segmenter(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.onnx:
+        from clipzss.export import predict_onnx
+
+        return predict_onnx(args)
     import numpy as np
     from PIL import Image
 
@@ -264,12 +278,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.checkpoint:
         out = (
             resolve_checkpoint_path(args.checkpoint).parent
-            / f"eval_{data.dataset}_{args.split or data.val_split}"
+            / f"eval_{data.eval_dataset or data.dataset}_{args.split or data.val_split}"
         )
     else:
         out = Path("outputs") / f"eval_maskclip_{data.dataset}"
     for path in result.save(out):
         print(f"wrote {path}")
+    if args.report:
+        from clipzss.report import write_report
+
+        source = Path(args.checkpoint).name if args.checkpoint else "MaskCLIP baseline"
+        title = f"{source} on {data.eval_dataset or data.dataset} {args.split or data.val_split}"
+        logits_fn = segmenter.logits_fn(dataset.class_names)
+        print(f"wrote {write_report(result, dataset, logits_fn, args.report, eval_cfg, title=title)}")
     return 0
 
 

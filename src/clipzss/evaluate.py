@@ -184,6 +184,14 @@ def sliding_windows(
     return windows
 
 
+def _zeros_like_layout(like: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """Zeros of ``shape`` in the memory layout of ``like`` (channels last or contiguous), with no conversion copy."""
+    b, k, h, w = shape
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return like.new_zeros(b, h, w, k).permute(0, 3, 1, 2)
+    return like.new_zeros(b, k, h, w)
+
+
 def slide_inference(
     logits_fn: LogitsFn,
     images: Tensor,
@@ -212,20 +220,27 @@ def slide_inference(
     b, _, h, w = images.shape
     windows = sliding_windows(h, w, crop_size, stride)
     win_h, win_w = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
+    if len(windows) == 1:  # the window is the image: averaging one window is the identity, skip the canvas
+        logits = F.interpolate(logits_fn(images).float(), size=(h, w), mode="bilinear", align_corners=False)
+        if out_size is not None and tuple(out_size) != (h, w):
+            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return logits
     canvas: Tensor | None = None
-    count = torch.zeros(1, 1, h, w, device=images.device)
+    count = torch.zeros(1, 1, h, w)  # on the host: checking it needs no device sync
     for start in range(0, len(windows), max(window_batch, 1)):
         chunk = windows[start : start + max(window_batch, 1)]
         crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n*B, 3, win_h, win_w)
         logits = logits_fn(crops).float()  # (n*B, K, h', w'); fp32 so overlaps average without bf16 rounding
         logits = F.interpolate(logits, size=(win_h, win_w), mode="bilinear", align_corners=False)
         if canvas is None:
-            canvas = logits.new_zeros(b, logits.shape[1], h, w)  # (B, K, H, W)
+            # The canvas takes the logits' memory layout (channels last from ZeroShotSegmenter.logits), so the
+            # accumulation and the final argmax over K never convert between layouts.
+            canvas = _zeros_like_layout(logits, (b, logits.shape[1], h, w))  # (B, K, H, W)
         for i, (y1, y2, x1, x2) in enumerate(chunk):
             canvas[:, :, y1:y2, x1:x2] += logits[i * b : (i + 1) * b]
             count[:, :, y1:y2, x1:x2] += 1
     assert canvas is not None and bool((count > 0).all()), "sliding windows left pixels uncovered"
-    canvas = canvas / count
+    canvas.div_(count.to(canvas.device, non_blocking=True))
     if out_size is not None and tuple(out_size) != (h, w):
         canvas = F.interpolate(canvas, size=tuple(out_size), mode="bilinear", align_corners=False)
     return canvas
@@ -240,6 +255,8 @@ class EvalResult:
     class_names: tuple[str, ...]
     num_images: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # (K, K) int64 counts (rows = ground truth) for reports; not written by `save`.
+    confusion: Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_matrix(
@@ -262,7 +279,13 @@ class EvalResult:
             for i, name in enumerate(class_names)
         ]
         summary = {key: full[key] for key in SUMMARY_KEYS}
-        return cls(metrics=summary, per_class=rows, class_names=tuple(class_names), num_images=num_images)
+        return cls(
+            metrics=summary,
+            per_class=rows,
+            class_names=tuple(class_names),
+            num_images=num_images,
+            confusion=torch.as_tensor(matrix).cpu(),
+        )
 
     def summary_line(self) -> str:
         return "  ".join(
@@ -362,7 +385,10 @@ def evaluate(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    confusion = ConfusionMatrix(len(class_names), device=device)
+    # 16-bit label sets (PC-459, ADE-847) mark ignore with 65535: the dataset says which value it uses.
+    confusion = ConfusionMatrix(
+        len(class_names), ignore_index=getattr(dataset, "ignore_index", 255), device=device
+    )
     seen_images = torch.zeros((), dtype=torch.int64, device=device)
     for item in tqdm(loader, desc="eval", disable=not progress or rank != 0, dynamic_ncols=True):
         image = item["image"].to(device, non_blocking=True)  # (1, 3, H, W)

@@ -8,7 +8,6 @@ and accuracy comparisons. Both share `predict` / `logits_fn`, so evaluation and 
 
 from __future__ import annotations
 
-import colorsys
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -17,13 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from huggingface_hub import ModelCard, ModelHubMixin
+from PIL import Image
 
 from clipzss.checkpoint import CheckpointError, load_checkpoint
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, Config, EvalConfig
-from clipzss.evaluate import slide_inference, whole_inference
+from clipzss.evaluate import EvalResult, slide_inference, whole_inference
 from clipzss.student import Student, build_student
 from clipzss.teacher import CLIPTeacher, Teacher, build_teacher
+
+# Re-exported: drawing lives in the torch-free clipzss.visualize, these names predate it.
+from clipzss.visualize import colorize, overlay, palette  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,8 @@ def to_tensor(image: Image.Image, short_side: int | None) -> torch.Tensor:
         h, w = x.shape[-2:]
         scale = short_side / min(h, w)
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        if size != (h, w):  # resizing to the same size is an exact identity: skip the pass
+            x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return ((x - mean) / std)[None]
@@ -153,35 +157,69 @@ class ZeroShotSegmenter:
         self.alpha = alpha
         self.eval_cfg = eval_cfg
         self.device = device
-        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self._text_cache: dict[tuple[tuple[str, ...], tuple[str, ...] | None], torch.Tensor] = {}
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images → (B, C, h, w) dense embeddings."""
         raise NotImplementedError
 
-    def text_classifier(self, class_names: Sequence[str]) -> torch.Tensor:
-        """(K, C) normalised text embeddings, computed once per class list."""
-        key = tuple(parse_class_names(class_names))
+    def text_classifier(
+        self, class_names: Sequence[str], templates: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """(K, C) normalised text embeddings, computed once per class list (and prompt templates, when given).
+
+        ``templates`` replaces the config's prompt ensemble, e.g. ``["a photo of a {}."]``; only a text encoder
+        that embeds prompts (a CLIP teacher) can honour it, precomputed embeddings cannot.
+        """
+        names = tuple(parse_class_names(class_names))
+        key = (names, tuple(templates) if templates is not None else None)
         if key not in self._text_cache:
-            self._text_cache[key] = self.text_encoder.text_embeddings(list(key)).to(self.device)
+            if templates is None:
+                text = self.text_encoder.text_embeddings(list(names))
+            elif isinstance(self.text_encoder, CLIPTeacher):
+                text = self.text_encoder.text_embeddings(list(names), templates=list(templates))
+            else:
+                raise ValueError(
+                    f"prompt templates cannot be changed with a {type(self.text_encoder).__name__} text encoder "
+                    "(precomputed embeddings); load CLIP to use other templates"
+                )
+            self._text_cache[key] = text.to(self.device)
         return self._text_cache[key]
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(B, K, h, w) logits at the embedding resolution: K-channel maps are upsampled, never C-channel ones."""
-        emb = F.normalize(self.embed(images.to(self.device)).float(), dim=1)  # (B, C, h, w)
-        return self.alpha * torch.einsum("bchw,kc->bkhw", emb, text.to(emb))
+        """(B, K, h, w) logits at the embedding resolution: K-channel maps are upsampled, never C-channel ones.
 
-    def logits_fn(self, class_names: Sequence[str]) -> Callable[[torch.Tensor], torch.Tensor]:
-        text = self.text_classifier(class_names)
+        α·cos(R, T) as one (K, C) @ (C, h·w) matmul divided by ‖R‖ per pixel, never normalising the C-channel map
+        itself, and returned channels last in memory: the upsampling and the argmax over K that follow then run
+        several times faster on the CPU than on contiguous (B, K, h, w) maps. The values equal
+        ``α·einsum(normalize(R), T)`` up to float rounding.
+        """
+        emb = self.embed(images.to(self.device)).float()  # (B, C, h, w)
+        batch, _, height, width = emb.shape
+        flat = emb.flatten(2)  # (B, C, h·w)
+        norm = (flat * flat).sum(dim=1, keepdim=True).sqrt_().clamp_min_(1e-12)  # (B, 1, h·w), as F.normalize
+        logits = torch.matmul(self.alpha * text.to(flat), flat).div_(norm)  # (B, K, h·w)
+        return logits.view(batch, -1, height, width).contiguous(memory_format=torch.channels_last)
+
+    def logits_fn(
+        self, class_names: Sequence[str], templates: Sequence[str] | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        text = self.text_classifier(class_names, templates)
         return lambda images: self.logits(images, text)
 
     @torch.no_grad()
-    def predict(self, image: ImageLike, class_names: Sequence[str], mode: str | None = None) -> np.ndarray:
+    def predict(
+        self,
+        image: ImageLike,
+        class_names: Sequence[str],
+        mode: str | None = None,
+        templates: Sequence[str] | None = None,
+    ) -> np.ndarray:
         """Segment one image with any class names → (H, W) int64 ids into ``class_names``, at the input's size."""
         rgb = load_rgb(image)
         x = to_tensor(rgb, self.eval_cfg.short_side).to(self.device)
-        fn = self.logits_fn(class_names)
+        fn = self.logits_fn(class_names, templates)
         out_size = (rgb.height, rgb.width)
         mode = mode or self.eval_cfg.mode
         if mode == "slide":
@@ -193,16 +231,34 @@ class ZeroShotSegmenter:
         return logits.argmax(dim=1)[0].cpu().numpy().astype(np.int64)
 
 
-class Segmenter(ZeroShotSegmenter):
-    """The trained student + text classifier: `Segmenter.from_checkpoint(path).predict(image, names)`."""
+class Segmenter(
+    ZeroShotSegmenter,
+    ModelHubMixin,
+    library_name="clipzss",
+    pipeline_tag="image-segmentation",
+    tags=["clipzss", "zero-shot-segmentation", "open-vocabulary-segmentation", "clip"],
+):
+    """The trained student + text classifier: `Segmenter.from_checkpoint(path).predict(image, names)`.
+
+    Shareable through huggingface_hub's mixin: `save_pretrained(dir)` writes the checkpoint (safetensors weights
+    with the config inside), `config.json` and a model card; `from_pretrained(dir_or_hub_id)` reads them back,
+    from a local folder without any network access.
+    """
 
     def __init__(
-        self, student: Student, text_encoder: Teacher, config: Config, device: torch.device | None = None
+        self,
+        student: Student,
+        text_encoder: Teacher,
+        config: Config,
+        device: torch.device | None = None,
+        meta: dict[str, str] | None = None,
     ) -> None:
         device = resolve_device(device)
         super().__init__(text_encoder, config.method.alpha, config.eval, device)
         self.student = student.to(device).eval()
         self.config = config
+        # What the training run recorded beside the weights: step, teacher identity, class names, unseen names.
+        self.meta = dict(meta or {})
 
     @classmethod
     def from_checkpoint(
@@ -239,10 +295,128 @@ class Segmenter(ZeroShotSegmenter):
             if teacher_weights is not None:
                 cfg.teacher.weights = teacher_weights
             text_encoder = build_teacher(cfg.teacher, device=device)
-        return cls(student, text_encoder, cfg, device)
+        return cls(student, text_encoder, cfg, device, meta=ckpt.meta)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.student(images)
+
+    # --- sharing (huggingface_hub) ---------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        eval_results: EvalResult | None = None,
+        model_card_kwargs: dict[str, object] | None = None,
+        **hub_kwargs: object,
+    ) -> str | None:
+        """Write model.safetensors (weights + config), config.yaml, config.json and a model card (README.md).
+
+        ``eval_results`` (from `clipzss.evaluate.evaluate`) go into the card's tables and its model-index; an
+        existing README.md in the folder is replaced. ``push_to_hub=True, repo_id=...`` also uploads the folder
+        (needs the network and a token).
+        """
+        card = {"eval_results": eval_results, **(model_card_kwargs or {})}
+        return super().save_pretrained(save_directory, model_card_kwargs=card, **hub_kwargs)
+
+    def push_to_hub(
+        self, repo_id: str, *, eval_results: EvalResult | None = None, **hub_kwargs: object
+    ) -> str:
+        """Upload what `save_pretrained` writes to the hub repository ``repo_id`` (created when missing)."""
+        card = {"eval_results": eval_results, **(hub_kwargs.pop("model_card_kwargs", None) or {})}
+        return super().push_to_hub(repo_id, model_card_kwargs=card, **hub_kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        import json
+
+        from clipzss.checkpoint import FORMAT, save_checkpoint
+
+        save_checkpoint(save_directory, self.student.state_dict(), self.config, **self.meta)
+        payload = {"format": FORMAT, "clipzss_config": self.config.to_dict(), "training": self.meta}
+        (save_directory / "config.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (save_directory / "README.md").unlink(missing_ok=True)  # the mixin writes a card only where none is
+
+    def generate_model_card(self, eval_results: EvalResult | None = None, **_: object) -> ModelCard:
+        """The card the hub shows: how to use the model, how it was trained, and how it scored."""
+        return model_card(self.config, self.meta, eval_results)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        teacher_weights: str | None = None,
+        text_encoder: Teacher | None = None,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+    ) -> Segmenter:
+        """Load a folder written by `save_pretrained` (no network), or a hub repo id such as ``"user/model"``.
+
+        The text side is rebuilt from the saved CLIP config as in `from_checkpoint`; ``teacher_weights`` points it
+        at local CLIP weights, ``text_encoder`` replaces it (e.g. a `PrecomputedText`).
+        """
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+        source = str(pretrained_model_name_or_path)
+        local = Path(source).expanduser()
+        if local.is_file():
+            return cls.from_checkpoint(local, device, teacher_weights, text_encoder)
+        if not local.is_dir() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+            raise FileNotFoundError(f"no saved model folder at {source}")
+        try:
+            return super().from_pretrained(
+                str(local) if local.is_dir() else source,
+                force_download=force_download,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                revision=revision,
+                device=device,
+                teacher_weights=teacher_weights,
+                text_encoder=text_encoder,
+            )
+        except (HFValidationError, LocalEntryNotFoundError, HfHubHTTPError) as err:
+            reason = str(err).strip().splitlines()[0]
+            raise FileNotFoundError(
+                f"'{source}' is neither a local model folder nor a reachable hub repository ({reason})"
+            ) from None
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        device: str | torch.device | None = None,
+        teacher_weights: str | None = None,
+        text_encoder: Teacher | None = None,
+        **_config_json: object,  # the mixin passes config.json as `config`; the weights file's copy counts
+    ) -> Segmenter:
+        from huggingface_hub import hf_hub_download
+
+        from clipzss.checkpoint import CHECKPOINT_NAME
+
+        if Path(model_id).is_dir():
+            path = Path(model_id) / CHECKPOINT_NAME
+        else:
+            path = hf_hub_download(
+                repo_id=model_id,
+                filename=CHECKPOINT_NAME,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        return cls.from_checkpoint(path, device, teacher_weights, text_encoder)
 
 
 class MaskCLIPSegmenter(ZeroShotSegmenter):
@@ -262,52 +436,123 @@ class MaskCLIPSegmenter(ZeroShotSegmenter):
         return self.teacher.encode_image(images, size=size)[1]
 
 
-# --- visualisation ----------------------------------------------------------------------------------------------
+# --- model card -------------------------------------------------------------------------------------------------
+
+_CARD_METRICS = ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU", "mIoU")
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """Distinct, deterministic colours: hues spaced by the golden ratio, alternating lightness."""
-    colours = []
-    for i in range(num_classes):
-        hue = (i * 0.618033988749895) % 1.0
-        light = 0.5 if i % 2 == 0 else 0.38
-        colours.append([round(255 * c) for c in colorsys.hls_to_rgb(hue, light, 0.85)])
-    return np.asarray(colours, dtype=np.uint8).reshape(-1, 3)
+def _card_number(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, float) and value == value else "-"
 
 
-def colorize(mask: np.ndarray, num_classes: int) -> Image.Image:
-    """(H, W) ids → RGB image; ignore (255 or out of range) is black."""
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[:num_classes] = palette(num_classes)[:256]
-    return Image.fromarray(lut[np.clip(mask, 0, 255).astype(np.uint8)])
+def model_card(config: Config, meta: dict[str, str], eval_results: EvalResult | None = None) -> ModelCard:
+    """A model card from the training config (and evaluation results when given), with a hub model-index.
 
+    Local paths (data root, teacher weights file) are reduced to their last component: a card is for sharing.
+    """
+    import yaml
+    from huggingface_hub import EvalResult as HubEvalResult
+    from huggingface_hub import ModelCardData
 
-def overlay(
-    image: Image.Image, mask: np.ndarray, class_names: Sequence[str], opacity: float = 0.5
-) -> Image.Image:
-    """Blend the coloured mask over the photo and add a legend of the classes present with their area."""
-    image = image.convert("RGB")
-    coloured = colorize(mask, len(class_names)).resize(image.size, Image.NEAREST)
-    blended = Image.blend(image, coloured, opacity)
-    ids, counts = np.unique(mask, return_counts=True)
-    present = [(int(i), c / mask.size) for i, c in zip(ids, counts, strict=True) if i < len(class_names)]
-    present.sort(key=lambda item: -item[1])
-    font_size = max(12, image.height // 30)
-    font = ImageFont.load_default(size=font_size)
-    row = font_size + 8
-    width = max(
-        160, max((int(font.getlength(f"{class_names[i]} 100.0%")) for i, _ in present), default=0) + 40
+    data, teacher, student, train = config.data, config.teacher, config.student, config.train
+    dataset = data.eval_dataset or data.dataset
+    names = [n for n in meta.get("class_names", "").split(",") if n]
+    unseen = [n for n in meta.get("unseen", "").split(",") if n]
+    teacher_weights = Path(teacher.weights).name if teacher.weights else "none"
+    off = [f.name for f in dataclasses.fields(config.method) if getattr(config.method, f.name) is False]
+    model_name = f"clipzss-{student.arch}-{student.encoder}".lower()
+    hub_results = None
+    if eval_results is not None:
+        hub_results = [
+            HubEvalResult(
+                task_type="image-segmentation",
+                dataset_type=dataset,
+                dataset_name=dataset,
+                metric_type=key,
+                metric_value=round(eval_results.metrics[key], 2),
+            )
+            for key in _CARD_METRICS
+            if isinstance(eval_results.metrics.get(key), float)
+            and eval_results.metrics[key] == eval_results.metrics[key]
+        ]
+    card_data = ModelCardData(
+        library_name="clipzss",
+        pipeline_tag="image-segmentation",
+        tags=["clipzss", "zero-shot-segmentation", "open-vocabulary-segmentation", "clip", "model_hub_mixin"],
+        model_name=model_name,
+        eval_results=hub_results or None,
     )
-    legend_h = max(image.height, row * len(present) + 16)
-    canvas = Image.new("RGB", (image.width + width, legend_h), "white")
-    canvas.paste(blended, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    colours = palette(len(class_names))
-    for n, (i, share) in enumerate(present):
-        y = 8 + n * row
-        x = image.width + 8
-        draw.rectangle(
-            [x, y, x + font_size, y + font_size], fill=tuple(int(c) for c in colours[i]), outline="black"
-        )
-        draw.text((x + font_size + 8, y), f"{class_names[i]} {100 * share:.1f}%", fill="black", font=font)
-    return canvas
+    example = ", ".join(f'"{n}"' for n in (names or ["cat", "grass", "sky"])[:4])
+    lines = [
+        f"# {model_name}",
+        "",
+        f"A [CLIP-ZSS](https://arxiv.org/abs/2310.02296) student: a {student.arch} / {student.encoder} network trained "
+        f"with a frozen CLIP {teacher.model} teacher. At inference the student alone embeds the image and CLIP's text "
+        "embeddings of any class names are its classifier, so it segments classes it never saw labelled.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from clipzss import Segmenter",
+        "",
+        'segmenter = Segmenter.from_pretrained("path/to/this/folder")  # or a hub id; works offline from a folder',
+        f'mask = segmenter.predict("photo.jpg", [{example}])  # (H, W) class ids',
+        "```",
+        "",
+        f"The text classifier needs the CLIP {teacher.model} text tower (`teacher_weights=` a local weights file, or "
+        "precomputed embeddings from `clipzss embed-text` as `text_encoder=`).",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| dataset | {data.dataset} (train split `{data.train_split}`) |",
+        f"| classes | {len(names) or '?'}: {', '.join(names) or 'not recorded'} |",
+        f"| unseen (never labelled) | {', '.join(unseen) or 'none'} |",
+        f"| student | {student.arch} / {student.encoder}, {student.embed_dim}-d embeddings at stride 4 |",
+        f"| teacher | CLIP {teacher.model} ({teacher_weights}), input {teacher.image_size} px |",
+        f"| schedule | {train.max_iters} iterations × batch {train.batch_size}, crop {data.crop_size}, lr {train.lr:g} |",
+        f"| steps done | {meta.get('step', '?')} |",
+        f"| switched off (ablations) | {', '.join(off) or 'none'} |",
+        f"| inference | {config.eval.mode}, short side {config.eval.short_side}, crop {config.eval.crop_size} |",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if eval_results is None:
+        lines += ["No evaluation results were given when this model was saved.", ""]
+    else:
+        m = eval_results.metrics
+        lines += [
+            f"{dataset}, {eval_results.num_images} images, every class predicted jointly (generalised zero-shot).",
+            "",
+            "| " + " | ".join(_CARD_METRICS) + " |",
+            "|" + "---|" * len(_CARD_METRICS),
+            "| " + " | ".join(_card_number(m.get(k)) for k in _CARD_METRICS) + " |",
+            "",
+            "| class | split | IoU | Acc |",
+            "|---|---|---|---|",
+            *(
+                f"| {row['name']} | {row['split']} | {_card_number(row['IoU'])} | {_card_number(row['Acc'])} |"
+                for row in eval_results.per_class
+            ),
+            "",
+        ]
+    plain = config.to_dict()
+    plain["data"]["root"] = Path(data.root).name if data.root else ""
+    if plain["data"].get("eval_root"):
+        plain["data"]["eval_root"] = Path(plain["data"]["eval_root"]).name
+    plain["teacher"]["weights"] = teacher_weights
+    plain["teacher"]["cache_dir"] = None
+    plain["train"]["output_dir"] = Path(train.output_dir).name
+    lines += [
+        "<details><summary>Full training config</summary>",
+        "",
+        "```yaml",
+        yaml.safe_dump(plain, sort_keys=False).rstrip(),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))

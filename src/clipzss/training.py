@@ -273,14 +273,14 @@ def train_step(
     num_seen = parts.text_seen.shape[0]
     with torch.no_grad():
         cls, dense = parts.teacher.encode_image(images)  # (B, C), (B, C, h, w)
-        max_pseudo = 0
+        num_pseudo = None
         if cfg.method.pseudo_labels:
             labels, num_pseudo = pseudo_labels(dense, labels, num_seen, cfg.method)
-            max_pseudo = int(
-                num_pseudo.max()
-            )  # one small sync; spares compute_losses from scanning the labels
     with autocast_context(cfg, device):
         embeddings = parts.student(images)  # (B, C, H/4, W/4)
+    # The step's one host read (it spares compute_losses from scanning the labels), made once the student forward
+    # is queued, so the GPU keeps working while the host waits for the count.
+    max_pseudo = int(num_pseudo.max()) if num_pseudo is not None else 0
     synth = parts.synthesizer
     losses = compute_losses(
         embeddings.float(),
@@ -297,15 +297,49 @@ def train_step(
     return losses, cls
 
 
+class FiniteWatch:
+    """Records on the device the first step at which a loss term became non-finite; the host reads it in `check`.
+
+    Reading the losses on the host every step would stall the GPU's queue once per step; the loop instead calls
+    `check` only where it reads values anyway or must not go on with bad weights (logging, checkpoints, evaluation,
+    the end). The error still names the term(s) and the step where they first went bad.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.first_bad: torch.Tensor | None = None  # () int64, -1 while every term is finite
+        self.bad_terms: torch.Tensor | None = None  # (T,) bool, the terms that were bad at first_bad
+
+    def update(self, losses: dict[str, torch.Tensor], step: int) -> None:
+        bad = ~torch.isfinite(torch.stack([v.detach().float() for v in losses.values()]))  # (T,)
+        if self.first_bad is None:
+            self.names = list(losses)
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
+            self.bad_terms = torch.zeros_like(bad)
+        first = bad.any() & (self.first_bad < 0)
+        self.first_bad = torch.where(first, step, self.first_bad)
+        self.bad_terms = torch.where(first, bad, self.bad_terms)
+
+    def check(self, now: int | None = None) -> None:
+        """Raise NonFiniteLossError naming the first bad step and its terms (one host sync)."""
+        if self.first_bad is None:
+            return
+        step = int(self.first_bad)
+        if step >= 0:
+            bad = [name for name, flag in zip(self.names, self.bad_terms.tolist(), strict=True) if flag]
+            seen = f" (noticed at step {now})" if now is not None and now != step else ""
+            raise NonFiniteLossError(
+                f"loss term(s) {', '.join(bad)} became non-finite at step {step}{seen}; training stopped and the "
+                "last good checkpoint was kept (lower train.lr, check the data, or disable the term to find the "
+                "cause)"
+            )
+
+
 def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
-    """Stop with the name of the offending term; one host sync per step is cheap next to a training step."""
-    values = torch.stack([v.detach().float() for v in losses.values()])
-    if not bool(torch.isfinite(values).all()):
-        bad = [k for k, v in losses.items() if not math.isfinite(float(v.detach()))]
-        raise NonFiniteLossError(
-            f"loss term(s) {', '.join(bad)} became non-finite at step {step}; training stopped and the last "
-            "good checkpoint was kept (lower train.lr, check the data, or disable the term to find the cause)"
-        )
+    """Stop at once with the name of the offending term (one host sync); the loop uses the lazier FiniteWatch."""
+    watch = FiniteWatch()
+    watch.update(losses, step)
+    watch.check()
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
@@ -381,17 +415,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _evaluate_student(parts: TrainParts, val_set: Dataset, info: DistInfo) -> dict[str, float]:
+def _evaluate_student(
+    parts: TrainParts, val_set: Dataset, info: DistInfo, writer: Any = None, step: int = 0
+) -> dict[str, float]:
     student = _unwrap(parts.student)
     segmenter = Segmenter(student, parts.teacher, parts.cfg, parts.device)
+    logits_fn = segmenter.logits_fn(val_set.class_names)
     result = evaluate(
-        segmenter.logits_fn(val_set.class_names),
+        logits_fn,
         val_set,
         parts.cfg.eval,
         device=parts.device,
         num_workers=min(2, parts.cfg.data.num_workers),
         progress=info.main,
     )
+    if writer is not None:  # rank 0: the report's figures, drawn while the student is still in eval mode
+        from clipzss.report import log_to_tensorboard
+
+        log_to_tensorboard(
+            writer, result, step, dataset=val_set, logits_fn=logits_fn, eval_cfg=parts.cfg.eval
+        )
     student.train()
     return result.metrics
 
@@ -493,11 +536,12 @@ def train(
     batches = iter(loader)
     tic = time.perf_counter()
     ckpt = out / "model.safetensors"
+    watch = FiniteWatch()
     with StopRequest() as stop:
         for step in range(start, cfg.train.max_iters):
             lr = set_lr(optimizer, step, cfg)
             losses, cls = train_step(parts, next(batches))
-            check_finite(losses, step)
+            watch.update(losses, step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["loss"]).backward()
             if cfg.train.grad_clip:
@@ -510,6 +554,8 @@ def train(
                 glm.update_bank(cls)
             done = step + 1
             bar.update(1)
+            if done % cfg.train.log_interval == 0 or done == cfg.train.max_iters or _due(done, cfg, val_set):
+                watch.check(step)  # before anything logs, saves or evaluates what a bad step produced
             if writer is not None and (done % cfg.train.log_interval == 0 or done == cfg.train.max_iters):
                 scalars = {k: float(v.detach()) for k, v in losses.items()}
                 for name, value in scalars.items():
@@ -527,13 +573,14 @@ def train(
                 if info.enabled:
                     dist.barrier()
             if val_set is not None and (done % cfg.train.eval_interval == 0 or done == cfg.train.max_iters):
-                metrics = _evaluate_student(parts, val_set, info)
+                metrics = _evaluate_student(parts, val_set, info, writer, done)
                 if writer is not None:
                     for name, value in metrics.items():
                         if isinstance(value, float) and math.isfinite(value):
                             writer.add_scalar(f"val/{name}", value, done)
                     log.info("step %d: %s", done, _summary(metrics))
             if stop.requested(info, device) and done < cfg.train.max_iters:
+                watch.check(step)
                 if info.main:
                     save_training_state(out, done, parts, optimizer, meta, scaler)
                 raise TrainingInterrupted(done, out, stop.signal_name or "signal")
@@ -543,6 +590,12 @@ def train(
     if info.enabled:
         dist.barrier()
     return ckpt
+
+
+def _due(done: int, cfg: Config, val_set: Dataset | None) -> bool:
+    """Whether step ``done`` saves a checkpoint or evaluates."""
+    evaluates = val_set is not None and cfg.train.eval_interval > 0 and done % cfg.train.eval_interval == 0
+    return done % cfg.train.ckpt_interval == 0 or evaluates
 
 
 def _summary(metrics: dict[str, Any]) -> str:
