@@ -195,10 +195,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from clipzss.export import predict_onnx
 
         return predict_onnx(args)
-    import numpy as np
-    from PIL import Image
 
-    from clipzss.predict import load_rgb, overlay, palette, parse_class_names
+    from clipzss.predict import load_rgb, parse_class_names
+    from clipzss.visualize import save_prediction
 
     segmenter = _segmenter(args)
     if args.classes is None:
@@ -216,18 +215,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in args.images:
         image = load_rgb(path)
         mask = segmenter.predict(image, names, mode=args.mode)
-        stem = Path(path).stem
-        if len(names) <= 256:  # a palette PNG: ids as pixel values, colours for people
-            mask_img = Image.fromarray(mask.astype(np.uint8))  # mode L; putpalette makes it P
-            mask_img.putpalette(palette(len(names)).reshape(-1).tolist())
-        else:  # more ids than a palette holds: 16-bit ids, never wrapped around
-            mask_img = Image.fromarray(mask.astype(np.uint16))
-        mask_img.save(out / f"{stem}_mask.png")
-        overlay(image, mask, names).save(out / f"{stem}_overlay.png")
-        ids, counts = np.unique(mask, return_counts=True)
-        areas = ", ".join(f"{names[i]} {100 * c / mask.size:.1f}%" for i, c in zip(ids, counts, strict=True))
-        print(f"{path}: {areas}")
-        print(f"  wrote {out / f'{stem}_mask.png'} and {out / f'{stem}_overlay.png'}")
+        print(f"{path}: {save_prediction(out, Path(path).stem, image, mask, names)}")
     return 0
 
 

@@ -464,9 +464,7 @@ def predict_onnx(args: argparse.Namespace) -> int:
 
     Reads ``args.onnx``, ``images``, ``classes``, ``text_embeddings``, ``mode`` and ``out``.
     """
-    import numpy as np
-
-    from clipzss.visualize import mask_image, overlay
+    from clipzss.visualize import save_prediction
 
     if getattr(args, "checkpoint", None) or getattr(args, "baseline", None):
         raise ValueError("--onnx runs the exported model on its own: drop --checkpoint / --baseline")
@@ -481,11 +479,5 @@ def predict_onnx(args: argparse.Namespace) -> int:
         image = open_rgb(path)
         mask = model.predict(image, names, mode=getattr(args, "mode", None))
         used = names or model.class_names
-        stem = Path(path).stem
-        mask_image(mask, len(used)).save(out / f"{stem}_mask.png")
-        overlay(image, mask, used).save(out / f"{stem}_overlay.png")
-        ids, counts = np.unique(mask, return_counts=True)
-        areas = ", ".join(f"{used[i]} {100 * c / mask.size:.1f}%" for i, c in zip(ids, counts, strict=True))
-        print(f"{path}: {areas}")
-        print(f"  wrote {out / f'{stem}_mask.png'} and {out / f'{stem}_overlay.png'}")
+        print(f"{path}: {save_prediction(out, Path(path).stem, image, mask, used)}")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -31,12 +32,34 @@ def colorize(mask: np.ndarray, num_classes: int) -> Image.Image:
 
 
 def mask_image(mask: np.ndarray, num_classes: int) -> Image.Image:
-    """(H, W) ids → a palette ("P") PNG-ready image whose pixel values are the class ids themselves."""
-    image = Image.fromarray(np.clip(mask, 0, 255).astype(np.uint8), mode="P")
+    """(H, W) ids → a PNG-ready image whose pixel values are the class ids themselves.
+
+    Up to 256 classes: a palette ("P") image, ids as pixel values and colours for people. Beyond that a palette
+    cannot hold the ids, so it is a 16-bit grey image: ids are never clipped or wrapped around.
+    """
+    if num_classes > 256:
+        return Image.fromarray(mask.astype(np.uint16))
+    image = Image.fromarray(np.clip(mask, 0, 255).astype(np.uint8))  # mode L; putpalette turns it into P
     lut = np.zeros((256, 3), dtype=np.uint8)
     lut[:num_classes] = palette(num_classes)[:256]
     image.putpalette(lut.reshape(-1).tolist())
     return image
+
+
+def save_prediction(
+    out: Path, stem: str, image: Image.Image, mask: np.ndarray, class_names: Sequence[str]
+) -> str:
+    """Write ``<stem>_mask.png`` and ``<stem>_overlay.png`` into ``out``; return a two-line summary for the CLI."""
+    mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
+    mask_image(mask, len(class_names)).save(mask_path)
+    overlay(image, mask, class_names).save(overlay_path)
+    ids, counts = np.unique(mask, return_counts=True)
+    areas = ", ".join(
+        f"{class_names[i]} {100 * c / mask.size:.1f}%"
+        for i, c in zip(ids, counts, strict=True)
+        if i < len(class_names)
+    )
+    return f"{areas}\n  wrote {mask_path} and {overlay_path}"
 
 
 def class_areas(mask: np.ndarray, num_classes: int) -> np.ndarray:
