@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -102,6 +103,27 @@ def tiny_config(out: Path, cache_dir: Path, **train_kw: object) -> Config:
         train=TrainConfig(**train),
         eval=EvalConfig(mode="whole", short_side=64, max_images=2),
     )
+
+
+def tiny_overrides(cache_dir: Path, extra: dict[str, object]) -> list[str]:
+    """The command-line twin of `tiny_config`: ``section.key=value`` overrides for `clipzss train` subprocesses."""
+    values: dict[str, object] = {
+        "data.crop_size": 64,
+        "data.scale": 64,
+        "data.num_workers": 0,
+        "teacher.weights": "none",
+        "teacher.image_size": 64,
+        "teacher.model_overrides": json.dumps(TINY_CLIP),
+        "teacher.cache_dir": cache_dir,
+        "student.encoder": "mit_b0",
+        "student.weights": "null",
+        "student.embed_dim": TINY_CLIP["embed_dim"],
+        "method.bank_size": 8,
+        "method.synth_heads": 2,
+        "train.device": "cpu",
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
 
 
 @pytest.fixture(scope="session")

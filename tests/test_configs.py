@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from clipzss.cli import main
 from clipzss.config import load_config
 from clipzss.data import DATASET_NAMES
-from conftest import TINY_CLIP
+from conftest import tiny_overrides
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 SCHEDULES = {"voc_inductive": 20000, "coco_inductive": 80000, "context_inductive": 40000}
@@ -48,30 +47,21 @@ def test_train_camvid_config_end_to_end_then_eval(
 ) -> None:
     """`clipzss train configs/camvid.yaml data.root=...` on the real CamVid images, with a tiny random teacher."""
     camvid = shared_data / "camvid"
-    overrides = [
-        f"data.root={camvid}",
-        "data.crop_size=64",
-        "data.scale=72",
-        "data.num_workers=0",
-        "teacher.weights=none",
-        "teacher.image_size=64",
-        f"teacher.model_overrides={json.dumps(TINY_CLIP)}",
-        f"teacher.cache_dir={tmp_path / 'cache'}",
-        'teacher.templates=["a photo of a {}."]',
-        "student.encoder=mit_b0",
-        "student.weights=null",
-        f"student.embed_dim={TINY_CLIP['embed_dim']}",
-        "method.bank_size=8",
-        "method.synth_heads=2",
-        "train.max_iters=2",
-        "train.batch_size=2",
-        "train.warmup_iters=1",
-        "train.eval_interval=2",
-        f"train.output_dir={tmp_path / 'run'}",
-        "train.device=cpu",
-        "eval.short_side=64",
-        "eval.max_images=2",
-    ]
+    overrides = tiny_overrides(
+        tmp_path / "cache",
+        {
+            "data.root": camvid,
+            "data.scale": 72,
+            "teacher.templates": '["a photo of a {}."]',
+            "train.max_iters": 2,
+            "train.batch_size": 2,
+            "train.warmup_iters": 1,
+            "train.eval_interval": 2,
+            "train.output_dir": tmp_path / "run",
+            "eval.short_side": 64,
+            "eval.max_images": 2,
+        },
+    )
     assert (
         main(["train", str(Path(__file__).resolve().parents[1] / "configs" / "camvid.yaml"), *overrides]) == 0
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -16,35 +15,25 @@ import torch
 from safetensors.torch import load_file
 
 from clipzss.training import STATE_NAME
-from conftest import TINY_CLIP
+from conftest import tiny_overrides
 
 ITERS = 6
 
 
 def _cmd(out: Path, cache: Path, iters: int = ITERS, resume: bool = False) -> list[str]:
-    overrides = [
-        "data.dataset=synthetic",
-        "data.crop_size=64",
-        "data.scale=64",
-        "data.num_workers=0",
-        "teacher.weights=none",
-        "teacher.image_size=64",
-        f"teacher.model_overrides={json.dumps(TINY_CLIP)}",
-        f"teacher.cache_dir={cache}",
-        "student.encoder=mit_b0",
-        "student.weights=null",
-        f"student.embed_dim={TINY_CLIP['embed_dim']}",
-        "method.bank_size=8",
-        "method.synth_heads=2",
-        f"train.max_iters={iters}",
-        "train.batch_size=2",
-        "train.warmup_iters=2",
-        "train.eval_interval=0",
-        "train.ckpt_interval=1",
-        "train.log_interval=1",
-        f"train.output_dir={out}",
-        "train.device=cpu",
-    ]
+    overrides = tiny_overrides(
+        cache,
+        {
+            "data.dataset": "synthetic",
+            "train.max_iters": iters,
+            "train.batch_size": 2,
+            "train.warmup_iters": 2,
+            "train.eval_interval": 0,
+            "train.ckpt_interval": 1,
+            "train.log_interval": 1,
+            "train.output_dir": out,
+        },
+    )
     cmd = [sys.executable, "-m", "clipzss", "train", *overrides]
     return [*cmd, "--resume", str(out)] if resume else cmd
 
@@ -122,7 +111,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(straight, tmp_pa
         _assert_same(straight, load_file(str(out / "model.safetensors")))
 
 
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import os
 if os.environ.get("RANK") == "1":  # make rank 1 crash on its second step
     import clipzss.training as training
@@ -134,7 +123,7 @@ if os.environ.get("RANK") == "1":  # make rank 1 crash on its second step
             raise RuntimeError("simulated failure on rank 1")
         return real_step(parts, batch)
     training.train_step = failing_step
-'''
+"""
 
 
 @pytest.mark.slow

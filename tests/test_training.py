@@ -21,7 +21,7 @@ from clipzss.training import (
     lr_factor,
     train,
 )
-from conftest import tiny_config
+from conftest import tiny_config, tiny_overrides
 
 
 @pytest.fixture
@@ -181,34 +181,21 @@ def test_ddp_two_ranks_end_identical(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_torchrun_launches_ddp_training(tmp_path: Path) -> None:
     """The documented multi-GPU command, on CPU: `torchrun --nproc-per-node 2 -m clipzss train ...` (gloo)."""
-    import json
     import subprocess
     import sys
 
-    from conftest import TINY_CLIP
-
-    overrides = [
-        "data.dataset=synthetic",
-        "data.crop_size=64",
-        "data.scale=64",
-        "data.num_workers=0",
-        "teacher.weights=none",
-        "teacher.image_size=64",
-        f"teacher.model_overrides={json.dumps(TINY_CLIP)}",
-        f"teacher.cache_dir={tmp_path / 'cache'}",
-        "student.encoder=mit_b0",
-        "student.weights=null",
-        f"student.embed_dim={TINY_CLIP['embed_dim']}",
-        "method.bank_size=8",
-        "method.synth_heads=2",
-        "train.max_iters=2",
-        "train.batch_size=4",
-        "train.warmup_iters=1",
-        "train.eval_interval=0",
-        "train.ckpt_interval=2",
-        f"train.output_dir={tmp_path / 'run'}",
-        "train.device=cpu",
-    ]
+    overrides = tiny_overrides(
+        tmp_path / "cache",
+        {
+            "data.dataset": "synthetic",
+            "train.max_iters": 2,
+            "train.batch_size": 4,
+            "train.warmup_iters": 1,
+            "train.eval_interval": 0,
+            "train.ckpt_interval": 2,
+            "train.output_dir": tmp_path / "run",
+        },
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
