@@ -1,0 +1,483 @@
+"""A controlled world where the zero-shot answer is known: textured scenes and a teacher that has seen every class.
+
+No pretrained CLIP weights can be obtained on our machines, so the claim "the student learns to segment unseen
+classes from the teacher" is tested here, where the truth is known:
+
+- **Scenes** (:class:`WorldScenes`): Voronoi cells, each filled with one of 16 classes = 4 colours × 4 textures
+  ("red stripes", "blue dots", ...), with per-image jitter of colour, brightness, texture period/angle/phase and
+  per-pixel noise. Four classes are unseen, one per colour and one per texture, so every unseen class shares its
+  colour with three seen classes and its texture with three others: a student that never saw it tends to call it
+  by a neighbour's name.
+- **Text embeddings**: one random unit vector per class name (seeded by the name), so an unseen name's vector is
+  unrelated to every seen one. Nothing about an unseen class can be learnt from the seen texts.
+- **The aligned teacher** (:class:`AlignedTeacher`) plays CLIP's role. A small conv net trained once on *all* 16
+  classes (CLIP has seen the internet) maps local appearance to its class's text vector (cross-entropy over the
+  cosines to the 16 text vectors, as CLIP's image tower is trained against text). It is imperfect in realistic
+  ways: coarse tokens (stride 4, 16×16 on a 64² image) whose receptive field straddles cell borders, a short
+  training run, and a fixed *nuisance* component (the normalised output of a frozen random conv net of the same
+  shape, weight ``nuisance``) standing for everything CLIP's tokens encode besides the class (lighting, texture
+  phase, position). The CLS token is the normalised mean of the dense tokens. It implements the
+  :class:`clipzss.teacher.Teacher` protocol and is passed to the ordinary ``clipzss.training.train``.
+
+Teacher training is cached (safetensors under ``$XDG_CACHE_HOME/clipzss/synthetic_world``, keyed by every world and
+teacher parameter), so benchmarks and tests train it once. The world's parameters were fixed before any student was
+trained and were not changed afterwards to favour the method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from clipzss.checkpoint import atomic_write
+from clipzss.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Config,
+    DataConfig,
+    EvalConfig,
+    MethodConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+)
+from clipzss.data import SegmentationDataset, make_split
+from clipzss.data.transforms import SegTransform, build_transforms
+from clipzss.evaluate import evaluate
+from clipzss.predict import Segmenter, ZeroShotSegmenter
+from clipzss.training import train
+
+log = logging.getLogger(__name__)
+
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.85, 0.20, 0.20),
+    "green": (0.20, 0.70, 0.25),
+    "blue": (0.20, 0.35, 0.90),
+    "yellow": (0.90, 0.80, 0.20),
+}
+TEXTURES: tuple[str, ...] = ("stripes", "dots", "checker", "waves")
+WORLD_CLASSES: tuple[str, ...] = tuple(f"{c} {t}" for c in COLOURS for t in TEXTURES)
+# A Latin-square diagonal: each colour and each texture is held out exactly once.
+WORLD_UNSEEN: tuple[str, ...] = ("red dots", "green checker", "blue waves", "yellow stripes")
+CACHE_VERSION = 1  # bump when the teacher's architecture or training changes
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything that defines the scenes; part of the teacher's cache key."""
+
+    size: int = 64  # images are size × size
+    cells: tuple[int, int] = (3, 6)  # inclusive range of Voronoi cells per image
+    period: tuple[float, float] = (6.0, 10.0)  # range of the class texture periods (pixels)
+    amplitude: float = 0.35  # texture contrast around the class colour
+    colour_jitter: float = 0.05  # per-image, per-channel colour noise (std)
+    brightness: tuple[float, float] = (0.85, 1.15)  # per-image illumination factor
+    noise: float = 0.05  # per-pixel noise (std)
+    seed: int = 0  # draws each class's texture period and angle
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The aligned teacher's size and training recipe; part of the cache key."""
+
+    embed_dim: int = 64
+    width: int = 64
+    # Not learnt, so not part of the cache key: how far the tokens are from clean class vectors.
+    nuisance: float = 1.0  # weight of the frozen random-net component (as large as the semantic part)
+    leak: float = 0.5  # weight of the image's mean semantic token mixed into every token (MaskCLIP-like leak)
+    steps: int = 400
+    crop: int = 32  # the net is local, so it trains on small scenes (4x cheaper than 64² ones)
+    batch_size: int = 16
+    lr: float = 2e-3
+    tau: float = 0.07
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class _Look:
+    colour: tuple[float, float, float]
+    texture: str
+    period: float
+    angle: float  # degrees
+
+
+def class_looks(world: WorldConfig) -> tuple[_Look, ...]:
+    """Each class's colour, texture, period and angle (fixed per world seed)."""
+    rng = np.random.default_rng((world.seed, 7))
+    looks = []
+    for colour in COLOURS.values():
+        for texture in TEXTURES:
+            period = float(rng.uniform(*world.period))
+            angle = float(rng.uniform(0.0, 180.0))
+            looks.append(_Look(colour, texture, period, angle))
+    return tuple(looks)
+
+
+def _pattern(look: _Look, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """(H, W) texture in about [-1, 1] with per-image jitter of period (±10 %), angle (±10°) and phase."""
+    period = look.period * rng.uniform(0.9, 1.1)
+    angle = math.radians(look.angle + rng.uniform(-10.0, 10.0))
+    phase_a, phase_b = rng.uniform(0, 2 * math.pi, 2)
+    k = 2 * math.pi / period
+    u = xx * math.cos(angle) + yy * math.sin(angle)  # rotated coordinates
+    v = -xx * math.sin(angle) + yy * math.cos(angle)
+    if look.texture == "stripes":
+        return np.sign(np.sin(k * u + phase_a))
+    if look.texture == "dots":
+        return np.where(np.sin(k * u + phase_a) * np.sin(k * v + phase_b) > 0.5, 1.0, -0.4)
+    if look.texture == "checker":
+        return np.sign(np.sin(k * u + phase_a) * np.sin(k * v + phase_b))
+    if look.texture == "waves":
+        return np.sin(k * (u + 0.25 * period * np.sin(math.pi * v / period)) + phase_a)
+    raise ValueError(f"unknown texture '{look.texture}'")
+
+
+def render_scene(world: WorldConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: (3, H, W) uint8 image and (H, W) int64 class ids, deterministic given ``rng``."""
+    looks = class_looks(world)
+    size = world.size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)  # (H, W)
+    num_cells = int(rng.integers(world.cells[0], world.cells[1] + 1))
+    points = rng.uniform(0, size, (num_cells, 2))
+    cell = ((yy[..., None] - points[:, 0]) ** 2 + (xx[..., None] - points[:, 1]) ** 2).argmin(-1)  # (H, W)
+    cell_class = rng.integers(0, len(looks), num_cells)
+    mask = cell_class[cell]  # (H, W)
+    image = np.zeros((size, size, 3))
+    light = rng.uniform(*world.brightness)
+    for class_id in np.unique(mask):
+        look = looks[class_id]
+        colour = np.clip(np.array(look.colour) + rng.normal(0, world.colour_jitter, 3), 0, 1) * light
+        fill = colour * (1 + world.amplitude * _pattern(look, rng, yy, xx))[..., None]  # (H, W, 3)
+        inside = mask == class_id
+        image[inside] = fill[inside]
+    image += rng.normal(0, world.noise, image.shape)
+    pixels = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8).transpose(2, 0, 1)
+    return np.ascontiguousarray(pixels), mask.astype(np.int64)
+
+
+class WorldScenes(SegmentationDataset):
+    """A split of the world as an ordinary clipzss dataset (image, mask, name; class_names, split, seen, unseen).
+
+    Scenes are a pure function of (world seed, split name, index); different split names never share scenes.
+
+    Args:
+        world: the world's parameters.
+        split: the split name (e.g. "train", "val", "teacher"); it selects the scenes.
+        num_images: dataset length.
+        unseen: class names held out (default :data:`WORLD_UNSEEN`).
+        transform, train: as for every :class:`~clipzss.data.SegmentationDataset` (``train=True`` relabels the
+            unseen classes to 255).
+    """
+
+    def __init__(
+        self,
+        world: WorldConfig | None = None,
+        split: str = "train",
+        num_images: int = 256,
+        unseen: Sequence[str] | None = None,
+        transform: SegTransform | None = None,
+        train: bool = False,
+    ) -> None:
+        if num_images < 1:
+            raise ValueError(f"WorldScenes needs num_images >= 1, got {num_images}")
+        data_split = make_split(WORLD_CLASSES, WORLD_UNSEEN if unseen is None else unseen)
+        super().__init__(data_split, transform, train)
+        self.world = world or WorldConfig()
+        self.split_name = split
+        self.num_images = num_images
+        self._split_seed = zlib.crc32(split.encode())
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} world scenes")
+        rng = np.random.default_rng((self.world.seed, self._split_seed, index))
+        image, mask = render_scene(self.world, rng)
+        return torch.from_numpy(image), torch.from_numpy(mask), f"world_{self.split_name}_{index:06d}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The aligned teacher
+
+
+def text_vector(name: str, dim: int, seed: int = 0) -> torch.Tensor:
+    """A random unit vector for a class name, fixed by (name, dim, seed): the world's "text encoder"."""
+    digest = hashlib.sha256(f"{seed}:{dim}:{name.strip().lower()}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF)
+    return F.normalize(torch.randn(dim, generator=gen), dim=0)
+
+
+def _token_net(width: int, out_dim: int) -> nn.Sequential:
+    """Conv net at output stride 4 with a 27-pixel receptive field (three or four texture periods)."""
+    return nn.Sequential(
+        nn.Conv2d(3, width // 2, 3, padding=1),
+        nn.GELU(),
+        nn.Conv2d(width // 2, width, 3, stride=2, padding=1),
+        nn.GELU(),
+        nn.Conv2d(width, width, 3, padding=1),
+        nn.GELU(),
+        nn.Conv2d(width, width, 3, stride=2, padding=1),
+        nn.GELU(),
+        nn.Conv2d(width, width, 3, padding=1),
+        nn.GELU(),
+        nn.Conv2d(width, out_dim, 1),
+    )
+
+
+class AlignedTeacher(nn.Module):
+    """The world's CLIP: dense tokens aligned with the class text vectors, for seen and unseen classes alike.
+
+    Implements :class:`clipzss.teacher.Teacher`: ``embed_dim``, ``encode_image(images)`` → (CLS (B, C), dense
+    (B, C, H/4, W/4)), both L2-normalised, for images normalised with IMAGENET_MEAN/STD, and
+    ``text_embeddings(names)`` → (K, C). Frozen: gradients off and always in eval mode.
+    """
+
+    def __init__(self, spec: TeacherSpec | None = None, world: WorldConfig | None = None) -> None:
+        super().__init__()
+        self.spec = spec or TeacherSpec()
+        self.world = world or WorldConfig()
+        self.embed_dim = self.spec.embed_dim
+        self.semantic = _token_net(self.spec.width, self.spec.embed_dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.spec.seed + 1)
+            self.nuisance_net = _token_net(self.spec.width, self.spec.embed_dim)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> AlignedTeacher:
+        """Stay in eval mode: the teacher is frozen."""
+        return super().train(False)
+
+    @property
+    def identity(self) -> str:
+        spec = self.spec
+        return (
+            f"aligned-teacher(nuisance={spec.nuisance},leak={spec.leak})/{cache_key(self.world, spec)[:12]}"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.semantic[0].weight.device
+
+    def semantic_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, C, H/4, W/4) normalised semantic tokens (the trained part, gradients allowed)."""
+        return F.normalize(self.semantic(images), dim=1)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images normalised the student's way → (CLS (B, C), dense (B, C, h, w)), L2-normalised."""
+        images = images.to(self.device, torch.float32)
+        nuisance = F.normalize(self.nuisance_net(images), dim=1)
+        semantic = self.semantic_tokens(images)  # (B, C, h, w)
+        context = F.normalize(semantic.mean(dim=(2, 3), keepdim=True), dim=1)  # (B, C, 1, 1)
+        dense = F.normalize(semantic + self.spec.leak * context + self.spec.nuisance * nuisance, dim=1)
+        cls = F.normalize(dense.mean(dim=(2, 3)), dim=-1)
+        return cls, dense
+
+    def text_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
+        """Class names → (K, C) unit vectors; any name works (unknown names get their own random vector)."""
+        if isinstance(class_names, str) or not class_names:
+            raise ValueError(f"class_names must be a non-empty list of names, got {class_names!r}")
+        rows = [text_vector(name, self.embed_dim, self.spec.seed) for name in class_names]
+        return torch.stack(rows).to(self.device)
+
+
+def cache_key(world: WorldConfig, spec: TeacherSpec) -> str:
+    learnt = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("nuisance", "leak")}
+    payload = {"version": CACHE_VERSION, "world": dataclasses.asdict(world), "teacher": learnt}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clipzss" / "synthetic_world"
+
+
+def _normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 → normalised the student's way."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (pixels.float() / 255 - mean) / std
+
+
+def train_teacher(teacher: AlignedTeacher) -> dict[str, float]:
+    """Fit the semantic net on scenes of *all* classes (its own split, never the students'); returns the final
+    token accuracy. Cross-entropy over cos(token, text_k)/τ for the 16 class names, labels at token resolution."""
+    spec, world = teacher.spec, teacher.world
+    small = dataclasses.replace(world, size=spec.crop)
+    scenes = WorldScenes(small, split="teacher", num_images=spec.steps * spec.batch_size, unseen=[])
+    text = teacher.text_embeddings(WORLD_CLASSES).cpu()  # (K, C)
+    net = teacher.semantic
+    net.requires_grad_(True)
+    net.train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=spec.lr)
+    accuracy = 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        for step in range(spec.steps):
+            items = [scenes.load(step * spec.batch_size + i) for i in range(spec.batch_size)]
+            images = _normalise(torch.stack([item[0] for item in items]))  # (B, 3, crop, crop)
+            masks = torch.stack([item[1] for item in items])  # (B, crop, crop)
+            tokens = teacher.semantic_tokens(images)  # (B, C, h, w)
+            labels = F.interpolate(masks[:, None].float(), size=tokens.shape[-2:], mode="nearest-exact")
+            labels = labels[:, 0].long()  # (B, h, w)
+            logits = torch.einsum("bchw,kc->bkhw", tokens, text) / spec.tau
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr_scale = 0.5 * (1 + math.cos(math.pi * (step + 1) / spec.steps))  # cosine decay
+            for group in optimizer.param_groups:
+                group["lr"] = spec.lr * lr_scale
+            if step >= spec.steps - 20:
+                accuracy += float((logits.argmax(1) == labels).float().mean()) / 20
+    net.requires_grad_(False)
+    teacher.train(False)
+    return {"token_accuracy": accuracy}
+
+
+def load_teacher(
+    world: WorldConfig | None = None, spec: TeacherSpec | None = None, cache_dir: str | Path | None = None
+) -> AlignedTeacher:
+    """The aligned teacher for ``world``: read from the cache, or trained once (seconds on a CPU) and cached."""
+    teacher = AlignedTeacher(spec, world)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = folder / f"aligned_teacher_{cache_key(teacher.world, teacher.spec)[:16]}.safetensors"
+    if path.is_file():
+        try:
+            teacher.semantic.load_state_dict(load_file(str(path)))
+            return teacher
+        except Exception as err:  # a corrupt cache is retrained, never trusted
+            log.warning("ignoring unreadable teacher cache %s (%s); retraining", path, err)
+    stats = train_teacher(teacher)
+    log.info("aligned teacher trained (token accuracy %.3f); cached at %s", stats["token_accuracy"], path)
+    state = {k: v.contiguous() for k, v in teacher.semantic.state_dict().items()}
+    meta = {k: str(v) for k, v in stats.items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    return teacher
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Students trained in the world through the ordinary clipzss code
+
+
+# The ablation rows: MethodConfig switches turned off from the defaults (the full method). Cumulative, as in the
+# paper's ablation table: the baseline has every CLIP-ZSS part off and keeps only CE against the seen text vectors.
+VARIANTS: dict[str, dict[str, bool]] = {
+    "seen-only baseline (CE)": dict(glm=False, bank=False, pseudo_labels=False, synthesizer=False, nel=False),
+    "+ GLM": dict(pseudo_labels=False, synthesizer=False, nel=False),
+    "+ GLM + PLM": dict(synthesizer=False, nel=False),
+    "+ GLM + PLM + synthesizer": dict(nel=False),
+    "full (+ NEL)": {},
+    "full − multi-scale": dict(multi_scale=False),
+    "full − mask fusion": dict(mask_fusion=False),
+    "PLM only (no GLM)": dict(glm=False, bank=False, synthesizer=False, nel=False),
+}
+BASELINE, FULL = "seen-only baseline (CE)", "full (+ NEL)"
+
+
+def student_config(
+    out: str | Path,
+    switches_off: dict[str, bool] | None = None,
+    seed: int = 0,
+    iters: int = 200,
+    batch_size: int = 8,
+    world: WorldConfig | None = None,
+    embed_dim: int = 64,
+    device: str = "cpu",
+) -> Config:
+    """An ordinary clipzss config for the world: an FPN-ResNet18 student from scratch, 64² crops, method defaults.
+
+    ``switches_off`` sets MethodConfig fields (e.g. ``VARIANTS[name]``). No ImageNet weights exist offline, so the
+    student starts from scratch with AdamW at lr 1e-3 and no head multiplier; only flips augment (colour is a class
+    cue). SegFormer-B0 learnt too slowly from scratch at this budget (mIoU(S) 18 after 200 iterations against 71
+    for FPN-ResNet18; see benchmarks/results/evidence.md).
+    """
+    size = (world or WorldConfig()).size
+    return Config(
+        data=DataConfig(
+            dataset="folder",
+            crop_size=size,
+            scale=size,
+            ratio_range=(1.0, 1.0),
+            photometric=False,
+            num_workers=0,
+        ),
+        teacher=TeacherConfig(weights="none"),  # not used: the aligned teacher is passed to train()
+        student=StudentConfig(arch="FPN", encoder="resnet18", weights=None, embed_dim=embed_dim),
+        method=dataclasses.replace(MethodConfig(), **(switches_off or {})),
+        train=TrainConfig(
+            max_iters=iters,
+            batch_size=batch_size,
+            lr=1e-3,
+            head_lr_mult=1.0,
+            warmup_iters=min(20, iters // 10),
+            log_interval=max(1, iters // 4),
+            eval_interval=0,
+            ckpt_interval=iters,
+            seed=seed,
+            output_dir=str(out),
+            device=device,
+        ),
+        eval=EvalConfig(mode="whole", crop_size=size, stride=size, short_side=size),
+    )
+
+
+def world_datasets(
+    cfg: Config, world: WorldConfig | None = None, num_train: int = 8192, num_val: int = 64
+) -> tuple[WorldScenes, WorldScenes]:
+    """Training scenes (unseen relabelled to 255, the config's training transforms) and validation scenes.
+
+    Scenes are rendered on the fly, so the training set is large enough that no scene comes back within a run:
+    with a few hundred scenes, GLM's bank of 1024 past CLS tokens would hold the CLS of the very scene being
+    trained on as a "negative", which cannot happen at the scale of real datasets.
+    """
+    world = world or WorldConfig()
+    train_set = WorldScenes(world, "train", num_train, transform=build_transforms(cfg.data, True), train=True)
+    val_set = WorldScenes(world, "val", num_val, transform=build_transforms(cfg.data, False, world.size))
+    return train_set, val_set
+
+
+def train_and_evaluate(
+    cfg: Config, teacher: AlignedTeacher, train_set: WorldScenes, val_set: WorldScenes
+) -> dict[str, float]:
+    """``clipzss.training.train`` with the aligned teacher, then ``clipzss.evaluate`` of the student on val_set."""
+    ckpt = train(cfg, teacher=teacher, train_set=train_set)
+    segmenter = Segmenter.from_checkpoint(ckpt, device=cfg.train.device, text_encoder=teacher)
+    result = evaluate(
+        segmenter.logits_fn(val_set.class_names), val_set, cfg.eval, device=segmenter.device, progress=False
+    )
+    return result.metrics
+
+
+class TeacherSegmenter(ZeroShotSegmenter):
+    """The teacher's own dense tokens against the text vectors: the world's "CLIP at inference" (MaskCLIP) row."""
+
+    def __init__(self, teacher: AlignedTeacher, eval_cfg: EvalConfig, alpha: float = 1 / 0.07) -> None:
+        super().__init__(teacher, alpha, eval_cfg, teacher.device)
+        self.teacher = teacher
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher.encode_image(images)[1]
+
+
+def teacher_metrics(teacher: AlignedTeacher, val_set: WorldScenes, eval_cfg: EvalConfig) -> dict[str, float]:
+    """mIoU(S), mIoU(U), hIoU of the teacher itself on ``val_set`` (an upper reference for the student)."""
+    segmenter = TeacherSegmenter(teacher, eval_cfg)
+    return evaluate(segmenter.logits_fn(val_set.class_names), val_set, eval_cfg, progress=False).metrics

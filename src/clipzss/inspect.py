@@ -1,0 +1,518 @@
+"""`clipzss inspect-pseudo-labels`: look at the teacher's pseudo-label clusters on real images, and measure them.
+
+The PLM pseudo labels of training (multi-scale K-Means on the teacher's dense tokens, mask fusion, regions below
+``min_region`` dropped) are computed here with the very functions of :mod:`clipzss.pseudo_labels`, per K-Means scale,
+for all scales without fusion, and after fusion. Each image gets a panel of coloured cluster overlays. When ground-
+truth masks are present, each variant is scored on the *unlabelled* pixels (those of the ``--unseen`` classes, or
+every labelled pixel when no split is given) by
+
+- **purity**: the share of pixels whose region's majority class is their own class (1 = no region mixes classes;
+  over-segmentation is not penalised);
+- **NMI**: normalised mutual information between regions and classes per image (arithmetic mean of the entropies,
+  scikit-learn's default), averaged over images weighted by pixels; splitting one class into several regions lowers
+  it, so purity and NMI together show both failure modes;
+- **coverage**: the share of unlabelled pixels that receive a pseudo label (small regions are dropped);
+- **regions / image** against **classes / image**.
+
+Works with any :class:`~clipzss.teacher.Teacher` from Python (:func:`inspect_pseudo_labels`); the command builds the
+CLIP teacher from the config and ``--teacher-*`` options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clipzss.config import MethodConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from clipzss.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+HELP = (
+    "cluster images with the teacher's dense tokens (PLM pseudo labels): quality vs ground truth + overlays"
+)
+EPILOG = """examples:
+  clipzss inspect-pseudo-labels ../shared/data/camvid/val/images --teacher-weights none --out out/
+  clipzss inspect-pseudo-labels data/camvid/val/images --teacher-weights ViT-B-16.safetensors \\
+      --unseen car,tree,pedestrian --out out/
+  clipzss inspect-pseudo-labels photo.jpg --teacher-weights ViT-B-16.safetensors method.fusion_threshold=0.9
+
+Masks are read from a masks/ folder beside images/ (the folder-dataset layout) or from --masks; class names from
+classes.txt in the dataset root or --classes-file. Settings come from an ordinary config (--config) with
+section.key=value overrides: method.window_divisors, method.fusion_threshold, method.kmeans_iters,
+method.min_region, teacher.image_size, eval.short_side."""
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scores
+
+
+def contingency(truth: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """(classes, regions) pixel counts of two 1-D label arrays of the same length (values: any integers)."""
+    import numpy as np
+
+    truth, regions = np.asarray(truth).ravel(), np.asarray(regions).ravel()
+    if truth.shape != regions.shape:
+        raise ValueError(f"truth has {truth.size} pixels but regions has {regions.size}")
+    _, t = np.unique(truth, return_inverse=True)
+    _, r = np.unique(regions, return_inverse=True)
+    table = np.zeros((int(t.max(initial=-1)) + 1, int(r.max(initial=-1)) + 1), dtype=np.int64)
+    np.add.at(table, (t, r), 1)
+    return table
+
+
+def purity(table: np.ndarray) -> float:
+    """Share of pixels in their region's majority class; NaN for an empty table."""
+    total = table.sum()
+    return float(table.max(axis=0).sum() / total) if total else math.nan
+
+
+def nmi(table: np.ndarray) -> float:
+    """Normalised mutual information (arithmetic normalisation), with scikit-learn's conventions.
+
+    One class and one region is a perfect match (1.0); otherwise zero mutual information gives 0.0 (e.g. one class
+    split into several regions). NaN for an empty table.
+    """
+    import numpy as np
+
+    total = float(table.sum())
+    if total == 0:
+        return math.nan
+    rows, cols = table.sum(axis=1), table.sum(axis=0)
+    if len(rows) == 1 and len(cols) == 1:
+        return 1.0
+    p = table / total
+    pr, pc = rows / total, cols / total
+    nz = p > 0
+    mi = float((p[nz] * (np.log(p[nz]) - np.log(np.outer(pr, pc)[nz]))).sum())
+    if mi <= 1e-15:
+        return 0.0
+    h_r = -float((pr * np.log(pr)).sum())
+    h_c = -float((pc * np.log(pc)).sum())
+    return mi / ((h_r + h_c) / 2)
+
+
+@dataclass
+class QualityAccumulator:
+    """Streaming sums for one clustering variant over many images (pixel-weighted means)."""
+
+    pure: float = 0.0  # pixels in their region's majority class
+    labelled: int = 0  # evaluated pixels that received a pseudo label
+    evaluated: int = 0  # unlabelled pixels with a ground-truth class
+    nmi_sum: float = 0.0  # per-image NMI × its labelled pixels
+    regions: int = 0
+    classes: int = 0
+    images: int = 0
+
+    def add(self, truth: np.ndarray, regions: np.ndarray) -> None:
+        """One image: ``truth`` class ids with IGNORE_INDEX where not evaluated, ``regions`` ids with -1 where no
+        pseudo label; same shape."""
+        evaluated = truth != IGNORE_INDEX
+        labelled = evaluated & (regions >= 0)
+        self.evaluated += int(evaluated.sum())
+        if not evaluated.any():
+            return
+        self.images += 1
+        self.classes += len(set(truth[evaluated].tolist()))
+        if not labelled.any():
+            return
+        table = contingency(truth[labelled], regions[labelled])
+        count = int(labelled.sum())
+        self.labelled += count
+        self.pure += purity(table) * count
+        self.nmi_sum += nmi(table) * count
+        self.regions += table.shape[1]
+
+    def summary(self) -> dict[str, float]:
+        def ratio(a: float, b: float) -> float:
+            return a / b if b else math.nan
+
+        return {
+            "purity": ratio(self.pure, self.labelled),
+            "NMI": ratio(self.nmi_sum, self.labelled),
+            "coverage": ratio(self.labelled, self.evaluated),
+            "regions/image": ratio(self.regions, self.images),
+            "classes/image": ratio(self.classes, self.images),
+            "images": float(self.images),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Clustering variants
+
+
+def clustering_variants(
+    method: MethodConfig, grid: tuple[int, int]
+) -> dict[str, tuple[list[int], float | None]]:
+    """Name → (window sizes, fusion threshold or None) for each K-Means scale, all scales unfused, and the training
+    pseudo labels (all scales fused with λ = ``method.fusion_threshold``) on an h × w token grid."""
+    from clipzss.pseudo_labels import window_sizes
+
+    sizes = window_sizes(grid[0], grid[1], method.window_divisors)
+    variants: dict[str, tuple[list[int], float | None]] = {f"window {s}": ([s], None) for s in sizes}
+    if len(sizes) > 1:
+        variants["all scales, no fusion"] = (sizes, None)
+    variants[f"all scales + fusion λ={method.fusion_threshold:g}"] = (sizes, method.fusion_threshold)
+    return variants
+
+
+def pseudo_regions(
+    dense: torch.Tensor,
+    unlabelled: torch.Tensor,
+    windows: Sequence[int],
+    fusion_threshold: float | None,
+    method: MethodConfig,
+) -> torch.Tensor:
+    """Pseudo-region id of every unlabelled pixel as training makes it (K-Means, fusion, fuse_labels with
+    ``min_region``), -1 elsewhere and where the region was dropped.
+
+    Args:
+        dense: (B, C, h, w) teacher tokens.
+        unlabelled: (B, H, W) bool, the pixels training would fill (ground truth 255).
+        windows, fusion_threshold: the variant (see ``clustering_variants``).
+        method: kmeans_iters and min_region.
+
+    Returns:
+        (B, H, W) int64.
+    """
+    import torch
+
+    from clipzss.pseudo_labels import cluster_regions, fuse_labels
+
+    token_labels, _ = cluster_regions(dense, list(windows), method.kmeans_iters, fusion_threshold)
+    annotated = torch.where(unlabelled, IGNORE_INDEX, 0).long()  # one "seen" id for every annotated pixel
+    fused, _ = fuse_labels(annotated, token_labels, 1, method.min_region)
+    return torch.where(unlabelled & (fused != IGNORE_INDEX), fused - 1, -1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+
+
+@dataclass
+class InspectReport:
+    """Quality per clustering variant (NaN without ground truth) and the overlay files written."""
+
+    quality: dict[str, dict[str, float]]
+    overlays: list[Path] = field(default_factory=list)
+    grid: tuple[int, int] = (0, 0)
+    has_truth: bool = False
+
+    def format_table(self) -> str:
+        head = f"{'variant':<32} {'purity':>7} {'NMI':>7} {'coverage':>9} {'regions/img':>12} {'classes/img':>12}"
+        lines = [head, "-" * len(head)]
+        for name, q in self.quality.items():
+            lines.append(
+                f"{name:<32} {_fmt(q['purity']):>7} {_fmt(q['NMI']):>7} {_fmt(q['coverage']):>9} "
+                f"{_fmt(q['regions/image'], 1):>12} {_fmt(q['classes/image'], 1):>12}"
+            )
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        lines = [
+            "| variant | purity | NMI | coverage | regions / image | classes / image |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, q in self.quality.items():
+            lines.append(
+                f"| {name} | {_fmt(q['purity'])} | {_fmt(q['NMI'])} | {_fmt(q['coverage'])} "
+                f"| {_fmt(q['regions/image'], 1)} | {_fmt(q['classes/image'], 1)} |"
+            )
+        return "\n".join(lines)
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def inspect_pseudo_labels(
+    images: Sequence[Image.Image],
+    teacher: Teacher,
+    method: MethodConfig,
+    masks: Sequence[np.ndarray | None] | None = None,
+    unseen: Sequence[int] | None = None,
+    out: str | Path | None = None,
+    names: Sequence[str] | None = None,
+    short_side: int | None = 512,
+) -> InspectReport:
+    """Cluster each image's teacher tokens as PLM does and score the variants against the ground truth.
+
+    Args:
+        images: RGB images.
+        teacher: any Teacher; only ``encode_image`` is called.
+        method: window_divisors, fusion_threshold, kmeans_iters, min_region.
+        masks: (H, W) class-id arrays (255 = void) at each image's size, or None per image / overall.
+        unseen: class ids whose pixels are the unlabelled ones; None = every labelled pixel (all unlabelled).
+        out: folder for ``<name>_clusters.png`` panels; None writes nothing.
+        names: file stems for the panels (default image_000, ...).
+        short_side: images are resized to this short side (at most) before the teacher, as at evaluation.
+    """
+    import numpy as np
+    import torch
+
+    from clipzss.predict import to_tensor
+
+    masks = list(masks) if masks is not None else [None] * len(images)
+    if len(masks) != len(images):
+        raise ValueError(f"{len(images)} images but {len(masks)} masks")
+    names = list(names) if names is not None else [f"image_{i:03d}" for i in range(len(images))]
+    folder = Path(out) if out is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    quality: dict[str, QualityAccumulator] = {}
+    overlays: list[Path] = []
+    grid = (0, 0)
+    for image, mask, name in zip(images, masks, names, strict=True):
+        size = (image.height, image.width)
+        if mask is not None and tuple(mask.shape) != size:
+            raise ValueError(
+                f"mask of {name} is {mask.shape[0]}x{mask.shape[1]} but the image is {size[0]}x{size[1]} (H x W)"
+            )
+        short = min(short_side, min(size)) if short_side else None
+        x = to_tensor(image, short)  # (1, 3, H', W') normalised the student's way
+        _, dense = teacher.encode_image(x.to(_device_of(teacher)))  # (1, C, h, w)
+        dense = dense.float().cpu()
+        grid = tuple(dense.shape[-2:])
+        truth = np.full(size, IGNORE_INDEX, dtype=np.int64) if mask is None else mask.astype(np.int64)
+        if unseen is None:
+            unlabelled = torch.ones(1, *size, dtype=torch.bool)
+        else:
+            unlabelled = torch.from_numpy(np.isin(truth, list(unseen)))[None]
+        evaluated = np.where(unlabelled[0].numpy(), truth, IGNORE_INDEX)
+        maps: dict[str, np.ndarray] = {}
+        for variant, (windows, threshold) in clustering_variants(method, grid).items():
+            regions = pseudo_regions(dense, unlabelled, windows, threshold, method)[0].numpy()
+            quality.setdefault(variant, QualityAccumulator()).add(evaluated, regions)
+            maps[variant] = regions
+        if folder is not None:
+            path = folder / f"{name}_clusters.png"
+            _panel(image, maps, None if mask is None else evaluated).save(path)
+            overlays.append(path)
+    summary = {k: acc.summary() for k, acc in quality.items()}
+    has_truth = any(m is not None for m in masks)
+    return InspectReport(summary, overlays, grid, has_truth)
+
+
+def _device_of(teacher: Any) -> torch.device:
+    import torch
+
+    device = getattr(teacher, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
+
+
+def _panel(image: Image.Image, maps: dict[str, np.ndarray], truth: np.ndarray | None) -> Image.Image:
+    """Photo, ground truth of the evaluated pixels (when known) and one overlay per variant, side by side."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height = min(image.height, 320)
+    width = max(1, round(image.width * height / image.height))
+    photo = image.convert("RGB").resize((width, height), Image.BILINEAR)
+    tiles = [("image", photo)]
+    if truth is not None:
+        tiles.append(("ground truth (evaluated)", _overlay(photo, truth)))
+    tiles += [(name, _overlay(photo, regions)) for name, regions in maps.items()]
+    font_size = 14
+    font = ImageFont.load_default(size=font_size)
+    bar = font_size + 8
+    canvas = Image.new("RGB", (width * len(tiles), height + bar), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (title, tile) in enumerate(tiles):
+        canvas.paste(tile, (i * width, bar))
+        # The default bitmap font has no Greek letters.
+        draw.text((i * width + 4, 3), title.replace("λ", "lambda "), fill="black", font=font)
+    return canvas
+
+
+def _overlay(photo: Image.Image, ids: np.ndarray) -> Image.Image:
+    """Regions (ids >= 0; -1 / 255 = none, shown as the photo) blended over the photo."""
+    import numpy as np
+    from PIL import Image
+
+    from clipzss.predict import palette
+
+    valid = (ids >= 0) & (ids != IGNORE_INDEX)
+    colours = palette(int(ids[valid].max()) + 1 if valid.any() else 1)
+    rgb = np.zeros((*ids.shape, 3), dtype=np.uint8)
+    rgb[valid] = colours[ids[valid]]
+    coloured = Image.fromarray(rgb).resize(photo.size, Image.NEAREST)
+    alpha = Image.fromarray((valid * 140).astype(np.uint8)).resize(photo.size, Image.NEAREST)
+    return Image.composite(coloured, photo, alpha)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        help="image files or folders, then optional section.key=value config overrides",
+    )
+    parser.add_argument("--out", default="outputs/inspect", help="output folder (default: outputs/inspect)")
+    parser.add_argument("--config", default=None, help="YAML config (teacher and method sections are used)")
+    parser.add_argument(
+        "--masks", default=None, help="ground-truth masks folder (default: ../masks if present)"
+    )
+    parser.add_argument("--classes-file", default=None, help="class names, one a line (default: classes.txt)")
+    parser.add_argument(
+        "--unseen", default=None, help="comma-separated class names whose pixels are the unlabelled ones"
+    )
+    parser.add_argument("--max-images", type=int, default=16, help="inspect at most N images (default 16)")
+    parser.add_argument("--teacher-model", default=None, help="open_clip model name (default: the config's)")
+    parser.add_argument(
+        "--teacher-weights",
+        default=None,
+        help="local CLIP weights file, an open_clip pretrained tag (needs the hub), or 'none' (random)",
+    )
+    parser.add_argument("--image-size", type=int, default=None, help="teacher input size (default: config's)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+
+
+def _split_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
+    paths, overrides = [], []
+    for item in inputs:
+        key = item.partition("=")[0]
+        if "=" in item and "." in key and not Path(item).exists():
+            overrides.append(item)
+        else:
+            paths.append(Path(item))
+    return paths, overrides
+
+
+def _image_files(paths: Sequence[Path], limit: int) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"no images found in {path} (expected *.jpg, *.jpeg or *.png)")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"image or folder not found: {path}")
+    if limit < 1:
+        raise ValueError(f"--max-images must be at least 1, got {limit}")
+    return files[:limit]
+
+
+def _find_masks(files: Sequence[Path], masks_dir: str | None) -> list[Path | None]:
+    """Each image's mask: --masks/<stem>.png, else the folder-dataset sibling ../masks/<stem>.png, else None."""
+    found: list[Path | None] = []
+    for file in files:
+        folder = Path(masks_dir) if masks_dir else file.parent.parent / "masks"
+        candidate = folder / f"{file.stem}.png"
+        if masks_dir and not candidate.is_file():
+            raise FileNotFoundError(f"no mask for image {file}: expected {candidate}")
+        found.append(candidate if candidate.is_file() else None)
+    return found
+
+
+def _class_names(files: Sequence[Path], classes_file: str | None) -> tuple[str, ...] | None:
+    from clipzss.data.datasets import read_classes_txt
+
+    if classes_file:
+        return read_classes_txt(Path(classes_file))
+    folder = files[0].parent
+    for candidate in (folder.parent / "classes.txt", folder.parent.parent / "classes.txt"):
+        if candidate.is_file():
+            return read_classes_txt(candidate)
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from clipzss.config import load_config
+    from clipzss.data.datasets import load_mask
+    from clipzss.data.splits import make_split
+    from clipzss.data.transforms import load_image
+    from clipzss.predict import resolve_device
+    from clipzss.teacher import build_teacher
+
+    paths, overrides = _split_inputs(args.inputs)
+    if not paths:
+        raise ValueError("give at least one image file or folder to inspect")
+    cfg = load_config(args.config, overrides)
+    teacher_cfg = cfg.teacher
+    if args.teacher_model:
+        teacher_cfg = replace(teacher_cfg, model=args.teacher_model)
+    if args.teacher_weights:
+        teacher_cfg = replace(teacher_cfg, weights=args.teacher_weights)
+    if args.image_size:
+        teacher_cfg = replace(teacher_cfg, image_size=args.image_size)
+
+    files = _image_files(paths, args.max_images)
+    mask_files = _find_masks(files, args.masks)
+    names = _class_names(files, args.classes_file)
+    unseen_ids = None
+    if args.unseen is not None:
+        if names is None:
+            raise FileNotFoundError("--unseen needs the class names: give --classes-file (one name per line)")
+        unseen_ids = list(make_split(names, [n.strip() for n in args.unseen.split(",") if n.strip()]).unseen)
+    if unseen_ids is not None and not any(mask_files):
+        raise FileNotFoundError(
+            f"--unseen needs ground-truth masks: none found for {files[0]} (give --masks)"
+        )
+
+    teacher = build_teacher(teacher_cfg, device=resolve_device(args.device))
+    images = [load_image(f) for f in files]
+    masks = [load_mask(m) if m is not None else None for m in mask_files]
+    report = inspect_pseudo_labels(
+        images,
+        teacher,
+        cfg.method,
+        masks,
+        unseen_ids,
+        args.out,
+        [f.stem for f in files],
+        cfg.eval.short_side,
+    )
+    out = Path(args.out)
+    scope = (
+        f"pixels of the unseen classes {args.unseen}"
+        if unseen_ids is not None
+        else "every labelled pixel (no --unseen: the whole image is treated as unlabelled)"
+    )
+    settings = (
+        f"teacher {getattr(teacher, 'identity', type(teacher).__name__)}, {report.grid[0]}x{report.grid[1]} tokens, "
+        f"window divisors {tuple(cfg.method.window_divisors)}, λ = {cfg.method.fusion_threshold:g}, "
+        f"{cfg.method.kmeans_iters} K-Means iterations, min_region {cfg.method.min_region:g}"
+    )
+    header = f"{len(files)} images; {settings}; scored on {scope}"
+    if not report.has_truth:
+        header += "; no ground-truth masks found, so only regions/image is reported"
+    (out / "report.md").write_text(
+        f"# Pseudo-label clusters\n\n{header}.\n\n{report.to_markdown()}\n\n"
+        + "\n".join(f"- `{p.name}`" for p in report.overlays)
+        + "\n"
+    )
+    payload = {
+        "images": [str(f) for f in files],
+        "settings": settings,
+        "scope": scope,
+        "quality": {
+            k: {m: (v if math.isfinite(v) else None) for m, v in q.items()} for k, q in report.quality.items()
+        },
+    }
+    (out / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(header)
+    print(report.format_table())
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report.overlays)} overlay panels")
+    return 0
