@@ -6,7 +6,7 @@ One command reproduces the ablation table and the pseudo-label quality report:
 
 Every student is trained by the ordinary ``clipzss.training.train`` with the aligned teacher and evaluated by
 ``clipzss.evaluate`` (all 16 class names predicted jointly). The results go between the markers of
-benchmarks/results/evidence.md (text outside the markers, e.g. the findings, is kept).
+benchmarks/README.md (text outside the markers, e.g. the findings, is kept).
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quality-images", type=int, default=64)
     parser.add_argument("--cache-dir", default=None, help="aligned-teacher cache (default ~/.cache/clipzss)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "evidence.md"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "README.md"))
     parser.add_argument("--json", default=None, help="also write every run's metrics to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

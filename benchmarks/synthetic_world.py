@@ -407,7 +407,7 @@ def student_config(
     ``switches_off`` sets MethodConfig fields (e.g. ``VARIANTS[name]``). No ImageNet weights exist offline, so the
     student starts from scratch with AdamW at lr 1e-3 and no head multiplier; only flips augment (colour is a class
     cue). SegFormer-B0 learnt too slowly from scratch at this budget (mIoU(S) 18 after 200 iterations against 71
-    for FPN-ResNet18; see benchmarks/results/evidence.md).
+    for FPN-ResNet18; see benchmarks/README.md).
     """
     size = (world or WorldConfig()).size
     return Config(

@@ -2,7 +2,7 @@
 
 The guard trains two students through the ordinary `clipzss.training.train` (seen-only baseline vs. the full
 method) and asserts that the full method segments the unseen classes clearly better. The margin below was measured
-over seeds (benchmarks/results/evidence.md): keep it in step with those numbers.
+over seeds (benchmarks/README.md): keep it in step with those numbers.
 """
 
 from __future__ import annotations
