@@ -22,7 +22,9 @@ from clipzss.predict import Segmenter
 def _user_error(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    errors = [line for line in err.splitlines() if line.startswith("clipzss")]  # progress bars also use stderr
+    errors = [
+        line for line in err.splitlines() if line.startswith("clipzss")
+    ]  # progress bars also use stderr
     assert len(errors) == 1 and "Traceback" not in err, err
     err = errors[0]
     for needle in needles:

@@ -231,13 +231,17 @@ def slide_inference(
         chunk = windows[start : start + max(window_batch, 1)]
         crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n*B, 3, win_h, win_w)
         logits = logits_fn(crops).float()  # (n*B, K, h', w'); fp32 so overlaps average without bf16 rounding
-        logits = F.interpolate(logits, size=(win_h, win_w), mode="bilinear", align_corners=False)
         if canvas is None:
             # The canvas takes the logits' memory layout (channels last from ZeroShotSegmenter.logits), so the
             # accumulation and the final argmax over K never convert between layouts.
             canvas = _zeros_like_layout(logits, (b, logits.shape[1], h, w))  # (B, K, H, W)
         for i, (y1, y2, x1, x2) in enumerate(chunk):
-            canvas[:, :, y1:y2, x1:x2] += logits[i * b : (i + 1) * b]
+            # One window at a time: a full-size (n*B, K, win_h, win_w) batch would hold n windows' worth of
+            # K-channel maps at once (1.4 GB for 8 windows × 171 classes at 512²); the values are the same.
+            window = logits[i * b : (i + 1) * b]
+            canvas[:, :, y1:y2, x1:x2] += F.interpolate(
+                window, size=(win_h, win_w), mode="bilinear", align_corners=False
+            )
             count[:, :, y1:y2, x1:x2] += 1
     assert canvas is not None and bool((count > 0).all()), "sliding windows left pixels uncovered"
     canvas.div_(count.to(canvas.device, non_blocking=True))
