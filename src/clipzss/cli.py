@@ -197,7 +197,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return predict_onnx(args)
 
     from clipzss.predict import load_rgb, parse_class_names
-    from clipzss.visualize import save_prediction
+    from clipzss.visualize import prediction_folder, save_prediction
 
     segmenter = _segmenter(args)
     if args.classes is None:
@@ -207,11 +207,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise ValueError('give the class names to segment, e.g. --classes "cat,dog,grass"')
     else:
         names = parse_class_names(args.classes)
-    for path in args.images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prediction_folder(args.images, args.out)
     for path in args.images:
         image = load_rgb(path)
         mask = segmenter.predict(image, names, mode=args.mode)

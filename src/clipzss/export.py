@@ -464,17 +464,13 @@ def predict_onnx(args: argparse.Namespace) -> int:
 
     Reads ``args.onnx``, ``images``, ``classes``, ``text_embeddings``, ``mode`` and ``out``.
     """
-    from clipzss.visualize import save_prediction
+    from clipzss.visualize import prediction_folder, save_prediction
 
     if getattr(args, "checkpoint", None) or getattr(args, "baseline", None):
         raise ValueError("--onnx runs the exported model on its own: drop --checkpoint / --baseline")
     model = OnnxSegmenter(args.onnx, getattr(args, "text_embeddings", None))
     names = [n.strip() for n in args.classes.split(",")] if args.classes else None
-    for path in args.images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prediction_folder(args.images, args.out)
     for path in args.images:
         image = open_rgb(path)
         mask = model.predict(image, names, mode=getattr(args, "mode", None))

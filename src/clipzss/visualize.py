@@ -46,6 +46,16 @@ def mask_image(mask: np.ndarray, num_classes: int) -> Image.Image:
     return image
 
 
+def prediction_folder(images: Sequence[str | Path], out: str | Path) -> Path:
+    """Check every input image exists before any work, then create the output folder (`predict`, `predict --onnx`)."""
+    for path in images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def save_prediction(
     out: Path, stem: str, image: Image.Image, mask: np.ndarray, class_names: Sequence[str]
 ) -> str:
