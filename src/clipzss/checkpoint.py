@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -98,8 +99,116 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             f"{path} is a safetensors file but not a clipzss checkpoint (no '{FORMAT}' metadata)"
         )
     try:
-        config = Config.from_dict(json.loads(metadata["config"]), source=str(path))
-    except (json.JSONDecodeError, ConfigError) as err:
-        raise CheckpointError(f"{path} holds a config this version of clipzss cannot read: {err}") from None
+        data = json.loads(metadata["config"])
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path} holds a config that is not valid JSON: {_clip(str(err))}") from None
+    config = validate_loaded_config(data, source=str(path))
     meta = {k: v for k, v in metadata.items() if k not in ("format", "config")}
     return Checkpoint(state_dict=state_dict, config=config, meta=meta)
+
+
+# A checkpoint's config comes from whoever made the file: it is checked like user input before anything uses it.
+MAX_CONFIG_STRING = 4096  # a path or a prompt template; nothing a config holds is longer
+MAX_NAME = 128  # architecture, encoder, CLIP model and other names (timm's longest are about 60 characters)
+QUOTE = 80  # error messages quote at most this much of a value from the file
+_NAME_FIELDS = (
+    ("student", "arch"),
+    ("student", "encoder"),
+    ("teacher", "model"),
+    ("teacher", "precision"),
+    ("data", "dataset"),
+    ("eval", "mode"),
+    ("method", "bce"),
+    ("train", "amp"),
+    ("train", "device"),
+)
+# Keys of teacher.model_overrides / student.arch_kwargs that would make open_clip, timm or transformers fetch or
+# unpickle weights (pretrained=, pretrained_cfg_overlay={"url": ...}, weights_only=False, hf_model_name=...).
+_FETCHING_KEYS = frozenset({"checkpoint_path", "cache_dir", "url", "file", "state_dict"})
+
+
+def validate_loaded_config(data: object, source: str = "checkpoint") -> Config:
+    """The config stored in a checkpoint as a `Config`, refused with a one-line `CheckpointError` when unsafe.
+
+    Refused: strings longer than any real config holds (quoted by a short prefix only), an ``alpha`` that is not a
+    positive finite number, and override keys that would fetch pretrained weights from a network or unpickle
+    them. Ignored: ``teacher.cache_dir``, so a file never chooses where prediction writes; the user's own cache
+    (``$XDG_CACHE_HOME/clipzss/text``) is used instead.
+    """
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source}: its config is not a mapping of sections")
+    try:
+        _check_strings(data, "config", source)
+    except RecursionError:
+        raise CheckpointError(f"{source}: its config is nested too deeply to be a clipzss config") from None
+    try:
+        config = Config.from_dict(data, source=source)
+    except ConfigError as err:
+        raise CheckpointError(
+            f"{source} holds a config this version of clipzss cannot read: {_clip(str(err), 300)}"
+        ) from None
+    for section, key in _NAME_FIELDS:
+        value = getattr(getattr(config, section), key)
+        if isinstance(value, str) and len(value) > MAX_NAME:
+            raise CheckpointError(f"{source}: {section}.{key} is not a name: {_quote(value)}")
+    alpha = config.method.alpha
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise CheckpointError(f"{source}: method.alpha must be a positive finite number, got {alpha!r}")
+    for where, mapping in (
+        ("teacher.model_overrides", config.teacher.model_overrides),
+        ("student.arch_kwargs", config.student.arch_kwargs),
+    ):
+        key = _fetching_key(mapping, where)
+        if key:
+            raise CheckpointError(
+                f"{source}: {key} would load pretrained weights from outside the checkpoint; refused "
+                "(a checkpoint holds every weight its student needs)"
+            )
+    if config.teacher.cache_dir is not None:
+        log.debug("%s: ignoring its teacher.cache_dir; text embeddings go to the user's cache", source)
+        config.teacher.cache_dir = None
+    return config
+
+
+def _check_strings(value: object, where: str, source: str) -> None:
+    if isinstance(value, str):
+        if len(value) > MAX_CONFIG_STRING:
+            raise CheckpointError(f"{source}: {where} is {len(value):,} characters long: {_quote(value)}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if len(key) > MAX_NAME:
+                raise CheckpointError(
+                    f"{source}: {where} has a key of {len(key):,} characters: {_quote(key)}"
+                )
+            _check_strings(item, f"{where}.{key}", source)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_strings(item, f"{where}[{index}]", source)
+
+
+def _fetching_key(value: object, where: str) -> str | None:
+    """The dotted path of the first key that asks for outside weights, or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = str(key).lower()
+            if "pretrained" in name or "weights" in name or name.startswith("hf_") or name in _FETCHING_KEYS:
+                return f"{where}.{key}"
+            found = _fetching_key(item, f"{where}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _fetching_key(item, f"{where}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def _quote(value: str) -> str:
+    """A value from a file, quoted by its first `QUOTE` characters."""
+    return repr(value) if len(value) <= QUOTE else f"{value[:QUOTE]!r}... ({len(value):,} characters)"
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,12 +192,16 @@ def _segmenter(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from clipzss.names import parse_class_names  # torch-free: shared with the onnxruntime-only path
+
     if args.onnx:
         from clipzss.export import predict_onnx
 
+        if args.classes is not None:  # the same checks as below; the runner then splits the checked list
+            args.classes = ",".join(parse_class_names(args.classes))
         return predict_onnx(args)
 
-    from clipzss.predict import load_rgb, parse_class_names
+    from clipzss.predict import load_rgb
     from clipzss.visualize import prediction_folder, save_prediction
 
     segmenter = _segmenter(args)
@@ -333,6 +338,31 @@ COMMANDS = {
 }
 
 
+_WORKER_ERROR = re.compile(r"Caught (?P<type>\w+) in DataLoader worker process \d+\.")
+
+
+def user_message(err: BaseException) -> str:
+    """The one line a user sees for an error: its message's first line, whatever process raised it.
+
+    An error in a data-loading worker reaches us re-raised by torch as "Caught ValueError in DataLoader worker
+    process 0." followed by the worker's traceback; the line that matters (the file and what is wrong with it) is
+    the original exception's message at the end of that traceback.
+    """
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    lines = text.splitlines()
+    found = _WORKER_ERROR.match(lines[0])
+    if found and len(lines) > 1 and lines[1].startswith("Original Traceback"):
+        # The traceback ends with "[module.]Type: message"; a message of several lines starts on that line.
+        head = re.compile(rf"^(?:[\w.]+\.)?{re.escape(found['type'])}: (?P<message>.+)$")
+        for line in reversed(lines[2:]):
+            original = head.match(line)
+            if original:
+                return original["message"].strip()
+    return lines[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; user errors print one line on stderr and return 2 (CLIPZSS_DEBUG=1 shows the traceback)."""
     args = build_parser().parse_args(argv)
@@ -345,8 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, KeyError) as err:
         if os.environ.get("CLIPZSS_DEBUG"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"clipzss {args.command}: error: {message}", file=sys.stderr)
+        print(f"clipzss {args.command}: error: {user_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"clipzss {args.command}: interrupted", file=sys.stderr)

@@ -4,7 +4,9 @@ The page has two tabs. *Segment*: upload or pick an image, type class names, get
 class's area, and the inference time. *Compare*: the trained student and the training-free MaskCLIP baseline (CLIP
 itself at inference) side by side on the same image and names, with their times. It binds 127.0.0.1 unless told
 otherwise, bounds the upload size and the image's pixel count (checked from the header, before decoding), and
-answers bad input (empty or duplicate class names, unreadable or huge images) with a message on the page.
+answers bad input (empty or duplicate class names, too many names, unreadable or huge images) with a message on
+the page. The text classifiers it keeps in memory, one per class list asked for, are bounded (least recently used
+first out), so a server that runs for days does not grow with every new list.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_MAX_PIXELS = 16_000_000
 DEFAULT_MAX_FILE_SIZE = "20mb"
+DEFAULT_MAX_CLASSES = 256  # class names per request: each costs a text-encoder pass and a logit map
+DEFAULT_TEXT_CACHE_SIZE = 32  # class lists whose text embeddings stay in memory, per model
 IMAGE_HEIGHT = 360  # px on the page; the images themselves keep their size
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Prompt choices shown when the text encoder is CLIP; None = the model's own template ensemble.
@@ -68,12 +72,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_FILE_SIZE,
         help=f"largest upload (default {DEFAULT_MAX_FILE_SIZE})",
     )
+    parser.add_argument(
+        "--max-classes",
+        type=int,
+        default=DEFAULT_MAX_CLASSES,
+        help=f"most class names per request (default {DEFAULT_MAX_CLASSES})",
+    )
+    parser.add_argument(
+        "--text-cache-size",
+        type=int,
+        default=DEFAULT_TEXT_CACHE_SIZE,
+        help=f"class lists whose text embeddings are kept in memory (default {DEFAULT_TEXT_CACHE_SIZE})",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.max_classes < 1 or args.text_cache_size < 1:
+        raise ValueError("--max-classes and --text-cache-size must be at least 1")
     primary, baseline = load_models(args.checkpoint, args.baseline, args.teacher_weights, args.device)
-    app = build_app(primary, baseline, examples=find_examples(args.examples), max_pixels=args.max_pixels)
+    app = build_app(
+        primary,
+        baseline,
+        examples=find_examples(args.examples),
+        max_pixels=args.max_pixels,
+        max_classes=args.max_classes,
+        text_cache_size=args.text_cache_size,
+    )
     launch(app, host=args.host, port=args.port, max_file_size=args.max_file_size, block=True)
     return 0
 
@@ -122,6 +147,37 @@ def describe(model: ZeroShotSegmenter) -> str:
         step = model.meta.get("step")
         return f"clipzss student {s.arch}/{s.encoder}" + (f" (step {step})" if step else "")
     return "MaskCLIP baseline (CLIP at inference)"
+
+
+def bound_text_caches(models: Sequence[ZeroShotSegmenter | None], size: int) -> None:
+    """Keep at most ``size`` class lists' text embeddings in memory per model and per CLIP text encoder.
+
+    Both the segmenter (classifiers on its device) and a CLIP teacher (its own copies) cache by class list; a
+    server asked for new lists all day must drop the least recently used ones. The teacher's disk cache (one
+    small file per list, under the user's cache folder) is left as it is.
+    """
+    from clipzss.predict import LRUCache
+
+    for model in models:
+        if model is None:
+            continue
+        for owner in (model, getattr(model, "text_encoder", None)):
+            cache = getattr(owner, "_text_cache", None)
+            if cache is None or (isinstance(cache, LRUCache) and cache.max_size == size):
+                continue
+            bounded = LRUCache(size)
+            for key in list(cache)[-size:]:
+                bounded[key] = cache[key]
+            owner._text_cache = bounded
+
+
+def check_class_count(names: Sequence[str], max_classes: int) -> None:
+    """Refuse a request with more class names than the page allows (`--max-classes`)."""
+    if len(names) > max_classes:
+        raise ValueError(
+            f"{len(names)} class names given; this demo accepts at most {max_classes} per request "
+            "(start it with --max-classes N for more)"
+        )
 
 
 def _random_teacher(model: ZeroShotSegmenter) -> bool:
@@ -276,11 +332,14 @@ def build_app(
     default_classes: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     example_dir: Path | None = None,
+    max_classes: int = DEFAULT_MAX_CLASSES,
+    text_cache_size: int = DEFAULT_TEXT_CACHE_SIZE,
 ) -> gr.Blocks:
     """The two-tab page around ``model`` (and ``baseline`` for the comparison tab).
 
     Example images are ``examples`` plus two generated scenes written to ``example_dir`` (a temporary folder by
-    default); the class box starts with the checkpoint's training classes.
+    default); the class box starts with the checkpoint's training classes. A request may name at most
+    ``max_classes`` classes; ``text_cache_size`` class lists stay embedded in memory (`bound_text_caches`).
     """
     import gradio as gr
 
@@ -296,11 +355,13 @@ def build_app(
         [str(p), ", ".join(SYNTHETIC_CLASSES)] for p in generated
     ]
     can_template = isinstance(model.text_encoder, CLIPTeacher)
+    bound_text_caches([model, baseline], text_cache_size)
 
     def run_one(target: ZeroShotSegmenter, path: str | None, names_text: str, template: str) -> Segmentation:
         if not path:
             raise ValueError("upload an image or pick an example first")
         names = parse_class_names(names_text or "")
+        check_class_count(names, max_classes)
         return segment(target, open_bounded(path, max_pixels), names, TEMPLATES.get(template))
 
     def on_segment(path: str | None, names_text: str, template: str) -> tuple[Any, str, str, str]:

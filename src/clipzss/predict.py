@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from PIL import Image
 from clipzss.checkpoint import CheckpointError, load_checkpoint
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, Config, EvalConfig
 from clipzss.evaluate import EvalResult, slide_inference, whole_inference
+from clipzss.names import parse_class_names
 from clipzss.student import Student, build_student
 from clipzss.teacher import CLIPTeacher, Teacher, build_teacher
 
@@ -32,26 +34,16 @@ log = logging.getLogger(__name__)
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
+# Text classifiers kept in memory per segmenter (one per class list and template set); the least recently used
+# goes first, so a long-running server asked for ever new class lists keeps a bounded amount of memory.
+TEXT_CACHE_SIZE = 64
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto'/None picks CUDA when present; anything else is passed to torch."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def parse_class_names(text: str | Sequence[str]) -> list[str]:
-    """Split a comma-separated list (or clean a sequence) and reject empty or duplicate names."""
-    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else [str(n).strip() for n in text]
-    if not names or all(not n for n in names):
-        raise ValueError("the class list is empty: give at least one class name, e.g. --classes 'cat,grass'")
-    if any(not n for n in names):
-        raise ValueError(f"the class list {list(names)} contains an empty name (a stray comma?)")
-    seen: set[str] = set()
-    dupes = sorted({n for n in names if n in seen or seen.add(n)})
-    if dupes:
-        raise ValueError(f"duplicate class names: {', '.join(dupes)}")
-    return names
 
 
 def load_rgb(image: ImageLike) -> Image.Image:
@@ -147,6 +139,39 @@ class PrecomputedText:
         return cls(names, embeddings, meta.get("teacher", ""))
 
 
+class LRUCache(MutableMapping):
+    """A mapping that keeps its ``max_size`` most recently used entries and drops the oldest beyond that."""
+
+    def __init__(self, max_size: int = TEXT_CACHE_SIZE) -> None:
+        if max_size < 1:
+            raise ValueError(f"a cache needs room for at least one entry, got max_size={max_size}")
+        self.max_size = max_size
+        self._items: OrderedDict[Hashable, object] = OrderedDict()
+
+    def __getitem__(self, key: Hashable) -> object:
+        value = self._items[key]
+        self._items.move_to_end(key)
+        return value
+
+    def __setitem__(self, key: Hashable, value: object) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_size:
+            self._items.popitem(last=False)
+
+    def __delitem__(self, key: Hashable) -> None:
+        del self._items[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class ZeroShotSegmenter:
     """Pixels classified by α·cos(dense embedding, text embedding); subclasses say where embeddings come from."""
 
@@ -157,7 +182,8 @@ class ZeroShotSegmenter:
         self.alpha = alpha
         self.eval_cfg = eval_cfg
         self.device = device
-        self._text_cache: dict[tuple[tuple[str, ...], tuple[str, ...] | None], torch.Tensor] = {}
+        # (names, templates) -> (K, C) text classifier on the device, bounded (see TEXT_CACHE_SIZE).
+        self._text_cache: LRUCache = LRUCache(TEXT_CACHE_SIZE)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images → (B, C, h, w) dense embeddings."""

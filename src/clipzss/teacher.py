@@ -326,9 +326,36 @@ def build_teacher(cfg: TeacherConfig, device: str | torch.device | None = None) 
             raise ValueError(
                 f"teacher weights {weights.path} do not fit model '{cfg.model}': {reason}"
             ) from err
+        except Exception as err:  # unpickling, safetensors and truncated files raise many types: not weights
+            raise ValueError(
+                f"cannot read teacher weights {weights.path}: {_unreadable_reason(err)}"
+            ) from None
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return CLIPTeacher(model, cfg, weights).to(device)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unreadable_reason(err: Exception) -> str:
+    """One line saying why a weights file could not be read (torch's refusal of a pickle spans a page)."""
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError):
+        if "allowed global" in str(err) or "GLOBAL" in str(err):
+            return (
+                "it is a pickle that holds more than tensors, refused because unpickling it could run code "
+                "(save the state dict as .safetensors)"
+            )
+        return (
+            "not a PyTorch weights file that loads as tensors alone (corrupt, or a pickle of other objects)"
+        )
+    if isinstance(err, EOFError):
+        return "the file is empty or truncated"
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return f"not a readable weights file ({type(err).__name__}: {_short(reason, 200)})"
 
 
 def resolve_weights(cfg: TeacherConfig) -> _Weights:

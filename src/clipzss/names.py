@@ -1,0 +1,49 @@
+"""Class-name lists as users type them: one validation for every path (torch-free, so `predict --onnx` shares it).
+
+CLIP's tokenizer lowercases and collapses whitespace before it embeds a name, so ``Cat`` and ``cat`` get the same
+text embedding: two such names would be two classes that can never be told apart. They are refused like exact
+duplicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def normalise_class_name(name: str) -> str:
+    """The name as CLIP's text encoder sees it: lowercased, whitespace collapsed (open_clip's ``clean='lower'``)."""
+    return " ".join(name.split()).lower()
+
+
+def parse_class_names(text: str | Sequence[str]) -> list[str]:
+    """Split a comma-separated list (or clean a sequence) and reject empty names and duplicates.
+
+    Duplicates are judged after `normalise_class_name`; the message names every spelling of each duplicate.
+    """
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else [str(n).strip() for n in text]
+    if not names or all(not n for n in names):
+        raise ValueError("the class list is empty: give at least one class name, e.g. --classes 'cat,grass'")
+    if any(not n for n in names):
+        raise ValueError(f"the class list {_short_list(names)} contains an empty name (a stray comma?)")
+    spellings: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    for name in names:
+        key = normalise_class_name(name)
+        counts[key] = counts.get(key, 0) + 1
+        if name not in spellings.setdefault(key, []):
+            spellings[key].append(name)
+    dupes = sorted(key for key, count in counts.items() if count > 1)
+    if dupes:
+        groups = [" = ".join(spellings[key]) for key in dupes]
+        why = (
+            " (the same name to CLIP, which ignores case and extra spaces)"
+            if any(len(spellings[key]) > 1 for key in dupes)
+            else ""
+        )
+        raise ValueError(f"duplicate class names: {'; '.join(groups)}{why}")
+    return names
+
+
+def _short_list(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n[:80]) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)} names)"
