@@ -75,11 +75,7 @@ def build(cfg: Config, device: torch.device, dim: int) -> tuple[TrainParts, torc
     teacher = build_teacher(cfg.teacher, device=device)
     student = build_student(cfg.student).to(device).train()
     glm = GLM(cfg.method, dim).to(device) if cfg.method.glm else None
-    synth = (
-        Synthesizer(dim, cfg.method.synth_layers, cfg.method.synth_heads).to(device)
-        if cfg.method.synthesizer
-        else None
-    )
+    synth = Synthesizer.from_config(cfg.method, dim).to(device) if cfg.method.synthesizer else None
     if cfg.train.compile:
         student = torch.compile(student)
     gen = torch.Generator().manual_seed(1)

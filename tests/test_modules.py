@@ -122,6 +122,21 @@ def test_glm_attention_sums_to_one_and_has_no_parameters() -> None:
     assert list(glm.parameters()) == []
 
 
+def test_glm_pooling_never_attends_to_crop_padding() -> None:
+    glm = GLM(MethodConfig(), 8)
+    R, S = torch.randn(2, 8, 4, 5), F.normalize(torch.randn(2, 8), dim=-1)
+    valid = torch.ones(2, 4, 5, dtype=torch.bool)
+    valid[0, :, 3:] = False
+    pred, attn = glm.pool(R, S, valid)
+    assert (attn[~valid] == 0).all() and torch.allclose(attn.sum(dim=(1, 2)), torch.ones(2))
+    changed = R.clone()
+    changed[0, :, :, 3:] = torch.randn(8, 4, 2) * 100  # whatever the padding holds
+    again, _ = glm.pool(changed, S, valid)
+    torch.testing.assert_close(pred, again)
+    reference, _ = glm.pool(R[:1, :, :, :3], S[:1])  # the same as pooling the image part alone
+    torch.testing.assert_close(pred[:1], reference)
+
+
 def test_glm_loss_hand_computed() -> None:
     # B=2, C=2, two positions per image; no bank.
     S = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -229,8 +244,16 @@ def _synth_inputs() -> dict:
     }
 
 
+def _randomise_correction(synth: Synthesizer) -> Synthesizer:
+    """The correction layer starts at zero (prototypes = teacher means); tests of the decoder need it non-zero."""
+    with torch.no_grad():
+        synth.proj.weight.normal_(0, 0.5)
+        synth.proj.bias.normal_(0, 0.5)
+    return synth
+
+
 def test_synthesizer_regions_are_id_slots_normalised_and_trainable() -> None:
-    synth = Synthesizer(8, num_layers=2, num_heads=2)
+    synth = _randomise_correction(Synthesizer(8, num_layers=2, num_heads=2, learn_bce=True))
     inputs = _synth_inputs()
     regions = synth(inputs["R"], inputs["labels"], inputs["S"], inputs["D"], num_seen=3)
     assert regions.prototypes.shape == (2, 5, 8)
@@ -241,13 +264,49 @@ def test_synthesizer_regions_are_id_slots_normalised_and_trainable() -> None:
     pseudo, pseudo_valid = regions.pseudo()
     assert seen.shape == (2, 3, 8) and pseudo.shape == (2, 2, 8)
     assert pseudo_valid.tolist() == [[True, False], [False, True]]
-    (regions.prototypes[regions.valid] * torch.randn(5, 8)).sum().backward()
-    assert inputs["R"].grad is not None and inputs["R"].grad.abs().sum() > 0
+    loss = (regions.prototypes[regions.valid] * torch.randn(5, 8)).sum()
+    (loss + regions.logit_scale + regions.logit_bias).backward()
+    # The student's region means are context only (detached): L_bce trains the synthesizer, never R directly.
+    assert inputs["R"].grad is None
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in synth.parameters())
+    assert regions.logit_scale.item() == pytest.approx(10.0)
+    assert regions.logit_bias.item() == pytest.approx(-10.0)
+
+
+def test_synthesizer_prototypes_start_at_the_teacher_region_means() -> None:
+    """Zero correction (the initial state): P_pseudo is exactly the no-synthesizer fallback, P_seen likewise."""
+    synth = Synthesizer(8, num_layers=2, num_heads=2)
+    inputs = _synth_inputs()
+    regions = synth(inputs["R"], inputs["labels"], inputs["S"], inputs["D"], num_seen=3, num_pseudo=2)
+    pseudo, pseudo_valid = regions.pseudo()
+    fallback, fallback_valid = teacher_pseudo_prototypes(inputs["D"], inputs["labels"], 3, 2)
+    assert torch.equal(pseudo_valid, fallback_valid)
+    torch.testing.assert_close(pseudo[pseudo_valid], fallback[fallback_valid])
+    small = F.interpolate(inputs["labels"][:, None].float(), size=(2, 2), mode="nearest-exact")[:, 0].long()
+    for b, k in [(0, 0), (0, 1), (1, 2)]:  # seen slots: normalised mean teacher token over the class's tokens
+        tokens = inputs["D"][b].flatten(1)[:, small[b].flatten() == k]
+        torch.testing.assert_close(regions.seen()[0][b, k], F.normalize(tokens.mean(1), dim=0))
+    corrected = _randomise_correction(synth)(inputs["R"], inputs["labels"], inputs["S"], inputs["D"], 3, 2)
+    assert not torch.allclose(corrected.pseudo()[0], pseudo)
+
+
+def test_synthesizer_ignores_teacher_tokens_of_crop_padding() -> None:
+    synth = _randomise_correction(Synthesizer(8, num_layers=1, num_heads=2)).eval()
+    inputs = _synth_inputs()
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    valid[:, :, 4:] = False  # the right half is padding
+    labels = inputs["labels"].masked_fill(~valid, 255)
+    first = synth(inputs["R"], labels, inputs["S"], inputs["D"], 3, 2, valid)
+    D = inputs["D"].clone()
+    D[:, :, :, 1] = F.normalize(torch.randn(2, 8, 2), dim=1)  # token column 1 lies on the padding
+    second = synth(inputs["R"], labels, inputs["S"], D, 3, 2, valid)
+    torch.testing.assert_close(first.prototypes[first.valid], second.prototypes[second.valid])
+    unmasked = synth(inputs["R"], labels, inputs["S"], D, 3, 2)
+    assert not torch.allclose(unmasked.prototypes[unmasked.valid], first.prototypes[first.valid])
 
 
 def test_synthesizer_padding_slots_do_not_change_valid_outputs() -> None:
-    synth = Synthesizer(8, num_layers=2, num_heads=2).eval()
+    synth = _randomise_correction(Synthesizer(8, num_layers=2, num_heads=2)).eval()
     queries, memory = torch.randn(2, 4, 8), torch.randn(2, 5, 8)
     valid = torch.tensor([[True, True, False, True], [False, True, False, False]])
     out = synth.decode(queries, valid, memory)
@@ -259,14 +318,14 @@ def test_synthesizer_padding_slots_do_not_change_valid_outputs() -> None:
 
 
 def test_synthesizer_image_without_regions_keeps_gradients_finite() -> None:
-    synth = Synthesizer(8, num_layers=1, num_heads=2)
+    synth = _randomise_correction(Synthesizer(8, num_layers=1, num_heads=2))
     inputs = _synth_inputs()
     inputs["labels"][1] = 255
     regions = synth(inputs["R"], inputs["labels"], inputs["S"], inputs["D"], num_seen=3, num_pseudo=2)
     assert regions.valid[1].sum() == 0
     (regions.prototypes * regions.valid[..., None] * torch.randn(2, 5, 8)).sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in synth.parameters())
-    assert torch.isfinite(inputs["R"].grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in synth.parameters() if p.grad is not None)
+    assert synth.proj.weight.grad is not None and synth.proj.weight.grad.abs().sum() > 0
 
 
 def test_synthesizer_rejects_bad_sizes() -> None:

@@ -342,3 +342,37 @@ def test_batched_equals_per_image_and_is_deterministic() -> None:
     again, again_num = pseudo_labels(dense, gt, 5, cfg)
     assert torch.equal(again, fused) and torch.equal(again_num, num_pseudo)
     assert len(set(num.tolist())) > 1  # the images really differ, so padding was exercised
+
+
+def test_fuse_labels_never_labels_crop_padding() -> None:
+    """Padding (PadTo's -1, carried as ``valid``) is not image: it gets no pseudo id and no region area."""
+    token_labels = torch.tensor([[[0, 1], [2, 3]]])  # 5x5-pixel cells on a 10x10 crop
+    gt = torch.full((1, 10, 10), 255)
+    valid = torch.ones(1, 10, 10, dtype=torch.bool)
+    valid[0, :, 6:] = False  # the right 4 columns are padding
+    fused, num_pseudo = fuse_labels(gt, token_labels, num_seen=3, min_region=0.04, valid=valid)
+    assert (fused[~valid] == 255).all()
+    # Regions 1 and 3 keep only their 5x1 image column (5 % of the crop), above min_region: still pseudo ids.
+    assert num_pseudo.tolist() == [4]
+    assert set(fused[valid].unique().tolist()) == {3, 4, 5, 6}
+    # Without the mask, the padding would have become part of regions 1 and 3 (today's bug).
+    unmasked, _ = fuse_labels(gt, token_labels, num_seen=3, min_region=0.04)
+    assert (unmasked[~valid] != 255).all()
+
+
+def test_fuse_labels_drops_regions_lying_mostly_on_one_seen_class() -> None:
+    """A region whose pixels are mostly one seen class (an object's 255 rim) is not new content."""
+    token_labels = torch.tensor([[[0, 1], [2, 3]]])  # 5x5-pixel cells on a 10x10 crop
+    gt = torch.full((1, 10, 10), 255)
+    gt[0, :4, :5] = 0  # region 0: 20 of 25 pixels are seen class 0, a 5-pixel rim is ignored
+    gt[0, :2, 5:] = 1  # region 1: 10 of 25 pixels seen class 1 (40 %), 15 ignored
+    gt[0, 5, :5] = 0  # region 2: 10 of 25 pixels seen, split over two classes (20 % each)
+    gt[0, 7, :5] = 2
+    fused, num_pseudo = fuse_labels(gt, token_labels, num_seen=3, min_region=0.0, max_seen_share=0.5)
+    assert (fused[0, 4, :5] == 255).all()  # region 0's rim stays ignored
+    assert num_pseudo.tolist() == [3]  # regions 1, 2 and the fully ignored region 3 remain
+    assert torch.equal(fused[gt != 255], gt[gt != 255])  # annotation never changes
+    kept, kept_num = fuse_labels(gt, token_labels, num_seen=3, min_region=0.0, max_seen_share=1.0)
+    assert kept_num.tolist() == [4] and (kept[0, 4, :5] == 3).all()  # 1.0 = the old behaviour
+    _, strict_num = fuse_labels(gt, token_labels, num_seen=3, min_region=0.0, max_seen_share=0.3)
+    assert strict_num.tolist() == [2]  # region 1 (40 %) goes too; region 2 (20 % per class) stays

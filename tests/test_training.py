@@ -17,6 +17,7 @@ from clipzss.predict import Segmenter
 from clipzss.training import (
     NonFiniteLossError,
     StreamSampler,
+    TrainParts,
     load_training_state,
     lr_factor,
     train,
@@ -213,3 +214,71 @@ def test_torchrun_launches_ddp_training(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert load_training_state(tmp_path / "run")["step"] == 2
+
+
+def _parts(cfg: Config) -> TrainParts:
+    from clipzss.data import build_dataset, seen_lookup
+    from clipzss.modules import GLM, Synthesizer
+    from clipzss.student import build_student
+    from clipzss.teacher import build_teacher
+
+    teacher = build_teacher(cfg.teacher, device=torch.device("cpu"))
+    split = build_dataset(cfg, "train", train=True).split
+    text_seen = teacher.text_embeddings(list(split.class_names))[list(split.seen)]
+    return TrainParts(
+        cfg,
+        teacher,
+        build_student(cfg.student),
+        GLM(cfg.method, teacher.embed_dim),
+        Synthesizer.from_config(cfg.method, teacher.embed_dim),
+        text_seen,
+        seen_lookup(split),
+        torch.device("cpu"),
+    )
+
+
+def test_crop_padding_never_gets_a_pseudo_label_and_reaches_the_losses_as_padding(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PadTo marks padding -1; train_step turns it into ignored labels plus a ``valid`` mask (GLM, synthesizer)."""
+    import clipzss.training as training
+
+    parts = _parts(cfg)
+    seen: dict[str, torch.Tensor] = {}
+
+    def capture(R: torch.Tensor, labels: torch.Tensor, *args: object, **kwargs: object) -> dict:
+        seen["labels"], seen["valid"] = labels, kwargs["valid"]
+        return {"loss": R.sum()}
+
+    monkeypatch.setattr(training, "compute_losses", capture)
+    masks = torch.full((2, 64, 64), 255, dtype=torch.long)  # all unlabelled image content...
+    masks[:, :, 40:] = -1  # ...except the padded right part of each crop
+    masks[0, :20, :20] = 0
+    batch = {"image": torch.randn(2, 3, 64, 64), "mask": masks}
+    training.train_step(parts, batch)
+    labels, valid = seen["labels"], seen["valid"]
+    assert torch.equal(valid, masks != -1)
+    # Padding gets no pseudo id and no seen id (the lookup of a clamped -1 would give seen class 0).
+    assert (labels[~valid] == 255).all()
+    num_seen = parts.text_seen.shape[0]
+    assert (labels[valid & (masks == 255)] >= num_seen).any()  # unlabelled image content does get pseudo ids
+
+
+def test_compiled_student_saves_a_checkpoint_that_loads(cfg: Config) -> None:
+    """torch.compile prefixes state-dict keys with ``_orig_mod.``; checkpoints must hold the plain module's keys."""
+    from clipzss.training import build_optimizer, save_training_state
+
+    parts = _parts(cfg)
+    plain = parts.student
+    parts.student = torch.compile(plain)  # compiled lazily: nothing runs until a forward
+    assert all(k.startswith("_orig_mod.") for k in parts.student.state_dict())  # the bug's cause
+    optimizer = build_optimizer(plain, [parts.synthesizer], cfg)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True)
+    ckpt = save_training_state(out, 3, parts, optimizer, {"class_names": "a,b"})
+    assert not any(k.startswith("_orig_mod.") for k in load_file(str(ckpt)))
+    seg = Segmenter.from_checkpoint(ckpt, device="cpu")
+    for key, value in plain.state_dict().items():
+        assert torch.equal(seg.student.state_dict()[key], value)
+    state = load_training_state(out)
+    assert not any(k.startswith("_orig_mod.") for k in state["student"])

@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from clipzss.data.splits import PAD_INDEX
 from clipzss.data.transforms import (
     PhotometricDistortion,
     build_eval_transform,
@@ -128,10 +129,11 @@ def test_train_transform_exact_crop_and_nearest_masks(
     assert out_image.shape == (3, crop, crop) and out_image.dtype == torch.float32
     assert out_mask.shape == (crop, crop) and out_mask.dtype == torch.int64
     assert type(out_image) is torch.Tensor and type(out_mask) is torch.Tensor
-    assert set(out_mask.unique().tolist()) <= set(values.tolist()) | {255}
+    assert set(out_mask.unique().tolist()) <= set(values.tolist()) | {PAD_INDEX}
 
 
-def test_train_transform_pads_image_with_zero_and_mask_with_ignore() -> None:
+def test_train_transform_pads_image_with_zero_and_mask_with_the_pad_value() -> None:
+    """Padding is marked -1, not 255: an ignored pixel may get a pseudo label, a padded one never."""
     image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
     mask = torch.randint(0, 4, (20, 30))
     transform = build_train_transform(
@@ -139,7 +141,8 @@ def test_train_transform_pads_image_with_zero_and_mask_with_ignore() -> None:
     )
     out_image, out_mask = transform(image, mask)
     assert out_image.shape == (3, 48, 48)
-    assert (out_mask[20:] == 255).all() and (out_mask[:, 30:] == 255).all()
+    assert (out_mask[20:] == PAD_INDEX).all() and (out_mask[:, 30:] == PAD_INDEX).all()
+    assert PAD_INDEX != 255 and not (out_mask == 255).any()
     assert (out_image[:, 20:] == 0).all() and (out_image[:, :, 30:] == 0).all()
     assert torch.equal(out_mask[:20, :30], mask)  # short side already 20: no resize, whole image kept
     assert torch.allclose(out_image[:, :20, :30], _normalised(image), atol=1e-5)

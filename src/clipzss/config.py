@@ -105,7 +105,8 @@ class MethodConfig:
     pseudo_labels: bool = True
     multi_scale: bool = True
     mask_fusion: bool = True
-    synthesizer: bool = True
+    # Off by default: the anchored synthesizer did not beat teacher-token prototypes (benchmarks/README.md).
+    synthesizer: bool = False
     nel: bool = True
     ce: bool = True
     # GLM
@@ -114,11 +115,28 @@ class MethodConfig:
     # pseudo labels
     kmeans_iters: int = 10
     window_divisors: tuple[int, ...] = (2, 4, 8)
-    fusion_threshold: float = 0.85
+    # K-Means on batch-centred tokens (the shared image-side component removed), where λ = 0.7 fits every world
+    # measured; on raw tokens the best λ moves with the modality gap (0.85 without, 0.95 with) [ours,
+    # benchmarks/README.md "Token centring"]. center_tokens=false with fusion_threshold=0.85 is the old setting.
+    center_tokens: bool = True
+    fusion_threshold: float = 0.7
     min_region: float = 0.01
-    # synthesizer
+    # A pseudo region more than this share of which is one seen class is that class's rim and stays ignored
+    # (1.0 keeps every region). [ours] chosen from benchmarks/README.md "Seen rims".
+    max_seen_share: float = 0.5
+    # synthesizer: prototypes start at the teacher's mean token over each region; the decoder adds a correction.
     synth_layers: int = 2
     synth_heads: int = 8
+    synth_context: bool = True  # the student's (detached) region means join the queries as extra context
+    # L_bce, prototype → own text: "bce" (multi-label BCE over P_seen × T_seen at bce_scale·cos + bce_bias) or
+    # "softmax" (CE over T_seen at 1/tau). SigLIP's initial scale 10 and bias -10, kept fixed: optimising the loss
+    # alone then ends at the own text (cos 1.0 for 15 and 156 random texts); learnt (bce_learnable) they drift to a
+    # max-margin direction (cos 0.67-0.72), and the old fixed 1/tau with bias 0 ends at cos 0.25 / 0.08 [ours,
+    # tests/test_losses.py]. The old behaviour: bce_scale=14.2857, bce_bias=0.
+    bce: str = "bce"
+    bce_scale: float = 10.0
+    bce_bias: float = -10.0
+    bce_learnable: bool = False
     # logits and losses
     alpha: float = 1 / 0.07
     beta: float | None = None  # None = alpha

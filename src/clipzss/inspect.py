@@ -185,15 +185,17 @@ def pseudo_regions(
         dense: (B, C, h, w) teacher tokens.
         unlabelled: (B, H, W) bool, the pixels training would fill (ground truth 255).
         windows, fusion_threshold: the variant (see ``clustering_variants``).
-        method: kmeans_iters and min_region.
+        method: kmeans_iters, min_region and center_tokens.
 
     Returns:
         (B, H, W) int64.
     """
     import torch
 
-    from clipzss.pseudo_labels import cluster_regions, fuse_labels
+    from clipzss.pseudo_labels import center_tokens, cluster_regions, fuse_labels
 
+    if method.center_tokens:  # as training does (there over each batch, here over the images given)
+        dense = center_tokens(dense)
     token_labels, _ = cluster_regions(dense, list(windows), method.kmeans_iters, fusion_threshold)
     annotated = torch.where(unlabelled, IGNORE_INDEX, 0).long()  # one "seen" id for every annotated pixel
     fused, _ = fuse_labels(annotated, token_labels, 1, method.min_region)

@@ -198,28 +198,43 @@ def prototype_bce_loss(
     p_seen: torch.Tensor,
     p_seen_class: torch.Tensor,
     text_seen: torch.Tensor,
-    scale: float = 1 / 0.07,
+    scale: float | torch.Tensor = 1 / 0.07,
     valid: torch.Tensor | None = None,
-    bias: float = 0.0,
+    bias: float | torch.Tensor = 0.0,
+    mode: str = "bce",
 ) -> torch.Tensor:
-    """Multi-label BCE-with-logits over the N×S_n matrix scale·cos(P_seen, T_seen) + bias, target 1 on the matching
-    class and 0 elsewhere (the transcribed formula has no negatives; DESIGN.md §2). Mean over the entries of valid
-    rows; 0 when no row is valid.
+    """L_bce: ties each seen prototype to its own text over the N×S_n matrix scale·cos(P_seen, T_seen) + bias.
+
+    ``mode="bce"``: multi-label BCE-with-logits, target 1 on the matching class and 0 elsewhere, mean over the
+    entries of valid rows. Where its optimum lies depends on scale and bias: with 1/τ and bias 0 the negatives
+    dominate and optimising P alone ends at cosine 0.25 to the own text for 15 classes and 0.08 for 156; at
+    SigLIP's initial values (scale 10, bias -10; Zhai et al. 2023), the trainer's default, a positive pulls until
+    its cosine is 1 while negatives push only above cosine 0.5, so P ends at its own text. ``mode="softmax"``:
+    cross-entropy over the S_n texts (bias unused), mean over valid rows. 0 when no row is valid.
 
     Args:
         p_seen: (N, C) seen-class prototypes.
         p_seen_class: (N,) long, the seen class of each prototype (ignored where not valid).
         text_seen: (S_n, C) seen-class text embeddings.
-        scale: logit scale (1/τ).
+        scale: logit scale, a number or a () tensor (learnable).
         valid: (N,) bool, rows that are real prototypes; None = all. Masking instead of indexing avoids a sync.
-        bias: added to the logits (0 = the DESIGN.md default).
+        bias: added to the logits, a number or a () tensor (learnable).
+        mode: "bce" or "softmax".
     """
+    if mode not in ("bce", "softmax"):
+        raise ValueError(f"prototype_bce_loss mode must be 'bce' or 'softmax', got '{mode}'")
     num_classes = text_seen.shape[0]
-    logits = scale * F.normalize(p_seen.float(), dim=-1) @ F.normalize(text_seen.float(), dim=-1).T + bias
+    cos = F.normalize(p_seen.float(), dim=-1) @ F.normalize(text_seen.float(), dim=-1).T  # (N, S_n)
+    weights = torch.ones(cos.shape[0], device=cos.device) if valid is None else valid.float()
+    classes = torch.arange(num_classes, device=p_seen.device)
+    if mode == "softmax":
+        target_ids = torch.where(weights > 0, p_seen_class, 0).clamp(0, max(num_classes - 1, 0))
+        rows = F.cross_entropy(scale * cos, target_ids, reduction="none")  # (N,)
+        return (rows * weights).sum() / weights.sum().clamp_min(1)
+    logits = scale * cos + bias
     # A comparison, not F.one_hot: one_hot validates its input's range on the host (a device sync on CUDA).
-    target = (p_seen_class[:, None] == torch.arange(num_classes, device=p_seen.device)).float()  # (N, S_n)
+    target = (p_seen_class[:, None] == classes).float()  # (N, S_n)
     rows = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=1)  # (N,)
-    weights = torch.ones_like(rows) if valid is None else valid.float()
     return (rows * weights).sum() / (weights.sum() * num_classes).clamp_min(1)
 
 
@@ -253,6 +268,7 @@ def compute_losses(
     glm: GLM | None = None,
     synthesizer: Synthesizer | None = None,
     max_pseudo: int | None = None,
+    valid: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every loss term of one training step after the student forward, each multiplied by its weight.
 
@@ -262,7 +278,8 @@ def compute_losses(
 
     Args:
         R: (B, C, h, w) student embeddings (stride 4, unnormalised).
-        labels: (B, H, W) fused labels F: seen ids, pseudo ids >= num_seen (only with cfg.pseudo_labels), 255.
+        labels: (B, H, W) fused labels F: seen ids, pseudo ids >= num_seen (only with cfg.pseudo_labels), 255
+            (unlabelled and padding alike).
         text_seen: (S_n, C) seen text embeddings.
         teacher_cls: (B, C) teacher CLS, normalised.
         teacher_dense: (B, C, h', w') teacher dense tokens, normalised.
@@ -272,9 +289,11 @@ def compute_losses(
         synthesizer: the Synthesizer (possibly DDP-wrapped), needed when cfg.synthesizer.
         max_pseudo: host-side upper bound on pseudo regions per image (e.g. int(num_pseudo.max()) from
             pseudo_labels). None reads it from ``labels``: one host-device sync per step.
+        valid: (B, H, W) bool, False on crop padding: excluded from GLM's pooling and the synthesizer's keys (the
+            losses already ignore it through ``labels``). None = every pixel is image.
     """
     # modules imports info_nce from here, so its names are imported at call time.
-    from clipzss.modules import count_pseudo_slots, teacher_pseudo_prototypes
+    from clipzss.modules import count_pseudo_slots, downsample_labels, teacher_pseudo_prototypes
 
     if not (cfg.glm or cfg.synthesizer or cfg.nel or cfg.ce):
         raise ValueError("every loss is switched off (method.glm, synthesizer, nel and ce are all false)")
@@ -290,7 +309,10 @@ def compute_losses(
     with torch.autocast(R.device.type, enabled=False):
         R = R.float()
         if cfg.glm:
-            losses["glm"] = cfg.w_glm * glm(R, teacher_cls)
+            feat_valid = (
+                None if valid is None else downsample_labels(valid.long(), tuple(R.shape[-2:])).bool()
+            )
+            losses["glm"] = cfg.w_glm * glm(R, teacher_cls, feat_valid)
 
         num_pseudo = 0
         if cfg.pseudo_labels:
@@ -302,11 +324,16 @@ def compute_losses(
             )
         pseudo_protos = pseudo_valid = None
         if cfg.synthesizer:
-            regions = synthesizer(R, labels, teacher_cls, teacher_dense, num_seen, num_pseudo)
+            regions = synthesizer(R, labels, teacher_cls, teacher_dense, num_seen, num_pseudo, valid)
             seen_protos, seen_valid = regions.seen()  # (B, S_n, C), (B, S_n)
             classes = torch.arange(num_seen, device=R.device).repeat(batch)  # (B*S_n,)
+            if cfg.bce not in ("bce", "softmax"):
+                raise ValueError(f"method.bce='{cfg.bce}' is not one of bce, softmax")
+            scale, bias = (1 / cfg.tau, 0.0) if cfg.bce == "softmax" else (cfg.bce_scale, cfg.bce_bias)
+            if regions.logit_scale is not None:  # method.bce_learnable: the synthesizer's own scale and bias
+                scale, bias = regions.logit_scale, regions.logit_bias
             losses["bce"] = cfg.w_bce * prototype_bce_loss(
-                seen_protos.flatten(0, 1), classes, text_seen, 1 / cfg.tau, seen_valid.flatten()
+                seen_protos.flatten(0, 1), classes, text_seen, scale, seen_valid.flatten(), bias, cfg.bce
             )
             if num_pseudo:
                 pseudo_protos, pseudo_valid = regions.pseudo()

@@ -2,7 +2,8 @@
 
 Shapes: R (B, C, h, w) student embeddings at stride 4 (not normalised); S (B, C) teacher CLS and D (B, C, h', w')
 teacher dense tokens, both L2-normalised and without grad; F (B, H, W) fused labels at label resolution with
-0 .. S_n-1 seen classes, S_n .. S_n+P-1 pseudo regions and 255 ignore.
+0 .. S_n-1 seen classes, S_n .. S_n+P-1 pseudo regions and 255 ignore (crop padding included); ``valid``
+(B, H, W) bool marks the pixels that are image, not padding.
 
 Regions are laid out in *slots indexed by label id*: slot k of every image holds region id k (seen class k for
 k < S_n, pseudo region k - S_n after that), padded when the id is absent. Shapes therefore depend only on host-side
@@ -186,8 +187,13 @@ class GLM(nn.Module):
         self.normalize_keys = normalize_keys
         self.bank = CLSBank(cfg.bank_size, embed_dim) if cfg.bank and cfg.bank_size > 0 else None
 
-    def pool(self, R: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted CLS Ŝ (B, C) L2-normalised and attention W (B, h, w) summing to 1 over positions."""
+    def pool(
+        self, R: torch.Tensor, S: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted CLS Ŝ (B, C) L2-normalised and attention W (B, h, w) summing to 1 over positions.
+
+        ``valid`` (B, h, w) bool excludes positions (crop padding) from the pooling: W is 0 there.
+        """
         if R.ndim != 4 or S.shape != (R.shape[0], R.shape[1]):
             raise ValueError(
                 f"GLM needs R (B, C, h, w) and S (B, C) with the same B and C, got {tuple(R.shape)} and "
@@ -198,13 +204,19 @@ class GLM(nn.Module):
         if self.normalize_keys:
             feats = F.normalize(feats, dim=1)
         query = S.detach().float()  # (B, C)
-        attn = torch.softmax(torch.einsum("bc,bcl->bl", query, feats) / math.sqrt(c), dim=-1)  # (B, L)
+        scores = torch.einsum("bc,bcl->bl", query, feats) / math.sqrt(c)  # (B, L)
+        if valid is not None:
+            keep = valid.flatten(1)
+            # An all-padding crop (none in practice) pools uniformly instead of giving NaN.
+            keep = keep | ~keep.any(dim=1, keepdim=True)
+            scores = scores.masked_fill(~keep, -math.inf)
+        attn = torch.softmax(scores, dim=-1)  # (B, L)
         pred = torch.einsum("bl,bcl->bc", attn, feats)  # (B, C)
         return F.normalize(pred, dim=-1), attn.view(b, h, w)
 
-    def forward(self, R: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    def forward(self, R: torch.Tensor, S: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """L_global: InfoNCE of Ŝ against S, negatives = the batch's other CLS tokens plus the bank."""
-        pred, _ = self.pool(R, S)
+        pred, _ = self.pool(R, S, valid)
         negatives = self.bank.negatives() if self.bank is not None else None
         return info_nce(pred, F.normalize(S.detach().float(), dim=-1), negatives, self.tau)
 
@@ -226,6 +238,8 @@ class Regions:
     region_ids: torch.Tensor  # (B, Q) long, the F id of each slot, -1 for padding
     valid: torch.Tensor  # (B, Q) bool
     num_seen: int
+    logit_scale: torch.Tensor | None = None  # () L_bce's learnt scale (method.bce_learnable), else None
+    logit_bias: torch.Tensor | None = None  # () L_bce's learnt bias (method.bce_learnable), else None
 
     def seen(self) -> tuple[torch.Tensor, torch.Tensor]:
         """P_seen (B, S_n, C) and its validity (B, S_n): slot k is seen class k."""
@@ -236,22 +250,47 @@ class Regions:
         return self.prototypes[:, self.num_seen :], self.valid[:, self.num_seen :]
 
 
-class Synthesizer(nn.Module):
-    """Transformer decoder turning region means of R into prototypes, attending to the teacher's [S; D] tokens.
+BCE_MODES = ("bce", "softmax")
 
-    Queries: L2-normalised means of R over each seen class and pseudo region of F present in the image (F nearest-
-    downsampled to R's size; gradients flow into R). Keys/values: the teacher's CLS and dense tokens of the same image
-    (1 + h'·w' tokens; one CLS key alone would make cross-attention trivial). Absent ids are padding slots, masked
-    out of the self-attention keys. Pre-norm layers; the memory gets its own LayerNorm because unit-norm teacher
-    tokens have tiny entries (≈1/√C); a final linear layer follows the decoder's LayerNorm.
+
+class Synthesizer(nn.Module):
+    """Prototypes anchored to the teacher: P = normalise(teacher region mean + Δ), Δ from a transformer decoder.
+
+    A region's prototype starts from the teacher's (detached) mean token over that region, the only channel that
+    carries what the teacher knows about a pseudo region; the decoder learns a correction Δ (its output layer is
+    zero-initialised, so at the start P *is* the teacher's region mean, exactly ``teacher_pseudo_prototypes``).
+    L_bce on P_seen teaches Δ what separates the teacher's image space from text space (e.g. a modality gap), and
+    the same Δ is applied to the pseudo regions. Queries: the anchor, plus (``student_context``) a projection of
+    the student's detached region mean. Keys/values: the teacher's CLS and dense tokens of the same image (padded
+    crop positions masked). Slots of absent ids are padding, masked out of the self-attention keys.
+
+    Regions are found at the teacher's token resolution (F nearest-downsampled to D's grid); a region too small to
+    hold a token centre there has no anchor and is invalid (its pixels are then ignored by the losses).
+
+    With ``learn_bce=True`` the module also owns L_bce's logit scale (log-parametrised) and bias as parameters.
     """
 
-    def __init__(self, embed_dim: int, num_layers: int = 2, num_heads: int = 8, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_layers: int = 2,
+        num_heads: int = 8,
+        dropout: float = 0.0,
+        student_context: bool = True,
+        learn_bce: bool = False,
+        bce_scale: float = 10.0,
+        bce_bias: float = -10.0,
+    ) -> None:
         super().__init__()
         if num_layers < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(
                 f"Synthesizer needs num_layers >= 1 and embed_dim divisible by num_heads, got embed_dim={embed_dim}, "
                 f"num_layers={num_layers}, num_heads={num_heads}"
+            )
+        if bce_scale <= 0 or not math.isfinite(bce_scale) or not math.isfinite(bce_bias):
+            raise ValueError(
+                f"method.bce_scale must be a finite number > 0 and method.bce_bias finite, got {bce_scale} and "
+                f"{bce_bias}"
             )
         self.embed_dim = embed_dim
         layer = nn.TransformerDecoderLayer(
@@ -263,20 +302,42 @@ class Synthesizer(nn.Module):
             norm_first=True,
         )
         self.decoder = nn.TransformerDecoder(layer, num_layers, norm=nn.LayerNorm(embed_dim))
+        # Unit-norm teacher tokens have tiny entries (≈1/√C): the memory gets its own LayerNorm.
         self.memory_norm = nn.LayerNorm(embed_dim)
-        # A LayerNorm output has zero mean over channels; the projection lets prototypes leave that hyperplane
-        # (text embeddings are not zero-mean).
+        self.context = nn.Linear(embed_dim, embed_dim) if student_context else None
+        # Δ = proj(decoder output), zero at initialisation: prototypes start exactly at the teacher's region means.
         self.proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.learn_bce = learn_bce
+        if learn_bce:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(bce_scale)))
+            self.logit_bias = nn.Parameter(torch.tensor(float(bce_bias)))
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, embed_dim: int) -> Synthesizer:
-        return cls(embed_dim, cfg.synth_layers, cfg.synth_heads)
+        return cls(
+            embed_dim,
+            cfg.synth_layers,
+            cfg.synth_heads,
+            student_context=cfg.synth_context,
+            learn_bce=cfg.bce_learnable,
+            bce_scale=cfg.bce_scale,
+            bce_bias=cfg.bce_bias,
+        )
 
-    def decode(self, queries: torch.Tensor, valid: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """Run the decoder: queries (B, Q, C), valid (B, Q) bool, memory (B, M, C) → (B, Q, C) unnormalised.
+    def decode(
+        self,
+        queries: torch.Tensor,
+        valid: torch.Tensor,
+        memory: torch.Tensor,
+        memory_padding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder: queries (B, Q, C), valid (B, Q) bool, memory (B, M, C) → Δ (B, Q, C).
 
         Padding slots never act as keys, so valid outputs do not depend on them. An image with no valid slot keeps
-        slot 0 unmasked: a fully masked attention row would be NaN and leak NaN gradients.
+        slot 0 unmasked: a fully masked attention row would be NaN and leak NaN gradients. ``memory_padding``
+        (B, M) bool marks memory tokens to ignore (padded crop positions).
         """
         dtype = self.memory_norm.weight.dtype
         if queries.shape[1] == 0:
@@ -284,7 +345,10 @@ class Synthesizer(nn.Module):
         padding = ~valid
         padding[:, 0] &= valid.any(dim=1)
         out = self.decoder(
-            queries.to(dtype), self.memory_norm(memory.to(dtype)), tgt_key_padding_mask=padding
+            queries.to(dtype),
+            self.memory_norm(memory.to(dtype)),
+            tgt_key_padding_mask=padding,
+            memory_key_padding_mask=memory_padding,
         )
         return self.proj(out)  # (B, Q, C)
 
@@ -296,17 +360,19 @@ class Synthesizer(nn.Module):
         D: torch.Tensor,
         num_seen: int,
         num_pseudo: int | None = None,
+        valid: torch.Tensor | None = None,
     ) -> Regions:
         """Prototypes for every seen class and pseudo region present in each image.
 
         Args:
             R: (B, C, h, w) student embeddings.
-            labels: (B, H, W) fused labels F.
+            labels: (B, H, W) fused labels F (padding already 255).
             S: (B, C) teacher CLS.
             D: (B, C, h', w') teacher dense tokens.
             num_seen: number of seen classes S_n.
             num_pseudo: pseudo slots per image, a host-side upper bound on any image's pseudo regions. None reads
                 it from ``labels`` (one host-device sync).
+            valid: (B, H, W) bool, False on crop padding (those teacher tokens are masked from the keys).
 
         Returns:
             Regions with Q = num_seen + num_pseudo slots.
@@ -319,11 +385,26 @@ class Synthesizer(nn.Module):
             )
         if num_pseudo is None:
             num_pseudo = count_pseudo_slots(labels, num_seen)
-        small = downsample_labels(labels, (h, w))  # (B, h, w)
-        means, ids, valid = region_means(R, small, num_seen + num_pseudo)  # (B, Q, C)
-        memory = torch.cat([S[:, None], D.flatten(2).transpose(1, 2)], dim=1).detach()  # (B, 1 + h'w', C)
-        out = self.decode(F.normalize(means, dim=-1), valid, memory)
-        return Regions(F.normalize(out.float(), dim=-1), ids, valid, num_seen)
+        slots = num_seen + num_pseudo
+        grid = tuple(D.shape[-2:])
+        D = D.detach().float()
+        anchor, ids, present = region_means(D, downsample_labels(labels, grid), slots)  # (B, Q, C)
+        anchor = F.normalize(anchor, dim=-1)
+        queries = anchor * math.sqrt(c)  # unit-variance entries, like the decoder's other inputs
+        if self.context is not None:
+            student, _, _ = region_means(R.detach().float(), downsample_labels(labels, (h, w)), slots)
+            queries = queries + self.context(F.normalize(student, dim=-1) * math.sqrt(c))
+        tokens = D.flatten(2).transpose(1, 2)  # (B, h'w', C)
+        memory = torch.cat([S.detach().float()[:, None], tokens], dim=1)  # (B, 1 + h'w', C)
+        memory_padding = None
+        if valid is not None:
+            token_ok = downsample_labels(valid.long(), grid).bool().flatten(1)  # (B, h'w')
+            memory_padding = torch.cat([torch.zeros_like(token_ok[:, :1]), ~token_ok], dim=1)
+        delta = self.decode(queries, present, memory, memory_padding)
+        prototypes = F.normalize(anchor + delta.float(), dim=-1)
+        if self.learn_bce:
+            return Regions(prototypes, ids, present, num_seen, self.logit_scale.exp(), self.logit_bias)
+        return Regions(prototypes, ids, present, num_seen)
 
 
 def count_pseudo_slots(labels: torch.Tensor, num_seen: int, ignore_index: int = IGNORE_INDEX) -> int:

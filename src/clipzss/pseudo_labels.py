@@ -399,10 +399,32 @@ def cluster_regions(
     return rearrange(labels, "b (h w) -> b h w", h=h, w=w), num_regions
 
 
+def center_tokens(dense: torch.Tensor) -> torch.Tensor:
+    """Subtract the mean token of the batch (over images and positions) and renormalise.
+
+    CLIP's image tokens share a large common component (the modality gap: they sit in a narrow cone away from the
+    text embeddings, and MaskCLIP tokens leak the image's global content). It raises every cosine between tokens,
+    so a fixed fusion threshold λ merges different classes once the shared part grows: in the synthetic world the
+    best λ moved from 0.85 to 0.95 when a gap was added. Centred tokens keep the differences only, and one λ fits
+    every world measured (benchmarks/README.md, "Token centring"). The mean is over the whole batch, so the batch
+    should hold several images (training batches do); a single image is centred on its own mean.
+
+    Args:
+        dense: (B, C, h, w) tokens.
+
+    Returns:
+        (B, C, h, w) centred tokens, L2-normalised along C.
+    """
+    x = dense.to(_compute_dtype(dense))
+    x = F.normalize(x, dim=1)
+    return F.normalize(x - x.mean(dim=(0, 2, 3), keepdim=True), dim=1)
+
+
 def token_regions(dense: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``cluster_regions`` configured from ``MethodConfig`` (multi_scale, mask_fusion, kmeans_iters, ...).
 
-    ``multi_scale=False`` keeps only the middle window size (index len // 2: window 7 of [14, 7, 4] on a 28×28
+    ``center_tokens`` clusters batch-centred tokens (see ``center_tokens``). ``multi_scale=False`` keeps only the
+    middle window size (index len // 2: window 7 of [14, 7, 4] on a 28×28
     grid, 16 seeds), the scale between too-coarse and too-fragmented. ``mask_fusion=False`` keeps every non-empty
     centroid as its own region (see ``cluster_regions``).
 
@@ -414,6 +436,8 @@ def token_regions(dense: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor,
         sizes = [sizes[len(sizes) // 2]]
     threshold = cfg.fusion_threshold if cfg.mask_fusion else None
     with torch.no_grad():
+        if cfg.center_tokens:
+            dense = center_tokens(dense)
         return cluster_regions(dense, sizes, cfg.kmeans_iters, threshold)
 
 
@@ -423,13 +447,18 @@ def fuse_labels(
     num_seen: int,
     min_region: float = 0.01,
     ignore_index: int = 255,
+    valid: torch.Tensor | None = None,
+    max_seen_share: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill the ignored area of the ground truth with pseudo-region ids ``num_seen + r``.
 
     The token map is upsampled nearest (source index floor(i·h/H), as ``F.interpolate``) to the label size.
-    Annotated pixels keep their ground truth. A region whose ignored-area pixels cover less than ``min_region`` of
-    the crop is dropped (stays ``ignore_index``): tiny fragments make noisy classes. The surviving regions are
-    renumbered compactly in their original order, so image b uses num_seen .. num_seen + num_pseudo[b] - 1.
+    Annotated pixels keep their ground truth; padded pixels (``valid`` False) never get a pseudo label. A region is
+    dropped (its pixels stay ``ignore_index``) when its ignored-area pixels cover less than ``min_region`` of the
+    crop (tiny fragments make noisy classes), or when more than ``max_seen_share`` of its image pixels carry one
+    seen class: such a region is that seen class's rim (VOC's 255 bands, unlabelled borders), not new content, and
+    as a "new class" CE would push the seen class away from its own text. The surviving regions are renumbered
+    compactly in their original order, so image b uses num_seen .. num_seen + num_pseudo[b] - 1.
 
     Args:
         gt: (B, H, W) int64 labels in the seen-index space 0 .. num_seen - 1, ``ignore_index`` elsewhere.
@@ -437,6 +466,8 @@ def fuse_labels(
         num_seen: number of seen classes (first pseudo channel).
         min_region: minimum fraction of the H·W crop a region must cover inside the ignored area.
         ignore_index: the ignore label.
+        valid: (B, H, W) bool, False on padding; None = every pixel is image.
+        max_seen_share: largest share of a region's image pixels one seen class may hold (1.0 keeps all).
 
     Returns:
         fused (B, H, W) int64 and num_pseudo (B,) int64.
@@ -446,6 +477,8 @@ def fuse_labels(
             f"fuse_labels needs gt (B, H, W) and token_labels (B, h, w) with the same B, "
             f"got {tuple(gt.shape)} and {tuple(token_labels.shape)}"
         )
+    if valid is not None and valid.shape != gt.shape:
+        raise ValueError(f"valid must match gt {tuple(gt.shape)}, got {tuple(valid.shape)}")
     if num_seen < 0:
         raise ValueError(f"num_seen must be >= 0, got {num_seen}")
     batch, height, width = gt.shape
@@ -454,11 +487,20 @@ def fuse_labels(
     rows = torch.arange(height, device=device) * h // height
     cols = torch.arange(width, device=device) * w // width
     regions = token_labels.long()[:, rows][:, :, cols]  # (B, H, W) nearest upsampling, exact integer indices
-    ignored = gt == ignore_index  # (B, H, W)
-    num_bins = h * w + 1  # bin h*w collects annotated pixels
+    image = torch.ones_like(gt, dtype=torch.bool) if valid is None else valid.bool()
+    ignored = (gt == ignore_index) & image  # (B, H, W): unlabelled image content, the only pixels filled
+    num_bins = h * w + 1  # bin h*w collects the pixels that are not counted
     binned = torch.where(ignored, regions, num_bins - 1).flatten(1)  # (B, H*W)
     area = _bincount(binned, num_bins)[:, :-1]  # (B, h*w) ignored pixels per region
     keep = (area > 0) & (area >= min_region * height * width)
+    if max_seen_share < 1.0 and num_seen > 0:
+        # Joint histogram (region, seen class) over the annotated pixels, plus each region's image pixels.
+        annotated = (gt >= 0) & (gt < num_seen) & image
+        joint = torch.where(annotated, regions * num_seen + gt.long(), h * w * num_seen).flatten(1)
+        per_class = _bincount(joint, h * w * num_seen + 1)[:, :-1].view(batch, h * w, num_seen)
+        total = _bincount(torch.where(image, regions, h * w).flatten(1), num_bins)[:, :-1]  # (B, h*w)
+        rim = per_class.max(dim=-1).values > max_seen_share * total
+        keep &= ~rim
     new_ids = num_seen + keep.long().cumsum(dim=1) - 1  # (B, h*w)
     pseudo = new_ids.gather(1, regions.flatten(1)).view(batch, height, width)
     kept = keep.gather(1, regions.flatten(1)).view(batch, height, width)
@@ -467,18 +509,24 @@ def fuse_labels(
 
 
 def pseudo_labels(
-    dense: torch.Tensor, gt: torch.Tensor, num_seen: int, cfg: MethodConfig
+    dense: torch.Tensor,
+    gt: torch.Tensor,
+    num_seen: int,
+    cfg: MethodConfig,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainer's entry point: fused labels F from teacher tokens and ground truth (DESIGN.md §1).
 
     Honours ``cfg.pseudo_labels`` (off: the ground truth unchanged, zero pseudo regions), ``multi_scale``,
-    ``mask_fusion``, ``kmeans_iters``, ``window_divisors``, ``fusion_threshold`` and ``min_region``.
+    ``mask_fusion``, ``kmeans_iters``, ``window_divisors``, ``fusion_threshold``, ``min_region`` and
+    ``max_seen_share``.
 
     Args:
         dense: (B, C, h, w) teacher dense tokens, L2-normalised along C.
         gt: (B, H, W) int64 labels, seen indices or 255.
         num_seen: number of seen classes.
         cfg: the method config.
+        valid: (B, H, W) bool, False on padding (never pseudo-labelled); None = all image.
 
     Returns:
         fused (B, H, W) int64 and num_pseudo (B,) int64.
@@ -487,4 +535,6 @@ def pseudo_labels(
         if not cfg.pseudo_labels:
             return gt.long().clone(), torch.zeros(gt.shape[0], dtype=torch.long, device=gt.device)
         token_labels, _ = token_regions(dense, cfg)
-        return fuse_labels(gt, token_labels, num_seen, cfg.min_region)
+        return fuse_labels(
+            gt, token_labels, num_seen, cfg.min_region, valid=valid, max_seen_share=cfg.max_seen_share
+        )

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipzss.checkpoint import atomic_write, save_checkpoint
 from clipzss.config import Config
-from clipzss.data import build_dataset, build_eval_dataset, seen_lookup
+from clipzss.data import IGNORE_INDEX, PAD_INDEX, build_dataset, build_eval_dataset, seen_lookup
 from clipzss.evaluate import evaluate
 from clipzss.losses import compute_losses
 from clipzss.modules import GLM, Synthesizer
@@ -268,14 +268,16 @@ def train_step(
     """One forward of teacher, pseudo labels, student and losses; returns (losses, teacher CLS for the bank)."""
     cfg, device = parts.cfg, parts.device
     images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
-    masks = batch["mask"].to(device, non_blocking=True)  # (B, H, W) dataset ids, unseen already 255
+    masks = batch["mask"].to(device, non_blocking=True)  # (B, H, W) dataset ids, unseen already 255, pad -1
+    valid = masks != PAD_INDEX  # (B, H, W) image pixels (PadTo marks crop padding apart from "unlabelled")
     labels = parts.label_lut[masks.clamp(0, 255)]  # (B, H, W) seen index or 255
+    labels = torch.where(valid, labels, IGNORE_INDEX)
     num_seen = parts.text_seen.shape[0]
     with torch.no_grad():
         cls, dense = parts.teacher.encode_image(images)  # (B, C), (B, C, h, w)
         num_pseudo = None
         if cfg.method.pseudo_labels:
-            labels, num_pseudo = pseudo_labels(dense, labels, num_seen, cfg.method)
+            labels, num_pseudo = pseudo_labels(dense, labels, num_seen, cfg.method, valid)
     with autocast_context(cfg, device):
         embeddings = parts.student(images)  # (B, C, H/4, W/4)
     # The step's one host read (it spares compute_losses from scanning the labels), made once the student forward
@@ -293,6 +295,7 @@ def train_step(
         parts.glm,
         synth,
         max_pseudo=max_pseudo,
+        valid=valid,
     )
     return losses, cls
 
@@ -346,7 +349,15 @@ def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
 
 
 def _unwrap(module: nn.Module | None) -> nn.Module | None:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    """The plain module under DDP and ``torch.compile`` wrappers, whose state dicts would prefix every key
+    (``module.``, ``_orig_mod.``) so that a checkpoint could not be loaded into a plain model."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            module = module._orig_mod
+        else:
+            return module
 
 
 def save_training_state(
@@ -483,9 +494,7 @@ def train(
     student = build_student(cfg.student).to(device)
     glm = GLM(cfg.method, teacher.embed_dim).to(device) if cfg.method.glm else None
     synth = (
-        Synthesizer(teacher.embed_dim, cfg.method.synth_layers, cfg.method.synth_heads).to(device)
-        if cfg.method.synthesizer
-        else None
+        Synthesizer.from_config(cfg.method, teacher.embed_dim).to(device) if cfg.method.synthesizer else None
     )
     if info.enabled and device.type == "cuda":  # batch statistics over all GPUs (SyncBatchNorm is CUDA-only)
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)

@@ -19,6 +19,7 @@ from clipzss.data.datasets import (
 from clipzss.data.splits import (
     DATASET_CLASSES,
     IGNORE_INDEX,
+    PAD_INDEX,
     STANDARD_UNSEEN,
     Split,
     make_split,
@@ -32,6 +33,7 @@ __all__ = [
     "DATASET_NAMES",
     "EXPECTED_IMAGES",
     "IGNORE_INDEX",
+    "PAD_INDEX",
     "STANDARD_UNSEEN",
     "SYNTHETIC_CLASSES",
     "WIDE_IGNORE_INDEX",

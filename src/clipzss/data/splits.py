@@ -18,6 +18,9 @@ import torch
 from clipzss.data.ade847 import ADE847_CLASSES
 
 IGNORE_INDEX = 255
+# The mask value of training-crop padding (PadTo). Distinct from IGNORE_INDEX: an ignored pixel is image content
+# without a label (it may get a pseudo label), a padded pixel is not image at all (it never gets one).
+PAD_INDEX = -1
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",

@@ -6,7 +6,8 @@ global RNG (seed it with ``torch.manual_seed``; DataLoader workers get distinct 
 
 Training (mmseg's ZegCLIP/SegFormer pipeline): random rescale with ``img_scale = (4·scale, scale)`` and a ratio in
 ``ratio_range`` → random crop with the ``cat_max_ratio`` rule → horizontal flip → photometric distortion →
-normalise → pad to the crop size (image 0 after normalisation, i.e. the mean colour; mask 255), as mmseg does.
+normalise → pad to the crop size (image 0 after normalisation, i.e. the mean colour, as mmseg does; mask
+``PAD_INDEX`` = -1, not 255, so the trainer can tell padding from unlabelled image content).
 Evaluation: resize the image (short side ``short_side``), normalise; the mask keeps its original resolution because
 the evaluator upsamples logits to it.
 """
@@ -26,7 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
-from clipzss.data.splits import IGNORE_INDEX
+from clipzss.data.splits import IGNORE_INDEX, PAD_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +176,13 @@ class RandomCropCatMax(v2.Transform):
 
 
 class PadTo(v2.Transform):
-    """Pad bottom/right up to ``size`` × ``size``: images with ``image_fill``, masks with the ignore index."""
+    """Pad bottom/right up to ``size`` × ``size``: images with ``image_fill``, masks with ``PAD_INDEX``.
 
-    def __init__(self, size: int, image_fill: float = 0.0, mask_fill: int = IGNORE_INDEX) -> None:
+    Padding is marked apart from the ignore label: padded pixels must never receive pseudo labels, enter GLM's
+    pooling or region means, or count in any loss (masks with 255 there made padding a pseudo class).
+    """
+
+    def __init__(self, size: int, image_fill: float = 0.0, mask_fill: int = PAD_INDEX) -> None:
         super().__init__()
         self.size = size
         self.image_fill = image_fill

@@ -1,4 +1,4 @@
-"""The synthetic world of benchmarks/synthetic_world.py, its aligned teacher, and the CI guard of the method.
+"""The synthetic world of clipzss.worlds.synthetic, its aligned teacher, and the CI guard of the method.
 
 The guard trains two students through the ordinary `clipzss.training.train` (seen-only baseline vs. the full
 method) and asserts that the full method segments the unseen classes clearly better. The margin below was measured
@@ -7,18 +7,15 @@ over seeds (benchmarks/README.md): keep it in step with those numbers.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import synthetic_world as sw
+import torch.nn.functional as F
 
 from clipzss.teacher import Teacher
+from clipzss.worlds import synthetic as sw
 
 # The guard's setting and margin, measured by `benchmarks/evidence.py --seeds 3 --guard-iters 120`: full − baseline
 # mIoU(U) was 19.6, 4.3 and 12.1 points for seeds 0, 1, 2 (baseline 0.2-1.4). The test runs seed 0. Shorter runs were
@@ -64,6 +61,40 @@ def test_text_vectors_are_fixed_unit_vectors() -> None:
     assert torch.equal(a, sw.text_vector(" Red dots", 64))
     assert float(a.norm()) == pytest.approx(1.0)
     assert abs(float(a @ sw.text_vector("red stripes", 64))) < 0.5
+
+
+def test_structured_text_relates_names_that_share_an_attribute() -> None:
+    def vec(name: str) -> torch.Tensor:
+        return sw.text_vector(name, 64, mode="structured")
+
+    shared = [
+        float(vec("red dots") @ vec(n)) for n in ("red stripes", "blue dots", "red waves", "green dots")
+    ]
+    unrelated = [float(vec("red dots") @ vec(n)) for n in ("blue stripes", "green waves", "yellow checker")]
+    assert min(shared) > 0.25 and max(abs(u) for u in unrelated) < 0.25
+    assert float(vec("red dots").norm()) == pytest.approx(1.0)
+    assert torch.equal(vec("a cat"), sw.text_vector("a cat", 64))  # names outside the world: random vectors
+    with pytest.raises(ValueError, match="text mode"):
+        sw.text_vector("red dots", 64, mode="clip")
+
+
+def test_modality_gap_lowers_token_text_cosines_without_reordering_classes(
+    teacher: sw.AlignedTeacher,
+) -> None:
+    images = sw._normalise(
+        torch.stack([sw.WorldScenes(split="val", num_images=2).load(i)[0] for i in range(2)])
+    )
+    text = teacher.text_embeddings(sw.WORLD_CLASSES)
+    assert teacher.spec.gap > 0 and float((text @ teacher.gap_dir).abs().max()) < 1e-5  # orthogonal to text
+    flat = sw.AlignedTeacher(sw.dataclasses.replace(teacher.spec, gap=0.0))
+    flat.semantic.load_state_dict(teacher.semantic.state_dict())
+    with_gap = torch.einsum("bchw,kc->bkhw", teacher.encode_image(images)[1], text)
+    without = torch.einsum("bchw,kc->bkhw", flat.encode_image(images)[1], text)
+    assert torch.equal(with_gap.argmax(1), without.argmax(1))
+    assert float(with_gap.max(1).values.mean()) < 0.8 * float(without.max(1).values.mean())
+    cls = F.normalize(teacher.encode_image(images)[0], dim=-1)
+    # The shared component also makes the CLS tokens of different images alike.
+    assert float(cls[0] @ cls[1]) > 0.6
 
 
 def test_aligned_teacher_follows_the_teacher_protocol(teacher: sw.AlignedTeacher) -> None:
