@@ -334,4 +334,4 @@ def test_compute_losses_requires_the_modules_it_is_told_to_use() -> None:
     with pytest.raises(ValueError, match="no GLM"):
         compute_losses(**inputs, num_seen=NUM_SEEN, cfg=MethodConfig(synthesizer=False))
     with pytest.raises(ValueError, match="no Synthesizer"):
-        compute_losses(**inputs, num_seen=NUM_SEEN, cfg=MethodConfig(glm=False))
+        compute_losses(**inputs, num_seen=NUM_SEEN, cfg=MethodConfig(glm=False, synthesizer=True))

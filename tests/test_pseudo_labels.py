@@ -13,6 +13,7 @@ from sklearn.cluster import KMeans
 from clipzss.config import MethodConfig
 from clipzss.pseudo_labels import (
     assign_tokens,
+    center_tokens,
     fuse_centroids,
     fuse_labels,
     kmeans,
@@ -315,7 +316,7 @@ def test_three_patches_are_recovered_as_three_regions() -> None:
 
 def test_no_fusion_single_scale_is_plain_kmeans() -> None:
     dense, _ = three_patch_grid(seed=7)
-    cfg = MethodConfig(multi_scale=False, mask_fusion=False, kmeans_iters=4)
+    cfg = MethodConfig(multi_scale=False, mask_fusion=False, kmeans_iters=4, center_tokens=False)
     labels, num = token_regions(dense[None], cfg)
     middle = window_sizes(12, 12, cfg.window_divisors)[1]  # [6, 3, 2] → 3
     plain = kmeans(dense.flatten(1).T[None], window_seeds(dense[None], middle), iters=4)
@@ -331,7 +332,7 @@ def test_batched_equals_per_image_and_is_deterministic() -> None:
     dense = F.normalize(dense, dim=1)
     gt = torch.randint(0, 5, (3, 36, 36), generator=gen)
     gt[:, :, 10:30] = 255
-    cfg = MethodConfig()
+    cfg = MethodConfig(center_tokens=False)  # centring uses the batch mean: batching then changes the tokens
     labels, num = token_regions(dense, cfg)
     fused, num_pseudo = pseudo_labels(dense, gt, 5, cfg)
     for b in range(3):
@@ -376,3 +377,24 @@ def test_fuse_labels_drops_regions_lying_mostly_on_one_seen_class() -> None:
     assert kept_num.tolist() == [4] and (kept[0, 4, :5] == 3).all()  # 1.0 = the old behaviour
     _, strict_num = fuse_labels(gt, token_labels, num_seen=3, min_region=0.0, max_seen_share=0.3)
     assert strict_num.tolist() == [2]  # region 1 (40 %) goes too; region 2 (20 % per class) stays
+
+
+def test_center_tokens_removes_the_batch_mean_and_undoes_a_shared_offset() -> None:
+    """A shared image-side direction (CLIP's modality gap) makes two classes look alike (cosine 0.9 > λ = 0.7);
+    centred on the batch mean they are two regions again."""
+    a, b, g = torch.eye(8)[:3]
+    dense = torch.zeros(2, 8, 4, 4)
+    dense[:, :, :, :2] = (a + 3 * g)[None, :, None, None]
+    dense[:, :, :, 2:] = (b + 3 * g)[None, :, None, None]
+    dense = F.normalize(
+        dense + 0.01 * torch.randn(dense.shape, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    centred = center_tokens(dense)
+    torch.testing.assert_close(centred.norm(dim=1), torch.ones(2, 4, 4))
+    x = F.normalize(dense.double(), dim=1)
+    expected = F.normalize(x - x.mean(dim=(0, 2, 3), keepdim=True), dim=1).float()
+    torch.testing.assert_close(centred, expected)
+    _, raw_num = token_regions(dense, MethodConfig(center_tokens=False, fusion_threshold=0.7))
+    labels, num = token_regions(dense, MethodConfig(center_tokens=True, fusion_threshold=0.7))
+    assert raw_num.tolist() == [1, 1]  # merged by the shared component
+    assert num.tolist() == [2, 2] and (labels[:, :, :2] != labels[:, :, 2:3]).all()

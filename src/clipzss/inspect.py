@@ -179,7 +179,8 @@ def pseudo_regions(
     method: MethodConfig,
 ) -> torch.Tensor:
     """Pseudo-region id of every unlabelled pixel as training makes it (K-Means, fusion, fuse_labels with
-    ``min_region``), -1 elsewhere and where the region was dropped.
+    ``min_region``), -1 elsewhere and where the region was dropped. Regions are scored before training's seen-rim
+    filter (``max_seen_share``), which needs per-class seen labels that this view does not have.
 
     Args:
         dense: (B, C, h, w) teacher tokens.
