@@ -1,4 +1,5 @@
-"""Interrupted training: SIGTERM saves and exits cleanly; SIGKILL at random moments, then --resume, ends bit-identical."""
+"""Interrupted training: SIGTERM saves and exits cleanly; SIGKILL at random moments, then --resume, ends bit-identical;
+a kill mid-write leaves temporaries the resume removes; a second training into a busy folder fails at once."""
 
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(straight, tmp_path
     step = torch.load(out / STATE_NAME, weights_only=True)["step"]
     assert 1 <= step < 400
     assert not list(out.glob(".*.tmp")), "no half-written files"
+    assert not (out / "train.lock").exists(), "the lock goes with the process"
 
 
 @pytest.mark.slow
@@ -109,6 +111,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(straight, tmp_pa
             if torch.load(out / STATE_NAME, weights_only=True)["step"] == ITERS:
                 break
         _assert_same(straight, load_file(str(out / "model.safetensors")))
+        assert not list(out.glob(".*.tmp")), "resume removes what a kill mid-write left"
+        assert not (out / "train.lock").exists()
 
 
 SITECUSTOMIZE = """
@@ -140,3 +144,88 @@ def test_ddp_rank_failure_ends_every_rank(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "simulated failure on rank 1" in done.stdout + done.stderr
     assert time.monotonic() - start < 200, "the surviving rank did not hang until a collective timeout"
+
+
+STALL_SECOND_STATE_WRITE = """
+import os
+if os.environ.get("STALL_MARKER"):  # the second training-state write stops after writing its temporary file
+    import time
+    import torch
+    real_save = torch.save
+    calls = [0]
+    def stalling_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if isinstance(obj, dict) and "rng_torch" in obj:
+            calls[0] += 1
+            if calls[0] == 2:
+                open(os.environ["STALL_MARKER"], "w").close()
+                time.sleep(300)
+    torch.save = stalling_save
+"""
+
+
+@pytest.mark.slow
+def test_kill_mid_checkpoint_write_leaves_temporaries_that_the_resume_removes(tmp_path: Path) -> None:
+    """A SIGKILL while the step-2 checkpoint is being written orphans its temporaries (tens of MB for a real
+    student) and the lock; the resume replaces the stale lock, removes the temporaries and says how many bytes."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STALL_SECOND_STATE_WRITE)
+    out, marker = tmp_path / "run", tmp_path / "stalled"
+    env = {
+        **ENV,
+        "STALL_MARKER": str(marker),
+        "PYTHONPATH": os.pathsep.join([str(hook), ENV.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(
+        _cmd(out, tmp_path / "cache"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the second checkpoint write never started"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    orphans = list(out.glob(".*.tmp"))
+    assert any(p.name.startswith(".train_state.pt.") for p in orphans), orphans
+    size = sum(p.stat().st_size for p in orphans)
+    assert (out / "train.lock").exists() and torch.load(out / STATE_NAME, weights_only=True)["step"] == 1
+    done = _run(_cmd(out, tmp_path / "cache", resume=True))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"removed {len(orphans)} stale temporary files ({size:,} bytes)" in done.stderr
+    assert f"PID {proc.pid} is no longer running" in done.stderr
+    assert not list(out.glob(".*.tmp")) and not (out / "train.lock").exists()
+    assert torch.load(out / STATE_NAME, weights_only=True)["step"] == ITERS
+
+
+@pytest.mark.slow
+def test_two_trainings_into_one_folder_the_second_fails_at_once(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        _cmd(out, tmp_path / "cache", iters=400),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "train.lock").exists():
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        second = _run(_cmd(out, tmp_path / "cache", iters=400))
+        assert second.returncode == 2
+        lines = [line for line in second.stderr.splitlines() if line.startswith("clipzss train: error:")]
+        assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        assert str(out) in lines[0] and f"PID {first.pid}" in lines[0]
+        _wait_for_state(out, first)
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 130, err[-2000:]  # the first training was not disturbed
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert not (out / "train.lock").exists()

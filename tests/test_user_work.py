@@ -2,30 +2,41 @@
 
 Each test holds one guarantee of docs/reliability.md: same-name images keep every result, bad CLIP weights files and
 corrupt images in worker processes are one line naming the file, colours match the legend for any vocabulary, names
-CLIP cannot tell apart are refused on every path, the demo bounds its requests and caches, and a checkpoint's
-config is validated like user input.
+CLIP cannot tell apart are refused on every path, the demo bounds its requests and caches, a checkpoint's config is
+validated like user input, a rejected resume writes nothing, run folders are refused and locked, stale temporaries
+are cleaned and a full disk at a save is one line that keeps the last checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import pickle
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from clipzss.checkpoint import CheckpointError, load_checkpoint, validate_loaded_config
+from clipzss.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, validate_loaded_config
 from clipzss.cli import main, user_message
+from clipzss.config import load_config
 from clipzss.names import parse_class_names
 from clipzss.predict import LRUCache, Segmenter
+from clipzss.runs import RUN_FILES, RunFolderError, RunLock
+from clipzss.training import ResumeError, TrainingInterrupted, load_training_state, train
 from clipzss.visualize import colorize, output_names, overlay, palette, prediction_folder, save_prediction
+from conftest import tiny_config, tiny_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -319,3 +330,400 @@ def test_checkpoint_overrides_that_fetch_weights_are_refused(
     ckpt = _rewrite(trained_checkpoint, tmp_path / "fetch.safetensors", plant)
     with pytest.raises(CheckpointError, match=rf"{section}\.{key}\.\S+ would load pretrained weights"):
         Segmenter.from_checkpoint(ckpt, device="cpu")
+
+
+# --- 2. a rejected resume leaves the run as it was -----------------------------------------------------------------
+
+
+def _copy_run(trained_checkpoint: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's finished 2-step run (model, state at step 2, config.yaml)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_checkpoint.parent, run, ignore=shutil.ignore_patterns("tb"))
+    return run
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
+
+
+def test_resume_that_changes_the_model_shape_is_refused_before_anything_is_written(
+    trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy_run(trained_checkpoint, tmp_path)
+    before = _snapshot(run)
+    resume = ["train", str(run / "config.yaml"), f"train.output_dir={run}"]
+    changed = [
+        *resume,
+        "student.encoder=mit_b1",
+        "method.bank_size=16",
+        "train.lr=1e-3",
+        "--resume",
+        str(run),
+    ]
+    line = _one_error_line(
+        changed, capsys, "cannot resume", "student.encoder: 'mit_b0' → 'mit_b1'", "method.bank_size: 8 → 16"
+    )
+    assert "train.lr" not in line and "state_dict" not in line  # only the fields that refuse, no tensor dump
+    assert _snapshot(run) == before  # config.yaml included: the documented resume command still works
+    assert not (run / "train.lock").exists()
+    with pytest.raises(ResumeError, match=r"student\.arch_kwargs"):
+        train(
+            load_config(
+                run / "config.yaml",
+                [f"train.output_dir={run}", 'student.arch_kwargs={"decoder_segmentation_channels": 64}'],
+            ),
+            resume=run,
+        )
+    assert _snapshot(run) == before
+
+
+def test_weights_that_do_not_fit_are_one_line_and_nothing_is_written(
+    trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A state without a config to compare (older files) is still checked tensor by tensor, in one line."""
+    run = _copy_run(trained_checkpoint, tmp_path)
+    state = torch.load(run / "train_state.pt", weights_only=True)
+    del state["config"]
+    torch.save(state, run / "train_state.pt")
+    before = _snapshot(run)
+    argv = ["train", str(run / "config.yaml"), f"train.output_dir={run}", "student.encoder=mit_b1"]
+    _one_error_line(
+        [*argv, "--resume", str(run)], capsys, "its student weights do not fit", "of another shape"
+    )
+    assert _snapshot(run) == before and not (run / "train.lock").exists()
+
+
+def test_resume_into_a_folder_that_holds_another_run_is_refused(
+    trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = _copy_run(trained_checkpoint, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"another run")
+    argv = ["train", str(source / "config.yaml"), f"train.output_dir={other}", "--resume", str(source)]
+    _one_error_line(argv, capsys, str(other), "holds another run", "--overwrite")
+    assert _snapshot(other) == {"model.safetensors": b"another run"}
+
+
+def test_resume_that_changes_only_the_schedule_warns_old_to_new_and_continues(
+    trained_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = _copy_run(trained_checkpoint, tmp_path)
+    argv = [
+        "train",
+        str(run / "config.yaml"),
+        f"train.output_dir={run}",
+        "train.max_iters=3",
+        "train.lr=1e-4",
+    ]
+    with caplog.at_level(logging.WARNING, logger="clipzss"):
+        assert main([*argv, "method.w_nel=0.5", "method.nel=false", "--resume", str(run)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if "changed settings" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    for change in (
+        "train.max_iters: 2 → 3",
+        "train.lr: 6e-05 → 0.0001",
+        "method.w_nel: 1.0 → 0.5",
+        "method.nel",
+    ):
+        assert change in warnings[0], warnings[0]
+    state = load_training_state(run)
+    assert state["step"] == 3 and state["config"]["train"]["max_iters"] == 3
+    # the new lr is the one trained with (not the saved optimizer's): encoder group at lr, head at lr × mult
+    assert min(g["base_lr"] for g in state["optimizer"]["param_groups"]) == pytest.approx(1e-4)
+
+
+# --- 3. run folders are protected ----------------------------------------------------------------------------------
+
+
+def _train_argv(run: Path, cache: Path, iters: int = 1) -> list[str]:
+    extra = {
+        "data.dataset": "synthetic",
+        "train.max_iters": iters,
+        "train.batch_size": 2,
+        "train.warmup_iters": 1,
+        "train.eval_interval": 0,
+        "train.ckpt_interval": 1,
+        "train.output_dir": run,
+    }
+    return ["train", *tiny_overrides(cache, extra)]
+
+
+def test_fresh_training_refuses_a_folder_that_holds_a_run_unless_told_to_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in RUN_FILES:
+        run = tmp_path / f"holds_{name.replace('.', '_')}"
+        run.mkdir()
+        (run / name).write_bytes(b"the user's own run")
+        argv = _train_argv(run, tmp_path / "cache")
+        hint = f"--resume {run}" if name == "train_state.pt" else "no training state to resume"
+        _one_error_line(argv, capsys, str(run), "already holds a run", name, hint, "--overwrite")
+        assert _snapshot(run) == {name: b"the user's own run"}
+        with pytest.raises(RunFolderError, match="already holds a run"):
+            train(tiny_config(run, tmp_path / "cache"))
+        assert _snapshot(run) == {name: b"the user's own run"}
+    run = tmp_path / "holds_model_safetensors"
+    assert main([*_train_argv(run, tmp_path / "cache"), "--overwrite"]) == 0
+    assert load_checkpoint(run).meta["step"] == "1" and not (run / "train.lock").exists()
+
+
+HOLDER = """
+import sys, time
+from clipzss.runs import RunLock
+RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_training_into_a_busy_folder_fails_at_once_naming_the_pid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:
+    import clipzss.training as training
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        tic = time.monotonic()
+        _one_error_line(_train_argv(run, tmp_path / "cache"), capsys, str(run), "in use", f"PID {holder.pid}")
+        assert time.monotonic() - tic < 20, "refused before anything is built"
+        with pytest.raises(RunFolderError, match=f"PID {holder.pid}"):
+            train(tiny_config(run, tmp_path / "cache"))
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = json.loads(
+        (run / "train.lock").read_text()
+    )  # a dead process's lock: stale, replaced with a log line
+    assert lock["pid"] == holder.pid and lock["host"] == socket.gethostname()
+    held = {}
+
+    def look_then_stop(*args, **kwargs):
+        held.update(json.loads((run / "train.lock").read_text()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "build_teacher", look_then_stop)
+    with caplog.at_level(logging.INFO, logger="clipzss"), pytest.raises(KeyboardInterrupt):
+        train(tiny_config(run, tmp_path / "cache"))
+    assert held["pid"] == os.getpid()
+    assert "replaced a stale lock" in caplog.text and f"PID {holder.pid} is no longer running" in caplog.text
+    assert not (run / "train.lock").exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        KeyboardInterrupt(),
+        TrainingInterrupted(1, Path("run"), "SIGTERM"),
+        ValueError("bad dataset"),
+        MemoryError(),
+    ],
+    ids=["KeyboardInterrupt", "TrainingInterrupted", "ValueError", "MemoryError"],
+)
+def test_the_run_lock_is_released_however_training_ends(
+    error: BaseException, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clipzss.training as training
+
+    run = tmp_path / "run"
+    held = []
+
+    def fail(*args, **kwargs):
+        held.append((run / "train.lock").is_file())
+        raise error
+
+    monkeypatch.setattr(training, "build_teacher", fail)
+    with pytest.raises(type(error)):
+        train(tiny_config(run, tmp_path / "cache"))
+    assert held == [True] and not (run / "train.lock").exists()
+    assert not (run / "config.yaml").exists(), "a start that failed leaves no run behind"
+
+
+def test_only_rank_zero_locks_and_every_rank_fails_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun rank 1 never touches the folder (even one rank 0 holds) and learns rank 0's outcome."""
+    import clipzss.training as training
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"x")
+    sent = {"message": None}
+    monkeypatch.setattr(
+        training.dist, "broadcast_object_list", lambda items, src: items.__setitem__(0, sent["message"])
+    )
+    rank1 = training.DistInfo(rank=1, world_size=2)
+    with RunLock(run):  # held by "rank 0"
+        assert training._open_run_folder(run, rank1, None, False) is None
+        sent["message"] = "refused by rank 0"
+        with pytest.raises(RunFolderError, match=r"rank 0 .*refused by rank 0"):
+            training._open_run_folder(run, rank1, None, False)
+    assert _snapshot(run) == {"model.safetensors": b"x"}
+
+
+def test_quickstart_moves_on_from_its_default_folder_and_refuses_a_taken_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from clipzss.quickstart import DEFAULT_OUT, output_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert output_folder(DEFAULT_OUT) == DEFAULT_OUT  # free: used as it is
+    DEFAULT_OUT.mkdir(parents=True)
+    (DEFAULT_OUT / "model.safetensors").write_bytes(b"the first quick start")
+    assert output_folder(DEFAULT_OUT) == Path("runs/quickstart-2")
+    assert "this one writes to runs/quickstart-2" in capsys.readouterr().out
+    Path("runs/quickstart-2").mkdir()
+    (Path("runs/quickstart-2") / "train.lock").write_text("{}")  # one running now
+    assert output_folder(DEFAULT_OUT) == Path("runs/quickstart-3")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("a run")
+    _one_error_line(["quickstart", "--out", str(mine)], capsys, str(mine), "already holds a run", "--out")
+    assert _snapshot(mine) == {"config.yaml": b"a run"}
+    assert (DEFAULT_OUT / "model.safetensors").read_bytes() == b"the first quick start"
+
+
+# --- 4. temporaries of killed checkpoint writes are cleaned ------------------------------------------------------
+
+
+STALE = {
+    ".train_state.pt.a1b2c3d4.tmp": 3000,
+    ".model.safetensors.zz_9x8y7.tmp": 500,
+    ".config.yaml.k2j4h6g8.tmp": 7,
+}
+NOT_TEMPORARIES = [
+    "notes.tmp",
+    ".train_state.pt.tmp",
+    "train_state.pt.abcdefgh.tmp",
+    ".hidden",
+    ".x.ABCDEFGH.tmp",
+]
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
+def test_stale_temporaries_are_removed_at_start_up_and_nothing_else(
+    resume: bool,
+    trained_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import clipzss.training as training
+
+    run = _copy_run(trained_checkpoint, tmp_path) if resume else tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    for name, size in STALE.items():
+        (run / name).write_bytes(b"\0" * size)
+    for name in NOT_TEMPORARIES:
+        (run / name).write_text("keep")
+    (run / "sub").mkdir()
+    (run / "sub" / ".model.safetensors.abcdefgh.tmp").write_text(
+        "keep"
+    )  # only the run folder itself is cleaned
+    (run / ".train_state.pt.dir12345.tmp").mkdir()  # not a file
+    kept = {name: data for name, data in _snapshot(run).items() if name not in STALE}
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(training, "build_teacher", stop)
+    cfg = (
+        load_config(run / "config.yaml", [f"train.output_dir={run}"])
+        if resume
+        else tiny_config(run, tmp_path)
+    )
+    with caplog.at_level(logging.INFO, logger="clipzss"), pytest.raises(Stop):
+        train(cfg, resume=run if resume else None)
+    assert _snapshot(run) == kept
+    assert (run / "sub" / ".model.safetensors.abcdefgh.tmp").is_file()
+    assert (run / ".train_state.pt.dir12345.tmp").is_dir()
+    assert "removed 3 stale temporary files (3,507 bytes)" in caplog.text
+
+
+# --- 7. a full disk at a checkpoint save -------------------------------------------------------------------------
+
+
+def _disk_full(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the next checkpoint write fail as a full disk does, after writing part of its temporary file."""
+    import clipzss.checkpoint as checkpoint
+
+    def partial(tmp: object) -> None:
+        Path(str(tmp)).write_bytes(b"\0" * 1000)
+
+    if kind == "torch":  # the state's writer: torch's zip writer finds the file shorter than it wrote
+
+        def save(obj: object, tmp: object, *args: object, **kwargs: object) -> None:
+            partial(tmp)
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 26755584 vs 26755472"
+            )
+
+        monkeypatch.setattr(torch, "save", save)
+        return
+    error = (
+        OSError(errno.ENOSPC, "No space left on device")
+        if kind == "oserror"
+        else SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+    )
+
+    def save_file(tensors: object, tmp: str, metadata: object = None) -> None:
+        partial(tmp)
+        raise error
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors", "torch"])
+def test_disk_full_at_a_save_is_one_line_and_keeps_the_last_good_checkpoint(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clipzss.training as training
+
+    cfg = tiny_config(tmp_path / "run", tmp_path / "cache")
+    out = Path(cfg.train.output_dir)
+    out.mkdir()
+    student = torch.nn.Linear(4, 3)
+    parts = training.TrainParts(cfg, None, student, None, None, None, None, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(student.parameters())
+    with monkeypatch.context() as patch:  # the first save
+        _disk_full(kind, patch)
+        with pytest.raises(CheckpointWriteError) as caught:
+            training.save_training_state(out, 2, parts, optimizer, {})
+    message = str(caught.value)
+    assert "\n" not in message and str(out) in message and "no space left on device" in message
+    assert "no checkpoint saved yet" in message
+    assert list(out.iterdir()) == [], "no partial temporary, no half checkpoint"
+    training.save_training_state(out, 2, parts, optimizer, {})
+    good = _snapshot(out)
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    with monkeypatch.context() as patch:  # a later save
+        _disk_full(kind, patch)
+        with pytest.raises(CheckpointWriteError) as caught:
+            training.save_training_state(out, 4, parts, optimizer, {})
+    message = str(caught.value)
+    assert "\n" not in message and "no space left on device" in message
+    assert f"{out / 'model.safetensors'} (step 2)" in message
+    assert _snapshot(out) == good, "the previous checkpoint (weights, config, state) is unchanged"
+
+
+def test_disk_full_during_training_is_one_line_from_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    _disk_full("torch", monkeypatch)
+    _one_error_line(
+        _train_argv(run, tmp_path / "cache"),
+        capsys,
+        str(run),
+        "no space left on device",
+        "no checkpoint saved yet",
+    )
+    assert not list(run.glob(".*.tmp")) and not (run / "train.lock").exists()

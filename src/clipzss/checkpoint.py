@@ -7,10 +7,12 @@ the file is the one that counts, so a checkpoint alone rebuilds its model.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,32 +42,143 @@ class Checkpoint:
 
 def atomic_write(path: Path, write: callable) -> None:
     """Write through a temporary file in the same folder and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(writes: list[tuple[Path, callable]]) -> None:
+    """Write every file to a temporary beside it (fsynced), then rename them all: a failure in any write leaves
+    every previous file unchanged, and removes the temporaries written so far.
+
+    Temporaries are named ``.<name>.<8 random characters>.tmp`` (`TEMPORARY` matches them); only a kill can leave
+    one behind, and `remove_stale_temporaries` clears those from a run folder.
+    """
+    temporaries: list[tuple[Path, Path]] = []
     try:
-        write(Path(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        for path, write in writes:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            temporaries.append((Path(tmp), path))
+            write(Path(tmp))
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        for tmp, path in temporaries:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in temporaries:
+            tmp.unlink(missing_ok=True)
         raise
 
 
-def save_checkpoint(
+# tempfile.mkstemp's names: the prefix, 8 characters of its alphabet, the suffix.
+TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | Path) -> tuple[int, int]:
+    """Remove the temporaries a killed `atomic_write_all` left directly in `folder`; (files, bytes) removed.
+
+    Only regular files named like the writer's temporaries are touched; call it while no writer runs there (the
+    run folder's lock is held).
+    """
+    folder = Path(folder)
+    count = size = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0, 0
+    for entry in entries:
+        if not TEMPORARY.match(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            nbytes = entry.stat(follow_symlinks=False).st_size
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        count, size = count + 1, size + nbytes
+    if count:
+        log.info(
+            "removed %d stale temporary file%s (%s bytes) from %s, left by an interrupted checkpoint write",
+            count,
+            "" if count == 1 else "s",
+            f"{size:,}",
+            folder,
+        )
+    return count, size
+
+
+def checkpoint_writes(
     path: str | Path, state_dict: dict[str, torch.Tensor], config: Config, **meta: str
-) -> Path:
-    """Save student weights + config atomically; ``meta`` adds string fields (step, teacher identity, ...)."""
+) -> list[tuple[Path, callable]]:
+    """The files of an inference checkpoint (weights + config, and ``config.yaml`` beside it), for `atomic_write_all`."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / CHECKPOINT_NAME
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     metadata = {"format": FORMAT, "config": json.dumps(config.to_dict())}
     metadata.update({k: str(v) for k, v in meta.items()})
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    atomic_write(path.with_name("config.yaml"), config.save)
-    return path
+    return [
+        (path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata)),
+        (path.with_name("config.yaml"), config.save),
+    ]
+
+
+def save_checkpoint(
+    path: str | Path, state_dict: dict[str, torch.Tensor], config: Config, **meta: str
+) -> Path:
+    """Save student weights + config atomically; ``meta`` adds string fields (step, teacher identity, ...)."""
+    writes = checkpoint_writes(path, state_dict, config, **meta)
+    atomic_write_all(writes)
+    return writes[0][0]
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...); the previous checkpoint is kept unchanged."""
+
+
+# How a full disk shows: OSError ENOSPC/EDQUOT, safetensors' "IoError(Os { code: 28, kind: StorageFull ...",
+# torch's "[enforce fail at inline_container.cc:672] . unexpected pos ..." / "... file write failed".
+_DISK_FULL = re.compile(
+    r"no space left|storagefull|os error 28|disk quota|quotaexceeded|unexpected pos|file write failed",
+    re.IGNORECASE,
+)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if _DISK_FULL.search(str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def last_checkpoint(folder: str | Path) -> str:
+    """The checkpoint a run folder holds, e.g. ``runs/x/model.safetensors (step 400)``, or "no checkpoint saved yet"."""
+    path = Path(folder) / CHECKPOINT_NAME
+    if not path.is_file():
+        return "no checkpoint saved yet"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            step = (handle.metadata() or {}).get("step")
+    except Exception:  # naming the file is enough
+        step = None
+    return f"the last good checkpoint is {path}" + (f" (step {step}), kept unchanged" if step else "")
+
+
+def write_failure(err: BaseException, folder: str | Path, what: str) -> CheckpointWriteError:
+    """One line for a failed checkpoint write: the folder, why (disk full or the error's first line), what is kept."""
+    if is_disk_full(err):
+        why = "no space left on device"
+    else:
+        lines = str(err).strip().splitlines()
+        why = _clip(lines[0] if lines else type(err).__name__)
+    return CheckpointWriteError(f"cannot save {what} in {folder}: {why}; {last_checkpoint(folder)}")
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:

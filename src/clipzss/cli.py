@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
     p.add_argument("--resume", default=None, help="run folder (or its train_state.pt) to continue from")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into train.output_dir even if it already holds a run, replacing it (refused otherwise)",
+    )
 
     p = command(
         "eval", "evaluate a checkpoint (or the MaskCLIP baseline) on a dataset: pAcc, mIoU(S/U), hIoU"
@@ -313,7 +318,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config, overrides = None, [config, *overrides]  # `clipzss train key=value ...` with the defaults
     cfg = load_config(config, overrides)
     try:
-        path = train(cfg, resume=args.resume)
+        path = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as stop:
         print(f"clipzss train: {stop}", file=sys.stderr)
         return 130

@@ -29,6 +29,25 @@ from clipzss.config import (
 log = logging.getLogger(__name__)
 
 DEFAULT_ITERS = 300
+DEFAULT_OUT = Path("runs/quickstart")  # `clipzss quickstart`'s --out default
+
+
+def output_folder(out: Path) -> Path:
+    """The folder the quick start writes: `out` when it holds no run. The default folder moves on to the next
+    free one (runs/quickstart-2, -3, ...) and says so; any other folder that holds a run is refused."""
+    from clipzss.runs import RunFolderError, next_free_folder, run_files, taken
+
+    out = Path(out)
+    if not taken(out):
+        return out
+    if out != DEFAULT_OUT:
+        held = ", ".join(run_files(out)) or "a training lock"
+        raise RunFolderError(
+            f"{out} already holds a run ({held}): choose another --out, or remove that folder"
+        )
+    chosen = next_free_folder(out)
+    print(f"{out} holds an earlier quick start: this one writes to {chosen}")
+    return chosen
 
 
 def quickstart_config(
@@ -71,6 +90,7 @@ def run_quickstart(
     out: Path, iters: int | None = None, teacher_weights: str | None = None, device: str = "auto"
 ) -> Path:
     """Run the quick start and return the path of its report."""
+    out = output_folder(out)
     if not teacher_weights or teacher_weights == "none":
         return _world_quickstart(out, iters, device)
     return _clip_quickstart(out, iters, teacher_weights, device)

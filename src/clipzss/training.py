@@ -10,6 +10,7 @@ The module is ``training`` rather than ``train`` so that ``clipzss.train`` stays
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -28,7 +29,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from clipzss.checkpoint import atomic_write, save_checkpoint
+from clipzss.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write,
+    atomic_write_all,
+    checkpoint_writes,
+    remove_stale_temporaries,
+    write_failure,
+)
 from clipzss.config import Config
 from clipzss.data import IGNORE_INDEX, PAD_INDEX, build_dataset, build_eval_dataset, seen_lookup
 from clipzss.evaluate import evaluate
@@ -36,6 +44,7 @@ from clipzss.losses import compute_losses
 from clipzss.modules import GLM, Synthesizer
 from clipzss.predict import Segmenter, resolve_device
 from clipzss.pseudo_labels import pseudo_labels
+from clipzss.runs import RunFolderError, RunLock, changed_fields, check_fresh, describe_change, is_shape_field
 from clipzss.student import Student, build_student
 from clipzss.teacher import Teacher, build_teacher
 
@@ -368,9 +377,13 @@ def save_training_state(
     meta: dict[str, str],
     scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """The inference checkpoint (safetensors + config) and the resumable state, each written atomically."""
+    """The inference checkpoint (safetensors + config) and the resumable state, written together atomically.
+
+    Every file goes to a temporary first and all are renamed only once all are complete, so a failed write (a
+    full disk) leaves the previous checkpoint exactly as it was; it is reported as one `CheckpointWriteError`
+    naming the folder and the checkpoint kept.
+    """
     student = _unwrap(parts.student)
-    ckpt = save_checkpoint(out, student.state_dict(), parts.cfg, step=str(step), **meta)
     state = {
         "step": step,
         "student": student.state_dict(),
@@ -382,8 +395,13 @@ def save_training_state(
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "config": parts.cfg.to_dict(),
     }
-    atomic_write(out / STATE_NAME, lambda tmp: torch.save(state, tmp))
-    return ckpt
+    writes = checkpoint_writes(out / CHECKPOINT_NAME, state["student"], parts.cfg, step=str(step), **meta)
+    writes.append((out / STATE_NAME, lambda tmp: torch.save(state, tmp)))
+    try:
+        atomic_write_all(writes)
+    except Exception as err:
+        raise write_failure(err, out, f"the checkpoint of step {step}") from err
+    return writes[0][0]
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
@@ -400,21 +418,143 @@ def load_training_state(path: Path) -> dict[str, Any]:
         ) from None
 
 
+class ResumeError(ValueError):
+    """A resume whose config or model does not fit the saved state; nothing was written."""
+
+
+def _resume_folder(resume: str | Path) -> Path:
+    resume = Path(resume)
+    return resume if resume.is_dir() else resume.parent
+
+
+def _optimizer_layout(train: dict[str, Any]) -> tuple[bool, bool] | None:
+    """What decides build_optimizer's parameter groups: head lr equal to the encoder's, and no weight decay."""
+    try:
+        lr, mult, wd = float(train["lr"]), float(train["head_lr_mult"]), float(train["weight_decay"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (lr * mult == lr, wd == 0.0)
+
+
+def check_resume_config(state: dict[str, Any], cfg: Config, resume: str | Path, warn: bool = True) -> None:
+    """Compare the config saved in the state with the new one, before anything is built or written.
+
+    A change to a field that decides which tensors exist or their shapes (`clipzss.runs.is_shape_field`, or one
+    that regroups the optimizer's parameters) raises `ResumeError` naming every such field in one line; other
+    changes (schedule, loss weights, switches without tensors) are logged as one warning, old → new.
+    """
+    old = state.get("config")
+    if not isinstance(old, dict):
+        log.warning("the training state in %s holds no config to compare with; resuming unchecked", resume)
+        return
+    new = cfg.to_dict()
+    changes = changed_fields(old, new)
+    shape = [c for c in changes if is_shape_field(c[0])]
+    old_layout, new_layout = _optimizer_layout(old.get("train", {})), _optimizer_layout(new["train"])
+    if old_layout is not None and old_layout != new_layout:
+        optimizer_fields = ("train.lr", "train.head_lr_mult", "train.weight_decay")
+        shape += [c for c in changes if c[0] in optimizer_fields]
+    if shape:
+        folder = _resume_folder(resume)
+        raise ResumeError(
+            f"cannot resume from {resume}: the new config changes the model's shape "
+            f"({'; '.join(describe_change(*c) for c in shape)}); resume with the run's own config "
+            f"(clipzss train {folder / 'config.yaml'} --resume {folder}) or start a new run in another folder"
+        )
+    if changes and warn:
+        log.warning(
+            "resuming %s with changed settings: %s", resume, "; ".join(describe_change(*c) for c in changes)
+        )
+
+
+def _check_fits(what: str, module: nn.Module, saved: dict[str, torch.Tensor], resume: str | Path) -> None:
+    """One line when saved weights do not fit a module (instead of load_state_dict's dump of every key)."""
+    current = module.state_dict()
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    reshaped = [k for k in current if k in saved and tuple(saved[k].shape) != tuple(current[k].shape)]
+    if missing or unexpected or reshaped:
+        counts = [
+            (len(missing), "missing"),
+            (len(unexpected), "unexpected"),
+            (len(reshaped), "of another shape"),
+        ]
+        example = (reshaped or missing or unexpected)[0]
+        raise ResumeError(
+            f"cannot resume from {resume}: its {what} weights do not fit this config's model "
+            f"({', '.join(f'{n} tensors {why}' for n, why in counts if n)}, e.g. {example})"
+        )
+
+
 def _restore(
-    state: dict[str, Any], parts: TrainParts, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    state: dict[str, Any],
+    parts: TrainParts,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    resume: str | Path = "the training state",
 ) -> int:
-    _unwrap(parts.student).load_state_dict(state["student"])
-    if parts.synthesizer is not None and state.get("synthesizer") is not None:
+    """Load a training state into freshly built parts; every mismatch is one `ResumeError`, checked first."""
+    student = _unwrap(parts.student)
+    _check_fits("student", student, state["student"], resume)
+    for what, module, saved in (
+        ("synthesizer", _unwrap(parts.synthesizer), state.get("synthesizer")),
+        ("GLM", parts.glm, state.get("glm")),
+    ):
+        if (module is None) != (saved is None):
+            had = "has" if saved is not None else "has no"
+            raise ResumeError(f"cannot resume from {resume}: it {had} {what} state and this config differs")
+        if module is not None:
+            _check_fits(what, module, saved, resume)
+    saved_groups = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+    groups = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_groups != groups:
+        raise ResumeError(
+            f"cannot resume from {resume}: its optimizer has parameter groups of {saved_groups} tensors, this "
+            f"config's has {groups} (train.head_lr_mult or train.weight_decay changed?)"
+        )
+    student.load_state_dict(state["student"])
+    if parts.synthesizer is not None:
         _unwrap(parts.synthesizer).load_state_dict(state["synthesizer"])
-    if parts.glm is not None and state.get("glm") is not None:
+    if parts.glm is not None:
         parts.glm.load_state_dict(state["glm"])
+    # load_state_dict takes the saved groups' hyper-parameters; the new config's lr and weight decay count.
+    fresh = [{"base_lr": g["base_lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, values in zip(optimizer.param_groups, fresh):
+        group.update(values)
     if state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_torch"])
     if torch.cuda.is_available() and state.get("rng_cuda"):
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return int(state["step"])
+
+
+def _open_run_folder(out: Path, info: DistInfo, resume: str | Path | None, overwrite: bool) -> RunLock | None:
+    """Rank 0 locks the run folder, refuses one that holds another run, and clears stale temporaries.
+
+    Under torchrun only rank 0 touches the folder; every rank learns its outcome, so all fail together.
+    """
+    lock, error = None, None
+    if info.main:
+        try:
+            lock = RunLock(out).acquire()
+            try:
+                check_fresh(out, _resume_folder(resume) if resume is not None else None, overwrite)
+                remove_stale_temporaries(out)
+            except BaseException:
+                lock.release()
+                raise
+        except (RunFolderError, OSError) as err:
+            error = err
+    if info.enabled:
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            raise RunFolderError(f"rank 0 could not open the run folder: {message[0]}")
+    if error is not None:
+        raise error
+    return lock
 
 
 # --- the loop ---------------------------------------------------------------------------------------------------
@@ -456,19 +596,45 @@ def train(
     train_set: Dataset | None = None,
     val_set: Dataset | None = None,
     resume: str | Path | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Train a student; objects passed here replace the ones the config would build. Returns the checkpoint path."""
+    """Train a student; objects passed here replace the ones the config would build. Returns the checkpoint path.
+
+    ``train.output_dir`` must not hold another run (model.safetensors, train_state.pt or config.yaml) unless
+    ``resume`` continues that run or ``overwrite`` is true; it is locked (``train.lock``) while training runs, and
+    temporaries left there by a killed checkpoint write are removed. A resume is checked against the saved config
+    before anything is written (`check_resume_config`).
+    """
+    state = load_training_state(Path(resume)) if resume is not None else None  # fail before building anything
+    info, device = setup_distributed(cfg.train.device)
+    if state is not None:
+        check_resume_config(state, cfg, resume, warn=info.main)
+    out = Path(cfg.train.output_dir)
+    with contextlib.ExitStack() as cleanup:  # on any exit: progress bar, TensorBoard writer, then the lock
+        lock = _open_run_folder(out, info, resume, overwrite)
+        if lock is not None:
+            cleanup.callback(lock.release)
+        return _train(cfg, teacher, train_set, val_set, state, resume, info, device, out, cleanup)
+
+
+def _train(
+    cfg: Config,
+    teacher: Teacher | None,
+    train_set: Dataset | None,
+    val_set: Dataset | None,
+    state: dict[str, Any] | None,
+    resume: str | Path | None,
+    info: DistInfo,
+    device: torch.device,
+    out: Path,
+    cleanup: contextlib.ExitStack,
+) -> Path:
+    """The body of `train`, with the run folder checked and locked; `cleanup` closes what it opens."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    state = load_training_state(Path(resume)) if resume is not None else None  # fail before building anything
-    info, device = setup_distributed(cfg.train.device)
     seed_everything(cfg.train.seed + info.rank)
-    out = Path(cfg.train.output_dir)
-    if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
-
     teacher = teacher or build_teacher(cfg.teacher, device=device)
     if teacher.embed_dim != cfg.student.embed_dim:
         raise ValueError(
@@ -512,7 +678,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_mode(cfg, device) == "fp16")
     start = 0
     if state is not None:
-        start = _restore(state, parts, optimizer, scaler)
+        start = _restore(state, parts, optimizer, scaler, resume)
         if info.main:
             log.info("resumed from %s at step %d", resume, start)
     if cfg.train.batch_size % info.world_size:
@@ -520,6 +686,8 @@ def train(
             f"train.batch_size={cfg.train.batch_size} is the global batch and must divide evenly over "
             f"{info.world_size} processes"
         )
+    if info.main:  # only now, with everything checked: a refused start leaves the folder as it was
+        atomic_write(out / "config.yaml", cfg.save)
     per_rank = cfg.train.batch_size // info.world_size
     sampler = StreamSampler(len(train_set), cfg.train.seed, info.rank, info.world_size, start * per_rank)
     loader = DataLoader(
@@ -538,13 +706,16 @@ def train(
         "unseen": ",".join(class_names[i] for i in split.unseen),
     }
     writer = SummaryWriter(str(out / "tb")) if info.main else None
+    if writer is not None:
+        cleanup.callback(writer.close)
     student.train()
     bar = tqdm(
         total=cfg.train.max_iters, initial=start, disable=not info.main, desc="train", dynamic_ncols=True
     )
+    cleanup.callback(bar.close)  # an error then starts on a line of its own
     batches = iter(loader)
     tic = time.perf_counter()
-    ckpt = out / "model.safetensors"
+    ckpt = out / CHECKPOINT_NAME
     watch = FiniteWatch()
     with StopRequest() as stop:
         for step in range(start, cfg.train.max_iters):
