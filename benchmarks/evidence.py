@@ -34,7 +34,7 @@ import torch
 
 from clipzss.config import MethodConfig
 from clipzss.inspect import QualityAccumulator, clustering_variants, pseudo_regions
-from clipzss.pseudo_labels import center_tokens, cluster_regions, fuse_labels, window_sizes
+from clipzss.pseudo_labels import center_tokens, cluster_regions, fuse_labels, training_windows, window_sizes
 from clipzss.worlds import synthetic as sw
 
 log = logging.getLogger("evidence")
@@ -368,12 +368,19 @@ def alignment_table(runs: list[dict[str, object]]) -> list[str]:
         "| run | regions | cos(teacher region mean, true text) | top-1 | cos(P_pseudo, true text) | top-1 |",
         "|---|---|---|---|---|---|",
     ]
+    shown: set[str] = set()
     for r in sorted(runs, key=lambda r: (str(r["variant"]), int(r["seed"]))):
         a = r.get("alignment")
         if not isinstance(a, dict):
             continue
+        name = f"{r['variant']}, seed {r['seed']}"
+        if "synth cos" not in a:  # teacher region means do not depend on the student: one row per variant
+            if r["variant"] in shown:
+                continue
+            shown.add(str(r["variant"]))
+            name = f"{r['variant']} (every seed)"
         lines.append(
-            f"| {r['variant']}, seed {r['seed']} | {a['regions']:.0f} | {_q(a['teacher cos'])} | "
+            f"| {name} | {a['regions']:.0f} | {_q(a['teacher cos'])} | "
             f"{_q(a['teacher top-1'], 2)} | {_q(a.get('synth cos', math.nan))} | {_q(a.get('synth top-1', math.nan), 2)} |"
         )
     return lines
@@ -423,12 +430,20 @@ def report(
     main = [r for r in results if not r.get("guard")]
     seeds = sorted({int(r["seed"]) for r in main})
     m = cfg.method
+    command = (
+        f"`python benchmarks/evidence.py --seeds {args.seeds} --iters {args.iters} --batch-size {args.batch_size} "
+        f"--guard-iters {args.guard_iters} --jobs {args.jobs}`"
+    )
+    if args.from_json:
+        command = (
+            "the runs of an earlier `python benchmarks/evidence.py --seeds 3 --jobs 2` (rows renamed by "
+            "`clipzss.worlds.synthetic.RENAMED` when multi-scale seeding went off by default) plus the runs of the "
+            "new default in the other worlds and the guard setting, assembled with `--from-json` / `--add-json`"
+        )
     lines = [
         BEGIN,
         "",
-        f"Command: `python benchmarks/evidence.py --seeds {args.seeds} --iters {args.iters} --batch-size "
-        f"{args.batch_size} --guard-iters {args.guard_iters} --jobs {args.jobs}` — {elapsed / 60:.1f} min wall-clock "
-        f"on {machine()}.",
+        f"Command: {command} — {elapsed / 60:.1f} min wall-clock of training on {machine()}.",
         "",
         f"World: {len(sw.WORLD_CLASSES)} classes ({len(sw.WORLD_UNSEEN)} unseen: {', '.join(sw.WORLD_UNSEEN)}), "
         f"{world.size}² scenes of {world.cells[0]}–{world.cells[1]} Voronoi cells; 8192 training scenes (none repeats "
@@ -481,7 +496,9 @@ def report(
         "",
         *centring_table(quality["centring"]),
         "",
-        f"Clustering variants, {DEFAULT_WORLD}, centred tokens (training default last):",
+        f"Clustering variants, {DEFAULT_WORLD}, centred tokens. The training default clusters from window "
+        f"{training_windows(world.size // 4, world.size // 4, m)[0]} alone (single-scale seeds), fused: the row "
+        f"'divisors ({m.window_divisors[len(m.window_divisors) // 2]},)' of the second table.",
         "",
         *quality_table(quality["variants"], "clustering"),
         "",
@@ -530,6 +547,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="aligned-teacher cache (default ~/.cache/clipzss)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "README.md"))
     parser.add_argument("--json", default=None, help="also write every run's metrics to this JSON file")
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="no training: report the runs of this --json file, renaming rows by synthetic.RENAMED",
+    )
+    parser.add_argument(
+        "--add-json", nargs="*", default=(), help="with --from-json: more runs, names as they are"
+    )
+    parser.add_argument(
+        "--minutes", type=float, default=None, help="with --from-json: training time to report"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
@@ -544,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown world(s)/variant(s) {unknown}; choose from {list(WORLDS)} and {list(sw.VARIANTS)}"
         )
 
+    if args.from_json:
+        return report_from_json(args)
     tic = time.perf_counter()
     teachers = {}
     eval_cfg = sw.student_config("unused", {}).eval
@@ -603,6 +633,38 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(block)
     print(f"\nwrote {args.out} ({elapsed / 60:.1f} min)")
+    return 0
+
+
+def report_from_json(args: argparse.Namespace) -> int:
+    """Rebuild the README block from stored runs (no training): rows of ``--from-json`` are renamed by
+    ``synthetic.RENAMED`` (they were run under the names of an earlier set of defaults); ``--add-json`` runs are
+    taken as they are and replace stored runs of the same (world, variant, seed, guard)."""
+    stored = json.loads(Path(args.from_json).read_text())
+    runs = {}
+    for r in stored["runs"]:
+        r = {**r, "variant": sw.RENAMED.get(str(r["variant"]), r["variant"])}
+        runs[(r["world"], r["variant"], r["seed"], bool(r.get("guard")))] = r
+    for extra in args.add_json:
+        data = json.loads(Path(extra).read_text())
+        for r in data["runs"] if isinstance(data, dict) else data:
+            runs[(r["world"], r["variant"], r["seed"], bool(r.get("guard")))] = r
+    results = list(runs.values())
+    unknown = sorted({str(r["variant"]) for r in results} - set(sw.VARIANTS))
+    if unknown:
+        raise SystemExit(f"runs of unknown rows {unknown}: add them to synthetic.RENAMED or VARIANTS")
+    minutes = (
+        args.minutes
+        if args.minutes is not None
+        else sum(float(r["seconds"]) for r in results) / 60 / args.jobs
+    )
+    rims = {
+        name: {float(k): v for k, v in rows.items()} for name, rows in stored["rims"].items()
+    }  # JSON keys
+    block = report(args, results, stored["teachers"], stored["quality"], rims, minutes * 60)
+    write_between_markers(Path(args.out), block)
+    print(block)
+    print(f"\nwrote {args.out}")
     return 0
 
 

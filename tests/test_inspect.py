@@ -25,7 +25,7 @@ from clipzss.inspect import (
     pseudo_regions,
     purity,
 )
-from clipzss.pseudo_labels import pseudo_labels, window_sizes
+from clipzss.pseudo_labels import pseudo_labels, training_windows
 from conftest import TINY_CLIP
 
 
@@ -83,7 +83,10 @@ def test_clustering_variants_on_the_default_grid() -> None:
         "window 4": ([4], None),
         "all scales, no fusion": ([14, 7, 4], None),
         "all scales + fusion λ=0.7": ([14, 7, 4], 0.7),
+        "window 7 + fusion λ=0.7 (training)": ([7], 0.7),  # single-scale seeds: the default
     }
+    multi = clustering_variants(MethodConfig(multi_scale=True), (28, 28))
+    assert list(multi)[-1] == "all scales + fusion λ=0.7 (training)" and len(multi) == 5
 
 
 def test_pseudo_regions_are_the_training_pseudo_labels() -> None:
@@ -95,7 +98,7 @@ def test_pseudo_regions_are_the_training_pseudo_labels() -> None:
     gt = torch.randint(0, num_seen, (2, 32, 32))
     gt[:, 8:24, 4:30] = 255  # the ignored (unlabelled) area
     fused, _ = pseudo_labels(dense, gt, num_seen, method)
-    sizes = window_sizes(8, 8, method.window_divisors)
+    sizes = training_windows(8, 8, method)
     regions = pseudo_regions(dense, gt == 255, sizes, method.fusion_threshold, method)
     expected = torch.where((gt == 255) & (fused != 255), fused - num_seen, -1)
     assert torch.equal(regions, expected)
@@ -126,7 +129,8 @@ def test_inspect_with_any_teacher_scores_perfect_clusters(tmp_path: Path) -> Non
     report = inspect_pseudo_labels(
         [image], _StripesTeacher(), MethodConfig(), [mask], out=tmp_path, names=["a"]
     )
-    fused = report.quality["all scales + fusion λ=0.7"]
+    fused = report.quality[list(report.quality)[-1]]  # the training pseudo labels
+    assert list(report.quality)[-1].endswith("(training)")
     assert fused["purity"] == 1.0 and fused["NMI"] == pytest.approx(1.0) and fused["coverage"] == 1.0
     assert fused["regions/image"] == 2 and fused["classes/image"] == 2
     panel = Image.open(report.overlays[0])

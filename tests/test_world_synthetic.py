@@ -1,7 +1,7 @@
 """The synthetic world of clipzss.worlds.synthetic, its aligned teacher, and the CI guard of the method.
 
-The guard trains two students through the ordinary `clipzss.training.train` (seen-only baseline vs. the full
-method) and asserts that the full method segments the unseen classes clearly better. The margin below was measured
+The guard trains two students through the ordinary `clipzss.training.train` (seen-only baseline vs. the default
+method) and asserts that the default segments the unseen classes clearly better. The margin below was measured
 over seeds (benchmarks/README.md): keep it in step with those numbers.
 """
 
@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from clipzss.teacher import Teacher
 from clipzss.worlds import synthetic as sw
 
-# The guard's setting and margin, measured by `benchmarks/evidence.py --seeds 3 --guard-iters 120`: full − baseline
-# mIoU(U) was 19.6, 4.3 and 12.1 points for seeds 0, 1, 2 (baseline 0.2-1.4). The test runs seed 0. Shorter runs were
-# not stable over seeds (60 iterations: 14.7, 6.7, 3.0).
+# The guard's setting and margin, measured by `benchmarks/evidence.py --seeds 3 --guard-iters 120` in the default world
+# (structured text + gap): default − baseline mIoU(U) was GUARD_MARGINS points for seeds 0, 1, 2 (benchmarks/README.md,
+# "CI guard setting"). The test runs seed 0; the margin sits well below the smallest measured one.
 GUARD_ITERS = 120
-GUARD_MARGIN = 3.0
+GUARD_MARGIN = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +134,13 @@ def test_teacher_knows_the_unseen_classes(teacher: sw.AlignedTeacher) -> None:
 
 
 @pytest.mark.slow
-def test_full_method_beats_the_seen_only_baseline_on_unseen(
+def test_default_beats_the_seen_only_baseline_on_unseen(
     teacher: sw.AlignedTeacher, tmp_path: Path
 ) -> None:
-    """The guard. A seen-only student cannot name unseen classes (their text vectors are random), so its mIoU(U)
-    stays near 0; the full method learns them from the teacher. The margin is below the smallest one measured over
-    seeds (see GUARD_MARGIN): a failure means the unseen classes are no longer learnt at all, e.g. a broken pseudo-
-    label, prototype or teacher path."""
+    """The guard. A seen-only student names unseen classes only through the structure of their text vectors
+    (mIoU(U) about 20 at 300 iterations, 9-22 at 120); the default method learns them from the teacher. The margin is
+    below the smallest one measured over seeds (see GUARD_MARGIN): a failure means the unseen classes are no longer
+    learnt from the teacher, e.g. a broken pseudo-label, prototype or teacher path."""
     torch.set_num_threads(1)
     results = {}
     for name in (sw.BASELINE, sw.FULL):
@@ -149,7 +149,7 @@ def test_full_method_beats_the_seen_only_baseline_on_unseen(
         results[name] = sw.train_and_evaluate(cfg, teacher, train_set, val_set)
     base, full = results[sw.BASELINE]["mIoU(U)"], results[sw.FULL]["mIoU(U)"]
     assert np.isfinite(base) and np.isfinite(full)
-    assert full > base + GUARD_MARGIN, f"full method mIoU(U) {full:.1f} vs seen-only baseline {base:.1f}"
+    assert full > base + GUARD_MARGIN, f"default mIoU(U) {full:.1f} vs seen-only baseline {base:.1f}"
 
 
 def test_prototype_alignment_scores_unseen_pseudo_regions(teacher: sw.AlignedTeacher, tmp_path: Path) -> None:

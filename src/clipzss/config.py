@@ -103,7 +103,10 @@ class MethodConfig:
     glm: bool = True
     bank: bool = True
     pseudo_labels: bool = True
-    multi_scale: bool = True
+    # Off by default: single-scale seeds (the middle window) trained as well and clustered as well in every
+    # measurement (benchmarks/README.md: "default + multi-scale" row, window table); the paper's multi-scale seeding
+    # stays available. The synthetic world's regions are large for its 16² grid: re-measure on real data.
+    multi_scale: bool = False
     mask_fusion: bool = True
     # Off by default: the anchored synthesizer did not beat teacher-token prototypes (benchmarks/README.md).
     synthesizer: bool = False

@@ -159,15 +159,21 @@ class QualityAccumulator:
 def clustering_variants(
     method: MethodConfig, grid: tuple[int, int]
 ) -> dict[str, tuple[list[int], float | None]]:
-    """Name → (window sizes, fusion threshold or None) for each K-Means scale, all scales unfused, and the training
-    pseudo labels (all scales fused with λ = ``method.fusion_threshold``) on an h × w token grid."""
-    from clipzss.pseudo_labels import window_sizes
+    """Name → (window sizes, fusion threshold or None) for each K-Means scale, all scales unfused, all scales fused
+    and, last, the training pseudo labels (the scales ``method.multi_scale`` selects, fused with λ =
+    ``method.fusion_threshold``) on an h × w token grid."""
+    from clipzss.pseudo_labels import training_windows, window_sizes
 
     sizes = window_sizes(grid[0], grid[1], method.window_divisors)
     variants: dict[str, tuple[list[int], float | None]] = {f"window {s}": ([s], None) for s in sizes}
+    lam = method.fusion_threshold
     if len(sizes) > 1:
         variants["all scales, no fusion"] = (sizes, None)
-    variants[f"all scales + fusion λ={method.fusion_threshold:g}"] = (sizes, method.fusion_threshold)
+        variants[f"all scales + fusion λ={lam:g}"] = (sizes, lam)
+    train = training_windows(grid[0], grid[1], method)
+    name = "all scales" if len(train) > 1 else f"window {train[0]}"
+    variants.pop(f"{name} + fusion λ={lam:g}", None)
+    variants[f"{name} + fusion λ={lam:g} (training)"] = (train, lam)
     return variants
 
 

@@ -420,6 +420,12 @@ def center_tokens(dense: torch.Tensor) -> torch.Tensor:
     return F.normalize(x - x.mean(dim=(0, 2, 3), keepdim=True), dim=1)
 
 
+def training_windows(h: int, w: int, cfg: MethodConfig) -> list[int]:
+    """The seed window sizes training uses on an h × w grid: every scale, or the middle one without multi_scale."""
+    sizes = window_sizes(h, w, cfg.window_divisors)
+    return sizes if cfg.multi_scale else [sizes[len(sizes) // 2]]
+
+
 def token_regions(dense: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``cluster_regions`` configured from ``MethodConfig`` (multi_scale, mask_fusion, kmeans_iters, ...).
 
@@ -431,9 +437,7 @@ def token_regions(dense: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor,
     Returns:
         token_labels (B, h, w) int64 and num_regions (B,) int64.
     """
-    sizes = window_sizes(dense.shape[-2], dense.shape[-1], cfg.window_divisors)
-    if not cfg.multi_scale:
-        sizes = [sizes[len(sizes) // 2]]
+    sizes = training_windows(dense.shape[-2], dense.shape[-1], cfg)
     threshold = cfg.fusion_threshold if cfg.mask_fusion else None
     with torch.no_grad():
         if cfg.center_tokens:
