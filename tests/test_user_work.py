@@ -727,3 +727,36 @@ def test_disk_full_during_training_is_one_line_from_the_cli(
         "no checkpoint saved yet",
     )
     assert not list(run.glob(".*.tmp")) and not (run / "train.lock").exists()
+
+
+# --- a checkpoint's teacher settings that cannot work give one line -----------------------------------------------
+
+
+def test_unknown_model_override_is_one_line_naming_the_field(tmp_path: Path) -> None:
+    from clipzss.config import TeacherConfig
+    from clipzss.teacher import build_teacher
+    from conftest import TINY_CLIP
+
+    cfg = TeacherConfig(weights="none", image_size=64, model_overrides={**TINY_CLIP, "not_a_keyword": 3})
+    with pytest.raises(ValueError, match=r"teacher\.model_overrides") as err:
+        build_teacher(cfg, device="cpu")
+    assert "\n" not in str(err.value) and "not_a_keyword" in str(err.value)
+
+
+@pytest.mark.parametrize("template", ["a {} {1}.", "a {name}.", "a {} }."])
+def test_prompt_template_that_cannot_be_filled_is_one_line(tmp_path: Path, template: str) -> None:
+    from clipzss.config import TeacherConfig
+    from clipzss.teacher import build_teacher
+    from conftest import TINY_CLIP
+
+    cfg = TeacherConfig(
+        weights="none",
+        image_size=64,
+        model_overrides=TINY_CLIP,
+        cache_dir=str(tmp_path),
+        templates=(template,),
+    )
+    teacher = build_teacher(cfg, device="cpu")
+    with pytest.raises(ValueError, match="prompt template") as err:
+        teacher.text_embeddings(["cat"])
+    assert "\n" not in str(err.value)

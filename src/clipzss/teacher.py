@@ -311,7 +311,12 @@ def build_teacher(cfg: TeacherConfig, device: str | torch.device | None = None) 
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_TEACHER_SEED)
-            model = open_clip.create_model(cfg.model, pretrained=None, **overrides)
+            try:
+                model = open_clip.create_model(cfg.model, pretrained=None, **overrides)
+            except TypeError as err:
+                raise ValueError(
+                    f"teacher.model_overrides do not fit open_clip's '{cfg.model}': {_short(str(err))}"
+                ) from None
     else:
         try:
             model = open_clip.create_model(
@@ -321,6 +326,10 @@ def build_teacher(cfg: TeacherConfig, device: str | torch.device | None = None) 
                 force_preprocess_cfg={"mean": weights.mean, "std": weights.std},
                 **overrides,
             )
+        except TypeError as err:  # an override keyword open_clip does not take
+            raise ValueError(
+                f"teacher.model_overrides do not fit open_clip's '{cfg.model}': {_short(str(err))}"
+            ) from None
         except (RuntimeError, KeyError) as err:
             reason = " ".join(str(err).split())  # torch's load_state_dict message spans lines
             raise ValueError(
@@ -557,6 +566,14 @@ def _check_templates(templates: tuple[str, ...]) -> None:
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise ValueError(f"prompt templates without a '{{}}' for the class name: {bad}")
+    for template in templates:  # "{} {1}" or "{name}" would fail inside the text encoder with a traceback
+        try:
+            template.format("x")
+        except (IndexError, KeyError, ValueError) as err:
+            raise ValueError(
+                f"prompt template {_short(template, 80)!r} cannot be filled with a class name ({err!r}); use a "
+                "single '{}' and write literal braces as '{{' and '}}'"
+            ) from None
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
