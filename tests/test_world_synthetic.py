@@ -134,9 +134,7 @@ def test_teacher_knows_the_unseen_classes(teacher: sw.AlignedTeacher) -> None:
 
 
 @pytest.mark.slow
-def test_default_beats_the_seen_only_baseline_on_unseen(
-    teacher: sw.AlignedTeacher, tmp_path: Path
-) -> None:
+def test_default_beats_the_seen_only_baseline_on_unseen(teacher: sw.AlignedTeacher, tmp_path: Path) -> None:
     """The guard. A seen-only student names unseen classes only through the structure of their text vectors
     (mIoU(U) about 20 at 300 iterations, 9-22 at 120); the default method learns them from the teacher. The margin is
     below the smallest one measured over seeds (see GUARD_MARGIN): a failure means the unseen classes are no longer
