@@ -760,3 +760,26 @@ def test_prompt_template_that_cannot_be_filled_is_one_line(tmp_path: Path, templ
     with pytest.raises(ValueError, match="prompt template") as err:
         teacher.text_embeddings(["cat"])
     assert "\n" not in str(err.value)
+
+
+def test_text_cache_on_disk_keeps_a_bounded_number_of_class_lists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every new class list typed into the demo writes one cache file; the oldest go beyond the bound."""
+    import clipzss.teacher as teacher_module
+    from clipzss.config import TeacherConfig
+    from conftest import TINY_CLIP
+
+    monkeypatch.setattr(teacher_module, "TEXT_CACHE_FILES", 3)
+    cache = tmp_path / "text"
+    cache.mkdir()
+    (cache / "notes.safetensors").write_text("a user's file that is not a cache entry")
+    cfg = TeacherConfig(weights="none", image_size=64, model_overrides=TINY_CLIP, cache_dir=str(cache))
+    teacher = teacher_module.build_teacher(cfg, device="cpu")
+    for i in range(6):
+        teacher.text_embeddings([f"class {i}"])
+        time.sleep(0.01)  # distinct modification times
+    entries = [p for p in cache.glob("*.safetensors") if p.name != "notes.safetensors"]
+    assert len(entries) == 3 and (cache / "notes.safetensors").is_file()
+    newest = teacher._text_cache_key(("class 5",), tuple(cfg.templates))
+    assert (cache / f"{newest}.safetensors").is_file()

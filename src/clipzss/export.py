@@ -469,7 +469,9 @@ def predict_onnx(args: argparse.Namespace) -> int:
     if getattr(args, "checkpoint", None) or getattr(args, "baseline", None):
         raise ValueError("--onnx runs the exported model on its own: drop --checkpoint / --baseline")
     model = OnnxSegmenter(args.onnx, getattr(args, "text_embeddings", None))
-    names = [n.strip() for n in args.classes.split(",")] if args.classes else None
+    from clipzss.names import parse_class_names  # torch-free: the same checks as `clipzss predict`
+
+    names = parse_class_names(args.classes) if args.classes else None
     out = prediction_folder(args.images, args.out)
     for path in args.images:
         image = open_rgb(path)

@@ -8,6 +8,7 @@ random init. Text embeddings are cached in memory and on disk because the studen
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -604,6 +605,27 @@ def _read_text_cache(path: Path, num_classes: int, dim: int) -> torch.Tensor | N
     return emb
 
 
+# The disk cache keeps this many class lists (each a small file): every new list a demo user types adds one.
+TEXT_CACHE_FILES = 256
+
+
+def _trim_text_cache(folder: Path, keep: int | None = None) -> None:
+    """Remove the least recently written cache files beyond ``keep`` (default ``TEXT_CACHE_FILES``; only
+    ``<32 hex>.safetensors`` files, never anything else in the folder)."""
+    keep = TEXT_CACHE_FILES if keep is None else keep
+    files = [
+        p
+        for p in folder.glob("*.safetensors")
+        if len(p.stem) == 32 and all(c in "0123456789abcdef" for c in p.stem)
+    ]
+    if len(files) <= keep:
+        return
+    files.sort(key=lambda p: p.stat().st_mtime_ns)
+    for old in files[: len(files) - keep]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
 def _write_text_cache(path: Path, emb: torch.Tensor, metadata: dict[str, str]) -> None:
     """Atomic write (temp file + os.replace) so concurrent ranks never read half a file; failures only warn."""
     from safetensors.torch import save_file
@@ -615,6 +637,7 @@ def _write_text_cache(path: Path, emb: torch.Tensor, metadata: dict[str, str]) -
         os.close(fd)
         save_file({"embeddings": emb.contiguous()}, tmp, metadata=metadata)
         os.replace(tmp, path)
+        _trim_text_cache(path.parent)
     except OSError as err:
         logger.warning("could not write the text-embedding cache %s (%s); continuing without it", path, err)
         if tmp is not None and os.path.exists(tmp):
