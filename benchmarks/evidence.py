@@ -33,8 +33,16 @@ import numpy as np
 import torch
 
 from clipzss.config import MethodConfig
+from clipzss.data import relabel_unseen, seen_lookup
 from clipzss.inspect import QualityAccumulator, clustering_variants, pseudo_regions
-from clipzss.pseudo_labels import center_tokens, cluster_regions, fuse_labels, training_windows, window_sizes
+from clipzss.pseudo_labels import (
+    center_tokens,
+    cluster_regions,
+    fuse_labels,
+    training_windows,
+    upsample_regions,
+    window_sizes,
+)
 from clipzss.worlds import synthetic as sw
 
 log = logging.getLogger("evidence")
@@ -123,7 +131,6 @@ def pseudo_label_quality(num_images: int, cache_dir: str | None) -> dict[str, di
 
 
 def _rim_stats(
-    truth: torch.Tensor,
     train_labels: torch.Tensor,
     token_labels: torch.Tensor,
     num_seen: int,
@@ -154,21 +161,17 @@ def seen_rim_measurements(num_images: int, cache_dir: str | None) -> dict[str, d
     method = MethodConfig()
     sizes = window_sizes(*dense.shape[-2:], method.window_divisors)
     tokens, _ = cluster_regions(center_tokens(dense), sizes, method.kmeans_iters, method.fusion_threshold)
-    from clipzss.data import relabel_unseen, seen_lookup
-
     labels = seen_lookup(scenes.split)[relabel_unseen(truth, scenes.split)]
     num_seen = len(scenes.split.seen)
     # A rim pixel: unseen, and its token region's pixels are mostly (> 50 %) seen classes in the full truth.
-    up = tokens[:, torch.arange(truth.shape[1]) * tokens.shape[1] // truth.shape[1]][
-        :, :, torch.arange(truth.shape[2]) * tokens.shape[2] // truth.shape[2]
-    ]
+    up = upsample_regions(tokens, tuple(truth.shape[1:]))  # (N, H, W), as fuse_labels sees the regions
     rim = torch.zeros_like(labels, dtype=torch.bool)
     for b in range(len(truth)):
         for r in up[b].unique():
             inside = up[b] == r
             if float((labels[b][inside] != 255).float().mean()) > 0.5:
                 rim[b] |= inside & (labels[b] == 255)
-    results["synthetic world (teacher regions)"] = _rim_stats(truth, labels, tokens, num_seen, rim)
+    results["synthetic world (teacher regions)"] = _rim_stats(labels, tokens, num_seen, rim)
     voc = _voc_rims()
     if voc is not None:
         results["VOC samples (oracle tokens)"] = voc
@@ -208,7 +211,7 @@ def _voc_rims() -> dict[float, dict[str, float]] | None:
         tokens = torch.mode(cells, dim=-1).values[None]  # (1, h/16, w/16) oracle regions = classes
         labels = lut[raw][None]
         rim = ((raw == 255) & torch.isin(filled, torch.tensor(seen) + 1))[None]
-        for share, row in _rim_stats(raw[None], labels, tokens, len(seen), rim).items():
+        for share, row in _rim_stats(labels, tokens, len(seen), rim).items():
             merged.setdefault(share, []).append(row)
     return {
         share: {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]} for share, rows in merged.items()

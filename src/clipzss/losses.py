@@ -25,6 +25,7 @@ IGNORE_INDEX = 255
 # A finite "minus infinity" for padded pseudo channels: exp(-1e4) is exactly 0 in fp32/bf16 softmax, while -inf
 # would give NaN in a softmax or a loss if every channel of a row were padding. Representable in fp16 too.
 NEG_LOGIT = -1e4
+BCE_MODES = ("bce", "softmax")  # prototype_bce_loss's formulations (method.bce)
 
 
 def info_nce(
@@ -221,8 +222,8 @@ def prototype_bce_loss(
         bias: added to the logits, a number or a () tensor (learnable).
         mode: "bce" or "softmax".
     """
-    if mode not in ("bce", "softmax"):
-        raise ValueError(f"prototype_bce_loss mode must be 'bce' or 'softmax', got '{mode}'")
+    if mode not in BCE_MODES:
+        raise ValueError(f"prototype_bce_loss mode must be one of {', '.join(BCE_MODES)}, got '{mode}'")
     num_classes = text_seen.shape[0]
     cos = F.normalize(p_seen.float(), dim=-1) @ F.normalize(text_seen.float(), dim=-1).T  # (N, S_n)
     weights = torch.ones(cos.shape[0], device=cos.device) if valid is None else valid.float()
@@ -327,8 +328,8 @@ def compute_losses(
             regions = synthesizer(R, labels, teacher_cls, teacher_dense, num_seen, num_pseudo, valid)
             seen_protos, seen_valid = regions.seen()  # (B, S_n, C), (B, S_n)
             classes = torch.arange(num_seen, device=R.device).repeat(batch)  # (B*S_n,)
-            if cfg.bce not in ("bce", "softmax"):
-                raise ValueError(f"method.bce='{cfg.bce}' is not one of bce, softmax")
+            if cfg.bce not in BCE_MODES:
+                raise ValueError(f"method.bce='{cfg.bce}' is not one of {', '.join(BCE_MODES)}")
             scale, bias = (1 / cfg.tau, 0.0) if cfg.bce == "softmax" else (cfg.bce_scale, cfg.bce_bias)
             if regions.logit_scale is not None:  # method.bce_learnable: the synthesizer's own scale and bias
                 scale, bias = regions.logit_scale, regions.logit_bias

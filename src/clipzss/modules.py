@@ -250,9 +250,6 @@ class Regions:
         return self.prototypes[:, self.num_seen :], self.valid[:, self.num_seen :]
 
 
-BCE_MODES = ("bce", "softmax")
-
-
 class Synthesizer(nn.Module):
     """Prototypes anchored to the teacher: P = normalise(teacher region mean + Δ), Δ from a transformer decoder.
 

@@ -430,8 +430,8 @@ def token_regions(dense: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor,
     """``cluster_regions`` configured from ``MethodConfig`` (multi_scale, mask_fusion, kmeans_iters, ...).
 
     ``center_tokens`` clusters batch-centred tokens (see ``center_tokens``). ``multi_scale=False`` keeps only the
-    middle window size (index len // 2: window 7 of [14, 7, 4] on a 28×28
-    grid, 16 seeds), the scale between too-coarse and too-fragmented. ``mask_fusion=False`` keeps every non-empty
+    middle window size (``training_windows``: window 7 of [14, 7, 4] on a 28×28 grid, 16 seeds), the scale between
+    too-coarse and too-fragmented. ``mask_fusion=False`` keeps every non-empty
     centroid as its own region (see ``cluster_regions``).
 
     Returns:
@@ -443,6 +443,14 @@ def token_regions(dense: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor,
         if cfg.center_tokens:
             dense = center_tokens(dense)
         return cluster_regions(dense, sizes, cfg.kmeans_iters, threshold)
+
+
+def upsample_regions(token_labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) token region ids → (B, H, W), nearest (source index floor(i·h/H), as ``F.interpolate``), exact."""
+    h, w = token_labels.shape[1:]
+    rows = torch.arange(size[0], device=token_labels.device) * h // size[0]
+    cols = torch.arange(size[1], device=token_labels.device) * w // size[1]
+    return token_labels.long()[:, rows][:, :, cols]
 
 
 def fuse_labels(
@@ -487,10 +495,7 @@ def fuse_labels(
         raise ValueError(f"num_seen must be >= 0, got {num_seen}")
     batch, height, width = gt.shape
     h, w = token_labels.shape[1:]
-    device = gt.device
-    rows = torch.arange(height, device=device) * h // height
-    cols = torch.arange(width, device=device) * w // width
-    regions = token_labels.long()[:, rows][:, :, cols]  # (B, H, W) nearest upsampling, exact integer indices
+    regions = upsample_regions(token_labels, (height, width))  # (B, H, W)
     image = torch.ones_like(gt, dtype=torch.bool) if valid is None else valid.bool()
     ignored = (gt == ignore_index) & image  # (B, H, W): unlabelled image content, the only pixels filled
     num_bins = h * w + 1  # bin h*w collects the pixels that are not counted
