@@ -131,6 +131,9 @@ def test_demo_in_a_real_browser(segmenter: Segmenter, browser_page: object, tmp_
     page.on("request", lambda request: requests.append(request.url))
     try:
         page.goto(url, wait_until="networkidle", timeout=60_000)
+        # "networkidle" can come before Gradio's front end has rendered (a loaded CI machine showed "Loading..."):
+        # wait for the page's own content rather than for the network.
+        page.locator("#classes textarea").wait_for(timeout=60_000)
         assert "clipzss: zero-shot segmentation" in page.inner_text("body")
         # The class box starts with the checkpoint's training classes.
         assert "plain grey" in page.locator("#classes textarea").input_value()
