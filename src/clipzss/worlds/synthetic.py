@@ -351,9 +351,10 @@ def cache_key(world: WorldConfig, spec: TeacherSpec) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir(world: str = "synthetic_world") -> Path:
+    """The folder of a world's cached teachers (and text tables): ``$XDG_CACHE_HOME/clipzss/<world>``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "clipzss" / "synthetic_world"
+    return Path(base) / "clipzss" / world
 
 
 def _normalise(pixels: torch.Tensor) -> torch.Tensor:
@@ -435,6 +436,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     "+ GLM": dict(glm=True, bank=True, pseudo_labels=False, synthesizer=False, nel=False),
     "+ GLM + PLM, CE only (− NEL)": dict(glm=True, bank=True, synthesizer=False, nel=False, **_MS),
     "default": {},
+    # Issue 13: NEL as ZegCLIP computes it and the losses at the logits' stride became the default; the rows below
+    # are the earlier rule(s), each alone and both together (the default before the change).
+    "previous default (NEL over entries ×20, losses at full size)": dict(
+        nel_norm="entries", focal_weight=20.0, loss_resolution="full"
+    ),
+    "default, NEL over entries ×20": dict(nel_norm="entries", focal_weight=20.0),
+    "default, losses at full size": dict(loss_resolution="full"),
     "default + multi-scale (ms)": dict(_MS),
     "ms + synthesizer (anchored)": dict(synthesizer=True, **_MS),
     "ms + synthesizer, old L_bce (1/τ, bias 0)": dict(
