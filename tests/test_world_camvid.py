@@ -213,3 +213,27 @@ def test_real_minilm_text_has_language_structure(tmp_path: Path) -> None:
     emb = cw.TextTable(tmp_path, templates=("a photo of a {}.",))(["road", "pavement", "sky"])
     assert emb.shape == (3, cw.TEXT_DIM)
     assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2])  # road is nearer pavement than sky
+
+
+def test_inspect_command_takes_the_world_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import json
+
+    from clipzss import inspect
+
+    root = fake_camvid(tmp_path / "camvid")
+    text = cw.TextTable(tmp_path / "cache", templates=("a photo of a {}.",), encoder=FakeEncoder())
+    teacher = cw.load_teacher(root, TINY, TINY_WORLD, tmp_path / "cache", text)
+    monkeypatch.setattr(cw, "load_teacher", lambda *a, **k: teacher)
+    parser = argparse.ArgumentParser()
+    inspect.add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(
+        [str(root / "val" / "images"), "--world-teacher", "camvid", "--unseen", "car,tree", "--out", str(out)]
+    )
+    assert inspect.run(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (
+        "camvid-teacher" in report["settings"] and "3x4 tokens" in report["settings"]
+    )  # world's short side 24
+    assert len(list(out.glob("*_clusters.png"))) == 2

@@ -15,7 +15,7 @@ every labelled pixel when no split is given) by
 - **regions / image** against **classes / image**.
 
 Works with any :class:`~clipzss.teacher.Teacher` from Python (:func:`inspect_pseudo_labels`); the command builds the
-CLIP teacher from the config and ``--teacher-*`` options.
+CLIP teacher from the config and ``--teacher-*`` options, or takes a world's teacher (``--world-teacher camvid``).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ EPILOG = """examples:
   clipzss inspect-pseudo-labels data/camvid/val/images --teacher-weights ViT-B-16.safetensors \\
       --unseen car,tree,pedestrian --out out/
   clipzss inspect-pseudo-labels photo.jpg --teacher-weights ViT-B-16.safetensors method.fusion_threshold=0.9
+  clipzss inspect-pseudo-labels ../shared/data/camvid/val/images --world-teacher camvid --unseen car,tree,pedestrian \\
+      --max-images 101 --out out/
 
 Masks are read from a masks/ folder beside images/ (the folder-dataset layout) or from --masks; class names from
 classes.txt in the dataset root or --classes-file. Settings come from an ordinary config (--config) with
@@ -390,6 +392,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local CLIP weights file, an open_clip pretrained tag (needs the hub), or 'none' (random)",
     )
     parser.add_argument("--image-size", type=int, default=None, help="teacher input size (default: config's)")
+    parser.add_argument(
+        "--world-teacher",
+        choices=("camvid",),
+        default=None,
+        help="use a world's teacher instead of CLIP: camvid = clipzss.worlds.camvid (needs clipzss[evidence] "
+        "or its cache); images go in at the world's short side unless eval.short_side is given",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
 
 
@@ -480,7 +489,15 @@ def run(args: argparse.Namespace) -> int:
             f"--unseen needs ground-truth masks: none found for {files[0]} (give --masks)"
         )
 
-    teacher = build_teacher(teacher_cfg, device=resolve_device(args.device))
+    short_side = cfg.eval.short_side
+    if getattr(args, "world_teacher", None) == "camvid":
+        from clipzss.worlds.camvid import load_teacher
+
+        teacher = load_teacher()
+        if not any(o.startswith("eval.short_side=") for o in overrides):
+            short_side = min(teacher.world.size)  # the size the world's teacher was trained at
+    else:
+        teacher = build_teacher(teacher_cfg, device=resolve_device(args.device))
     images = [load_image(f) for f in files]
     masks = [load_mask(m) if m is not None else None for m in mask_files]
     report = inspect_pseudo_labels(
@@ -491,7 +508,7 @@ def run(args: argparse.Namespace) -> int:
         unseen_ids,
         args.out,
         [f.stem for f in files],
-        cfg.eval.short_side,
+        short_side,
     )
     out = Path(args.out)
     scope = (
