@@ -65,14 +65,16 @@ def test_prediction_is_argmax_of_upsampled_logits(segmenter: Segmenter) -> None:
     np.testing.assert_array_equal(mask, up.argmax(1)[0].numpy())
 
 
-def test_maskclip_baseline_uses_teacher_dense_tokens(tiny_teacher_cfg) -> None:
-    teacher = build_teacher(tiny_teacher_cfg, device="cpu")
+def test_maskclip_baseline_uses_maskclips_released_dense_path(tiny_teacher_cfg) -> None:
+    teacher = build_teacher(tiny_teacher_cfg, device="cpu")  # teacher.dense = "value" for pseudo labels
     baseline = MaskCLIPSegmenter(teacher)
     images = torch.randn(1, 3, 48, 72)
     text = baseline.text_classifier(NAMES)
     logits = baseline.logits(images, text)
-    _, dense = teacher.encode_image(images, size=(48, 72))
+    _, dense = teacher.encode_image(images, size=(48, 72), dense="maskclip")
     torch.testing.assert_close(logits, baseline.alpha * torch.einsum("bchw,kc->bkhw", dense, text))
+    _, value = teacher.encode_image(images, size=(48, 72))
+    assert not torch.allclose(logits, baseline.alpha * torch.einsum("bchw,kc->bkhw", value, text), atol=1e-3)
     mask = baseline.predict(np.zeros((30, 40, 3), dtype=np.uint8), NAMES, mode="whole")
     assert mask.shape == (30, 40)
 

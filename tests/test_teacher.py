@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import socket
 from pathlib import Path
 
@@ -101,6 +102,40 @@ def test_dense_equals_step_by_step_value_path(teacher: CLIPTeacher) -> None:
     # Sanity: the value path is not the plain last-layer patch tokens.
     plain = F.normalize(visual.ln_post(last(x)[:, 1:]) @ visual.proj, dim=-1).reshape(2, 8, 8, 32)
     assert not torch.allclose(plain.permute(0, 3, 1, 2), dense, atol=1e-3)
+
+
+def test_dense_maskclip_equals_maskclips_released_last_block(teacher: CLIPTeacher) -> None:
+    # MaskCLIP's released code: v = out_proj(v_proj(ln_1(x))); v = v + x; v = v + mlp(ln_2(v)); ln_post; proj.
+    images = student_images()
+    _, dense = teacher.encode_image(images, dense="maskclip")
+    visual = teacher.model.visual
+    with torch.no_grad():
+        x = visual._embeds(teacher.to_clip_input(images))
+        for block in visual.transformer.resblocks[:-1]:
+            x = block(x)
+        last = visual.transformer.resblocks[-1]
+        width = x.shape[-1]
+        y = F.layer_norm(x, (width,), last.ln_1.weight, last.ln_1.bias, last.ln_1.eps)
+        v = y @ last.attn.in_proj_weight.chunk(3)[2].T + last.attn.in_proj_bias.chunk(3)[2]
+        v = v @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
+        v = v + x
+        h = F.layer_norm(v, (width,), last.ln_2.weight, last.ln_2.bias, last.ln_2.eps)
+        h = F.gelu(h @ last.mlp.c_fc.weight.T + last.mlp.c_fc.bias)
+        v = v + h @ last.mlp.c_proj.weight.T + last.mlp.c_proj.bias
+        v = F.layer_norm(v[:, 1:], (width,), visual.ln_post.weight, visual.ln_post.bias, visual.ln_post.eps)
+        expected = F.normalize(v @ visual.proj, dim=-1).reshape(2, 8, 8, 32).permute(0, 3, 1, 2)
+    torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(dense, teacher.encode_image(images)[1], atol=1e-3)  # not the value path
+    # The config chooses the default path; the argument overrides it.
+    as_config = build_teacher(dataclasses.replace(teacher.cfg, dense="maskclip"), device="cpu")
+    torch.testing.assert_close(as_config.encode_image(images)[1], dense)
+
+
+def test_unknown_dense_path_is_one_line(tiny_teacher_cfg: TeacherConfig) -> None:
+    with pytest.raises(
+        ValueError, match=re.escape("teacher.dense='clearclip' is not one of value, maskclip")
+    ):
+        build_teacher(dataclasses.replace(tiny_teacher_cfg, dense="clearclip"), device="cpu")
 
 
 def test_position_embedding_interpolation(teacher: CLIPTeacher) -> None:

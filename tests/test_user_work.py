@@ -282,6 +282,25 @@ def test_long_strings_in_a_checkpoint_are_not_echoed(trained_checkpoint: Path, t
     assert len(str(caught.value)) < 500
 
 
+def test_checkpoint_records_the_teacher_dense_path_and_old_files_read_as_value(
+    trained_checkpoint: Path, tmp_path: Path
+) -> None:
+    assert load_checkpoint(trained_checkpoint).config.teacher.dense == "value"
+
+    def forget(cfg: dict) -> None:  # a checkpoint written before teacher.dense existed
+        del cfg["teacher"]["dense"]
+
+    old = _rewrite(trained_checkpoint, tmp_path / "old.safetensors", forget)
+    assert load_checkpoint(old).config.teacher.dense == "value"  # what every earlier version computed
+
+    def maskclip(cfg: dict) -> None:
+        cfg["teacher"]["dense"] = "maskclip"
+
+    assert load_checkpoint(
+        _rewrite(trained_checkpoint, tmp_path / "m.safetensors", maskclip)
+    ).config.teacher.dense == ("maskclip")
+
+
 def test_checkpoint_cache_dir_never_chooses_where_predict_writes(
     trained_checkpoint: Path, tmp_path: Path, _user_cache: Path
 ) -> None:

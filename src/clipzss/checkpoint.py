@@ -229,9 +229,13 @@ _NAME_FIELDS = (
     ("student", "encoder"),
     ("teacher", "model"),
     ("teacher", "precision"),
+    ("teacher", "dense"),
     ("data", "dataset"),
     ("eval", "mode"),
+    ("eval", "absent_classes"),
     ("method", "bce"),
+    ("method", "nel_norm"),
+    ("method", "loss_resolution"),
     ("train", "amp"),
     ("train", "device"),
 )

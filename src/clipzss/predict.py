@@ -446,20 +446,29 @@ class Segmenter(
 
 
 class MaskCLIPSegmenter(ZeroShotSegmenter):
-    """Training-free baseline: CLIP's MaskCLIP-style dense tokens against the text classifier."""
+    """Training-free baseline: MaskCLIP (Zhou et al., ECCV 2022) as released, its dense tokens against the text.
+
+    The tokens take MaskCLIP's released last-block path (residual and MLP kept, ``teacher.dense="maskclip"``)
+    whatever the teacher's own ``dense`` setting for pseudo labels; ``dense`` chooses another path.
+    """
 
     def __init__(
-        self, teacher: CLIPTeacher, eval_cfg: EvalConfig | None = None, alpha: float = 1 / 0.07
+        self,
+        teacher: CLIPTeacher,
+        eval_cfg: EvalConfig | None = None,
+        alpha: float = 1 / 0.07,
+        dense: str = "maskclip",
     ) -> None:
         super().__init__(teacher, alpha, eval_cfg or EvalConfig(), teacher.device)
         self.teacher = teacher
+        self.dense = dense
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         # The image is encoded at its own size (positional embedding interpolated), as MaskCLIP does.
         patch = self.teacher.patch_size
         h, w = images.shape[-2:]
         size = (max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch))
-        return self.teacher.encode_image(images, size=size)[1]
+        return self.teacher.encode_image(images, size=size, dense=self.dense)[1]
 
 
 # --- model card -------------------------------------------------------------------------------------------------

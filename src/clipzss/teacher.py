@@ -108,6 +108,7 @@ class CLIPTeacher(nn.Module):
         super().__init__()
         _check_visual_tower(getattr(model, "visual", None), cfg.model)
         _check_precision(cfg.precision)
+        _check_dense(cfg.dense)
         self.model = model
         self.cfg = cfg
         self.weights = weights
@@ -193,17 +194,20 @@ class CLIPTeacher(nn.Module):
 
     @torch.no_grad()
     def encode_image(
-        self, images: torch.Tensor, size: int | tuple[int, int] | None = None
+        self, images: torch.Tensor, size: int | tuple[int, int] | None = None, dense: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass of the vision tower → CLS (B, C) and MaskCLIP dense tokens (B, C, h, w), float32, normalised.
+        """One pass of the vision tower → CLS (B, C) and dense tokens (B, C, h, w), float32, normalised.
 
         Args:
             images: (B, 3, H, W) normalised with IMAGENET_MEAN/STD, as the student sees them.
             size: resize target: None = cfg.image_size square, an int = square, (h, w) as given (rounded to a
                 multiple of the patch size); the positional embedding is interpolated to the resulting grid.
+            dense: the dense path, "value" or "maskclip" (:func:`_dense_path`); None = ``cfg.dense``.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"teacher images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        dense_mode = self.cfg.dense if dense is None else dense
+        _check_dense(dense_mode)
         x = self.to_clip_input(images.to(self.device, torch.float32))
         target = self._target_size(size)
         if tuple(x.shape[-2:]) != target:
@@ -226,13 +230,13 @@ class CLIPTeacher(nn.Module):
                 h = block(h)
             if not batch_first:
                 h = h.transpose(0, 1)  # (B, 1 + h·w, width)
-            cls, dense = _last_block(blocks[-1], h)  # (B, width), (B, 1 + h·w, width)
+            cls, tokens = _last_block(blocks[-1], h, dense_mode)  # (B, width), (B, 1 + h·w, width)
 
             cls = visual.ln_post(cls) @ visual.proj  # (B, C)
-            dense = visual.ln_post(dense[:, 1:]) @ visual.proj  # (B, h·w, C)
+            patches = visual.ln_post(tokens[:, 1:]) @ visual.proj  # (B, h·w, C)
         cls = F.normalize(cls.float(), dim=-1)
-        dense = F.normalize(dense.float(), dim=-1)
-        return cls, rearrange(dense, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
+        patches = F.normalize(patches.float(), dim=-1)
+        return cls, rearrange(patches, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
 
     # ------------------------------------------------------------------ text side
     def text_embeddings(
@@ -296,6 +300,7 @@ def build_teacher(cfg: TeacherConfig, device: str | torch.device | None = None) 
         RuntimeError: a tag's weights are neither cached nor downloadable (offline).
     """
     _check_precision(cfg.precision)
+    _check_dense(cfg.dense)
     models = open_clip.list_models()
     if cfg.model not in models:
         close = difflib.get_close_matches(cfg.model, models, n=5, cutoff=0.5)
@@ -512,7 +517,7 @@ def _check_visual_tower(visual: nn.Module | None, model_name: str) -> None:
 
 
 def _value_path(block: nn.Module, x: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
-    """MaskCLIP dense tokens: ln_1 → value projection → out_proj (→ layer scale), no attention mixing, no residual.
+    """Dense tokens without attention mixing: ln_1 → value projection → out_proj (→ layer scale).
 
     Raw last-layer patch tokens are dominated by the global attention; the value path keeps each token local.
     ``normed`` is ``block.ln_1(x)`` when the caller has it already.
@@ -524,13 +529,29 @@ def _value_path(block: nn.Module, x: torch.Tensor, normed: torch.Tensor | None =
     return block.ls_1(attn.out_proj(value))
 
 
-def _last_block(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense_path(
+    block: nn.Module, x: torch.Tensor, mode: str, normed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The last block's dense tokens (B, 1 + N, width) for ``teacher.dense``.
+
+    "value": :func:`_value_path` alone (no residual, no MLP; ClearCLIP's finding). "maskclip": MaskCLIP's released
+    path, ``v = x + out_proj(v_proj(ln_1(x))); v = v + mlp(ln_2(v))`` (layer scales where the block has them).
+    """
+    _check_dense(mode)
+    value = _value_path(block, x, normed)
+    if mode == "value":
+        return value
+    v = x + value
+    return v + block.ls_2(block.mlp(block.ln_2(v)))
+
+
+def _last_block(block: nn.Module, x: torch.Tensor, dense: str = "value") -> tuple[torch.Tensor, torch.Tensor]:
     """The last block's outputs the teacher uses, for batch-first (B, 1 + N, width) input.
 
     Returns the class token's block output (B, width), computed with the class query alone: the patch tokens'
-    attention and MLP outputs are never used (the dense tokens take the value path), which saves most of the
-    block, about 1/12 of the tower. Equal to ``block(x)[:, 0]`` up to float rounding. And the value path of every
-    token (B, 1 + N, width).
+    attention outputs are never used (the dense tokens take the value path), which saves most of the block,
+    about 1/12 of the tower. Equal to ``block(x)[:, 0]`` up to float rounding. And the dense tokens of every
+    token (B, 1 + N, width) by :func:`_dense_path`.
     """
     normed = block.ln_1(x)  # (B, 1 + N, width)
     query, keys = normed[:, :1], normed
@@ -541,7 +562,15 @@ def _last_block(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
         attended = attended.transpose(0, 1)
     cls = x[:, :1] + block.ls_1(attended)
     cls = cls + block.ls_2(block.mlp(block.ln_2(cls)))
-    return cls[:, 0], _value_path(block, x, normed)
+    return cls[:, 0], _dense_path(block, x, dense, normed)
+
+
+DENSE_MODES = ("value", "maskclip")
+
+
+def _check_dense(mode: str) -> None:
+    if mode not in DENSE_MODES:
+        raise ValueError(f"teacher.dense='{mode}' is not one of {', '.join(DENSE_MODES)}")
 
 
 # ---------------------------------------------------------------------- text helpers
