@@ -104,16 +104,21 @@ def test_eval_on_camvid_reports_seen_unseen_hiou(
             "0",
             "--out",
             str(tmp_path / "eval"),
+            "--seen-gamma",
+            "0.1",
             "--device",
             "cpu",
         ]
     )
     assert code == 0
     out = capsys.readouterr().out
-    for key in ("mIoU(S)", "mIoU(U)", "hIoU", "pedestrian"):
+    for key in ("mIoU(S)", "mIoU(U)", "hIoU", "pedestrian", "calibrated (seen - 0.1)"):
         assert key in out
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert json.dumps(metrics)  # valid JSON with NaN written as null
+    assert metrics["calibrated"]["seen_gamma"] == 0.1 and set(metrics["calibrated"]["summary"]) == set(
+        metrics["summary"]
+    )
     assert (tmp_path / "eval" / "per_class.csv").is_file()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -66,10 +67,57 @@ def test_metrics_match_torchmetrics():
     assert metrics["hIoU"] == pytest.approx(2 * s * u / (s + u), abs=1e-4)
 
 
+def _mmseg_intersect_and_union(pred, label, num_classes, ignore_index=255):
+    """mmseg's ``intersect_and_union`` for one image, as released (histc over the non-ignored pixels)."""
+    mask = label != ignore_index
+    pred, label = pred[mask], label[mask]
+    intersect = pred[pred == label]
+    area_intersect = torch.histc(intersect.float(), bins=num_classes, min=0, max=num_classes - 1)
+    area_pred = torch.histc(pred.float(), bins=num_classes, min=0, max=num_classes - 1)
+    area_label = torch.histc(label.float(), bins=num_classes, min=0, max=num_classes - 1)
+    return area_intersect, area_pred + area_label - area_intersect, area_pred, area_label
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_default_metrics_equal_mmsegs_on_subsets_with_absent_classes(seed):
+    # A few images of a 9-class problem where classes 6-8 never occur in the ground truth; 6 and 7 are predicted
+    # (IoU 0 in mmseg), 8 is neither present nor predicted (NaN, left out by nanmean).
+    k = 9
+    gen = torch.Generator().manual_seed(seed)
+    confusion = ConfusionMatrix(k)
+    totals = [torch.zeros(k, dtype=torch.float64) for _ in range(4)]
+    for _ in range(3):
+        label = torch.randint(0, 6, (13, 17), generator=gen)
+        label[torch.rand(13, 17, generator=gen) < 0.2] = 255
+        pred = torch.randint(0, 8, (13, 17), generator=gen)
+        pred = torch.where(torch.rand(13, 17, generator=gen) < 0.6, label.clamp(max=5), pred)
+        confusion.update(pred[None], label[None])
+        for total, area in zip(totals, _mmseg_intersect_and_union(pred, label, k)):
+            total += area.double()
+    inter, union, _, area_label = totals
+    iou, acc = inter / union * 100, inter / area_label * 100  # total_area_to_metrics: 0/0 -> NaN
+    seen, unseen = (0, 1, 2, 3, 6, 8), (4, 5, 7)
+    m = compute_metrics(confusion.matrix, [f"c{i}" for i in range(k)], seen=seen, unseen=unseen)
+    torch.testing.assert_close(torch.tensor(m["IoU"], dtype=torch.float64), iou, equal_nan=True)
+    torch.testing.assert_close(torch.tensor(m["Acc"], dtype=torch.float64), acc, equal_nan=True)
+    assert m["IoU"][6] == 0 and m["IoU"][7] == 0 and math.isnan(m["IoU"][8])
+    assert m["mIoU"] == pytest.approx(float(torch.nanmean(iou)))
+    assert m["mIoU(S)"] == pytest.approx(float(torch.nanmean(iou[list(seen)])))
+    assert m["mIoU(U)"] == pytest.approx(float(torch.nanmean(iou[list(unseen)])))
+    assert m["pAcc"] == pytest.approx(float(inter.sum() / area_label.sum() * 100))
+    skip = compute_metrics(confusion.matrix, [f"c{i}" for i in range(k)], seen, unseen, absent="skip")
+    assert math.isnan(skip["IoU"][6]) and skip["mIoU"] == pytest.approx(float(torch.nanmean(iou[:6])))
+    with pytest.raises(ValueError, match=re.escape("eval.absent_classes='none' is not one of mmseg, skip")):
+        compute_metrics(confusion.matrix, [f"c{i}" for i in range(k)], seen, unseen, absent="none")
+
+
 def test_hand_computed_with_absent_class():
     # rows = ground truth, columns = prediction; class 1 never occurs in the ground truth but is predicted twice.
     matrix = torch.tensor([[6, 2, 0], [0, 0, 0], [1, 0, 3]])
-    m = compute_metrics(matrix, ["a", "b", "c"], seen=(0, 1), unseen=(2,))
+    mmseg = compute_metrics(matrix, ["a", "b", "c"], seen=(0, 1), unseen=(2,))
+    assert mmseg["IoU"][1] == 0 and math.isnan(mmseg["Acc"][1])  # predicted but absent: a false positive
+    assert mmseg["mIoU(S)"] == pytest.approx(100 * 2 / 3 / 2)
+    m = compute_metrics(matrix, ["a", "b", "c"], seen=(0, 1), unseen=(2,), absent="skip")
     assert m["IoU"][0] == pytest.approx(100 * 6 / 9)  # union = 8 gt + 7 pred - 6
     assert math.isnan(m["IoU"][1]) and math.isnan(m["Acc"][1])
     assert m["IoU"][2] == pytest.approx(75.0)  # 3 / (4 + 3 - 3)
@@ -285,7 +333,9 @@ def test_evaluate_constant_prediction_and_save(tmp_path: Path):
     assert one.num_images == 1 and one.metrics["pAcc"] == pytest.approx(188 / 380 * 100)
 
     # a class absent from the ground truth: NaN in memory, null in JSON, empty in CSV
-    result = EvalResult.from_matrix(torch.tensor([[5, 1], [0, 0]]), ["sky", "cow"], seen=(0,), unseen=(1,))
+    result = EvalResult.from_matrix(
+        torch.tensor([[5, 1], [0, 0]]), ["sky", "cow"], seen=(0,), unseen=(1,), absent="skip"
+    )
     table = result.format_table()
     assert "hIoU" in table and "cow" in table and "unseen" in table
     json_path, csv_path = result.save(tmp_path / "out")
@@ -337,3 +387,25 @@ def test_all_reduce_across_two_processes(tmp_path: Path):
     local = ConfusionMatrix(4)
     local.update(*_random_batch(4, seed=10))
     assert not torch.equal(local.matrix, expected.matrix)  # the ranks really saw different data
+
+
+def test_seen_calibration_is_reported_beside_the_plain_figures(tmp_path: Path):
+    # Cow (unseen, id 2) scores just below sky (seen) everywhere: plain argmax says sky, ZegCLIP's calibration
+    # (sigmoid, seen classes lowered by γ) says cow, and the plain figures stay as they were.
+    def close_call(x):
+        logits = torch.full((x.shape[0], 3, x.shape[2], x.shape[3]), -5.0)
+        logits[:, 0], logits[:, 2] = 0.3, 0.0
+        return logits
+
+    data = TinySegDataset()
+    plain = evaluate(close_call, data, EvalConfig(mode="whole"), progress=False)
+    both = evaluate(close_call, data, EvalConfig(mode="whole", seen_gamma=0.1), progress=False)
+    assert plain.calibrated is None and both.metrics == plain.metrics
+    assert both.calibrated is not None and both.seen_gamma == 0.1
+    assert plain.metrics["mIoU(U)"] == 0 and both.calibrated.metrics["mIoU(U)"] > 0
+    assert both.calibrated.metrics["mIoU(S)"] == 0  # every pixel went to cow
+    assert "calibrated (seen - 0.1)" in both.summary_line()
+    saved = json.loads(both.save(tmp_path)[0].read_text())
+    assert saved["calibrated"]["seen_gamma"] == 0.1 and saved["summary"]["mIoU(U)"] == 0
+    with pytest.raises(ValueError, match=re.escape("eval.seen_gamma must be a number >= 0")):
+        evaluate(close_call, data, EvalConfig(mode="whole", seen_gamma=-1.0), progress=False)

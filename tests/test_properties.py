@@ -45,8 +45,14 @@ def test_metrics_are_bounded_and_invariant_to_class_order(sample, data) -> None:
         assert math.isnan(value) or 0.0 <= value <= 100.0
     iou = np.asarray(base["IoU"], dtype=float)
     assert np.all(np.isnan(iou) | ((iou >= 0) & (iou <= 100)))
-    present = np.isin(np.arange(k), target[target != 255])
-    assert np.array_equal(~np.isnan(iou), present), "NaN exactly for classes absent from the ground truth"
+    counted = target != 255
+    present = np.isin(np.arange(k), target[counted])
+    predicted = np.isin(np.arange(k), pred[counted])
+    # mmseg's rule: NaN exactly where the union is empty, 0 for a class predicted but absent from the truth.
+    assert np.array_equal(~np.isnan(iou), present | predicted), (
+        "NaN exactly for classes neither seen nor predicted"
+    )
+    assert np.all(iou[predicted & ~present] == 0)
 
     perm = np.asarray(data.draw(st.permutations(range(k))))
     lut = np.full(256, 255)  # class i becomes perm[i]; ignore stays ignore

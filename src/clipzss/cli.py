@@ -23,7 +23,7 @@ EPILOGS = {
     "eval": """examples:
   clipzss eval runs/voc --dataset voc --data-root /data/VOCdevkit/VOC2012 --split val
   clipzss eval runs/camvid/model.safetensors --dataset folder --data-root ../shared/data/camvid \\
-      --unseen car,tree,pedestrian
+      --unseen car,tree,pedestrian --seen-gamma 0.1
   clipzss eval --baseline maskclip --teacher-weights ViT-B-16.safetensors --dataset folder --data-root DIR""",
     "predict": """examples:
   clipzss predict photo.jpg --checkpoint runs/voc --classes "cat,dog,grass,sky"
@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", choices=["slide", "whole"], default=None, help="inference mode")
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument(
+        "--seen-gamma",
+        type=float,
+        default=None,
+        help="also report ZegCLIP's seen-score calibration: seen sigmoid scores lowered by G (ZegCLIP: 0.1)",
+    )
+    p.add_argument(
+        "--absent-classes",
+        choices=["mmseg", "skip"],
+        default=None,
+        help="a class absent from the ground truth: mmseg = IoU 0 if predicted (default), skip = left out",
+    )
     p.add_argument("--out", default=None, help="folder for metrics.json / per_class.csv")
     p.add_argument(
         "--report",
@@ -256,6 +268,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         eval_cfg = replace(eval_cfg, mode=args.mode)
     if args.max_images:
         eval_cfg = replace(eval_cfg, max_images=args.max_images)
+    if args.seen_gamma is not None:
+        eval_cfg = replace(eval_cfg, seen_gamma=args.seen_gamma)
+    if args.absent_classes:
+        eval_cfg = replace(eval_cfg, absent_classes=args.absent_classes)
     cfg = replace(cfg, data=data, eval=eval_cfg)
     if not (data.eval_root or data.root) and (data.eval_dataset or data.dataset) != "synthetic":
         raise ValueError("say where the dataset is: --data-root DIR")

@@ -87,22 +87,31 @@ def _mean(values: Tensor, ids: Sequence[int]) -> float:
     return float(torch.nanmean(values[list(ids)]))
 
 
+ABSENT_RULES = ("mmseg", "skip")  # EvalConfig.absent_classes
+
+
 def compute_metrics(
-    matrix: Tensor, class_names: Sequence[str], seen: Sequence[int], unseen: Sequence[int]
+    matrix: Tensor,
+    class_names: Sequence[str],
+    seen: Sequence[int],
+    unseen: Sequence[int],
+    absent: str = "mmseg",
 ) -> dict[str, Any]:
     """pAcc, mAcc, mIoU, mIoU(S), mIoU(U), hIoU and per-class IoU/accuracy from a confusion matrix.
 
-    All values are percentages (0-100), as in mmseg and ZegCLIP tables. A class absent from the ground truth gets
-    IoU and accuracy NaN and is left out of every mean: its IoU would otherwise be 0 (any false positive) or 0/0.
-    This differs from mmseg only there, where a class absent from the ground truth but predicted scores 0; on the
-    full validation sets every class is present and the two agree. hIoU = 2·S·U/(S+U), 0 when S+U == 0; with no
-    unseen classes mIoU(U) and hIoU are NaN.
+    All values are percentages (0-100), as in mmseg and ZegCLIP tables. ``absent="mmseg"`` is mmseg's rule
+    (``intersect_and_union`` then ``total_area_intersect / total_area_union`` and nanmean): a class absent from the
+    ground truth but predicted scores IoU 0, one neither present nor predicted is NaN (0/0) and left out of the
+    means. ``absent="skip"`` leaves every class absent from the ground truth out (IoU NaN even when predicted). On
+    full validation sets every class is present and the two agree. Accuracy is NaN for an absent class under both
+    (0/0 in mmseg too). hIoU = 2·S·U/(S+U), 0 when S+U == 0; with no unseen classes mIoU(U) and hIoU are NaN.
 
     Args:
         matrix: (K, K) counts, rows = ground truth, columns = prediction.
         class_names: K names, in class-id order.
         seen: ids of the seen classes.
         unseen: ids of the unseen classes (disjoint from ``seen``).
+        absent: "mmseg" or "skip".
 
     Returns:
         Scalars under ``SUMMARY_KEYS`` plus ``"IoU"`` and ``"Acc"``: lists of K per-class values (NaN when absent).
@@ -124,9 +133,12 @@ def compute_metrics(
     tp = matrix.diagonal()  # (K,)
     gt = matrix.sum(1)  # (K,)
     union = gt + matrix.sum(0) - tp
-    absent = gt == 0
-    iou = torch.where(absent, math.nan, tp / union.clamp_min(1)) * 100
-    acc = torch.where(absent, math.nan, tp / gt.clamp_min(1)) * 100
+    if absent not in ABSENT_RULES:
+        raise ValueError(f"eval.absent_classes='{absent}' is not one of {', '.join(ABSENT_RULES)}")
+    missing = gt == 0
+    no_iou = union == 0 if absent == "mmseg" else missing
+    iou = torch.where(no_iou, math.nan, tp / union.clamp_min(1)) * 100
+    acc = torch.where(missing, math.nan, tp / gt.clamp_min(1)) * 100
     total = float(gt.sum())
 
     miou_s, miou_u = _mean(iou, seen), _mean(iou, unseen)
@@ -146,6 +158,16 @@ def compute_metrics(
         "IoU": iou.tolist(),
         "Acc": acc.tolist(),
     }
+
+
+def seen_calibrated(logits: Tensor, shift: Tensor) -> Tensor:
+    """ZegCLIP's inductive calibration: sigmoid scores with ``shift`` (γ on seen classes, 0 elsewhere) subtracted.
+
+    Args:
+        logits: (B, K, H, W).
+        shift: (K,) per-class amount.
+    """
+    return logits.float().sigmoid() - shift.to(logits.device)[None, :, None, None]
 
 
 def whole_inference(logits_fn: LogitsFn, images: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
@@ -261,6 +283,9 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
     # (K, K) int64 counts (rows = ground truth) for reports; not written by `save`.
     confusion: Tensor | None = field(default=None, repr=False, compare=False)
+    # With eval.seen_gamma > 0: the same images scored after ZegCLIP's seen-score calibration, reported beside.
+    calibrated: EvalResult | None = field(default=None, compare=False)
+    seen_gamma: float = 0.0
 
     @classmethod
     def from_matrix(
@@ -270,8 +295,9 @@ class EvalResult:
         seen: Sequence[int],
         unseen: Sequence[int],
         num_images: int = 0,
+        absent: str = "mmseg",
     ) -> EvalResult:
-        full = compute_metrics(matrix, class_names, seen, unseen)
+        full = compute_metrics(matrix, class_names, seen, unseen, absent)
         seen_set, unseen_set = set(seen), set(unseen)
         rows = [
             {
@@ -292,9 +318,12 @@ class EvalResult:
         )
 
     def summary_line(self) -> str:
-        return "  ".join(
+        line = "  ".join(
             f"{key} {_fmt(self.metrics[key])}" for key in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU", "mIoU")
         )
+        if self.calibrated is not None:
+            line += f"  |  calibrated (seen - {self.seen_gamma:g}): " + self.calibrated.summary_line()
+        return line
 
     def format_table(self) -> str:
         """A fixed-width table: the summary line, then per-class IoU and accuracy (``-`` for absent classes)."""
@@ -318,6 +347,12 @@ class EvalResult:
             "per_class": self.per_class,
             **self.extra,
         }
+        if self.calibrated is not None:
+            payload["calibrated"] = {
+                "seen_gamma": self.seen_gamma,
+                "summary": self.calibrated.metrics,
+                "per_class": self.calibrated.per_class,
+            }
         json_path = out_dir / "metrics.json"
         json_path.write_text(json.dumps(_nan_to_none(payload), indent=2, allow_nan=False) + "\n")
         csv_path = out_dir / "per_class.csv"
@@ -374,6 +409,12 @@ def evaluate(
     """
     if cfg.mode not in ("slide", "whole"):
         raise ValueError(f"unknown eval mode '{cfg.mode}', choose one of: slide, whole")
+    if cfg.absent_classes not in ABSENT_RULES:
+        raise ValueError(
+            f"eval.absent_classes='{cfg.absent_classes}' is not one of {', '.join(ABSENT_RULES)}"
+        )
+    if not (math.isfinite(cfg.seen_gamma) and cfg.seen_gamma >= 0):
+        raise ValueError(f"eval.seen_gamma must be a number >= 0, got {cfg.seen_gamma!r}")
     class_names, seen, unseen = _split_ids(dataset)
     device = torch.device(device)
     distributed = dist.is_available() and dist.is_initialized()
@@ -390,9 +431,11 @@ def evaluate(
         pin_memory=device.type == "cuda",
     )
     # 16-bit label sets (PC-459, ADE-847) mark ignore with 65535: the dataset says which value it uses.
-    confusion = ConfusionMatrix(
-        len(class_names), ignore_index=getattr(dataset, "ignore_index", 255), device=device
-    )
+    ignore_index = getattr(dataset, "ignore_index", 255)
+    confusion = ConfusionMatrix(len(class_names), ignore_index=ignore_index, device=device)
+    calibrated = ConfusionMatrix(len(class_names), ignore_index=ignore_index, device=device)
+    seen_shift = torch.zeros(len(class_names), device=device)
+    seen_shift[list(seen)] = cfg.seen_gamma
     seen_images = torch.zeros((), dtype=torch.int64, device=device)
     for item in tqdm(loader, desc="eval", disable=not progress or rank != 0, dynamic_ncols=True):
         image = item["image"].to(device, non_blocking=True)  # (1, 3, H, W)
@@ -408,12 +451,23 @@ def evaluate(
                 f"but the dataset has {len(class_names)} classes"
             )
         confusion.update(logits.argmax(1), mask)
+        if cfg.seen_gamma > 0:
+            calibrated.update(seen_calibrated(logits, seen_shift).argmax(1), mask)
         seen_images += 1
 
     confusion.all_reduce()
+    calibrated.all_reduce()
     if distributed:
         dist.all_reduce(seen_images, op=dist.ReduceOp.SUM)
-    result = EvalResult.from_matrix(confusion.matrix.cpu(), class_names, seen, unseen, int(seen_images))
+    num = int(seen_images)
+    result = EvalResult.from_matrix(
+        confusion.matrix.cpu(), class_names, seen, unseen, num, cfg.absent_classes
+    )
+    if cfg.seen_gamma > 0:
+        result.calibrated = EvalResult.from_matrix(
+            calibrated.matrix.cpu(), class_names, seen, unseen, num, cfg.absent_classes
+        )
+        result.seen_gamma = cfg.seen_gamma
     if rank == 0:
         logger.info("eval: %d images  %s", result.num_images, result.summary_line())
     return result

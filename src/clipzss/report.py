@@ -108,8 +108,14 @@ def iou_figure(result: EvalResult, title: str | None = None) -> Figure:
     ax = fig.add_subplot()
     y = np.arange(len(names))
     ax.barh(y, np.nan_to_num(ious), color=[SPLIT_COLOURS[s] for s in splits], height=0.7)
+    accs = [row["Acc"] for row in result.per_class]  # NaN exactly where the class has no ground truth
     for i, value in enumerate(ious):
-        label, colour = ("absent", "#8c8c8c") if math.isnan(value) else (f"{value:.1f}", "black")
+        if math.isnan(value):
+            label, colour = "absent", "#8c8c8c"
+        elif accs[i] is None or math.isnan(accs[i]):  # mmseg's rule: absent but predicted scores 0
+            label, colour = "0.0 (absent, predicted)", "#8c8c8c"
+        else:
+            label, colour = f"{value:.1f}", "black"
         ax.text((0 if math.isnan(value) else value) + 1, i, label, va="center", fontsize=8, color=colour)
     m = result.metrics
     for split, key in (("seen", "mIoU(S)"), ("unseen", "mIoU(U)")):
