@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from clipzss.losses import (
     ce_loss,
     compute_losses,
     info_nce,
+    majority_labels,
     masked_dice_loss,
     masked_focal_loss,
     nel_loss,
@@ -24,7 +26,7 @@ from clipzss.losses import (
     restrict_targets,
     upsample_logits,
 )
-from clipzss.modules import GLM, Synthesizer, teacher_pseudo_prototypes
+from clipzss.modules import GLM, Synthesizer, downsample_labels, teacher_pseudo_prototypes
 
 C = 16
 NUM_SEEN = 3
@@ -101,7 +103,7 @@ def _nel_example() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return logits, labels, valid
 
 
-def test_focal_part_matches_torchvision_on_valid_entries() -> None:
+def test_focal_entries_rule_matches_torchvision_on_valid_entries() -> None:
     logits, labels, valid = _nel_example()
     alpha, gamma = 0.25, 2.0
     by_hand, torchvision_terms = [], []
@@ -116,7 +118,7 @@ def test_focal_part_matches_torchvision_on_valid_entries() -> None:
         torchvision_terms.append(
             sigmoid_focal_loss(logits[b, k, i, j], torch.tensor(t, dtype=torch.float64), alpha, gamma, "none")
         )
-    got = masked_focal_loss(logits, labels, valid, alpha, gamma)
+    got = masked_focal_loss(logits, labels, valid, alpha, gamma, norm="entries")
     assert float(got) == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-6)
     assert float(got) == pytest.approx(float(torch.stack(torchvision_terms).mean()), rel=1e-6)
 
@@ -127,27 +129,129 @@ def test_dice_part_hand_computed() -> None:
     labels = torch.tensor([[[0, 0, 0, 255]]])
     p = [1 / (1 + math.exp(-v)) for v in (0.0, 2.0, -1.0)]
     expected = 1 - (2 * sum(p) + 1) / (sum(p) + 3 + 1)
-    assert float(masked_dice_loss(logits, labels)) == pytest.approx(expected, rel=1e-6)
+    assert float(masked_dice_loss(logits, labels, norm="entries")) == pytest.approx(expected, rel=1e-6)
+    # ZegCLIP's dice sums the prediction over every pixel, the ignored one included.
+    p_all = sum(p) + 1 / (1 + math.exp(-5.0))
+    zegclip = 1 - (2 * sum(p) + 1) / (p_all + 3 + 1)
+    assert float(masked_dice_loss(logits, labels)) == pytest.approx(zegclip, rel=1e-6)
     # A second image where both classes are present: the mean is over the three (image, class) pairs.
     logits2 = torch.cat([logits, torch.zeros(1, 2, 1, 4)])
     labels2 = torch.cat([labels, torch.tensor([[[0, 1, 1, 255]]])])
     d0 = 1 - (2 * 0.5 + 1) / (1.5 + 1 + 1)
     d1 = 1 - (2 * 1.0 + 1) / (1.5 + 2 + 1)
-    assert float(masked_dice_loss(logits2, labels2)) == pytest.approx((expected + d0 + d1) / 3, rel=1e-6)
+    got = float(masked_dice_loss(logits2, labels2, norm="entries"))
+    assert got == pytest.approx((expected + d0 + d1) / 3, rel=1e-6)
 
 
-def test_nel_combines_focal_and_dice_and_ignores_ignored_pixels() -> None:
+def test_nel_entries_rule_combines_focal_and_dice_and_ignores_ignored_pixels() -> None:
     logits, labels, valid = _nel_example()
-    loss = nel_loss(logits, labels, valid, 0.25, 2.0, focal_weight=20.0, dice_weight=3.0)
-    expected = 20.0 * masked_focal_loss(logits, labels, valid) + 3.0 * masked_dice_loss(logits, labels, valid)
+    loss = nel_loss(logits, labels, valid, 0.25, 2.0, focal_weight=20.0, dice_weight=3.0, norm="entries")
+    expected = 20.0 * masked_focal_loss(logits, labels, valid, norm="entries") + 3.0 * masked_dice_loss(
+        logits, labels, valid, norm="entries"
+    )
     assert float(loss) == pytest.approx(float(expected), rel=1e-12)
     changed = logits.clone()
     changed[labels[:, None].expand_as(logits) == 255] = 50.0  # ignored pixels
     changed[0, 3] = -30.0  # the invalid channel of image 0
-    assert float(nel_loss(changed, labels, valid)) == pytest.approx(
-        float(nel_loss(logits, labels, valid)), rel=1e-12
+    assert float(nel_loss(changed, labels, valid, norm="entries")) == pytest.approx(
+        float(nel_loss(logits, labels, valid, norm="entries")), rel=1e-12
     )
-    assert float(nel_loss(changed, labels, valid)) != pytest.approx(float(nel_loss(changed, labels, None)))
+    assert float(nel_loss(changed, labels, valid, norm="entries")) != pytest.approx(
+        float(nel_loss(changed, labels, None, norm="entries"))
+    )
+
+
+def _zegclip_reference(
+    logits: torch.Tensor, labels: torch.Tensor, mask_weight: float, dice_weight: float
+) -> float:
+    """ZegCLIP's SegLossPlus on one decoder output, step by step as its released criterion computes it.
+
+    prepare_targets: the classes present in each image and one binary mask each; _get_target_mask_binary_cross_entropy:
+    a (B, K, H·W) one-hot target with zero columns at ignored pixels; sigmoid_focal_loss: mean over the pixels of
+    every (image, class) map, summed, divided by num_masks (the number of present masks, at least 1); dice_loss:
+    over the present masks only, prediction summed over all pixels, summed, divided by num_masks.
+    """
+    b, k, h, w = logits.shape
+    per_image = []
+    for image in labels:
+        classes = image.unique()
+        classes = classes[classes != 255]
+        per_image.append((classes, torch.stack([image == c for c in classes]) if len(classes) else None))
+    num_masks = max(float(sum(len(c) for c, _ in per_image)), 1.0)
+    onehot = torch.zeros(b, k, h * w, dtype=logits.dtype)
+    for i, image in enumerate(labels):
+        flat = image.reshape(-1)
+        keep = flat != 255
+        onehot[i, flat[keep], torch.arange(h * w)[keep]] = 1
+    src = logits.reshape(b * k, h * w)
+    tgt = onehot.reshape(b * k, h * w)
+    ce = F.binary_cross_entropy_with_logits(src, tgt, reduction="none")
+    prob = src.sigmoid()
+    p_t = prob * tgt + (1 - prob) * (1 - tgt)
+    focal = ce * (1 - p_t) ** 2.0
+    focal = (0.25 * tgt + 0.75 * (1 - tgt)) * focal
+    loss_mask = focal.mean(1).sum() / num_masks
+    dice_src = torch.cat([logits[i, c] for i, (c, _) in enumerate(per_image) if len(c)]).flatten(1).sigmoid()
+    dice_tgt = torch.cat([m for _, m in per_image if m is not None]).flatten(1).to(logits.dtype)
+    numerator = 2 * (dice_src * dice_tgt).sum(-1)
+    denominator = dice_src.sum(-1) + dice_tgt.sum(-1)
+    loss_dice = (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+    return float(mask_weight * loss_mask + dice_weight * loss_dice)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zegclip_nel_equals_zegclips_released_criterion(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    b, k, h, w = 3, 6, 8, 10
+    logits = torch.randn(b, k, h, w, generator=generator, dtype=torch.float64) * 3
+    labels = torch.randint(0, k, (b, h, w), generator=generator)
+    labels[torch.rand(b, h, w, generator=generator) < 0.3] = 255
+    labels[1][labels[1] == 2] = 0  # a class absent from one image
+    labels[2] = 255  # an image with no label at all counts no mask
+    cfg = MethodConfig(nel_norm="zegclip", focal_weight=100.0)  # ZegCLIP's VOC/COCO zero-shot mask_weight
+    got = nel_loss(
+        logits,
+        labels,
+        None,
+        cfg.focal_alpha,
+        cfg.focal_gamma,
+        cfg.focal_weight,
+        cfg.dice_weight,
+        norm=cfg.nel_norm,
+    )
+    assert float(got) == pytest.approx(_zegclip_reference(logits, labels, 100.0, 1.0), abs=1e-6)
+
+
+def test_zegclip_nel_ignores_only_padding_channels() -> None:
+    logits, labels, valid = _nel_example()
+    changed = logits.clone()
+    changed[0, 3] = -30.0  # the invalid channel of image 0 never counts
+    assert float(nel_loss(changed, labels, valid)) == pytest.approx(float(nel_loss(logits, labels, valid)))
+    pushed = logits.clone()
+    pushed[labels[:, None].expand_as(logits) == 255] = 50.0  # an ignored pixel is every class's negative
+    assert float(nel_loss(pushed, labels, valid)) > float(nel_loss(logits, labels, valid)) + 1
+
+
+def test_nel_rejects_an_unknown_normalisation() -> None:
+    logits, labels, _ = _nel_example()
+    with pytest.raises(ValueError, match=re.escape("method.nel_norm='mean' is not one of zegclip, entries")):
+        nel_loss(logits, labels, norm="mean")
+
+
+def test_majority_labels_take_each_blocks_most_frequent_id() -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (2, 8, 12), generator=generator)
+    labels[0, :4, :4] = 255  # a block of ignore stays ignore
+    got = majority_labels(labels, (2, 3))
+    for b, i, j in itertools.product(range(2), range(2), range(3)):
+        block = labels[b, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].reshape(-1).tolist()
+        counts = {v: block.count(v) for v in set(block)}
+        best = max(counts.values())
+        assert int(got[b, i, j]) == min(v for v, c in counts.items() if c == best)
+    assert int(got[0, 0, 0]) == 255
+    # Not a multiple of the logits' size: the cell centres are sampled (nearest-exact).
+    odd = torch.arange(7 * 7).view(1, 7, 7)
+    assert torch.equal(majority_labels(odd, (3, 3)), downsample_labels(odd, (3, 3)))
 
 
 # --- CE and prototype BCE ---------------------------------------------------------------------------------------
@@ -279,21 +383,55 @@ def test_prototype_softmax_mode_is_cross_entropy_over_the_seen_texts() -> None:
         prototype_bce_loss(protos, classes, text, mode="siglip")
 
 
-def test_compute_losses_ce_only_is_the_plain_text_classifier_student() -> None:
-    cfg = MethodConfig(glm=False, synthesizer=False, nel=False, ce=True, pseudo_labels=False, w_ce=2.0)
+@pytest.mark.parametrize("resolution", ["full", "logits"])
+def test_compute_losses_ce_only_is_the_plain_text_classifier_student(resolution: str) -> None:
+    cfg = MethodConfig(
+        glm=False,
+        synthesizer=False,
+        nel=False,
+        ce=True,
+        pseudo_labels=False,
+        w_ce=2.0,
+        loss_resolution=resolution,
+    )
     inputs = _step_inputs(pseudo=False)
     losses = compute_losses(**inputs, num_seen=NUM_SEEN, cfg=cfg)
     logits = cfg.alpha * torch.einsum(
         "bchw,kc->bkhw", F.normalize(inputs["R"], dim=1), inputs["text_seen"]
     )  # (B, S_n, h, w)
-    logits = F.interpolate(logits, (16, 16), mode="bilinear")
-    expected = 2.0 * F.cross_entropy(logits, inputs["labels"], ignore_index=255)
+    if resolution == "full":
+        logits, labels = F.interpolate(logits, (16, 16), mode="bilinear"), inputs["labels"]
+    else:  # the labels come down to the logits by 4x4 block majority
+        blocks = inputs["labels"].unfold(1, 4, 4).unfold(2, 4, 4).reshape(*logits.shape[:1], 4, 4, 16)
+        labels = blocks.mode(dim=-1).values
+    expected = 2.0 * F.cross_entropy(logits, labels, ignore_index=255)
     assert set(losses) == {"ce", "loss"}
     assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_compute_losses_at_the_logits_stride_never_builds_full_size_maps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A label map 4x the logits' size: at "logits" the NEL/CE maps are (B, K, h, w), so a step's largest float
+    # tensor is the logits' size, not 16x it (benchmarks/bench_losses.py measures the memory).
+    cfg = MethodConfig(glm=False, synthesizer=False, nel=True, ce=True, pseudo_labels=True)
+    inputs = _step_inputs(pseudo=True)
+    shapes: list[tuple[int, ...]] = []
+    original = F.binary_cross_entropy_with_logits
+
+    def spy(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        shapes.append(tuple(x.shape))
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "binary_cross_entropy_with_logits", spy)  # torchvision's focal loss calls it
+    compute_losses(**inputs, num_seen=NUM_SEEN, cfg=cfg)
+    assert shapes and all(shape[-2:] == tuple(inputs["R"].shape[-2:]) for shape in shapes)
+
+
 def test_compute_losses_teacher_fallback_uses_teacher_region_means() -> None:
-    cfg = MethodConfig(glm=False, synthesizer=False, nel=False, ce=True, pseudo_labels=True)
+    cfg = MethodConfig(
+        glm=False, synthesizer=False, nel=False, ce=True, pseudo_labels=True, loss_resolution="full"
+    )
     inputs = _step_inputs(pseudo=True)
     got = compute_losses(**inputs, num_seen=NUM_SEEN, cfg=cfg)["ce"]
     protos, valid = teacher_pseudo_prototypes(inputs["teacher_dense"], inputs["labels"], NUM_SEEN, 2)

@@ -286,3 +286,32 @@ def test_compiled_student_saves_a_checkpoint_that_loads(cfg: Config) -> None:
         assert torch.equal(seg.student.state_dict()[key], value)
     state = load_training_state(out)
     assert not any(k.startswith("_orig_mod.") for k in state["student"])
+
+
+def test_training_never_encodes_an_unseen_class_name(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Inductive protocol: an unseen name is first read at test time. Both the cached entry point and the text
+    # tower's input (every prompt is tokenized before encode_text) are watched.
+    from clipzss.data import build_dataset
+    from clipzss.teacher import CLIPTeacher
+
+    asked: list[str] = []
+    prompts: list[str] = []
+    text_embeddings, tokenize = CLIPTeacher.text_embeddings, CLIPTeacher.tokenize
+
+    def watch_names(self, class_names, templates=None):
+        asked.extend(class_names)
+        return text_embeddings(self, class_names, templates)
+
+    def watch_prompts(self, texts):
+        prompts.extend(texts)
+        return tokenize(self, texts)
+
+    monkeypatch.setattr(CLIPTeacher, "text_embeddings", watch_names)
+    monkeypatch.setattr(CLIPTeacher, "tokenize", watch_prompts)
+    cfg.train.max_iters = 2
+    train(cfg)
+    split = build_dataset(cfg, cfg.data.train_split, train=True).split
+    unseen = {split.class_names[i] for i in split.unseen}
+    seen = {split.class_names[i] for i in split.seen}
+    assert unseen and set(asked) == seen
+    assert prompts and not [p for p in prompts if any(name in p for name in unseen)]

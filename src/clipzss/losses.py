@@ -26,6 +26,10 @@ IGNORE_INDEX = 255
 # would give NaN in a softmax or a loss if every channel of a row were padding. Representable in fp16 too.
 NEG_LOGIT = -1e4
 BCE_MODES = ("bce", "softmax")  # prototype_bce_loss's formulations (method.bce)
+# nel_loss's normalisations (method.nel_norm): ZegCLIP's released criterion, or our earlier mean over entries.
+NEL_NORMS = ("zegclip", "entries")
+# Where NEL and CE are computed (method.loss_resolution): at the logits' own stride, or upsampled to the labels.
+LOSS_RESOLUTIONS = ("logits", "full")
 
 
 def info_nce(
@@ -90,10 +94,12 @@ def upsample_logits(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def _one_hot_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, H, W) ids → (B, K, H, W) float one-hot; ids outside [0, K) (ignore) give an all-zero column."""
+def _one_hot_targets(
+    labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(B, H, W) ids → (B, K, H, W) one-hot; ids outside [0, K) (ignore) give an all-zero column."""
     classes = torch.arange(num_classes, device=labels.device)
-    return (labels[:, None] == classes[None, :, None, None]).float()
+    return (labels[:, None] == classes[None, :, None, None]).to(dtype)
 
 
 def _channel_mask(valid_channels: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
@@ -107,6 +113,16 @@ def _channel_mask(valid_channels: torch.Tensor | None, logits: torch.Tensor) -> 
     return valid_channels.to(logits.dtype)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 → fp32 for the loss arithmetic; fp64 stays fp64 (the reference tests compare in double)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _check_choice(value: str, choices: tuple[str, ...], field: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{field}='{value}' is not one of {', '.join(choices)}")
+
+
 def masked_focal_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -114,20 +130,32 @@ def masked_focal_loss(
     alpha: float = 0.25,
     gamma: float = 2.0,
     ignore_index: int = IGNORE_INDEX,
+    norm: str = "zegclip",
 ) -> torch.Tensor:
-    """Sigmoid focal loss on one-hot targets, mean over (non-ignored pixel, valid channel) entries.
+    """Sigmoid focal loss of every (image, class) map against its one-hot target.
+
+    ``norm="zegclip"`` is ZegCLIP's released criterion (``SegPlusCriterion.loss_masks``): each (image, class) map
+    is averaged over all H·W pixels, where an ignored pixel is a negative of every class (its one-hot column is
+    zero), and the sum over maps is divided by the number of masks present in the labels (at least 1).
+    ``norm="entries"`` (our earlier rule) averages over (non-ignored pixel, valid channel) entries and leaves
+    ignored pixels out; it is 5·B·K/M times smaller for M present masks of B images with K channels.
 
     Args:
         logits: (B, K, H, W).
         labels: (B, H, W) ids in [0, K) or ``ignore_index``.
-        valid_channels: (B, K) bool, False for padding channels; None = all valid.
+        valid_channels: (B, K) bool, False for padding channels (never counted); None = all valid.
+        norm: "zegclip" or "entries".
     """
-    logits = logits.float()
-    pixels = (labels != ignore_index).float()  # (B, H, W)
+    _check_choice(norm, NEL_NORMS, "method.nel_norm")
+    logits = _at_least_fp32(logits)
     channels = _channel_mask(valid_channels, logits)  # (B, K)
-    focal = sigmoid_focal_loss(
-        logits, _one_hot_targets(labels, logits.shape[1]), alpha, gamma, reduction="none"
-    )
+    target = _one_hot_targets(labels, logits.shape[1], logits.dtype)  # (B, K, H, W)
+    focal = sigmoid_focal_loss(logits, target, alpha, gamma, reduction="none")
+    if norm == "zegclip":
+        per_map = focal.mean(dim=(2, 3))  # (B, K)
+        present = (target.amax(dim=(2, 3)) * channels).sum()
+        return (per_map * channels).sum() / present.clamp_min(1)
+    pixels = (labels != ignore_index).to(logits.dtype)  # (B, H, W)
     per_channel = torch.einsum("bkhw,bhw->bk", focal, pixels)  # (B, K) summed over non-ignored pixels
     entries = (pixels.sum(dim=(1, 2)) * channels.sum(dim=1)).sum()
     return (per_channel * channels).sum() / entries.clamp_min(1)
@@ -138,21 +166,29 @@ def masked_dice_loss(
     labels: torch.Tensor,
     valid_channels: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    norm: str = "zegclip",
 ) -> torch.Tensor:
-    """Dice loss 1 - (2Σpt + 1)/(Σp + Σt + 1) of sigmoid maps over non-ignored pixels, mean over the (image, class)
-    pairs whose class is present in the image (and valid); 0 when there is none.
+    """Dice loss 1 - (2Σpt + 1)/(Σp + Σt + 1) of sigmoid maps, mean over the (image, class) pairs whose class is
+    present in the image (and valid); 0 when there is none.
+
+    ``norm="zegclip"`` sums Σp over all pixels, as ZegCLIP's ``dice_loss`` does (a class predicted on an ignored
+    pixel costs); ``norm="entries"`` over non-ignored pixels only.
 
     Args:
         logits: (B, K, H, W).
         labels: (B, H, W) ids in [0, K) or ``ignore_index``.
         valid_channels: (B, K) bool, or None = all valid.
+        norm: "zegclip" or "entries".
     """
-    logits = logits.float()
-    pixels = (labels != ignore_index).float()  # (B, H, W)
+    _check_choice(norm, NEL_NORMS, "method.nel_norm")
+    logits = _at_least_fp32(logits)
     probs = logits.sigmoid()
-    target = _one_hot_targets(labels, logits.shape[1])  # (B, K, H, W)
+    target = _one_hot_targets(labels, logits.shape[1], logits.dtype)  # (B, K, H, W)
     inter = (probs * target).sum(dim=(2, 3))  # (B, K)
-    prob_sum = torch.einsum("bkhw,bhw->bk", probs, pixels)
+    if norm == "zegclip":
+        prob_sum = probs.sum(dim=(2, 3))
+    else:
+        prob_sum = torch.einsum("bkhw,bhw->bk", probs, (labels != ignore_index).to(logits.dtype))
     target_sum = target.sum(dim=(2, 3))
     dice = 1 - (2 * inter + 1) / (prob_sum + target_sum + 1)  # (B, K)
     present = (target_sum > 0).float() * _channel_mask(valid_channels, logits)
@@ -165,23 +201,52 @@ def nel_loss(
     valid_channels: torch.Tensor | None = None,
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
-    focal_weight: float = 20.0,
+    focal_weight: float = 100.0,
     dice_weight: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
+    norm: str = "zegclip",
 ) -> torch.Tensor:
     """ZegCLIP's non-mutually-exclusive loss: per-class sigmoid maps, focal_weight·focal + dice_weight·dice.
 
-    Normalisation: the focal term is the mean over every (non-ignored pixel, valid channel) entry (so absent
-    classes are pushed down too); the dice term is the mean over (image, present valid class) pairs.
+    With ``norm="zegclip"`` and ``focal_weight=100`` (ZegCLIP's VOC and COCO zero-shot configs set
+    ``mask_weight=100``) this is ZegCLIP's ``SegLossPlus`` on one decoder output; see :func:`masked_focal_loss`
+    for the normalisations.
 
     Args:
         logits: (B, K, H, W) at label resolution.
         labels: (B, H, W) ids in [0, K) or ``ignore_index``.
         valid_channels: (B, K) bool (padding pseudo channels False), or None = all valid.
+        norm: "zegclip" or "entries".
     """
-    focal = masked_focal_loss(logits, labels, valid_channels, focal_alpha, focal_gamma, ignore_index)
-    dice = masked_dice_loss(logits, labels, valid_channels, ignore_index)
+    focal = masked_focal_loss(logits, labels, valid_channels, focal_alpha, focal_gamma, ignore_index, norm)
+    dice = masked_dice_loss(logits, labels, valid_channels, ignore_index, norm)
     return focal_weight * focal + dice_weight * dice
+
+
+def majority_labels(
+    labels: torch.Tensor, size: tuple[int, int], ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Labels at a feature resolution: each cell takes the most frequent id of its s×s block (ignore included).
+
+    A block whose commonest id is ``ignore_index`` stays ignored; ties go to the smaller id (``torch.mode``). When
+    the label size is not an exact multiple of ``size``, the cell centres are sampled instead
+    (:func:`clipzss.modules.downsample_labels`). Memory is that of the labels, whatever the number of classes.
+
+    Args:
+        labels: (B, H, W) ids.
+        size: (h, w) of the logits.
+    """
+    from clipzss.modules import downsample_labels
+
+    b, height, width = labels.shape
+    h, w = int(size[0]), int(size[1])
+    if (height, width) == (h, w):
+        return labels.long()
+    sy, sx = height // max(h, 1), width // max(w, 1)
+    if sy * h != height or sx * w != width:
+        return downsample_labels(labels, (h, w))
+    blocks = labels.long().view(b, h, sy, w, sx).permute(0, 1, 3, 2, 4).reshape(b, h, w, sy * sx)
+    return blocks.mode(dim=-1).values
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -328,8 +393,7 @@ def compute_losses(
             regions = synthesizer(R, labels, teacher_cls, teacher_dense, num_seen, num_pseudo, valid)
             seen_protos, seen_valid = regions.seen()  # (B, S_n, C), (B, S_n)
             classes = torch.arange(num_seen, device=R.device).repeat(batch)  # (B*S_n,)
-            if cfg.bce not in BCE_MODES:
-                raise ValueError(f"method.bce='{cfg.bce}' is not one of {', '.join(BCE_MODES)}")
+            _check_choice(cfg.bce, BCE_MODES, "method.bce")
             scale, bias = (1 / cfg.tau, 0.0) if cfg.bce == "softmax" else (cfg.bce_scale, cfg.bce_bias)
             if regions.logit_scale is not None:  # method.bce_learnable: the synthesizer's own scale and bias
                 scale, bias = regions.logit_scale, regions.logit_bias
@@ -344,13 +408,18 @@ def compute_losses(
             )
 
         if cfg.nel or cfg.ce:
+            _check_choice(cfg.loss_resolution, LOSS_RESOLUTIONS, "method.loss_resolution")
             logits = build_logits(
                 R, text_seen, pseudo_protos, pseudo_valid, cfg.alpha, cfg.beta
             )  # (B, K, h, w)
-            logits = upsample_logits(logits, tuple(labels.shape[-2:]))  # (B, K, H, W)
+            if cfg.loss_resolution == "full":
+                logits = upsample_logits(logits, tuple(labels.shape[-2:]))  # (B, K, H, W)
+                targets = labels
+            else:  # the labels come down to the logits instead: K-channel maps stay at stride 4
+                targets = majority_labels(labels, tuple(logits.shape[-2:]))
             seen_ok = torch.ones(batch, num_seen, dtype=torch.bool, device=R.device)
             valid = seen_ok if pseudo_valid is None else torch.cat([seen_ok, pseudo_valid], dim=1)  # (B, K)
-            targets = restrict_targets(labels, valid)
+            targets = restrict_targets(targets, valid)
             if cfg.nel:
                 losses["nel"] = cfg.w_nel * nel_loss(
                     logits,
@@ -360,6 +429,7 @@ def compute_losses(
                     cfg.focal_gamma,
                     cfg.focal_weight,
                     cfg.dice_weight,
+                    norm=cfg.nel_norm,
                 )
             if cfg.ce:
                 losses["ce"] = cfg.w_ce * ce_loss(logits, targets)

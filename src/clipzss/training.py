@@ -646,8 +646,8 @@ def _train(
         val_set = build_eval_dataset(cfg)
     split = train_set.split
     class_names = list(split.class_names)
-    text_all = teacher.text_embeddings(class_names).to(device)  # (K, C), only seen rows used in training
-    text_seen = text_all[list(split.seen)]
+    # Only the seen names are encoded: under the inductive protocol an unseen name is first read at test time.
+    text_seen = teacher.text_embeddings([class_names[i] for i in split.seen]).to(device)  # (S, C)
     if info.main:
         log.info(
             "training on %d images: %d seen classes, %d unseen held out (%s)",
