@@ -439,9 +439,8 @@ def report(
     )
     if args.from_json:
         command = (
-            "the runs of an earlier `python benchmarks/evidence.py --seeds 3 --jobs 2` (rows renamed by "
-            "`clipzss.worlds.synthetic.RENAMED` when multi-scale seeding went off by default) plus the runs of the "
-            "new default in the other worlds and the guard setting, assembled with `--from-json` / `--add-json`"
+            "the stored runs of `python benchmarks/evidence.py --seeds 3 --jobs 2 --json benchmarks/evidence_runs.json`"
+            ", assembled with `--from-json` (no training)"
         )
     lines = [
         BEGIN,
@@ -456,7 +455,8 @@ def report(
         f"iterations × batch {args.batch_size}, AdamW lr {cfg.train.lr:g}; method at the package defaults "
         f"(centred tokens {m.center_tokens}, λ = {m.fusion_threshold}, window divisors {tuple(m.window_divisors)}, "
         f"max seen share {m.max_seen_share}, bank {m.bank_size}, L_bce {m.bce} scale {m.bce_scale:g} bias "
-        f"{m.bce_bias:g}, synthesizer {m.synthesizer}). Seeds {seeds} (student init and data order; world, teacher "
+        f"{m.bce_bias:g}, synthesizer {m.synthesizer}, NEL normalised over {m.nel_norm} with focal weight "
+        f"{m.focal_weight:g}, NEL and CE at {m.loss_resolution} resolution). Seeds {seeds} (student init and data order; world, teacher "
         "and validation set fixed). Mean ± sample std over seeds. **default** = `MethodConfig()` as shipped.",
         "",
         "### Ablations (validation mIoU, %)",
@@ -538,7 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=sw.STUDENT_ITERS, help="training iterations per run")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--worlds", default="all", help=f"';'-separated worlds of {list(WORLDS)}")
-    parser.add_argument("--variants", default="all", help="';'-separated rows of the default world")
+    parser.add_argument(
+        "--variants",
+        default="table",
+        help="';'-separated rows of the default world; table = synthetic.TABLE_VARIANTS, all = every row",
+    )
     parser.add_argument(
         "--key", default=";".join(sw.KEY_VARIANTS), help="';'-separated rows run in the other worlds"
     )
@@ -565,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     worlds = list(WORLDS) if args.worlds == "all" else [w.strip() for w in args.worlds.split(";")]
-    variants = list(sw.VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(";")]
+    named = {"all": list(sw.VARIANTS), "table": list(sw.TABLE_VARIANTS)}
+    variants = named.get(args.variants) or [v.strip() for v in args.variants.split(";")]
     args.key = [v.strip() for v in args.key.split(";") if v.strip()]
     unknown = [v for v in [*variants, *args.key] if v not in sw.VARIANTS] + [
         w for w in worlds if w not in WORLDS
@@ -591,20 +596,24 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="clipzss_evidence_") as workdir:
+        # Row by row in the order given (every seed and world of a row before the next row), the key rows first,
+        # so that a run stopped early has complete rows; the stored JSON grows after every run.
         jobs = []
-        for seed in range(args.seeds):
-            for world in worlds:
-                rows = variants if world == DEFAULT_WORLD else [v for v in variants if v in args.key]
-                for v in rows:
+        order = [v for v in variants if v in args.key] + [v for v in variants if v not in args.key]
+        for v in order:
+            for seed in range(args.seeds):
+                for world in worlds:
+                    if world != DEFAULT_WORLD and v not in args.key:
+                        continue
                     probe = world == DEFAULT_WORLD and bool(sw.VARIANTS[v].get("synthesizer", True))
                     jobs.append(
                         Job(world, v, seed, args.iters, args.batch_size, args.cache_dir, workdir, probe=probe)
                     )
-            if args.guard_iters and DEFAULT_WORLD in worlds:
+            if v in args.key and v == args.key[-1] and args.guard_iters and DEFAULT_WORLD in worlds:
                 jobs += [
                     Job(
                         DEFAULT_WORLD,
-                        v,
+                        g,
                         seed,
                         args.guard_iters,
                         args.batch_size,
@@ -612,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                         workdir,
                         guard=True,
                     )
-                    for v in (sw.BASELINE, sw.FULL)
+                    for seed in range(args.seeds)
+                    for g in (sw.BASELINE, sw.FULL)
                 ]
         log.info("%d training runs", len(jobs))
         pool = multiprocessing.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else None
@@ -624,7 +634,11 @@ def main(argv: list[str] | None = None) -> int:
             log.info(
                 "%s | %s seed %d: %s (%.0f s)", r["world"], r["variant"], r["seed"], _short(r), r["seconds"]
             )
-            partial.write_text(json.dumps({"runs": results, "teachers": teachers}, indent=1))
+            partial.write_text(
+                json.dumps(
+                    {"runs": results, "teachers": teachers, "quality": quality, "rims": rims}, indent=1
+                )
+            )
         if pool is not None:
             pool.close()
     elapsed = time.perf_counter() - tic
