@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The four speed benchmarks on a CUDA machine, in about 5 minutes; prints their tables (and writes JSON + a summary).
+# The speed benchmarks (and the loss-memory benchmark) on a CUDA machine, in about 5 minutes; prints their tables (and writes JSON + a summary).
 #
 #   benchmarks/gpu.sh            # on a machine with a CUDA GPU
 #   benchmarks/gpu.sh --dry      # tiny sizes on the CPU: checks the scripts run, gives no figure
@@ -50,6 +50,7 @@ EOF
     "$PY" benchmarks/bench_inference.py "${COMMON[@]}" "${INFER[@]}" --json "$OUT/inference.json"
     "$PY" benchmarks/bench_train_step.py "${COMMON[@]}" "${TRAIN[@]}" --json "$OUT/train_step.json"
     "$PY" benchmarks/bench_eval.py "${COMMON[@]}" "${EVAL[@]}" --json "$OUT/eval.json"
+    "$PY" benchmarks/bench_losses.py "${COMMON[@]}" --json "$OUT/losses.json"
     echo "total: $((SECONDS - start)) s; uptime: $(uptime)"
 } 2>&1 | grep -v -e "RANDOM weights" -e "No pretrained weights" | tee "$SUMMARY"
 echo "tables and JSON in $OUT"
