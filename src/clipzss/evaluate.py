@@ -90,6 +90,11 @@ def _mean(values: Tensor, ids: Sequence[int]) -> float:
 ABSENT_RULES = ("mmseg", "skip")  # EvalConfig.absent_classes
 
 
+def _check_absent_rule(rule: str) -> None:
+    if rule not in ABSENT_RULES:
+        raise ValueError(f"eval.absent_classes='{rule}' is not one of {', '.join(ABSENT_RULES)}")
+
+
 def compute_metrics(
     matrix: Tensor,
     class_names: Sequence[str],
@@ -133,8 +138,7 @@ def compute_metrics(
     tp = matrix.diagonal()  # (K,)
     gt = matrix.sum(1)  # (K,)
     union = gt + matrix.sum(0) - tp
-    if absent not in ABSENT_RULES:
-        raise ValueError(f"eval.absent_classes='{absent}' is not one of {', '.join(ABSENT_RULES)}")
+    _check_absent_rule(absent)
     missing = gt == 0
     no_iou = union == 0 if absent == "mmseg" else missing
     iou = torch.where(no_iou, math.nan, tp / union.clamp_min(1)) * 100
@@ -409,10 +413,7 @@ def evaluate(
     """
     if cfg.mode not in ("slide", "whole"):
         raise ValueError(f"unknown eval mode '{cfg.mode}', choose one of: slide, whole")
-    if cfg.absent_classes not in ABSENT_RULES:
-        raise ValueError(
-            f"eval.absent_classes='{cfg.absent_classes}' is not one of {', '.join(ABSENT_RULES)}"
-        )
+    _check_absent_rule(cfg.absent_classes)  # before any image is run
     if not (math.isfinite(cfg.seen_gamma) and cfg.seen_gamma >= 0):
         raise ValueError(f"eval.seen_gamma must be a number >= 0, got {cfg.seen_gamma!r}")
     class_names, seen, unseen = _split_ids(dataset)
