@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -193,15 +194,25 @@ def measure(args: argparse.Namespace, store: dict) -> None:
     from clipzss.worlds import camvid as cw
 
     torch.set_num_threads(args.threads)
+    from clipzss.config import MethodConfig
+
     settings = {
         "iters": args.iters,
         "world": dataclasses.asdict(cw.CamVidWorld()),
         "teacher": dataclasses.asdict(cw.CamVidTeacherSpec()),
+        "method_defaults": dataclasses.asdict(MethodConfig()),
     }
-    if store.get("settings") != settings:
-        store.clear()
-        store["settings"] = settings
-    store["machine"] = f"{platform.machine()}, {args.threads} torch thread(s), torch {torch.__version__}"
+    settings = json.loads(json.dumps(settings))  # as stored (tuples become lists)
+    if store.get("runs") and store.get("settings") != settings:
+        raise SystemExit(
+            f"camvid_world: {args.json} holds runs made with other settings (iterations, world, teacher or "
+            "MethodConfig defaults); give another --json to start afresh"
+        )
+    store["settings"] = settings
+    store["machine"] = (
+        f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with other work), {args.threads} torch "
+        f"thread(s) per run, torch {torch.__version__}"
+    )
     start = time.time()
     teacher = cw.load_teacher()
     store["teacher_load_seconds"] = time.time() - start
@@ -328,7 +339,12 @@ def render(store: dict) -> str:
         if not got:
             continue
         vals = {m: [r["metrics"][m] for r in got] for m in METRICS}
-        per = [_ms([r["metrics"].get(f"IoU/{c}", math.nan) for r in got]) for c in unseen]
+        per = [
+            _ms([r["metrics"][f"IoU/{c}"] for r in got]) if f"IoU/{c}" in got[0]["metrics"] else "-"
+            for c in unseen
+        ]
+        if per == ["-"] * len(unseen) and row in store.get("per_class_summary", {}):
+            per = store["per_class_summary"][row]  # as printed by the command (see the JSON's "note")
         ratio = statistics.mean(vals["mIoU(U)"]) / t_u if t_u > 0 else math.nan
         secs = statistics.mean(r["seconds"] for r in got)
         lines.append(
@@ -337,6 +353,29 @@ def render(store: dict) -> str:
             + f" | {ratio:.2f} | {secs:.0f} |"
         )
     lines.append("")
+    md = settings.get("method_defaults")
+    if md:
+        lines += [
+            "`MethodConfig()` defaults of these runs: "
+            + ", ".join(
+                f"{k}={md[k]}"
+                for k in (
+                    "nel_norm",
+                    "focal_weight",
+                    "loss_resolution",
+                    "fusion_threshold",
+                    "max_seen_share",
+                    "center_tokens",
+                    "multi_scale",
+                    "synthesizer",
+                )
+                if k in md
+            )
+            + " (every field in the JSON).",
+            "",
+        ]
+    if store.get("note"):
+        lines += [f"Note on the stored runs: {store['note']}.", ""]
     base, full = by_row.get("seen-only baseline (CE)"), by_row.get("default")
     if base and full:
         bu = [r["metrics"]["mIoU(U)"] for r in base]
@@ -350,7 +389,9 @@ def render(store: dict) -> str:
             f"(1) default mIoU(U) ÷ teacher mIoU(U) = {statistics.mean(fu):.1f} ÷ {t_u:.1f} = {ratio:.2f} "
             f"({'met' if ok_ratio else 'not met'}: target ≥ 0.80). "
             f"(2) default − baseline mIoU(U) = {gap:+.1f} points against 3 × the baseline's std = {3 * sd:.1f} "
-            f"({'met' if ok_gap else 'not met'}).",
+            f"({'met' if ok_gap else 'not met'})"
+            + (": the baseline never predicts an unseen class, on any seed." if not any(bu) else ".")
+            + f" Default mIoU(U) per seed: {', '.join(f'{u:.1f}' for u in fu)}.",
             "",
         ]
     if full:
@@ -363,10 +404,9 @@ def render(store: dict) -> str:
         if deltas:
             deltas.sort()
             lines += [
-                "**Each change against the default, mIoU(U) difference** (negative: the part helps unseen classes; "
-                "positive: the default is better without it): "
-                + "; ".join(f"{row} {d:+.1f}" for d, row in deltas)
-                + ".",
+                "**Each row's mIoU(U) minus the default's** (a \"−\" row below zero: the part taken out helps the "
+                'unseen classes; above zero: the default is better without it; a "+" row below zero: adding the '
+                "part hurts): " + "; ".join(f"{row} {d:+.1f}" for d, row in deltas) + ".",
                 "",
             ]
     text = store.get("text")
@@ -383,10 +423,11 @@ def render(store: dict) -> str:
     if pseudo:
         grid = "×".join(map(str, pseudo["grid"]))
         lines += [
-            f"**Pseudo-label quality** (`clipzss.inspect.inspect_pseudo_labels`, the code of `clipzss "
-            f"inspect-pseudo-labels`, with the CamVid teacher) on the {pseudo['images']} val photographs, scored on "
+            f"**Pseudo-label quality** with the CamVid teacher on the {pseudo['images']} val photographs, scored on "
             f"the pixels of car, tree and pedestrian; teacher input at the world's short side ({grid} tokens), "
-            "`MethodConfig()` clustering settings:",
+            "`MethodConfig()` clustering settings. The command runs `clipzss.inspect.inspect_pseudo_labels`, as "
+            "`clipzss inspect-pseudo-labels ../shared/data/camvid/val/images --world-teacher camvid "
+            "--unseen car,tree,pedestrian --max-images 101 --out out/` does:",
             "",
             pseudo["markdown"],
             "",
@@ -443,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             start = time.time()
             measure(args, store)
-            store["wall_minutes"] = store.get("wall_minutes_before", 0.0) + (time.time() - start) / 60
+            # Resumed commands add their time to the stored runs' (a settings change starts the store afresh).
+            store["wall_minutes"] = store.get("wall_minutes", 0.0) + (time.time() - start) / 60
             _save(args.json, store)
         except (FileNotFoundError, ModuleNotFoundError) as err:
             print(f"camvid_world: {err}", file=sys.stderr)
