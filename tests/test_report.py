@@ -64,7 +64,8 @@ def test_iou_figure_is_labelled_and_coloured_by_split() -> None:
     assert bars[0].get_width() == pytest.approx(100 * 80 / 130)  # road: 80 / (100 + 110 - 80)
     assert bars[1].get_facecolor() == pytest.approx(to_rgba(SPLIT_COLOURS["unseen"]))  # car is unseen
     assert bars[0].get_facecolor() == pytest.approx(to_rgba(SPLIT_COLOURS["seen"]))
-    assert any(t.get_text() == "0.0 (absent, predicted)" for t in ax.texts)  # tree: no ground truth, predicted
+    # tree: no ground truth, but predicted
+    assert any(t.get_text() == "0.0 (absent, predicted)" for t in ax.texts)
     skipped = iou_figure(EvalResult.from_matrix(_result().confusion, NAMES, [0, 2], [1], absent="skip"))
     assert any(t.get_text() == "absent" for t in skipped.axes[0].texts)
     image = figure_to_array(fig)
