@@ -28,6 +28,22 @@ TINY_CLIP = {
 }
 
 
+# The 11 CamVid classes of ../shared/data/camvid/classes.txt, in id order (tests that fake or read CamVid).
+CAMVID_CLASSES: tuple[str, ...] = (
+    "sky",
+    "building",
+    "pole",
+    "road",
+    "pavement",
+    "tree",
+    "signsymbol",
+    "fence",
+    "car",
+    "pedestrian",
+    "bicyclist",
+)
+
+
 def shared_data_dir() -> Path | None:
     """../shared/data beside the checkout (or $CLIPZSS_SHARED_DATA); None when absent, e.g. in a user's clone."""
     env = os.environ.get("CLIPZSS_SHARED_DATA")

@@ -19,20 +19,9 @@ from clipzss.cli import build_parser, main
 from clipzss.evaluate import sliding_windows
 from clipzss.export import OnnxSegmenter, export_onnx, resize_bilinear, windows
 from clipzss.predict import PrecomputedText, Segmenter, load_rgb, to_tensor
+from conftest import CAMVID_CLASSES
 
-CAMVID = [
-    "sky",
-    "building",
-    "pole",
-    "road",
-    "pavement",
-    "tree",
-    "signsymbol",
-    "fence",
-    "car",
-    "pedestrian",
-    "bicyclist",
-]
+CAMVID = list(CAMVID_CLASSES)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from PIL import Image
 from clipzss.config import MethodConfig
 from clipzss.teacher import Teacher
 from clipzss.worlds import camvid as cw
+from conftest import CAMVID_CLASSES
 
 CLASSES = (*cw.CAMVID_UNSEEN, "sky", "road", "signsymbol")
 REAL_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
@@ -44,20 +45,8 @@ class FakeEncoder:
 def fake_camvid(root: Path, per_sequence: int = 2, size: tuple[int, int] = (36, 48)) -> Path:
     """A CamVid-shaped folder: classes.txt and train/val images of the three sequences, random masks."""
     rng = np.random.default_rng(0)
-    names = [
-        "sky",
-        "building",
-        "pole",
-        "road",
-        "pavement",
-        "tree",
-        "signsymbol",
-        "fence",
-        "car",
-        "pedestrian",
-    ]
     root.mkdir(parents=True)
-    (root / "classes.txt").write_text("\n".join([*names, "bicyclist"]) + "\n")
+    (root / "classes.txt").write_text("\n".join(CAMVID_CLASSES) + "\n")
     for split, sequences in (("train", ("0001TP", "0006R0", "0016E5")), ("val", ("0016E5",))):
         (root / split / "images").mkdir(parents=True)
         (root / split / "masks").mkdir(parents=True)
