@@ -237,6 +237,12 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+def check_choice(value: str, choices: tuple[str, ...], field: str) -> None:
+    """One-line error naming the config field when a string option is not one of its choices."""
+    if value not in choices:
+        raise ValueError(f"{field}='{value}' is not one of {', '.join(choices)}")
+
+
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"

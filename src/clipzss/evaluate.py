@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from clipzss.config import EvalConfig
+from clipzss.config import EvalConfig, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +90,6 @@ def _mean(values: Tensor, ids: Sequence[int]) -> float:
 ABSENT_RULES = ("mmseg", "skip")  # EvalConfig.absent_classes
 
 
-def _check_absent_rule(rule: str) -> None:
-    if rule not in ABSENT_RULES:
-        raise ValueError(f"eval.absent_classes='{rule}' is not one of {', '.join(ABSENT_RULES)}")
-
-
 def compute_metrics(
     matrix: Tensor,
     class_names: Sequence[str],
@@ -138,7 +133,7 @@ def compute_metrics(
     tp = matrix.diagonal()  # (K,)
     gt = matrix.sum(1)  # (K,)
     union = gt + matrix.sum(0) - tp
-    _check_absent_rule(absent)
+    check_choice(absent, ABSENT_RULES, "eval.absent_classes")
     missing = gt == 0
     no_iou = union == 0 if absent == "mmseg" else missing
     iou = torch.where(no_iou, math.nan, tp / union.clamp_min(1)) * 100
@@ -413,7 +408,7 @@ def evaluate(
     """
     if cfg.mode not in ("slide", "whole"):
         raise ValueError(f"unknown eval mode '{cfg.mode}', choose one of: slide, whole")
-    _check_absent_rule(cfg.absent_classes)  # before any image is run
+    check_choice(cfg.absent_classes, ABSENT_RULES, "eval.absent_classes")  # before any image
     if not (math.isfinite(cfg.seen_gamma) and cfg.seen_gamma >= 0):
         raise ValueError(f"eval.seen_gamma must be a number >= 0, got {cfg.seen_gamma!r}")
     class_names, seen, unseen = _split_ids(dataset)
@@ -434,9 +429,11 @@ def evaluate(
     # 16-bit label sets (PC-459, ADE-847) mark ignore with 65535: the dataset says which value it uses.
     ignore_index = getattr(dataset, "ignore_index", 255)
     confusion = ConfusionMatrix(len(class_names), ignore_index=ignore_index, device=device)
-    calibrated = ConfusionMatrix(len(class_names), ignore_index=ignore_index, device=device)
-    seen_shift = torch.zeros(len(class_names), device=device)
-    seen_shift[list(seen)] = cfg.seen_gamma
+    calibrated = None  # a second matrix (and its all-reduce) only when the calibration is asked for
+    if cfg.seen_gamma > 0:
+        calibrated = ConfusionMatrix(len(class_names), ignore_index=ignore_index, device=device)
+        seen_shift = torch.zeros(len(class_names), device=device)
+        seen_shift[list(seen)] = cfg.seen_gamma
     seen_images = torch.zeros((), dtype=torch.int64, device=device)
     for item in tqdm(loader, desc="eval", disable=not progress or rank != 0, dynamic_ncols=True):
         image = item["image"].to(device, non_blocking=True)  # (1, 3, H, W)
@@ -452,19 +449,20 @@ def evaluate(
                 f"but the dataset has {len(class_names)} classes"
             )
         confusion.update(logits.argmax(1), mask)
-        if cfg.seen_gamma > 0:
+        if calibrated is not None:
             calibrated.update(seen_calibrated(logits, seen_shift).argmax(1), mask)
         seen_images += 1
 
     confusion.all_reduce()
-    calibrated.all_reduce()
+    if calibrated is not None:
+        calibrated.all_reduce()
     if distributed:
         dist.all_reduce(seen_images, op=dist.ReduceOp.SUM)
     num = int(seen_images)
     result = EvalResult.from_matrix(
         confusion.matrix.cpu(), class_names, seen, unseen, num, cfg.absent_classes
     )
-    if cfg.seen_gamma > 0:
+    if calibrated is not None:
         result.calibrated = EvalResult.from_matrix(
             calibrated.matrix.cpu(), class_names, seen, unseen, num, cfg.absent_classes
         )

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from clipzss.config import MethodConfig
+from clipzss.config import MethodConfig, check_choice
 
 if TYPE_CHECKING:
     from clipzss.modules import GLM, Synthesizer
@@ -118,11 +118,6 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _check_choice(value: str, choices: tuple[str, ...], field: str) -> None:
-    if value not in choices:
-        raise ValueError(f"{field}='{value}' is not one of {', '.join(choices)}")
-
-
 def masked_focal_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -146,7 +141,7 @@ def masked_focal_loss(
         valid_channels: (B, K) bool, False for padding channels (never counted); None = all valid.
         norm: "zegclip" or "entries".
     """
-    _check_choice(norm, NEL_NORMS, "method.nel_norm")
+    check_choice(norm, NEL_NORMS, "method.nel_norm")
     logits = _at_least_fp32(logits)
     channels = _channel_mask(valid_channels, logits)  # (B, K)
     target = _one_hot_targets(labels, logits.shape[1], logits.dtype)  # (B, K, H, W)
@@ -180,7 +175,7 @@ def masked_dice_loss(
         valid_channels: (B, K) bool, or None = all valid.
         norm: "zegclip" or "entries".
     """
-    _check_choice(norm, NEL_NORMS, "method.nel_norm")
+    check_choice(norm, NEL_NORMS, "method.nel_norm")
     logits = _at_least_fp32(logits)
     probs = logits.sigmoid()
     target = _one_hot_targets(labels, logits.shape[1], logits.dtype)  # (B, K, H, W)
@@ -393,7 +388,7 @@ def compute_losses(
             regions = synthesizer(R, labels, teacher_cls, teacher_dense, num_seen, num_pseudo, valid)
             seen_protos, seen_valid = regions.seen()  # (B, S_n, C), (B, S_n)
             classes = torch.arange(num_seen, device=R.device).repeat(batch)  # (B*S_n,)
-            _check_choice(cfg.bce, BCE_MODES, "method.bce")
+            check_choice(cfg.bce, BCE_MODES, "method.bce")
             scale, bias = (1 / cfg.tau, 0.0) if cfg.bce == "softmax" else (cfg.bce_scale, cfg.bce_bias)
             if regions.logit_scale is not None:  # method.bce_learnable: the synthesizer's own scale and bias
                 scale, bias = regions.logit_scale, regions.logit_bias
@@ -408,7 +403,7 @@ def compute_losses(
             )
 
         if cfg.nel or cfg.ce:
-            _check_choice(cfg.loss_resolution, LOSS_RESOLUTIONS, "method.loss_resolution")
+            check_choice(cfg.loss_resolution, LOSS_RESOLUTIONS, "method.loss_resolution")
             logits = build_logits(
                 R, text_seen, pseudo_protos, pseudo_valid, cfg.alpha, cfg.beta
             )  # (B, K, h, w)

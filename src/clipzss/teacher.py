@@ -32,7 +32,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, OPENAI_DA
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
+from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -569,8 +569,7 @@ DENSE_MODES = ("value", "maskclip")
 
 
 def _check_dense(mode: str) -> None:
-    if mode not in DENSE_MODES:
-        raise ValueError(f"teacher.dense='{mode}' is not one of {', '.join(DENSE_MODES)}")
+    check_choice(mode, DENSE_MODES, "teacher.dense")
 
 
 # ---------------------------------------------------------------------- text helpers
