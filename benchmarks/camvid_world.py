@@ -102,7 +102,7 @@ def pseudo_label_report(teacher: CamVidTeacher, out_images: Path) -> dict[str, o
     from clipzss.config import MethodConfig
     from clipzss.data import make_split, read_listing
     from clipzss.data.datasets import load_mask
-    from clipzss.data.transforms import load_image
+    from clipzss.inference import load_image
     from clipzss.inspect import inspect_pseudo_labels
     from clipzss.worlds import camvid as cw
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
+from clipzss import hub
 from clipzss import student as student_module
 from clipzss.config import StudentConfig
 from clipzss.student import SUPPORTED_ARCHS, Student, build_student
@@ -234,7 +235,7 @@ def test_imagenet_weights_offline_fail_fast_with_advice(
         monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     else:
         monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(student_module, "_hub_reachable", lambda url: False)
+        monkeypatch.setattr(hub, "reachable", lambda url: (False, "test"))
     with pytest.raises(FileNotFoundError, match=r"offline.*student\.weights=/path/to/"):
         build_student(_cfg(arch, weights="imagenet"))
 

@@ -11,9 +11,7 @@ import errno
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clipzss.config import Config, ConfigError
+from clipzss.files import atomic_write_all
 
 log = logging.getLogger(__name__)
 
@@ -38,73 +37,6 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     config: Config
     meta: dict[str, str] = field(default_factory=dict)
-
-
-def atomic_write(path: Path, write: callable) -> None:
-    """Write through a temporary file in the same folder and rename, so a crash never leaves half a file."""
-    atomic_write_all([(path, write)])
-
-
-def atomic_write_all(writes: list[tuple[Path, callable]]) -> None:
-    """Write every file to a temporary beside it (fsynced), then rename them all: a failure in any write leaves
-    every previous file unchanged, and removes the temporaries written so far.
-
-    Temporaries are named ``.<name>.<8 random characters>.tmp`` (`TEMPORARY` matches them); only a kill can leave
-    one behind, and `remove_stale_temporaries` clears those from a run folder.
-    """
-    temporaries: list[tuple[Path, Path]] = []
-    try:
-        for path, write in writes:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            temporaries.append((Path(tmp), path))
-            write(Path(tmp))
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-        for tmp, path in temporaries:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in temporaries:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-# tempfile.mkstemp's names: the prefix, 8 characters of its alphabet, the suffix.
-TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
-
-
-def remove_stale_temporaries(folder: str | Path) -> tuple[int, int]:
-    """Remove the temporaries a killed `atomic_write_all` left directly in `folder`; (files, bytes) removed.
-
-    Only regular files named like the writer's temporaries are touched; call it while no writer runs there (the
-    run folder's lock is held).
-    """
-    folder = Path(folder)
-    count = size = 0
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return 0, 0
-    for entry in entries:
-        if not TEMPORARY.match(entry.name) or not entry.is_file(follow_symlinks=False):
-            continue
-        try:
-            nbytes = entry.stat(follow_symlinks=False).st_size
-            os.unlink(entry.path)
-        except OSError:
-            continue
-        count, size = count + 1, size + nbytes
-    if count:
-        log.info(
-            "removed %d stale temporary file%s (%s bytes) from %s, left by an interrupted checkpoint write",
-            count,
-            "" if count == 1 else "s",
-            f"{size:,}",
-            folder,
-        )
-    return count, size
 
 
 def checkpoint_writes(

@@ -204,7 +204,7 @@ def open_bounded(path: str | Path, max_pixels: int) -> Image.Image:
     """Open an uploaded image as upright RGB, refusing it from its header when it has too many pixels."""
     from PIL import Image
 
-    from clipzss.predict import load_rgb
+    from clipzss.inference import load_image
 
     try:
         with Image.open(path) as header:
@@ -216,7 +216,7 @@ def open_bounded(path: str | Path, max_pixels: int) -> Image.Image:
             f"the image is {width}×{height} ({width * height / 1e6:.1f} MP); this demo accepts up to "
             f"{max_pixels / 1e6:.1f} MP: resize it and try again"
         )
-    return load_rgb(path)
+    return load_image(path)
 
 
 def segment(

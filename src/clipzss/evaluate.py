@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from clipzss.config import EvalConfig, check_choice
+from clipzss.inference import check_mode, sliding_windows
 
 logger = logging.getLogger(__name__)
 
@@ -176,35 +177,6 @@ def whole_inference(logits_fn: LogitsFn, images: Tensor, out_size: tuple[int, in
     return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)  # (B, K, H, W)
 
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-def sliding_windows(
-    height: int, width: int, crop_size: int | Sequence[int], stride: int | Sequence[int]
-) -> list[tuple[int, int, int, int]]:
-    """mmseg's slide grid as ``(y1, y2, x1, x2)`` windows.
-
-    ceil((H - crop) / stride) + 1 rows (likewise columns); the last window is shifted back to end at the border
-    and windows are clipped to the image when it is smaller than the crop, so every window has the same size
-    ``(min(crop_h, H), min(crop_w, W))`` and every pixel is covered.
-    """
-    (crop_h, crop_w), (stride_h, stride_w) = _pair(crop_size), _pair(stride)
-    if min(crop_h, crop_w, stride_h, stride_w) < 1:
-        raise ValueError(f"crop_size {crop_size} and stride {stride} must be positive")
-    rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
-    cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
-    windows = []
-    for r in range(rows):
-        y2 = min(r * stride_h + crop_h, height)
-        y1 = max(y2 - crop_h, 0)
-        for c in range(cols):
-            x2 = min(c * stride_w + crop_w, width)
-            x1 = max(x2 - crop_w, 0)
-            windows.append((y1, y2, x1, x2))
-    return windows
-
-
 def _zeros_like_layout(like: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
     """Zeros of ``shape`` in the memory layout of ``like`` (channels last or contiguous), with no conversion copy."""
     b, k, h, w = shape
@@ -269,6 +241,18 @@ def slide_inference(
     if out_size is not None and tuple(out_size) != (h, w):
         canvas = F.interpolate(canvas, size=tuple(out_size), mode="bilinear", align_corners=False)
     return canvas
+
+
+def infer_logits(
+    logits_fn: LogitsFn, images: Tensor, cfg: EvalConfig, out_size: tuple[int, int] | None = None
+) -> Tensor:
+    """The one whole/slide dispatch of every torch path (evaluate, predict, reports, demo): (B, K, H, W) logits.
+
+    ``images`` come from `clipzss.inference.preprocess`; ``out_size`` is the original image's (or mask's) size.
+    """
+    if check_mode(cfg.mode) == "slide":
+        return slide_inference(logits_fn, images, cfg.crop_size, cfg.stride, out_size=out_size)
+    return whole_inference(logits_fn, images, out_size=out_size)
 
 
 @dataclass
@@ -406,8 +390,7 @@ def evaluate(
     ``indices[rank::world_size]`` (no padding duplicates) and the matrix is all-reduced, so every rank returns the
     same result. ``cfg.batch_size`` is not used: sizes differ, so the batch is always 1.
     """
-    if cfg.mode not in ("slide", "whole"):
-        raise ValueError(f"unknown eval mode '{cfg.mode}', choose one of: slide, whole")
+    check_mode(cfg.mode)
     check_choice(cfg.absent_classes, ABSENT_RULES, "eval.absent_classes")  # before any image
     if not (math.isfinite(cfg.seen_gamma) and cfg.seen_gamma >= 0):
         raise ValueError(f"eval.seen_gamma must be a number >= 0, got {cfg.seen_gamma!r}")
@@ -439,10 +422,7 @@ def evaluate(
         image = item["image"].to(device, non_blocking=True)  # (1, 3, H, W)
         mask = item["mask"].to(device, non_blocking=True).long()  # (1, H0, W0)
         out_size = tuple(mask.shape[-2:])
-        if cfg.mode == "slide":
-            logits = slide_inference(logits_fn, image, cfg.crop_size, cfg.stride, out_size=out_size)
-        else:
-            logits = whole_inference(logits_fn, image, out_size=out_size)
+        logits = infer_logits(logits_fn, image, cfg, out_size)
         if logits.shape[1] != len(class_names):
             raise ValueError(
                 f"logits_fn returned {logits.shape[1]} channels for image '{item['name'][0]}' "

@@ -276,7 +276,7 @@ def inspect_pseudo_labels(
     import numpy as np
     import torch
 
-    from clipzss.predict import to_tensor
+    from clipzss.inference import preprocess
 
     masks = list(masks) if masks is not None else [None] * len(images)
     if len(masks) != len(images):
@@ -295,7 +295,7 @@ def inspect_pseudo_labels(
                 f"mask of {name} is {mask.shape[0]}x{mask.shape[1]} but the image is {size[0]}x{size[1]} (H x W)"
             )
         short = min(short_side, min(size)) if short_side else None
-        x = to_tensor(image, short)  # (1, 3, H', W') normalised the student's way
+        x = torch.from_numpy(preprocess(image, short))[None]  # (1, 3, H', W') normalised the student's way
         _, dense = teacher.encode_image(x.to(_device_of(teacher)))  # (1, C, h, w)
         dense = dense.float().cpu()
         grid = tuple(dense.shape[-2:])
@@ -460,8 +460,8 @@ def run(args: argparse.Namespace) -> int:
     from clipzss.config import load_config
     from clipzss.data.datasets import load_mask
     from clipzss.data.splits import make_split
-    from clipzss.data.transforms import load_image
-    from clipzss.predict import resolve_device
+    from clipzss.inference import load_image
+    from clipzss.runtime import resolve_device
     from clipzss.teacher import build_teacher
 
     paths, overrides = _split_inputs(args.inputs)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, EvalConfig
-from clipzss.evaluate import EvalResult, slide_inference, whole_inference
+from clipzss.evaluate import EvalResult, infer_logits
 from clipzss.visualize import colorize, palette
 
 if TYPE_CHECKING:
@@ -252,10 +252,7 @@ def collect_examples(
         mask = item["mask"]  # (H, W)
         size = tuple(mask.shape[-2:])
         with torch.inference_mode():
-            if cfg.mode == "slide":
-                logits = slide_inference(logits_fn, image, cfg.crop_size, cfg.stride, out_size=size)
-            else:
-                logits = whole_inference(logits_fn, image, out_size=size)
+            logits = infer_logits(logits_fn, image, cfg, size)
         prediction = logits.argmax(1)[0].cpu().numpy()
         photo = ((item["image"].float() * std + mean).clamp(0, 1) * 255).round().byte()  # (3, h, w)
         pil = Image.fromarray(photo.permute(1, 2, 0).numpy()).resize((size[1], size[0]), Image.BILINEAR)

@@ -17,7 +17,6 @@ import difflib
 import inspect
 import logging
 import math
-import socket
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from segmentation_models_pytorch.decoders.dpt.decoder import DPTSegmentationHead
 from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDecoder
 from torch import nn
 
+from clipzss import hub
 from clipzss.config import StudentConfig
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ _REJECTED_ARCHS: dict[str, str] = {
 # smp arguments this module sets itself: the student always maps RGB to raw (not activated) embeddings.
 _RESERVED_KWARGS = ("encoder_name", "encoder_weights", "classes", "activation", "in_channels", "upsampling")
 _KEY_PREFIXES = ("", "encoder.", "model.encoder.", "module.", "module.encoder.", "module.model.encoder.")
-_HUB_TIMEOUT_S = 3.0
 
 
 class Student(nn.Module):
@@ -491,40 +490,14 @@ def _offline_error(what: str) -> FileNotFoundError:
     )
 
 
-def _hub_reachable(url: str) -> bool:
-    """A quick TCP connect, so that offline machines fail at once instead of after the hub client's retries."""
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        return False
-    parts = urllib.parse.urlsplit(url)
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        with socket.create_connection((parts.hostname, port), timeout=_HUB_TIMEOUT_S):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
 def _hub_download(repo_id: str, filenames: tuple[str, ...], revision: str | None, what: str) -> Path:
     """The first of ``filenames`` in the repo: from the cache if there, else downloaded; fails fast offline."""
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    for filename in filenames:
-        try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
-        except (EntryNotFoundError, OSError):
-            continue
-    if not _hub_reachable(constants.ENDPOINT):
-        raise _offline_error(what)
-    errors = []
-    for filename in filenames:
-        try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision))
-        except (EntryNotFoundError, OSError) as err:
-            errors.append(f"{filename}: {err}")
-    raise FileNotFoundError(f"cannot download {what} from {repo_id}: {'; '.join(errors)}")
+    try:
+        return hub.fetch(repo_id, filenames, revision)
+    except hub.HubUnavailable as err:
+        if str(err).startswith("the download failed"):
+            raise FileNotFoundError(f"cannot download {what} from {repo_id}: {err}") from None
+        raise _offline_error(what) from None
 
 
 def _smp_hub_file(encoder: str, tag: str) -> Path:
@@ -549,6 +522,6 @@ def _timm_hub_state_dict(timm_name: str) -> dict[str, torch.Tensor] | None:
         )
         return _read_state_dict(_hub_download(cfg.hf_hub_id, filenames, None, what))
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlsplit(cfg.url).path).name
-    if not cached.is_file() and not _hub_reachable(cfg.url):
+    if not cached.is_file() and (hub.offline() or not hub.reachable(cfg.url)[0]):
         raise _offline_error(what)
     return None

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import tempfile
 import typing
 from collections.abc import Iterator, Sequence
@@ -22,7 +21,6 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -32,6 +30,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, OPENAI_DA
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from clipzss import hub
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig, check_choice
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,6 @@ logger = logging.getLogger(__name__)
 RANDOM_TEACHER_SEED = 0
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEXT_CHUNK = 256  # prompts per text-encoder batch
-HUB_PROBE_TIMEOUT_S = 3.0
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz")
 _HOW_TO_GET_WEIGHTS = (
     "give a local file with teacher.weights=/path/to/file, use an open_clip tag on a machine that reaches the "
@@ -414,77 +412,32 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _tag_checkpoint(model: str, tag: str, pretrained: dict[str, Any]) -> str:
-    """A local file for an open_clip tag: the Hugging Face cache first, a download only when the hub answers.
-
-    huggingface_hub retries an unreachable host for ~25 s per file; a 3 s socket probe fails fast instead.
-    """
-    import huggingface_hub
-    from huggingface_hub import constants as hf_constants
-
+    """A local file for an open_clip tag: the Hugging Face cache first, a download only when the hub answers."""
     if pretrained.get("file"):
         return str(pretrained["file"])
-    hub = pretrained.get("hf_hub", "")
-    if not hub:
+    hub_entry = pretrained.get("hf_hub", "")
+    if not hub_entry:
         raise ValueError(
             f"open_clip tag '{tag}' for {model} has no Hugging Face hub entry; {_HOW_TO_GET_WEIGHTS}"
         )
     # open_clip's convention: "org/repo/" = the default weights file, "org/repo/file.pt" = that file.
-    repo_id, filename = os.path.split(hub)
+    repo_id, filename = os.path.split(hub_entry)
     candidates = [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME] if not filename else _safe_first(filename)
-    for name in candidates:
-        cached = huggingface_hub.try_to_load_from_cache(repo_id, name)
-        if isinstance(cached, str) and os.path.isfile(cached):
-            logger.info("teacher weights %s/%s from the Hugging Face cache: %s", model, tag, cached)
-            return cached
-
-    def unavailable(reason: str) -> RuntimeError:
-        return RuntimeError(
-            f"cannot load teacher weights '{tag}' for {model}: they are not in the Hugging Face cache and {reason}; "
+    try:
+        path = hub.fetch(repo_id, candidates)
+    except hub.HubUnavailable as err:
+        raise RuntimeError(
+            f"cannot load teacher weights '{tag}' for {model}: they are not in the Hugging Face cache and {err}; "
             f"{_HOW_TO_GET_WEIGHTS}"
-        )
-
-    env_offline = any(
-        os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-    if env_offline or hf_constants.is_offline_mode():
-        raise unavailable("HF_HUB_OFFLINE is set")
-    reachable, why = _hub_reachable(hf_constants.ENDPOINT)
-    if not reachable:
-        raise unavailable(f"the hub is unreachable ({why})")
-    last_error: Exception | None = None
-    for name in candidates:
-        try:
-            return huggingface_hub.hf_hub_download(repo_id, name, etag_timeout=HUB_PROBE_TIMEOUT_S)
-        except Exception as err:  # a missing .safetensors variant is normal; try the next name
-            last_error = err
-    raise unavailable(f"the download failed ({type(last_error).__name__}: {last_error})")
+        ) from None
+    logger.info("teacher weights %s/%s: %s", model, tag, path)
+    return str(path)
 
 
 def _safe_first(filename: str) -> list[str]:
     if filename.endswith((".bin", ".pth")):
         return [filename[:-4] + ".safetensors", filename]
     return [filename]
-
-
-def _hub_reachable(endpoint: str) -> tuple[bool, str]:
-    """Open (and close) a TCP connection to the hub, or to the HTTPS proxy when one is configured."""
-    proxy = next(
-        (
-            os.environ[v]
-            for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-            if os.environ.get(v)
-        ),
-        "",
-    )
-    url = urlparse(proxy if proxy else endpoint)
-    host = url.hostname or ""
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
-            return True, ""
-    except OSError as err:
-        return False, f"{host}:{port}: {err}"
 
 
 def _check_precision(precision: str) -> None:

@@ -29,22 +29,17 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from clipzss.checkpoint import (
-    CHECKPOINT_NAME,
-    atomic_write,
-    atomic_write_all,
-    checkpoint_writes,
-    remove_stale_temporaries,
-    write_failure,
-)
+from clipzss.checkpoint import CHECKPOINT_NAME, checkpoint_writes, write_failure
 from clipzss.config import Config
 from clipzss.data import IGNORE_INDEX, PAD_INDEX, build_dataset, build_eval_dataset, seen_lookup
 from clipzss.evaluate import evaluate
+from clipzss.files import atomic_write, atomic_write_all, remove_stale_temporaries
 from clipzss.losses import compute_losses
 from clipzss.modules import GLM, Synthesizer
-from clipzss.predict import Segmenter, resolve_device
+from clipzss.predict import Segmenter
 from clipzss.pseudo_labels import pseudo_labels
 from clipzss.runs import RunFolderError, RunLock, changed_fields, check_fresh, describe_change, is_shape_field
+from clipzss.runtime import resolve_device
 from clipzss.student import Student, build_student
 from clipzss.teacher import Teacher, build_teacher
 

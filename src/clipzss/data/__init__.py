@@ -26,7 +26,7 @@ from clipzss.data.splits import (
     relabel_unseen,
     seen_lookup,
 )
-from clipzss.data.transforms import build_eval_transform, build_train_transform, build_transforms, load_image
+from clipzss.data.transforms import build_eval_transform, build_train_transform, build_transforms
 
 __all__ = [
     "DATASET_CLASSES",
@@ -49,7 +49,6 @@ __all__ = [
     "build_eval_transform",
     "build_train_transform",
     "build_transforms",
-    "load_image",
     "make_split",
     "read_listing",
     "read_palette",

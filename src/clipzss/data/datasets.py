@@ -36,16 +36,16 @@ from clipzss.data.splits import (
     validate_class_names,
 )
 from clipzss.data.transforms import (
+    EvalTransform,
     SegTransform,
     build_eval_transform,
     build_transforms,
     pil_to_tensor,
-    to_rgb,
 )
+from clipzss.inference import IMAGE_SUFFIXES, to_rgb
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PALETTE_FILE = "palette.txt"
 # The ignore value of 16-bit label maps, whose class ids may pass 255 (detectron2's convention for ADE-847/PC-459).
 WIDE_IGNORE_INDEX = 65535
@@ -72,7 +72,7 @@ class SegmentationDataset(Dataset):
 
     ignore_index: int = IGNORE_INDEX  # the mask value that means "no label"; 65535 for 16-bit label sets
 
-    def __init__(self, split: Split, transform: SegTransform | None = None, train: bool = False) -> None:
+    def __init__(self, split: Split, transform: SegTransform | EvalTransform | None = None, train: bool = False) -> None:
         self.split = split
         self.transform = transform if transform is not None else build_eval_transform(None)
         self.train = train
@@ -318,7 +318,7 @@ class FileDataset(SegmentationDataset):
         self,
         samples: Sequence[Sample],
         split: Split,
-        transform: SegTransform | None = None,
+        transform: SegTransform | EvalTransform | None = None,
         train: bool = False,
         reduce_zero_label: bool = False,
         palette: Palette | None = None,
@@ -732,7 +732,7 @@ class SyntheticScenes(SegmentationDataset):
         seed: int = 0,
         cells: tuple[int, int] = (3, 7),
         unseen: Sequence[str] | None = None,
-        transform: SegTransform | None = None,
+        transform: SegTransform | EvalTransform | None = None,
         train: bool = False,
     ) -> None:
         if num_images < 1 or size < 8:

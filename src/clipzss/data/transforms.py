@@ -1,4 +1,4 @@
-"""Image loading and the mmseg-style training / evaluation pipelines, on torchvision.transforms.v2.
+"""The mmseg-style training pipeline on torchvision.transforms.v2, and the evaluation pipeline.
 
 Images travel as ``tv_tensors.Image`` and label maps as ``tv_tensors.Mask``, so torchvision's dispatch resizes masks
 with nearest-neighbour only: a label map never gains a value it did not have. All randomness comes from torch's
@@ -8,84 +8,33 @@ Training (mmseg's ZegCLIP/SegFormer pipeline): random rescale with ``img_scale =
 ``ratio_range`` → random crop with the ``cat_max_ratio`` rule → horizontal flip → photometric distortion →
 normalise → pad to the crop size (image 0 after normalisation, i.e. the mean colour, as mmseg does; mask
 ``PAD_INDEX`` = -1, not 255, so the trainer can tell padding from unlabelled image content).
-Evaluation: resize the image (short side ``short_side``), normalise; the mask keeps its original resolution because
-the evaluator upsamples logits to it.
+Evaluation: `clipzss.inference.preprocess` (the resize rule and normalisation every inference path shares); the
+mask keeps its original resolution because the evaluator upsamples logits to it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from clipzss.data.splits import IGNORE_INDEX, PAD_INDEX
+from clipzss.inference import LONG_SIDE_FACTOR, preprocess, rescale_size, to_rgb
 
 logger = logging.getLogger(__name__)
-
-# mmseg's img_scale (2048, 512): the long side may reach 4× the short-side scale.
-LONG_SIDE_FACTOR = 4
-
-_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB.
-
-    Integer modes wider than 8 bits are taken as 16-bit data and scaled (65535 → 255) rather than clipped, which is
-    what PIL's own ``convert`` would do; alpha is dropped.
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64) / 257.0
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if values.size and np.nanmax(values) <= 1.0:
-            values = values * 255.0
-        return Image.fromarray(np.clip(np.nan_to_num(np.rint(values)), 0, 255).astype(np.uint8)).convert(
-            "RGB"
-        )
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # PIL asks palette images with transparency to go through RGBA
-    return image.convert("RGB")
-
-
-def load_image(source: str | Path | IO[bytes], exif_transpose: bool = True) -> Image.Image:
-    """Open an image file as 8-bit RGB, upright according to its EXIF orientation.
-
-    Raises:
-        ValueError: the file is not a readable image (the message names it).
-    """
-    try:
-        with Image.open(source) as image:
-            image.load()
-            if exif_transpose:
-                image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {source}: {err}") from None
-
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image as a (3, H, W) uint8 tensor."""
     array = np.asarray(to_rgb(image), dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-def rescale_size(height: int, width: int, short: float, long: float) -> tuple[int, int]:
-    """mmseg's keep-ratio rescale: the largest size with short side ≤ ``short`` and long side ≤ ``long``."""
-    factor = min(long / max(height, width), short / min(height, width))
-    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 def _image_of(flat_inputs: Sequence[Any]) -> torch.Tensor:
@@ -250,22 +199,6 @@ class PhotometricDistortion(v2.Transform):
         return tv_tensors.wrap(image, like=inpt)
 
 
-class ResizeImage(v2.Transform):
-    """Resize the image only (bilinear, antialiased) with mmseg's test rule; the mask keeps its resolution."""
-
-    def __init__(self, short_side: int, long_factor: int = LONG_SIDE_FACTOR) -> None:
-        super().__init__()
-        self.short_side = short_side
-        self.long_factor = long_factor
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if not isinstance(inpt, tv_tensors.Image):
-            return inpt
-        height, width = inpt.shape[-2:]
-        size = rescale_size(height, width, self.short_side, self.short_side * self.long_factor)
-        return F.resize(inpt, list(size), antialias=True)
-
-
 class SegTransform:
     """A v2 pipeline applied jointly to a (3, H, W) uint8 image and an (H, W) int64 mask; returns plain tensors."""
 
@@ -307,14 +240,29 @@ def build_train_transform(
     return SegTransform(steps)
 
 
-def build_eval_transform(short_side: int | None = 512) -> SegTransform:
+class EvalTransform:
+    """The evaluation pipeline: `clipzss.inference.preprocess` on the image (the rule every inference path uses),
+    the mask untouched at its own resolution, so scores are computed where the labels are."""
+
+    def __init__(self, short_side: int | None = 512) -> None:
+        self.short_side = short_side
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rgb = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())  # (3, H, W) uint8 → PIL RGB
+        return torch.from_numpy(preprocess(rgb, self.short_side)), mask.long()
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(short_side={self.short_side})"
+
+
+def build_eval_transform(short_side: int | None = 512) -> EvalTransform:
     """The evaluation pipeline: resize the image (short side ``short_side``; None keeps it), normalise."""
-    steps: list[v2.Transform] = [ResizeImage(short_side)] if short_side else []
-    steps += [_to_float(), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return SegTransform(steps)
+    return EvalTransform(short_side)
 
 
-def build_transforms(data_cfg: DataConfig, train: bool, short_side: int | None = 512) -> SegTransform:
+def build_transforms(
+    data_cfg: DataConfig, train: bool, short_side: int | None = 512
+) -> SegTransform | EvalTransform:
     """The training pipeline from ``data_cfg`` when ``train``, else the evaluation one at ``short_side``."""
     if train:
         return build_train_transform(

@@ -46,10 +46,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clipzss.checkpoint import atomic_write
 from clipzss.config import DEFAULT_TEMPLATES, Config, EvalConfig
 from clipzss.data import FileDataset, SegmentationDataset, make_split, read_listing
 from clipzss.data.transforms import SegTransform, build_train_transform, build_transforms
+from clipzss.files import atomic_write
 from clipzss.worlds.synthetic import default_cache_dir, gap_direction, student_config
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clipzss.checkpoint import atomic_write
 from clipzss.config import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -63,6 +62,7 @@ from clipzss.config import (
 from clipzss.data import SegmentationDataset, make_split
 from clipzss.data.transforms import SegTransform, build_transforms
 from clipzss.evaluate import evaluate
+from clipzss.files import atomic_write
 from clipzss.predict import Segmenter, ZeroShotSegmenter
 from clipzss.training import train
 

@@ -1,0 +1,100 @@
+"""`clipzss <command>`: the one command-line layer over the Python API. `main(argv)` runs in-process for tests.
+
+Every command is a module of this package with ``HELP``, an optional ``EPILOG``, ``add_arguments(parser)`` and
+``run(args) -> int``. The modules import only the standard library at the top and the library inside ``run``, so
+``clipzss --help`` stays fast and no library module ever sees argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("clipzss")
+
+# command name -> module of clipzss.cli, in the order `clipzss --help` lists them.
+COMMANDS = {
+    "train": "train",
+    "eval": "eval",
+    "predict": "predict",
+    "embed-text": "embed_text",
+    "quickstart": "quickstart",
+    "prepare-data": "prepare_data",
+    "check-data": "check_data",
+    "inspect-pseudo-labels": "inspect_pseudo_labels",
+    "export": "export",
+    "demo": "demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipzss",
+        description="Zero-shot semantic segmentation with a CLIP teacher (CLIP-ZSS): train, evaluate, predict.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"clipzss.cli.{module_name}")
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            epilog=getattr(module, "EPILOG", None),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+_WORKER_ERROR = re.compile(r"Caught (?P<type>\w+) in DataLoader worker process \d+\.")
+
+
+def user_message(err: BaseException) -> str:
+    """The one line a user sees for an error: its message's first line, whatever process raised it.
+
+    An error in a data-loading worker reaches us re-raised by torch as "Caught ValueError in DataLoader worker
+    process 0." followed by the worker's traceback; the line that matters (the file and what is wrong with it) is
+    the original exception's message at the end of that traceback.
+    """
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    lines = text.splitlines()
+    found = _WORKER_ERROR.match(lines[0])
+    if found and len(lines) > 1 and lines[1].startswith("Original Traceback"):
+        # The traceback ends with "[module.]Type: message"; a message of several lines starts on that line.
+        head = re.compile(rf"^(?:[\w.]+\.)?{re.escape(found['type'])}: (?P<message>.+)$")
+        for line in reversed(lines[2:]):
+            original = head.match(line)
+            if original:
+                return original["message"].strip()
+    return lines[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; user errors print one line on stderr and return 2 (CLIPZSS_DEBUG=1 shows the traceback)."""
+    args = build_parser().parse_args(argv)
+    # Our own messages at INFO; third-party libraries (open_clip logs at INFO on the root logger) at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("clipzss").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, RuntimeError, KeyError) as err:
+        if os.environ.get("CLIPZSS_DEBUG"):
+            raise
+        print(f"clipzss {args.command}: error: {user_message(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clipzss {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Arguments and model loading shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_teacher_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher-model", default=None, help="open_clip model name (default: the config's)")
+    parser.add_argument(
+        "--teacher-weights",
+        default=None,
+        help="local CLIP weights file, an open_clip pretrained tag (needs the hub), or 'none' (random)",
+    )
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)"
+    )
+
+
+def teacher_config(base: Any, args: argparse.Namespace) -> Any:
+    """``base`` (a TeacherConfig, or the defaults) with --teacher-model / --teacher-weights applied."""
+    from dataclasses import replace
+
+    from clipzss.config import TeacherConfig
+
+    cfg = base or TeacherConfig()
+    if args.teacher_model:
+        cfg = replace(cfg, model=args.teacher_model)
+    if args.teacher_weights:
+        cfg = replace(cfg, weights=args.teacher_weights)
+    return cfg
+
+
+def load_segmenter(args: argparse.Namespace) -> Any:
+    """A student Segmenter from --checkpoint, or the MaskCLIP baseline from --baseline."""
+    from clipzss.predict import MaskCLIPSegmenter, PrecomputedText, Segmenter
+    from clipzss.runtime import resolve_device
+    from clipzss.teacher import build_teacher
+
+    device = resolve_device(args.device)
+    text_file = getattr(args, "text_embeddings", None)
+    if args.checkpoint and args.baseline:
+        raise ValueError("give either a checkpoint or --baseline maskclip, not both")
+    if args.checkpoint:
+        text = PrecomputedText.load(text_file) if text_file else None
+        return Segmenter.from_checkpoint(
+            args.checkpoint, device=device, teacher_weights=args.teacher_weights, text_encoder=text
+        )
+    if args.baseline == "maskclip":
+        teacher = build_teacher(teacher_config(None, args), device=device)
+        return MaskCLIPSegmenter(teacher)
+    raise ValueError(
+        "say which model to use: a checkpoint (run folder or .safetensors) or --baseline maskclip"
+    )

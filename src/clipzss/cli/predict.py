@@ -1,0 +1,56 @@
+"""`clipzss predict`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clipzss.cli._common import add_device_arg, add_teacher_args, load_segmenter
+
+HELP = "segment images with any class names"
+EPILOG = """examples:
+  clipzss predict photo.jpg --checkpoint runs/voc --classes "cat,dog,grass,sky"
+  clipzss predict a.jpg b.jpg --baseline maskclip --teacher-weights ViT-B-16.safetensors --classes "road,car,tree"
+  clipzss predict photo.jpg --checkpoint runs/voc --text-embeddings names.safetensors"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--classes", default=None, help='comma-separated class names, e.g. "cat,dog,grass"')
+    parser.add_argument("--checkpoint", default=None, help="checkpoint file or run folder of a trained student")
+    parser.add_argument("--baseline", choices=["maskclip"], default=None, help="use CLIP itself (MaskCLIP)")
+    parser.add_argument("--text-embeddings", default=None, help="file written by `clipzss embed-text`")
+    parser.add_argument("--onnx", default=None, help="run a model from `clipzss export` with onnxruntime alone")
+    parser.add_argument("--mode", choices=["slide", "whole"], default=None, help="inference mode")
+    parser.add_argument("--out", default="outputs/predict", help="output folder (default: outputs/predict)")
+    add_teacher_args(parser)
+    add_device_arg(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipzss.names import parse_class_names  # torch-free: shared with the onnxruntime-only path
+
+    if args.onnx:
+        from clipzss.export import predict_onnx
+
+        if args.classes is not None:  # the same checks as below; the runner then splits the checked list
+            args.classes = ",".join(parse_class_names(args.classes))
+        return predict_onnx(args)
+
+    from clipzss.inference import load_image
+    from clipzss.visualize import prediction_folder, save_prediction
+
+    segmenter = load_segmenter(args)
+    if args.classes is None:
+        if args.text_embeddings:
+            names = segmenter.text_encoder.class_names
+        else:
+            raise ValueError('give the class names to segment, e.g. --classes "cat,dog,grass"')
+    else:
+        names = parse_class_names(args.classes)
+    out = prediction_folder(args.images, args.out)
+    for path in args.images:
+        image = load_image(path)
+        mask = segmenter.predict(image, names, mode=args.mode)
+        print(f"{path}: {save_prediction(out, Path(path).stem, image, mask, names)}")
+    return 0

@@ -1,0 +1,181 @@
+"""How an image is read, sized and windowed for inference: the one rule for eval, predict, reports, demo and ONNX.
+
+Everything here needs only numpy and PIL, so the onnxruntime runner (`clipzss.export.OnnxSegmenter`) shares it
+with the torch paths and a mask from `clipzss predict` is the mask `clipzss eval` scored:
+
+- `load_image` / `as_rgb`: any file, array or PIL image → upright 8-bit RGB;
+- `test_size`: mmseg's keep-ratio test rescale (short side to ``short_side``, long side capped at 4× that);
+- `preprocess`: resize with PIL's bilinear filter on the 8-bit image (mmseg resizes the 8-bit image too, with
+  cv2's bilinear filter, which does not antialias when shrinking; PIL does), then normalise with ImageNet
+  statistics;
+- `sliding_windows`: mmseg's slide grid; `WHOLE` / `SLIDE` are the two modes.
+
+The torch side (running the network over the windows and upsampling the logits) is `clipzss.evaluate.infer_logits`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from clipzss.config import IMAGENET_MEAN, IMAGENET_STD
+
+# Files taken as images wherever a folder is read: datasets, the demo's examples, the inspector.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# mmseg's test img_scale (2048, 512): the long side may reach 4× the short-side scale.
+LONG_SIDE_FACTOR = 4
+MODES = ("slide", "whole")
+
+ImageLike = str | Path | Image.Image | np.ndarray
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB.
+
+    Integer modes wider than 8 bits are taken as 16-bit data and scaled (65535 → 255) rather than clipped, which is
+    what PIL's own ``convert`` would do; alpha is dropped.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and np.nanmax(values) <= 1.0:
+            values = values * 255.0
+        return Image.fromarray(np.clip(np.nan_to_num(np.rint(values)), 0, 255).astype(np.uint8)).convert(
+            "RGB"
+        )
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL asks palette images with transparency to go through RGBA
+    return image.convert("RGB")
+
+
+def load_image(source: str | Path | IO[bytes], exif_transpose: bool = True) -> Image.Image:
+    """Open an image file as 8-bit RGB, upright according to its EXIF orientation.
+
+    Raises:
+        FileNotFoundError: there is no file at ``source``.
+        ValueError: the file is not a readable image (the message names it).
+    """
+    if isinstance(source, str | Path) and not Path(source).is_file():
+        raise FileNotFoundError(f"image not found: {source}")
+    try:
+        with Image.open(source) as image:
+            image.load()
+            if exif_transpose:
+                image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {source}: {err}") from None
+
+
+def as_rgb(image: ImageLike) -> Image.Image:
+    """An upright 8-bit RGB PIL image from a path, a PIL image or an (H, W), (H, W, 3) or (H, W, 4) array."""
+    if isinstance(image, str | Path):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.stack([image] * 3, axis=-1)
+        if image.ndim != 3 or image.shape[-1] not in (3, 4):
+            raise ValueError(f"expected an (H, W, 3) image array, got shape {tuple(image.shape)}")
+        return Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8))
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    raise TypeError(f"cannot read an image from {type(image).__name__}")
+
+
+def rescale_size(height: int, width: int, short: float, long: float) -> tuple[int, int]:
+    """mmseg's keep-ratio rescale: the largest size with short side ≤ ``short`` and long side ≤ ``long``."""
+    factor = min(long / max(height, width), short / min(height, width))
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+
+
+def test_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+    """The size the network sees at test time: mmseg's ``Resize(scale=(4·s, s), keep_ratio=True)``; None keeps it."""
+    if not short_side:
+        return height, width
+    return rescale_size(height, width, short_side, short_side * LONG_SIDE_FACTOR)
+
+
+def resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An RGB image at ``size`` = (height, width), bilinear (antialiased when shrinking); the same size is a no-op."""
+    if (image.height, image.width) == tuple(size):
+        return image
+    return image.resize((size[1], size[0]), Image.BILINEAR)
+
+
+def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
+    """8-bit RGB (H, W, 3) → (3, H, W) float32 with ImageNet statistics, the students' input convention."""
+    x = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std)
+
+
+def preprocess(image: Image.Image, short_side: int | None) -> np.ndarray:
+    """RGB image → (3, h, w) float32 network input at `test_size` (the one preprocessing of every path)."""
+    return normalize(resize_image(image, test_size(image.height, image.width, short_side)))
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown inference mode '{mode}'; choose one of: {', '.join(MODES)}")
+    return mode
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int | np.integer) else (int(value[0]), int(value[1]))
+
+
+def sliding_windows(
+    height: int, width: int, crop_size: int | Sequence[int], stride: int | Sequence[int]
+) -> list[tuple[int, int, int, int]]:
+    """mmseg's slide grid as ``(y1, y2, x1, x2)`` windows.
+
+    ceil((H - crop) / stride) + 1 rows (likewise columns); the last window is shifted back to end at the border
+    and windows are clipped to the image when it is smaller than the crop, so every window has the same size
+    ``(min(crop_h, H), min(crop_w, W))`` and every pixel is covered.
+    """
+    (crop_h, crop_w), (stride_h, stride_w) = _pair(crop_size), _pair(stride)
+    if min(crop_h, crop_w, stride_h, stride_w) < 1:
+        raise ValueError(f"crop_size {crop_size} and stride {stride} must be positive")
+    rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
+    cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
+    windows = []
+    for r in range(rows):
+        y2 = min(r * stride_h + crop_h, height)
+        y1 = max(y2 - crop_h, 0)
+        for c in range(cols):
+            x2 = min(c * stride_w + crop_w, width)
+            x1 = max(x2 - crop_w, 0)
+            windows.append((y1, y2, x1, x2))
+    return windows
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(..., h, w) → (..., H, W) float32, bilinear with half-pixel centres: torch's ``interpolate(align_corners=False)``.
+
+    For the runners without torch; the torch paths use torch's own kernel.
+    """
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x.astype(np.float32, copy=False)
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (src - lo).astype(np.float32)
+
+    y0, y1, wy = axis(h, size[0])
+    x0, x1, wx = axis(w, size[1])
+    top = x[..., y0, :] * (1 - wy)[:, None] + x[..., y1, :] * wy[:, None]
+    return (top[..., x0] * (1 - wx) + top[..., x1] * wx).astype(np.float32)
