@@ -39,8 +39,8 @@ from common import (
 
 from clipzss.config import Config, EvalConfig, StudentConfig, TeacherConfig
 from clipzss.data import DATASET_CLASSES
-from clipzss.evaluate import sliding_windows
-from clipzss.predict import MaskCLIPSegmenter, PrecomputedText, Segmenter, to_tensor
+from clipzss.inference import preprocess, sliding_windows
+from clipzss.predict import MaskCLIPSegmenter, PrecomputedText, Segmenter
 from clipzss.student import build_student
 from clipzss.teacher import build_teacher
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         for case, height, width, short_side, mode in cases:
             eval_cfg = EvalConfig(mode=mode, short_side=short_side or 0)
             image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            x = to_tensor(pil_image(image), short_side or None).to(device)
+            x = torch.from_numpy(preprocess(pil_image(image), short_side or None))[None].to(device)
             for seg in [*segmenters.values(), maskclip]:
                 seg.eval_cfg = eval_cfg
             candidates = {}
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_cfg = EvalConfig(mode=mode, short_side=short_side or 0)
             seg.eval_cfg = eval_cfg
             image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            x = to_tensor(pil_image(image), short_side or None).to(device)
+            x = torch.from_numpy(preprocess(pil_image(image), short_side or None))[None].to(device)
             lists = {int(k): class_names(int(k)) for k in args.classes.split(",")}
             candidates = {"bare": bare_forward(seg.student, x, eval_cfg, mode)}
             for k, list_names in lists.items():

@@ -21,9 +21,9 @@ from clipzss.evaluate import (
     compute_metrics,
     evaluate,
     slide_inference,
-    sliding_windows,
     whole_inference,
 )
+from clipzss.inference import sliding_windows
 
 # ---------------------------------------------------------------------------------------------------------------
 # confusion matrix and metrics

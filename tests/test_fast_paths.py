@@ -19,8 +19,9 @@ from sklearn.cluster import KMeans
 from torch import nn
 
 from clipzss.config import Config, StudentConfig, TeacherConfig
-from clipzss.evaluate import slide_inference, sliding_windows, whole_inference
-from clipzss.predict import PrecomputedText, Segmenter, to_tensor
+from clipzss.evaluate import slide_inference, whole_inference
+from clipzss.inference import preprocess, sliding_windows
+from clipzss.predict import PrecomputedText, Segmenter
 from clipzss.pseudo_labels import _cluster_sums, _lloyd, _lloyd_until_fixed, kmeans_sets, window_seeds
 from clipzss.student import build_student
 from clipzss.teacher import _last_block, _value_path, build_teacher
@@ -158,11 +159,11 @@ def test_same_size_resize_is_skipped_exactly() -> None:
     from PIL import Image
 
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 41, 3), dtype=np.uint8))
-    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255)[None]
-    resized = F.interpolate(x, size=(30, 41), mode="bilinear", align_corners=False, antialias=True)
+    resized = np.asarray(image.resize((41, 30), Image.BILINEAR))  # PIL's same-size resize: a copy
+    x = torch.from_numpy(resized.copy()).permute(2, 0, 1).float().div(255)[None]
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    expected = (resized - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-    assert torch.equal(to_tensor(image, short_side=30), expected)
+    expected = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    assert torch.equal(torch.from_numpy(preprocess(image, short_side=30))[None], expected)
 
 
 @pytest.mark.parametrize("training", [False, True])

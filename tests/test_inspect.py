@@ -16,7 +16,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from clipzss.cli import main
 from clipzss.config import MethodConfig
-from clipzss.inspect import (
+from clipzss.inspection import (
     QualityAccumulator,
     clustering_variants,
     contingency,

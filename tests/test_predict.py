@@ -14,18 +14,12 @@ from safetensors.torch import save_file
 
 from clipzss.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from clipzss.config import Config
-from clipzss.predict import (
-    MaskCLIPSegmenter,
-    PrecomputedText,
-    Segmenter,
-    colorize,
-    overlay,
-    palette,
-    parse_class_names,
-    to_tensor,
-)
+from clipzss.inference import preprocess
+from clipzss.names import parse_class_names
+from clipzss.predict import MaskCLIPSegmenter, PrecomputedText, Segmenter
 from clipzss.student import build_student
 from clipzss.teacher import build_teacher
+from clipzss.visualize import colorize, overlay, palette
 
 NAMES = ["red horizontal stripes", "a cat", "grass"]
 
@@ -59,7 +53,7 @@ def test_predict_returns_ids_at_input_size(segmenter: Segmenter, mode: str) -> N
 def test_prediction_is_argmax_of_upsampled_logits(segmenter: Segmenter) -> None:
     rgb = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     mask = segmenter.predict(rgb, NAMES, mode="whole")
-    x = to_tensor(Image.fromarray(rgb), segmenter.eval_cfg.short_side)
+    x = torch.from_numpy(preprocess(Image.fromarray(rgb), segmenter.eval_cfg.short_side))[None]
     logits = segmenter.logits(x, segmenter.text_classifier(NAMES))
     up = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False)
     np.testing.assert_array_equal(mask, up.argmax(1)[0].numpy())

@@ -1,16 +1,10 @@
-"""Image loading (modes, EXIF) and the training / evaluation pipelines."""
+"""The training and evaluation pipelines."""
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
-import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from torchvision import tv_tensors
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
@@ -21,11 +15,7 @@ from clipzss.data.transforms import (
     build_train_transform,
     build_transforms,
     cat_max_ratio_ok,
-    load_image,
-    pil_to_tensor,
     random_crop_box,
-    rescale_size,
-    to_rgb,
 )
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -34,75 +24,6 @@ STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 def _normalised(image_u8: torch.Tensor) -> torch.Tensor:
     return (image_u8.float() / 255 - MEAN) / STD
-
-
-# ---------------------------------------------------------------------------------------------------- loading
-
-
-@pytest.mark.parametrize(
-    ("image", "pixel"),
-    [
-        (Image.new("L", (5, 4), 100), (100, 100, 100)),
-        (Image.new("LA", (5, 4), (100, 7)), (100, 100, 100)),
-        (Image.new("RGBA", (5, 4), (10, 20, 30, 0)), (10, 20, 30)),
-        (Image.new("CMYK", (5, 4), (0, 0, 0, 0)), (255, 255, 255)),
-        (Image.new("1", (5, 4), 1), (255, 255, 255)),
-        (Image.fromarray(np.full((4, 5), 65535, np.uint16)), (255, 255, 255)),
-        (Image.fromarray(np.full((4, 5), 32896, np.uint16)), (128, 128, 128)),
-        (Image.fromarray(np.full((4, 5), 0.5, np.float32)), (128, 128, 128)),
-    ],
-)
-def test_to_rgb_modes(image: Image.Image, pixel: tuple[int, int, int]) -> None:
-    rgb = to_rgb(image)
-    assert rgb.mode == "RGB" and rgb.size == (5, 4)
-    assert rgb.getpixel((2, 1)) == pixel
-
-
-def test_to_rgb_palette_with_transparency() -> None:
-    image = Image.frombytes("P", (3, 2), bytes([0, 1, 1, 0, 1, 0]))
-    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
-    image.info["transparency"] = 0
-    rgb = to_rgb(image)
-    assert rgb.getpixel((0, 0)) == (255, 0, 0) and rgb.getpixel((1, 0)) == (0, 0, 255)
-
-
-def test_load_image_sixteen_bit_png(tmp_path: Path) -> None:
-    path = tmp_path / "deep.png"
-    Image.fromarray(np.array([[0, 65535], [257, 25700]], np.uint16)).save(path)
-    tensor = pil_to_tensor(load_image(path))
-    assert tensor.shape == (3, 2, 2) and tensor.dtype == torch.uint8
-    assert tensor[0].tolist() == [[0, 255], [1, 100]]
-
-
-def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
-    path = tmp_path / "rotated.jpg"
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° clockwise to display
-    Image.new("RGB", (40, 20), (200, 10, 10)).save(path, exif=exif)
-    assert load_image(path).size == (20, 40)
-    assert load_image(path, exif_transpose=False).size == (40, 20)
-
-
-def test_load_image_corrupt_file_names_it(tmp_path: Path) -> None:
-    path = tmp_path / "broken.jpg"
-    path.write_bytes(b"not an image at all")
-    with pytest.raises(ValueError, match=r"broken\.jpg"):
-        load_image(path)
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format="JPEG")
-    truncated = tmp_path / "truncated.jpg"
-    truncated.write_bytes(buffer.getvalue()[:200])
-    with pytest.raises(ValueError, match=r"truncated\.jpg"):
-        load_image(truncated)
-
-
-# ---------------------------------------------------------------------------------------------------- sizes
-
-
-def test_rescale_size_matches_mmseg_rule() -> None:
-    assert rescale_size(360, 480, 512, 2048) == (512, 683)
-    assert rescale_size(100, 1000, 512, 2048) == (205, 2048)  # the long side binds
-    assert rescale_size(600, 400, 256, 1024) == (384, 256)
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -33,9 +33,10 @@ from clipzss.cli import main, user_message
 from clipzss.config import load_config
 from clipzss.names import parse_class_names
 from clipzss.predict import LRUCache, Segmenter
+from clipzss.prediction_files import output_names, prediction_folder, save_prediction
 from clipzss.runs import RUN_FILES, RunFolderError, RunLock
 from clipzss.training import ResumeError, TrainingInterrupted, load_training_state, train
-from clipzss.visualize import colorize, output_names, overlay, palette, prediction_folder, save_prediction
+from clipzss.visualize import colorize, overlay, palette
 from conftest import tiny_config, tiny_overrides
 
 

@@ -205,22 +205,17 @@ def test_real_minilm_text_has_language_structure(tmp_path: Path) -> None:
 
 
 def test_inspect_command_takes_the_world_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import argparse
     import json
 
-    from clipzss import inspect
+    from clipzss.cli import main
 
     root = fake_camvid(tmp_path / "camvid")
     text = cw.TextTable(tmp_path / "cache", templates=("a photo of a {}.",), encoder=FakeEncoder())
     teacher = cw.load_teacher(root, TINY, TINY_WORLD, tmp_path / "cache", text)
     monkeypatch.setattr(cw, "load_teacher", lambda *a, **k: teacher)
-    parser = argparse.ArgumentParser()
-    inspect.add_arguments(parser)
     out = tmp_path / "out"
-    args = parser.parse_args(
-        [str(root / "val" / "images"), "--world-teacher", "camvid", "--unseen", "car,tree", "--out", str(out)]
-    )
-    assert inspect.run(args) == 0
+    command = [str(root / "val" / "images"), "--world-teacher", "camvid", "--unseen", "car,tree", "--out", str(out)]
+    assert main(["inspect-pseudo-labels", *command]) == 0
     report = json.loads((out / "report.json").read_text())
     assert (
         "camvid-teacher" in report["settings"] and "3x4 tokens" in report["settings"]

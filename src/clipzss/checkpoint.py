@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from clipzss.config import Config, ConfigError
 from clipzss.files import atomic_write_all
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 FORMAT = "clipzss-student-v1"
 CHECKPOINT_NAME = "model.safetensors"
@@ -214,7 +214,7 @@ def validate_loaded_config(data: object, source: str = "checkpoint") -> Config:
                 "(a checkpoint holds every weight its student needs)"
             )
     if config.teacher.cache_dir is not None:
-        log.debug("%s: ignoring its teacher.cache_dir; text embeddings go to the user's cache", source)
+        logger.debug("%s: ignoring its teacher.cache_dir; text embeddings go to the user's cache", source)
         config.teacher.cache_dir = None
     return config
 

@@ -11,7 +11,6 @@ first out), so a server that runs for days does not grow with every new list.
 
 from __future__ import annotations
 
-import argparse
 import html
 import logging
 import tempfile
@@ -19,15 +18,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import gradio as gr
-    from PIL import Image
+import gradio as gr
+import torch
+from PIL import Image
 
-    from clipzss.predict import ZeroShotSegmenter
+from clipzss.config import TeacherConfig
+from clipzss.data import SYNTHETIC_CLASSES, SyntheticScenes
+from clipzss.inference import IMAGE_SUFFIXES, load_image
+from clipzss.names import parse_class_names
+from clipzss.predict import LRUCache, MaskCLIPSegmenter, Segmenter, ZeroShotSegmenter
+from clipzss.teacher import CLIPTeacher, build_teacher
+from clipzss.visualize import blend, class_areas, palette
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -36,7 +41,6 @@ DEFAULT_MAX_FILE_SIZE = "20mb"
 DEFAULT_MAX_CLASSES = 256  # class names per request: each costs a text-encoder pass and a logit map
 DEFAULT_TEXT_CACHE_SIZE = 32  # class lists whose text embeddings stay in memory, per model
 IMAGE_HEIGHT = 360  # px on the page; the images themselves keep their size
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Prompt choices shown when the text encoder is CLIP; None = the model's own template ensemble.
 TEMPLATES: dict[str, tuple[str, ...] | None] = {
     "the model's prompt ensemble": None,
@@ -45,64 +49,6 @@ TEMPLATES: dict[str, tuple[str, ...] | None] = {
     "the name alone": ("{}",),
 }
 
-HELP = "open a local web demo: segment images with any class names, compare with MaskCLIP"
-EPILOG = """examples:
-  clipzss demo --checkpoint runs/quickstart
-  clipzss demo --checkpoint runs/voc --teacher-weights ViT-B-16.safetensors --examples photos/
-  clipzss demo --baseline maskclip --teacher-weights ViT-B-16.safetensors --port 8080
-
-The page is served on http://127.0.0.1:7860 (this machine only); --host 0.0.0.0 exposes it to the network.
-Needs the demo extra: pip install 'clipzss[demo]'."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint", default=None, help="checkpoint file, run folder or hub id of a student"
-    )
-    parser.add_argument("--baseline", choices=["maskclip"], default=None, help="serve CLIP itself (MaskCLIP)")
-    parser.add_argument("--teacher-weights", default=None, help="local CLIP weights for the text classifier")
-    parser.add_argument("--examples", nargs="*", default=(), help="example images or folders of images")
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    parser.add_argument(
-        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image accepted, in pixels"
-    )
-    parser.add_argument(
-        "--max-file-size",
-        default=DEFAULT_MAX_FILE_SIZE,
-        help=f"largest upload (default {DEFAULT_MAX_FILE_SIZE})",
-    )
-    parser.add_argument(
-        "--max-classes",
-        type=int,
-        default=DEFAULT_MAX_CLASSES,
-        help=f"most class names per request (default {DEFAULT_MAX_CLASSES})",
-    )
-    parser.add_argument(
-        "--text-cache-size",
-        type=int,
-        default=DEFAULT_TEXT_CACHE_SIZE,
-        help=f"class lists whose text embeddings are kept in memory (default {DEFAULT_TEXT_CACHE_SIZE})",
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.max_classes < 1 or args.text_cache_size < 1:
-        raise ValueError("--max-classes and --text-cache-size must be at least 1")
-    primary, baseline = load_models(args.checkpoint, args.baseline, args.teacher_weights, args.device)
-    app = build_app(
-        primary,
-        baseline,
-        examples=find_examples(args.examples),
-        max_pixels=args.max_pixels,
-        max_classes=args.max_classes,
-        text_cache_size=args.text_cache_size,
-    )
-    launch(app, host=args.host, port=args.port, max_file_size=args.max_file_size, block=True)
-    return 0
-
-
 # --- models -----------------------------------------------------------------------------------------------------
 
 
@@ -110,14 +56,9 @@ def load_models(
     checkpoint: str | None, baseline: str | None, teacher_weights: str | None = None, device: str = "auto"
 ) -> tuple[ZeroShotSegmenter, ZeroShotSegmenter | None]:
     """The model the page serves and, for a student whose text encoder is CLIP, MaskCLIP on that same CLIP."""
-    from clipzss.predict import MaskCLIPSegmenter, Segmenter
-    from clipzss.teacher import build_teacher
-
     if bool(checkpoint) == bool(baseline):
         raise ValueError("give exactly one of --checkpoint CKPT or --baseline maskclip")
     if baseline:
-        from clipzss.config import TeacherConfig
-
         cfg = TeacherConfig() if teacher_weights is None else TeacherConfig(weights=teacher_weights)
         return MaskCLIPSegmenter(build_teacher(cfg, device=device)), None
     if Path(checkpoint).exists():
@@ -129,9 +70,6 @@ def load_models(
 
 def comparison_baseline(student: ZeroShotSegmenter) -> ZeroShotSegmenter | None:
     """MaskCLIP on the student's own CLIP (same names, same inference settings), or None without a CLIP."""
-    from clipzss.predict import MaskCLIPSegmenter
-    from clipzss.teacher import CLIPTeacher
-
     encoder = student.text_encoder
     if not isinstance(encoder, CLIPTeacher):
         return None
@@ -140,8 +78,6 @@ def comparison_baseline(student: ZeroShotSegmenter) -> ZeroShotSegmenter | None:
 
 def describe(model: ZeroShotSegmenter) -> str:
     """One line naming the model, for the page header and the comparison columns."""
-    from clipzss.predict import Segmenter
-
     if isinstance(model, Segmenter):
         s = model.config.student
         step = model.meta.get("step")
@@ -156,8 +92,6 @@ def bound_text_caches(models: Sequence[ZeroShotSegmenter | None], size: int) -> 
     server asked for new lists all day must drop the least recently used ones. The teacher's disk cache (one
     small file per list, under the user's cache folder) is left as it is.
     """
-    from clipzss.predict import LRUCache
-
     for model in models:
         if model is None:
             continue
@@ -202,10 +136,6 @@ class Segmentation:
 
 def open_bounded(path: str | Path, max_pixels: int) -> Image.Image:
     """Open an uploaded image as upright RGB, refusing it from its header when it has too many pixels."""
-    from PIL import Image
-
-    from clipzss.inference import load_image
-
     try:
         with Image.open(path) as header:
             width, height = header.size
@@ -226,9 +156,6 @@ def segment(
     templates: Sequence[str] | None = None,
 ) -> Segmentation:
     """Segment ``image`` and time the two parts: embedding the names (cached afterwards) and the image itself."""
-    import torch
-
-    from clipzss.visualize import blend, class_areas
 
     def sync() -> None:
         if model.device.type == "cuda":
@@ -254,8 +181,6 @@ def segment(
 
 def legend_html(result: Segmentation) -> str:
     """A table of colour swatch, class name and area, largest area first (names escaped: they are user input)."""
-    from clipzss.visualize import palette
-
     colours = palette(len(result.class_names))
     order = sorted(range(len(result.class_names)), key=lambda i: -result.areas[i])
     rows = "".join(
@@ -297,10 +222,6 @@ def find_examples(paths: Sequence[str | Path]) -> list[Path]:
 
 def synthetic_examples(folder: Path, count: int = 2, size: int = 192) -> list[Path]:
     """A few generated scenes (the quick start's classes) written as PNGs, so the page always has examples."""
-    from PIL import Image
-
-    from clipzss.data import SyntheticScenes
-
     scenes = SyntheticScenes(num_images=count, size=size, seed=20231003, unseen=[])
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -325,6 +246,14 @@ CSS = """
 """
 
 
+def _result_view(label: str, image_id: str, legend_id: str, time_id: str) -> tuple[Any, Any, Any]:
+    """One result on the page: the overlay, its legend and its timing line."""
+    image = gr.Image(
+        type="pil", format="png", label=label, interactive=False, height=IMAGE_HEIGHT, elem_id=image_id
+    )
+    return image, gr.HTML(elem_id=legend_id), gr.Markdown(elem_id=time_id)
+
+
 def build_app(
     model: ZeroShotSegmenter,
     baseline: ZeroShotSegmenter | None = None,
@@ -341,12 +270,6 @@ def build_app(
     default); the class box starts with the checkpoint's training classes. A request may name at most
     ``max_classes`` classes; ``text_cache_size`` class lists stay embedded in memory (`bound_text_caches`).
     """
-    import gradio as gr
-
-    from clipzss.data import SYNTHETIC_CLASSES
-    from clipzss.predict import parse_class_names
-    from clipzss.teacher import CLIPTeacher
-
     meta = getattr(model, "meta", {})
     default_classes = default_classes or ", ".join(n for n in meta.get("class_names", "").split(",") if n)
     example_dir = example_dir or Path(tempfile.mkdtemp(prefix="clipzss-demo-"))
@@ -370,7 +293,7 @@ def build_app(
         except (ValueError, FileNotFoundError) as err:
             return None, "", "", _status(str(err))
         except Exception:  # a message on the page, the traceback in the server log, never in the browser
-            log.exception("the demo failed on %s", path)
+            logger.exception("the demo failed on %s", path)
             return None, "", "", _status("the model failed on this image (details in the server log)")
         return result.overlay, legend_html(result), timing_text(result, model), ""
 
@@ -383,7 +306,7 @@ def build_app(
         except (ValueError, FileNotFoundError) as err:
             return None, "", "", None, "", "", _status(str(err))
         except Exception:
-            log.exception("the comparison failed on %s", path)
+            logger.exception("the comparison failed on %s", path)
             return (
                 None,
                 "",
@@ -440,16 +363,7 @@ def build_app(
                     button = gr.Button("Segment", variant="primary", elem_id="segment")
                     status = gr.HTML(elem_id="status")
                 with gr.Column():
-                    result_image = gr.Image(
-                        type="pil",
-                        format="png",
-                        label="overlay",
-                        interactive=False,
-                        height=IMAGE_HEIGHT,
-                        elem_id="overlay",
-                    )
-                    legend = gr.HTML(elem_id="legend")
-                    timing = gr.Markdown(elem_id="timing")
+                    result_image, legend, timing = _result_view("overlay", "overlay", "legend", "timing")
             gr.Examples(rows, inputs=[image, classes], label="examples")
             button.click(on_segment, [image, classes, template], [result_image, legend, timing, status])
             classes.submit(on_segment, [image, classes, template], [result_image, legend, timing, status])
@@ -477,28 +391,14 @@ def build_app(
             with gr.Row():
                 with gr.Column():
                     gr.Markdown(f"### {html.escape(describe(model))}")
-                    ours_image = gr.Image(
-                        type="pil",
-                        format="png",
-                        label="student",
-                        interactive=False,
-                        height=IMAGE_HEIGHT,
-                        elem_id="ours-image",
+                    ours_image, ours_legend, ours_time = _result_view(
+                        "student", "ours-image", "ours-legend", "ours-time"
                     )
-                    ours_legend = gr.HTML(elem_id="ours-legend")
-                    ours_time = gr.Markdown(elem_id="ours-time")
                 with gr.Column():
                     gr.Markdown("### MaskCLIP (CLIP image encoder at inference)")
-                    theirs_image = gr.Image(
-                        type="pil",
-                        format="png",
-                        label="MaskCLIP",
-                        interactive=False,
-                        height=IMAGE_HEIGHT,
-                        elem_id="theirs-image",
+                    theirs_image, theirs_legend, theirs_time = _result_view(
+                        "MaskCLIP", "theirs-image", "theirs-legend", "theirs-time"
                     )
-                    theirs_legend = gr.HTML(elem_id="theirs-legend")
-                    theirs_time = gr.Markdown(elem_id="theirs-time")
             gr.Examples(rows, inputs=[cmp_image, cmp_classes], label="examples")
             cmp_button.click(
                 on_compare,
@@ -520,10 +420,8 @@ def launch(
 
     Returns the local URL. Nothing is sent anywhere: no share link, no analytics, no server-side rendering.
     """
-    import gradio as gr
-
     if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning(
+        logger.warning(
             "the demo is reachable from the network on %s:%d; anyone who can reach it can use it", host, port
         )
     _, url, _ = app.launch(

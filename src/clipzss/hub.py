@@ -52,7 +52,11 @@ def offline() -> bool:
 def reachable(url: str) -> tuple[bool, str]:
     """Open (and close) a TCP connection to ``url``'s host, or to the HTTPS proxy when one is configured."""
     proxy = next(
-        (os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(v)),
+        (
+            os.environ[v]
+            for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+            if os.environ.get(v)
+        ),
         "",
     )
     try:
@@ -87,7 +91,9 @@ def fetch(repo_id: str, filenames: Sequence[str], revision: str | None = None) -
     for name in filenames:
         try:
             return Path(
-                huggingface_hub.hf_hub_download(repo_id, name, revision=revision, etag_timeout=PROBE_TIMEOUT_S)
+                huggingface_hub.hf_hub_download(
+                    repo_id, name, revision=revision, etag_timeout=PROBE_TIMEOUT_S
+                )
             )
         except Exception as err:  # a missing .safetensors variant is normal; try the next name
             errors.append(f"{name}: {type(err).__name__}: {err}")
@@ -189,30 +195,21 @@ class SegmenterHubMixin(
         cls,
         *,
         model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
         device: str | torch.device | None = None,
         teacher_weights: str | None = None,
         text_encoder: Teacher | None = None,
-        **_config_json: object,  # the mixin passes config.json as `config`; the weights file's copy counts
+        **hub_options: Any,  # revision, cache_dir, ... as the mixin passes them; and config.json as `config`
     ) -> Segmenter:
         if Path(model_id).is_dir():
             path = Path(model_id) / CHECKPOINT_NAME
         else:
-            path = huggingface_hub.hf_hub_download(
-                repo_id=model_id,
-                filename=CHECKPOINT_NAME,
-                revision=revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                token=token,
-                local_files_only=local_files_only,
-            )
+            download = {k: hub_options[k] for k in _DOWNLOAD_OPTIONS if k in hub_options}
+            path = huggingface_hub.hf_hub_download(repo_id=model_id, filename=CHECKPOINT_NAME, **download)
         return cls.from_checkpoint(path, device, teacher_weights, text_encoder)
 
+
+# What `_from_pretrained` hands on to the download (the weights file's own config is the one that counts).
+_DOWNLOAD_OPTIONS = ("revision", "cache_dir", "force_download", "token", "local_files_only")
 
 _CARD_METRICS = ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU", "mIoU")
 

@@ -4,7 +4,7 @@ Everything here needs only numpy and PIL, so the onnxruntime runner (`clipzss.ex
 with the torch paths and a mask from `clipzss predict` is the mask `clipzss eval` scored:
 
 - `load_image` / `as_rgb`: any file, array or PIL image → upright 8-bit RGB;
-- `test_size`: mmseg's keep-ratio test rescale (short side to ``short_side``, long side capped at 4× that);
+- `inference_size`: mmseg's keep-ratio test rescale (short side to ``short_side``, long side capped at 4× that);
 - `preprocess`: resize with PIL's bilinear filter on the 8-bit image (mmseg resizes the 8-bit image too, with
   cv2's bilinear filter, which does not antialias when shrinking; PIL does), then normalise with ImageNet
   statistics;
@@ -98,7 +98,7 @@ def rescale_size(height: int, width: int, short: float, long: float) -> tuple[in
     return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
-def test_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+def inference_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
     """The size the network sees at test time: mmseg's ``Resize(scale=(4·s, s), keep_ratio=True)``; None keeps it."""
     if not short_side:
         return height, width
@@ -121,8 +121,8 @@ def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 def preprocess(image: Image.Image, short_side: int | None) -> np.ndarray:
-    """RGB image → (3, h, w) float32 network input at `test_size` (the one preprocessing of every path)."""
-    return normalize(resize_image(image, test_size(image.height, image.width, short_side)))
+    """RGB image → (3, h, w) float32 network input at `inference_size` (the one preprocessing of every path)."""
+    return normalize(resize_image(image, inference_size(image.height, image.width, short_side)))
 
 
 def check_mode(mode: str) -> str:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from clipzss.checkpoint import CheckpointError, load_checkpoint
 from clipzss.config import Config, EvalConfig
+from clipzss.embeddings_file import read_text_embeddings, write_text_embeddings
 from clipzss.evaluate import infer_logits
 from clipzss.hub import SegmenterHubMixin
 from clipzss.inference import ImageLike, as_rgb, preprocess
@@ -28,7 +29,7 @@ from clipzss.runtime import resolve_device
 from clipzss.student import Student, build_student
 from clipzss.teacher import CLIPTeacher, Teacher, build_teacher
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 # Text classifiers kept in memory per segmenter (one per class list and template set); the least recently used
@@ -65,37 +66,12 @@ class PrecomputedText:
         return self.embeddings[[index[n] for n in class_names]]
 
     def save(self, path: str | Path) -> None:
-        import json
-
-        from safetensors.torch import save_file
-
-        from clipzss.files import atomic_write
-
-        meta = {"class_names": json.dumps(self.class_names), "teacher": self.identity}
-        atomic_write(
-            Path(path),
-            lambda tmp: save_file({"embeddings": self.embeddings.contiguous()}, str(tmp), metadata=meta),
-        )
+        write_text_embeddings(path, self.class_names, self.embeddings.numpy(), self.identity)
 
     @classmethod
     def load(cls, path: str | Path) -> PrecomputedText:
-        import json
-
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"text-embedding file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                embeddings = handle.get_tensor("embeddings")
-            names = json.loads(meta["class_names"])
-        except Exception as err:
-            raise ValueError(
-                f"{path} is not a text-embedding file written by `clipzss embed-text` ({err})"
-            ) from None
-        return cls(names, embeddings, meta.get("teacher", ""))
+        names, embeddings, identity = read_text_embeddings(path)
+        return cls(names, torch.from_numpy(embeddings), identity)
 
 
 class LRUCache(MutableMapping):

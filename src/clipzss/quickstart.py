@@ -100,7 +100,7 @@ def _save_example(segmenter, val, out: Path) -> tuple[Path, Path]:
     """Prediction and ground-truth overlays of the first validation scene."""
     from PIL import Image
 
-    from clipzss.predict import overlay
+    from clipzss.visualize import overlay
 
     image, mask, name = val.load(0)
     photo = Image.fromarray(image.permute(1, 2, 0).numpy())

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from torch.utils.data import Dataset
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 SPLIT_COLOURS = {"seen": "#1f77b4", "unseen": "#e8590c", "other": "#8c8c8c"}
@@ -390,7 +390,7 @@ def write_report(
     report.write_text(
         _markdown(result, confusions, {k: FIGURE_NAMES[k] for k in figures}, title, description)
     )
-    log.info("report written to %s", report)
+    logger.info("report written to %s", report)
     return report
 
 
@@ -418,7 +418,7 @@ def log_to_tensorboard(
             examples = collect_examples(dataset, logits_fn, eval_cfg, num_examples)
             figures["examples"] = examples_figure(examples, result.class_names, _splits(result))
     except ImportError as err:
-        log.warning("no TensorBoard figures: %s", err)
+        logger.warning("no TensorBoard figures: %s", err)
         return
     for name, fig in figures.items():
         writer.add_image(f"{prefix}/{name}", figure_to_array(fig), step, dataformats="HWC")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 RUN_FILES = ("model.safetensors", "train_state.pt", "config.yaml")
 LOCK_NAME = "train.lock"
@@ -49,7 +49,7 @@ def check_fresh(folder: Path, resume_folder: Path | None = None, overwrite: bool
     present = run_files(folder)
     if not present or overwrite:
         if present:
-            log.warning("overwriting the run in %s (%s)", folder, ", ".join(present))
+            logger.warning("overwriting the run in %s (%s)", folder, ", ".join(present))
         return
     if resume_folder is not None and same_folder(resume_folder, folder):
         return
@@ -145,7 +145,7 @@ class RunLock:
                     raise RunFolderError(self._busy_message(info)) from None
                 if _read(self.path)[0] == raw:  # still the lock we judged, not a new one
                     self.path.unlink(missing_ok=True)
-                    log.warning("replaced a stale lock in %s: %s", self.folder, reason)
+                    logger.warning("replaced a stale lock in %s: %s", self.folder, reason)
                 continue
             try:
                 os.write(fd, content)

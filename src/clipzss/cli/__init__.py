@@ -15,7 +15,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-log = logging.getLogger("clipzss")
+logger = logging.getLogger("clipzss")
 
 # command name -> module of clipzss.cli, in the order `clipzss --help` lists them.
 COMMANDS = {

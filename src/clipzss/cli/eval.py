@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="voc, coco-stuff, context, context-459, ade20k, ade20k-full, folder, synthetic",
     )
     parser.add_argument("--data-root", default=None, help="dataset root folder")
-    parser.add_argument("--split", default=None, help="which split to evaluate (default: the config's val split)")
+    parser.add_argument(
+        "--split", default=None, help="which split to evaluate (default: the config's val split)"
+    )
     parser.add_argument(
         "--unseen", default=None, help="comma-separated unseen class names (default: standard split)"
     )

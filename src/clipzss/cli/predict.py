@@ -17,10 +17,14 @@ EPILOG = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--classes", default=None, help='comma-separated class names, e.g. "cat,dog,grass"')
-    parser.add_argument("--checkpoint", default=None, help="checkpoint file or run folder of a trained student")
+    parser.add_argument(
+        "--checkpoint", default=None, help="checkpoint file or run folder of a trained student"
+    )
     parser.add_argument("--baseline", choices=["maskclip"], default=None, help="use CLIP itself (MaskCLIP)")
     parser.add_argument("--text-embeddings", default=None, help="file written by `clipzss embed-text`")
-    parser.add_argument("--onnx", default=None, help="run a model from `clipzss export` with onnxruntime alone")
+    parser.add_argument(
+        "--onnx", default=None, help="run a model from `clipzss export` with onnxruntime alone"
+    )
     parser.add_argument("--mode", choices=["slide", "whole"], default=None, help="inference mode")
     parser.add_argument("--out", default="outputs/predict", help="output folder (default: outputs/predict)")
     add_teacher_args(parser)
@@ -28,26 +32,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipzss.names import parse_class_names  # torch-free: shared with the onnxruntime-only path
-
-    if args.onnx:
-        from clipzss.export import predict_onnx
-
-        if args.classes is not None:  # the same checks as below; the runner then splits the checked list
-            args.classes = ",".join(parse_class_names(args.classes))
-        return predict_onnx(args)
-
     from clipzss.inference import load_image
-    from clipzss.visualize import prediction_folder, save_prediction
+    from clipzss.names import parse_class_names
+    from clipzss.prediction_files import prediction_folder, save_prediction
 
-    segmenter = load_segmenter(args)
-    if args.classes is None:
-        if args.text_embeddings:
-            names = segmenter.text_encoder.class_names
-        else:
-            raise ValueError('give the class names to segment, e.g. --classes "cat,dog,grass"')
+    missing = [path for path in args.images if not Path(path).is_file()]
+    if missing:  # before any model is loaded or any file written
+        raise FileNotFoundError(f"image not found: {missing[0]}")
+    names = parse_class_names(args.classes) if args.classes is not None else None
+    if args.onnx:
+        # onnxruntime, numpy and PIL alone: this branch never imports torch.
+        from clipzss.onnx_runner import OnnxSegmenter
+
+        if args.checkpoint or args.baseline:
+            raise ValueError("--onnx runs the exported model on its own: drop --checkpoint / --baseline")
+        segmenter = OnnxSegmenter(args.onnx, args.text_embeddings)
+        names = names or segmenter.class_names
     else:
-        names = parse_class_names(args.classes)
+        segmenter = load_segmenter(args)
+        if names is None:
+            if not args.text_embeddings:
+                raise ValueError('give the class names to segment, e.g. --classes "cat,dog,grass"')
+            names = segmenter.text_encoder.class_names
     out = prediction_folder(args.images, args.out)
     for path in args.images:
         image = load_image(path)

@@ -17,7 +17,9 @@ stand-in for CLIP, and prints the student's unseen mIoU next to the teacher's ow
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
-    parser.add_argument("--iters", type=int, default=None, help="training iterations (default: the quick start's)")
+    parser.add_argument(
+        "--iters", type=int, default=None, help="training iterations (default: the quick start's)"
+    )
     parser.add_argument(
         "--teacher-weights",
         default=None,

@@ -1,4 +1,4 @@
-"""`clipzss inspect-pseudo-labels`: look at the teacher's pseudo-label clusters on real images, and measure them.
+"""Look at the teacher's pseudo-label clusters on real images, and measure them.
 
 The PLM pseudo labels of training (multi-scale K-Means on the teacher's dense tokens, mask fusion, regions below
 ``min_region`` dropped) are computed here with the very functions of :mod:`clipzss.pseudo_labels`, per K-Means scale,
@@ -20,44 +20,27 @@ CLIP teacher from the config and ``--teacher-*`` options, or takes a world's tea
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from clipzss.config import MethodConfig
+from clipzss.data.datasets import read_classes_txt
+from clipzss.data.splits import IGNORE_INDEX
+from clipzss.inference import IMAGE_SUFFIXES, preprocess
+from clipzss.pseudo_labels import center_tokens, cluster_regions, fuse_labels, training_windows, window_sizes
+from clipzss.teacher import Teacher
+from clipzss.visualize import palette
 
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from clipzss.teacher import Teacher
-
-log = logging.getLogger(__name__)
-
-HELP = (
-    "cluster images with the teacher's dense tokens (PLM pseudo labels): quality vs ground truth + overlays"
-)
-EPILOG = """examples:
-  clipzss inspect-pseudo-labels ../shared/data/camvid/val/images --teacher-weights none --out out/
-  clipzss inspect-pseudo-labels data/camvid/val/images --teacher-weights ViT-B-16.safetensors \\
-      --unseen car,tree,pedestrian --out out/
-  clipzss inspect-pseudo-labels photo.jpg --teacher-weights ViT-B-16.safetensors method.fusion_threshold=0.9
-  clipzss inspect-pseudo-labels ../shared/data/camvid/val/images --world-teacher camvid --unseen car,tree,pedestrian \\
-      --max-images 101 --out out/
-
-Masks are read from a masks/ folder beside images/ (the folder-dataset layout) or from --masks; class names from
-classes.txt in the dataset root or --classes-file. Settings come from an ordinary config (--config) with
-section.key=value overrides: method.window_divisors, method.fusion_threshold, method.kmeans_iters,
-method.min_region, teacher.image_size, eval.short_side."""
-
-IGNORE_INDEX = 255
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,8 +49,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def contingency(truth: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """(classes, regions) pixel counts of two 1-D label arrays of the same length (values: any integers)."""
-    import numpy as np
-
     truth, regions = np.asarray(truth).ravel(), np.asarray(regions).ravel()
     if truth.shape != regions.shape:
         raise ValueError(f"truth has {truth.size} pixels but regions has {regions.size}")
@@ -90,8 +71,6 @@ def nmi(table: np.ndarray) -> float:
     One class and one region is a perfect match (1.0); otherwise zero mutual information gives 0.0 (e.g. one class
     split into several regions). NaN for an empty table.
     """
-    import numpy as np
-
     total = float(table.sum())
     if total == 0:
         return math.nan
@@ -164,8 +143,6 @@ def clustering_variants(
     """Name → (window sizes, fusion threshold or None) for each K-Means scale, all scales unfused, all scales fused
     and, last, the training pseudo labels (the scales ``method.multi_scale`` selects, fused with λ =
     ``method.fusion_threshold``) on an h × w token grid."""
-    from clipzss.pseudo_labels import training_windows, window_sizes
-
     sizes = window_sizes(grid[0], grid[1], method.window_divisors)
     variants: dict[str, tuple[list[int], float | None]] = {f"window {s}": ([s], None) for s in sizes}
     lam = method.fusion_threshold
@@ -199,10 +176,6 @@ def pseudo_regions(
     Returns:
         (B, H, W) int64.
     """
-    import torch
-
-    from clipzss.pseudo_labels import center_tokens, cluster_regions, fuse_labels
-
     if method.center_tokens:  # as training does (there over each batch, here over the images given)
         dense = center_tokens(dense)
     token_labels, _ = cluster_regions(dense, list(windows), method.kmeans_iters, fusion_threshold)
@@ -246,6 +219,30 @@ class InspectReport:
             )
         return "\n".join(lines)
 
+    def save(
+        self, out: str | Path, header: str, images: Sequence[Path], settings: str, scope: str
+    ) -> list[Path]:
+        """Write report.md (``header``, the table, the overlay panels) and report.json into ``out``."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        markdown = out / "report.md"
+        markdown.write_text(
+            f"# Pseudo-label clusters\n\n{header}.\n\n{self.to_markdown()}\n\n"
+            + "\n".join(f"- `{p.name}`" for p in self.overlays)
+            + "\n"
+        )
+        payload = {
+            "images": [str(f) for f in images],
+            "settings": settings,
+            "scope": scope,
+            "quality": {
+                k: {m: (v if math.isfinite(v) else None) for m, v in q.items()}
+                for k, q in self.quality.items()
+            },
+        }
+        (out / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
+        return [markdown, out / "report.json"]
+
 
 def _fmt(value: float, digits: int = 3) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
@@ -273,11 +270,6 @@ def inspect_pseudo_labels(
         names: file stems for the panels (default image_000, ...).
         short_side: images are resized to this short side (at most) before the teacher, as at evaluation.
     """
-    import numpy as np
-    import torch
-
-    from clipzss.inference import preprocess
-
     masks = list(masks) if masks is not None else [None] * len(images)
     if len(masks) != len(images):
         raise ValueError(f"{len(images)} images but {len(masks)} masks")
@@ -320,16 +312,12 @@ def inspect_pseudo_labels(
 
 
 def _device_of(teacher: Any) -> torch.device:
-    import torch
-
     device = getattr(teacher, "device", None)
     return device if isinstance(device, torch.device) else torch.device("cpu")
 
 
 def _panel(image: Image.Image, maps: dict[str, np.ndarray], truth: np.ndarray | None) -> Image.Image:
     """Photo, ground truth of the evaluated pixels (when known) and one overlay per variant, side by side."""
-    from PIL import Image, ImageDraw, ImageFont
-
     height = min(image.height, 320)
     width = max(1, round(image.width * height / image.height))
     photo = image.convert("RGB").resize((width, height), Image.BILINEAR)
@@ -351,11 +339,6 @@ def _panel(image: Image.Image, maps: dict[str, np.ndarray], truth: np.ndarray | 
 
 def _overlay(photo: Image.Image, ids: np.ndarray) -> Image.Image:
     """Regions (ids >= 0; -1 / 255 = none, shown as the photo) blended over the photo."""
-    import numpy as np
-    from PIL import Image
-
-    from clipzss.predict import palette
-
     valid = (ids >= 0) & (ids != IGNORE_INDEX)
     colours = palette(int(ids[valid].max()) + 1 if valid.any() else 1)
     rgb = np.zeros((*ids.shape, 3), dtype=np.uint8)
@@ -366,60 +349,18 @@ def _overlay(photo: Image.Image, ids: np.ndarray) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line
+# Inputs
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        help="image files or folders, then optional section.key=value config overrides",
-    )
-    parser.add_argument("--out", default="outputs/inspect", help="output folder (default: outputs/inspect)")
-    parser.add_argument("--config", default=None, help="YAML config (teacher and method sections are used)")
-    parser.add_argument(
-        "--masks", default=None, help="ground-truth masks folder (default: ../masks if present)"
-    )
-    parser.add_argument("--classes-file", default=None, help="class names, one a line (default: classes.txt)")
-    parser.add_argument(
-        "--unseen", default=None, help="comma-separated class names whose pixels are the unlabelled ones"
-    )
-    parser.add_argument("--max-images", type=int, default=16, help="inspect at most N images (default 16)")
-    parser.add_argument("--teacher-model", default=None, help="open_clip model name (default: the config's)")
-    parser.add_argument(
-        "--teacher-weights",
-        default=None,
-        help="local CLIP weights file, an open_clip pretrained tag (needs the hub), or 'none' (random)",
-    )
-    parser.add_argument("--image-size", type=int, default=None, help="teacher input size (default: config's)")
-    parser.add_argument(
-        "--world-teacher",
-        choices=("camvid",),
-        default=None,
-        help="use a world's teacher instead of CLIP: camvid = clipzss.worlds.camvid (needs clipzss[evidence] "
-        "or its cache); images go in at the world's short side unless eval.short_side is given",
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
-
-
-def _split_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
-    paths, overrides = [], []
-    for item in inputs:
-        key = item.partition("=")[0]
-        if "=" in item and "." in key and not Path(item).exists():
-            overrides.append(item)
-        else:
-            paths.append(Path(item))
-    return paths, overrides
-
-
-def _image_files(paths: Sequence[Path], limit: int) -> list[Path]:
+def image_files(paths: Sequence[Path], limit: int) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not found:
-                raise FileNotFoundError(f"no images found in {path} (expected *.jpg, *.jpeg or *.png)")
+                raise FileNotFoundError(
+                    f"no images found in {path} (expected {', '.join('*' + s for s in IMAGE_SUFFIXES)})"
+                )
             files += found
         elif path.is_file():
             files.append(path)
@@ -430,7 +371,7 @@ def _image_files(paths: Sequence[Path], limit: int) -> list[Path]:
     return files[:limit]
 
 
-def _find_masks(files: Sequence[Path], masks_dir: str | None) -> list[Path | None]:
+def find_masks(files: Sequence[Path], masks_dir: str | None) -> list[Path | None]:
     """Each image's mask: --masks/<stem>.png, else the folder-dataset sibling ../masks/<stem>.png, else None."""
     found: list[Path | None] = []
     for file in files:
@@ -442,9 +383,7 @@ def _find_masks(files: Sequence[Path], masks_dir: str | None) -> list[Path | Non
     return found
 
 
-def _class_names(files: Sequence[Path], classes_file: str | None) -> tuple[str, ...] | None:
-    from clipzss.data.datasets import read_classes_txt
-
+def class_names_near(files: Sequence[Path], classes_file: str | None) -> tuple[str, ...] | None:
     if classes_file:
         return read_classes_txt(Path(classes_file))
     folder = files[0].parent
@@ -452,93 +391,3 @@ def _class_names(files: Sequence[Path], classes_file: str | None) -> tuple[str, 
         if candidate.is_file():
             return read_classes_txt(candidate)
     return None
-
-
-def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from clipzss.config import load_config
-    from clipzss.data.datasets import load_mask
-    from clipzss.data.splits import make_split
-    from clipzss.inference import load_image
-    from clipzss.runtime import resolve_device
-    from clipzss.teacher import build_teacher
-
-    paths, overrides = _split_inputs(args.inputs)
-    if not paths:
-        raise ValueError("give at least one image file or folder to inspect")
-    cfg = load_config(args.config, overrides)
-    teacher_cfg = cfg.teacher
-    if args.teacher_model:
-        teacher_cfg = replace(teacher_cfg, model=args.teacher_model)
-    if args.teacher_weights:
-        teacher_cfg = replace(teacher_cfg, weights=args.teacher_weights)
-    if args.image_size:
-        teacher_cfg = replace(teacher_cfg, image_size=args.image_size)
-
-    files = _image_files(paths, args.max_images)
-    mask_files = _find_masks(files, args.masks)
-    names = _class_names(files, args.classes_file)
-    unseen_ids = None
-    if args.unseen is not None:
-        if names is None:
-            raise FileNotFoundError("--unseen needs the class names: give --classes-file (one name per line)")
-        unseen_ids = list(make_split(names, [n.strip() for n in args.unseen.split(",") if n.strip()]).unseen)
-    if unseen_ids is not None and not any(mask_files):
-        raise FileNotFoundError(
-            f"--unseen needs ground-truth masks: none found for {files[0]} (give --masks)"
-        )
-
-    short_side = cfg.eval.short_side
-    if getattr(args, "world_teacher", None) == "camvid":
-        from clipzss.worlds.camvid import load_teacher
-
-        teacher = load_teacher()
-        if not any(o.startswith("eval.short_side=") for o in overrides):
-            short_side = min(teacher.world.size)  # the size the world's teacher was trained at
-    else:
-        teacher = build_teacher(teacher_cfg, device=resolve_device(args.device))
-    images = [load_image(f) for f in files]
-    masks = [load_mask(m) if m is not None else None for m in mask_files]
-    report = inspect_pseudo_labels(
-        images,
-        teacher,
-        cfg.method,
-        masks,
-        unseen_ids,
-        args.out,
-        [f.stem for f in files],
-        short_side,
-    )
-    out = Path(args.out)
-    scope = (
-        f"pixels of the unseen classes {args.unseen}"
-        if unseen_ids is not None
-        else "every labelled pixel (no --unseen: the whole image is treated as unlabelled)"
-    )
-    settings = (
-        f"teacher {getattr(teacher, 'identity', type(teacher).__name__)}, {report.grid[0]}x{report.grid[1]} tokens, "
-        f"window divisors {tuple(cfg.method.window_divisors)}, λ = {cfg.method.fusion_threshold:g}, "
-        f"{cfg.method.kmeans_iters} K-Means iterations, min_region {cfg.method.min_region:g}"
-    )
-    header = f"{len(files)} images; {settings}; scored on {scope}"
-    if not report.has_truth:
-        header += "; no ground-truth masks found, so only regions/image is reported"
-    (out / "report.md").write_text(
-        f"# Pseudo-label clusters\n\n{header}.\n\n{report.to_markdown()}\n\n"
-        + "\n".join(f"- `{p.name}`" for p in report.overlays)
-        + "\n"
-    )
-    payload = {
-        "images": [str(f) for f in files],
-        "settings": settings,
-        "scope": scope,
-        "quality": {
-            k: {m: (v if math.isfinite(v) else None) for m, v in q.items()} for k, q in report.quality.items()
-        },
-    }
-    (out / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
-    print(header)
-    print(report.format_table())
-    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report.overlays)} overlay panels")
-    return 0

@@ -1,0 +1,142 @@
+"""Run a student exported by `clipzss export` with onnxruntime, numpy and PIL alone (no torch).
+
+`OnnxSegmenter` pads, windows, upsamples and argmaxes in numpy with the same preprocessing, windows and modes as the
+torch paths (`clipzss.inference`), so `clipzss predict --onnx` gives the masks `clipzss predict` gives, up to float
+rounding, where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from clipzss.embeddings_file import read_text_embeddings
+from clipzss.inference import ImageLike, as_rgb, check_mode, preprocess, resize_bilinear, sliding_windows
+from clipzss.names import parse_class_names
+
+FORMAT = "clipzss-onnx-v1"
+
+
+def open_session(path: str | Path, threads: int | None) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {path}")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise ValueError(f"{path} is not a loadable ONNX model: {str(err).splitlines()[0]}") from None
+
+
+class OnnxSegmenter:
+    """Runs an exported student with onnxruntime: ``OnnxSegmenter("m.onnx").predict("photo.jpg")``.
+
+    Args:
+        path: the .onnx file written by `export_onnx`.
+        text_embeddings: for an embeddings-only export, a file from `clipzss embed-text` (its class names and
+            rows become the classifier); ignored when the classes are baked in.
+        threads: onnxruntime intra-op threads (None: its default, all cores).
+    """
+
+    def __init__(
+        self, path: str | Path, text_embeddings: str | Path | None = None, threads: int | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.session = open_session(self.path, threads)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("clipzss_format") != FORMAT:
+            raise ValueError(f"{self.path} is an ONNX model but not one exported by `clipzss export`")
+        self.output = meta["output"]
+        self.alpha = float(meta["alpha"])
+        self.mean = np.asarray(json.loads(meta["mean"]), dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(json.loads(meta["std"]), dtype=np.float32).reshape(3, 1, 1)
+        self.pad_multiple = int(meta["pad_multiple"])
+        self.min_size = int(meta.get("min_size", "0"))
+        self.output_stride = int(meta["output_stride"])
+        self.eval = json.loads(meta["eval"])
+        self.text: np.ndarray | None = None  # (K, C) for an embeddings-only graph
+        if self.output == "logits":
+            self.class_names: list[str] = json.loads(meta["class_names"])
+        elif text_embeddings is not None:
+            self.class_names, text, _ = read_text_embeddings(text_embeddings)
+            self.text = text / np.linalg.norm(text, axis=1, keepdims=True).clip(1e-12)
+        else:
+            self.class_names = []
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) normalised float32, any size → the graph's output at (B, ·, ceil(H/4), ceil(W/4))."""
+        h, w = images.shape[-2:]
+        ph = max(h + -h % self.pad_multiple, self.min_size)
+        pw = max(w + -w % self.pad_multiple, self.min_size)
+        x = np.pad(
+            images.astype(np.float32), ((0, 0), (0, 0), (0, ph - h), (0, pw - w))
+        )  # zeros = mean colour
+        out = self.session.run(None, {"image": x})[0]
+        s = self.output_stride
+        return out[..., : -(-h // s), : -(-w // s)]
+
+    def _rows(self, class_names: Sequence[str] | None) -> tuple[list[str], list[int]]:
+        if not self.class_names:
+            raise ValueError(
+                f"{self.path} returns embeddings without a classifier: give text embeddings "
+                "(--text-embeddings from `clipzss embed-text`) or export with --classes"
+            )
+        names = parse_class_names(class_names) if class_names else list(self.class_names)
+        missing = [n for n in names if n not in self.class_names]
+        if missing:
+            raise ValueError(
+                f"class names not in {self.path}: {', '.join(missing)} (it knows: {', '.join(self.class_names)})"
+            )
+        return names, [self.class_names.index(n) for n in names]
+
+    def logits(self, images: np.ndarray, class_names: Sequence[str] | None = None) -> np.ndarray:
+        """(B, 3, H, W) normalised images → (B, K, ceil(H/4), ceil(W/4)) logits over ``class_names``."""
+        _, rows = self._rows(class_names)
+        out = self.run(images)
+        if self.text is None:
+            return out[:, rows]
+        return self.alpha * np.einsum("bchw,kc->bkhw", out, self.text[rows], optimize=True)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL → (1, 3, h, w) float32: `clipzss.inference.preprocess`, as the checkpoint's evaluation did."""
+        return preprocess(image, self.eval.get("short_side"))[None]
+
+    def predict(
+        self,
+        image: ImageLike,
+        class_names: Sequence[str] | None = None,
+        mode: str | None = None,
+    ) -> np.ndarray:
+        """(H, W) int64 ids into ``class_names`` (default: all the model's classes), at the input's size.
+
+        The numpy twin of `clipzss.evaluate.infer_logits`: the same windows, averaging and bilinear upsampling.
+        """
+        names, _ = self._rows(class_names)
+        rgb = as_rgb(image)
+        x = self.preprocess(rgb)  # (1, 3, h, w)
+        out_size = (rgb.height, rgb.width)
+        if check_mode(mode or self.eval.get("mode", "whole")) == "whole":
+            logits = resize_bilinear(self.logits(x, names), out_size)
+        else:
+            h, w = x.shape[-2:]
+            grid = sliding_windows(h, w, self.eval["crop_size"], self.eval["stride"])
+            win_h, win_w = grid[0][1] - grid[0][0], grid[0][3] - grid[0][2]
+            canvas = np.zeros((len(names), h, w), dtype=np.float32)
+            count = np.zeros((1, h, w), dtype=np.float32)
+            for y1, y2, x1, x2 in grid:
+                window = resize_bilinear(self.logits(x[..., y1:y2, x1:x2], names), (win_h, win_w))[0]
+                canvas[:, y1:y2, x1:x2] += window
+                count[:, y1:y2, x1:x2] += 1
+            if len(grid) > 1:
+                canvas /= count
+            logits = resize_bilinear(canvas[None], out_size)
+        return logits[0].argmax(0).astype(np.int64)
