@@ -41,7 +41,8 @@ from common import (
 
 from clipzss.config import Config, DataConfig, MethodConfig, StudentConfig, TeacherConfig, TrainConfig
 from clipzss.losses import compute_losses
-from clipzss.modules import GLM, Synthesizer
+from clipzss.glm import GLM
+from clipzss.synthesizer import Synthesizer
 from clipzss.pseudo_labels import pseudo_labels
 from clipzss.student import build_student
 from clipzss.teacher import build_teacher

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 from clipzss.config import MethodConfig
+from clipzss.glm import GLM
 from clipzss.losses import (
     NEG_LOGIT,
     build_logits,
@@ -26,7 +27,8 @@ from clipzss.losses import (
     restrict_targets,
     upsample_logits,
 )
-from clipzss.modules import GLM, Synthesizer, downsample_labels, teacher_pseudo_prototypes
+from clipzss.regions import downsample_labels, teacher_pseudo_prototypes
+from clipzss.synthesizer import Synthesizer
 
 C = 16
 NUM_SEEN = 3

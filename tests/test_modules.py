@@ -11,16 +11,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clipzss.config import MethodConfig
+from clipzss.glm import GLM, CLSBank
 from clipzss.losses import info_nce
-from clipzss.modules import (
-    GLM,
-    CLSBank,
-    Synthesizer,
-    count_pseudo_slots,
-    downsample_labels,
-    region_means,
-    teacher_pseudo_prototypes,
-)
+from clipzss.regions import count_pseudo_slots, downsample_labels, region_means, teacher_pseudo_prototypes
+from clipzss.synthesizer import Synthesizer
 
 # --- CLS bank ---------------------------------------------------------------------------------------------------
 
@@ -60,15 +54,15 @@ def test_bank_state_dict_round_trip_restores_pointer_and_fill() -> None:
 
 def test_bank_gathers_every_rank_before_enqueueing(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fake 2-rank world: rank 1's batch is all 9s; this rank's (rank 0) tokens come first, as all_gather orders."""
-    import clipzss.modules as modules
+    import clipzss.glm as glm
 
     def fake_all_gather(parts: list[torch.Tensor], tensor: torch.Tensor) -> None:
         parts[0].copy_(tensor)
         parts[1].fill_(9.0)
 
-    monkeypatch.setattr(modules.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(modules.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(modules.dist, "all_gather", fake_all_gather)
+    monkeypatch.setattr(glm.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(glm.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(glm.dist, "all_gather", fake_all_gather)
     bank = CLSBank(5, 2)
     bank.enqueue(torch.ones(2, 2))
     bank.enqueue(torch.full((2, 2), 3.0))
@@ -191,12 +185,11 @@ def test_region_means_matches_loop_reference_and_passes_gradients() -> None:
     labels = torch.randint(0, 5, (2, 4, 4))
     labels[0, 0] = 255
     labels[1][labels[1] == 2] = 255  # id 2 absent in image 1
-    means, ids, valid = region_means(feats, labels, 5)
+    means, valid = region_means(feats, labels, 5)
     for b in range(2):
         for k in range(5):
             mask = labels[b] == k
             assert bool(valid[b, k]) == bool(mask.any())
-            assert int(ids[b, k]) == (k if mask.any() else -1)
             want = feats[b][:, mask].mean(dim=1) if mask.any() else torch.zeros(3, dtype=torch.float64)
             assert torch.allclose(means[b, k], want)
     means[valid].sum().backward()
@@ -257,7 +250,7 @@ def test_synthesizer_regions_are_id_slots_normalised_and_trainable() -> None:
     inputs = _synth_inputs()
     regions = synth(inputs["R"], inputs["labels"], inputs["S"], inputs["D"], num_seen=3)
     assert regions.prototypes.shape == (2, 5, 8)
-    assert regions.region_ids.tolist() == [[0, 1, -1, 3, -1], [-1, -1, 2, -1, 4]]
+    assert regions.valid.tolist() == [[True, True, False, True, False], [False, False, True, False, True]]
     assert torch.allclose(regions.prototypes[regions.valid].norm(dim=-1), torch.ones(5))
     seen, seen_valid = regions.seen()
     assert seen_valid.tolist() == [[True, True, False], [False, False, True]]

@@ -222,8 +222,9 @@ def test_torchrun_launches_ddp_training(tmp_path: Path) -> None:
 
 def _parts(cfg: Config) -> TrainParts:
     from clipzss.data import build_dataset, seen_lookup
-    from clipzss.modules import GLM, Synthesizer
+    from clipzss.glm import GLM
     from clipzss.student import build_student
+    from clipzss.synthesizer import Synthesizer
     from clipzss.teacher import build_teacher
 
     teacher = build_teacher(cfg.teacher, device=torch.device("cpu"))

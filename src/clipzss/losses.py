@@ -7,21 +7,16 @@ a step has no hidden host-device sync (the one exception, documented, is not pas
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 from clipzss.config import MethodConfig, check_choice
+from clipzss.data.splits import IGNORE_INDEX
+from clipzss.regions import Regions, count_pseudo_slots, downsample_labels, teacher_pseudo_prototypes
 
-if TYPE_CHECKING:
-    from clipzss.modules import GLM, Synthesizer
-
-log = logging.getLogger(__name__)
-
-IGNORE_INDEX = 255
 # A finite "minus infinity" for padded pseudo channels: exp(-1e4) is exactly 0 in fp32/bf16 softmax, while -inf
 # would give NaN in a softmax or a loss if every channel of a row were padding. Representable in fp16 too.
 NEG_LOGIT = -1e4
@@ -225,14 +220,12 @@ def majority_labels(
 
     A block whose commonest id is ``ignore_index`` stays ignored; ties go to the smaller id (``torch.mode``). When
     the label size is not an exact multiple of ``size``, the cell centres are sampled instead
-    (:func:`clipzss.modules.downsample_labels`). Memory is that of the labels, whatever the number of classes.
+    (:func:`clipzss.regions.downsample_labels`). Memory is that of the labels, whatever the number of classes.
 
     Args:
         labels: (B, H, W) ids.
         size: (h, w) of the logits.
     """
-    from clipzss.modules import downsample_labels
-
     b, height, width = labels.shape
     h, w = int(size[0]), int(size[1])
     if (height, width) == (h, w):
@@ -326,8 +319,8 @@ def compute_losses(
     teacher_dense: torch.Tensor,
     num_seen: int,
     cfg: MethodConfig,
-    glm: GLM | None = None,
-    synthesizer: Synthesizer | None = None,
+    glm: Callable[..., torch.Tensor] | None = None,
+    synthesizer: Callable[..., Regions] | None = None,
     max_pseudo: int | None = None,
     valid: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -346,16 +339,15 @@ def compute_losses(
         teacher_dense: (B, C, h', w') teacher dense tokens, normalised.
         num_seen: S_n.
         cfg: the method config (switches, weights, scales).
-        glm: the GLM, needed when cfg.glm.
-        synthesizer: the Synthesizer (possibly DDP-wrapped), needed when cfg.synthesizer.
+        glm: the :class:`clipzss.glm.GLM`, needed when cfg.glm: ``glm(R, teacher_cls, valid)`` → L_global.
+        synthesizer: the :class:`clipzss.synthesizer.Synthesizer` (possibly DDP-wrapped), needed when
+            cfg.synthesizer: ``synthesizer(R, labels, teacher_cls, teacher_dense, num_seen, num_pseudo, valid)`` →
+            :class:`clipzss.regions.Regions`.
         max_pseudo: host-side upper bound on pseudo regions per image (e.g. int(num_pseudo.max()) from
             pseudo_labels). None reads it from ``labels``: one host-device sync per step.
         valid: (B, H, W) bool, False on crop padding: excluded from GLM's pooling and the synthesizer's keys (the
             losses already ignore it through ``labels``). None = every pixel is image.
     """
-    # modules imports info_nce from here, so its names are imported at call time.
-    from clipzss.modules import count_pseudo_slots, downsample_labels, teacher_pseudo_prototypes
-
     if not (cfg.glm or cfg.synthesizer or cfg.nel or cfg.ce):
         raise ValueError("every loss is switched off (method.glm, synthesizer, nel and ce are all false)")
     if cfg.glm and glm is None:

@@ -35,7 +35,8 @@ from clipzss.data import IGNORE_INDEX, PAD_INDEX, build_dataset, build_eval_data
 from clipzss.evaluate import evaluate
 from clipzss.files import atomic_write, atomic_write_all, remove_stale_temporaries
 from clipzss.losses import compute_losses
-from clipzss.modules import GLM, Synthesizer
+from clipzss.glm import GLM
+from clipzss.synthesizer import Synthesizer
 from clipzss.predict import Segmenter
 from clipzss.pseudo_labels import pseudo_labels
 from clipzss.runs import RunFolderError, RunLock, changed_fields, check_fresh, describe_change, is_shape_field

@@ -590,7 +590,8 @@ def prototype_alignment(
         {"regions", "teacher cos", "teacher top-1"} and, with a synthesizer, {"synth cos", "synth top-1"}.
     """
     from clipzss.data import relabel_unseen, seen_lookup
-    from clipzss.modules import Synthesizer, teacher_pseudo_prototypes
+    from clipzss.regions import teacher_pseudo_prototypes
+    from clipzss.synthesizer import Synthesizer
     from clipzss.pseudo_labels import pseudo_labels
     from clipzss.student import build_student
     from clipzss.training import load_training_state
