@@ -15,7 +15,7 @@ layout of a few regions, every token its region's direction plus noise, so the c
 
 Identity is checked in float64 (ties cannot flip there); the timings use float32, the trainer's dtype. A run in
 which scikit-learn meets an empty cluster is reported apart: scikit-learn relocates it, ours keeps it in place (see
-``kmeans``), so assignments may differ by design there.
+``kmeans_sets``), so assignments may differ by design there.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from clipzss.pseudo_labels import (
     center_tokens,
     fuse_centroids,
     fuse_labels,
-    kmeans,
+    kmeans_sets,
     pseudo_labels,
     token_regions,
     window_seeds,
@@ -131,8 +131,8 @@ def test_euclidean_kmeans_equals_sklearn(data: str) -> None:
             x = blobs(rng, 4 * rng.standard_normal((k, 5)), per_blob=40, noise=1.0)
         points.append(x)
         inits.append(x[rng.choice(len(x), k, replace=False)])
-    result = kmeans(
-        torch.from_numpy(np.stack(points)), torch.from_numpy(np.stack(inits)), iters, spherical=False
+    (result,) = kmeans_sets(
+        torch.from_numpy(np.stack(points)), [torch.from_numpy(np.stack(inits))], iters, spherical=False
     )
     for b in range(2):
         ref = KMeans(n_clusters=k, init=inits[b], n_init=1, max_iter=iters, algorithm="lloyd", tol=0).fit(
@@ -149,7 +149,7 @@ def test_spherical_kmeans_equals_numpy_reference() -> None:
     x = rng.standard_normal((3, 150, 6))
     x /= np.linalg.norm(x, axis=-1, keepdims=True)
     init = rng.standard_normal((3, 7, 6))  # unnormalised on purpose: both normalise the seeds
-    result = kmeans(torch.from_numpy(x), torch.from_numpy(init), iters=8, spherical=True)
+    (result,) = kmeans_sets(torch.from_numpy(x), [torch.from_numpy(init)], iters=8, spherical=True)
     for b in range(3):
         centroids, labels = spherical_reference(x[b], init[b].copy(), iters=8)
         np.testing.assert_array_equal(result.labels[b].numpy(), labels)
@@ -163,7 +163,7 @@ def test_spherical_agrees_with_sklearn_on_separated_normalised_data() -> None:
     x = blobs(rng, directions, per_blob=30, noise=0.05)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     init = np.stack([x[np.argmax(x @ d)] for d in directions[::-1]])  # one seed per blob, shuffled order
-    ours = kmeans(torch.from_numpy(x)[None], torch.from_numpy(init)[None], iters=10, spherical=True)
+    (ours,) = kmeans_sets(torch.from_numpy(x)[None], [torch.from_numpy(init)[None]], iters=10, spherical=True)
     ref = KMeans(n_clusters=4, init=init, n_init=1, max_iter=10, algorithm="lloyd", tol=0).fit(x)
     np.testing.assert_array_equal(ours.labels[0].numpy(), ref.labels_)
 
@@ -171,7 +171,7 @@ def test_spherical_agrees_with_sklearn_on_separated_normalised_data() -> None:
 def test_kmeans_empty_cluster_keeps_its_centroid() -> None:
     x = F.normalize(torch.tensor([[[1.0, 0.1], [1.0, -0.1], [0.9, 0.0]]]), dim=-1)
     init = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])  # the second seed is far from every point
-    result = kmeans(x, init, iters=5)
+    (result,) = kmeans_sets(x, [init], iters=5)
     assert result.counts.tolist() == [[3, 0]]
     torch.testing.assert_close(result.centroids[0, 1], torch.tensor([-1.0, 0.0]))
     assert result.labels.tolist() == [[0, 0, 0]]
@@ -319,7 +319,7 @@ def test_no_fusion_single_scale_is_plain_kmeans() -> None:
     cfg = MethodConfig(multi_scale=False, mask_fusion=False, kmeans_iters=4, center_tokens=False)
     labels, num = token_regions(dense[None], cfg)
     middle = window_sizes(12, 12, cfg.window_divisors)[1]  # [6, 3, 2] → 3
-    plain = kmeans(dense.flatten(1).T[None], window_seeds(dense[None], middle), iters=4)
+    (plain,) = kmeans_sets(dense.flatten(1).T[None], [window_seeds(dense[None], middle)], iters=4)
     # same partition: one region per non-empty K-Means cluster
     assert int(num) == int((plain.counts > 0).sum()) > 3
     pairs = set(zip(labels.flatten().tolist(), plain.labels.flatten().tolist()))

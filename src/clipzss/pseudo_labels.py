@@ -6,8 +6,8 @@ area of the ground truth with the fused regions. DESIGN.md §2 fixes what the pa
 here is pure, batched over images on the input's device and free of host-device syncs unless stated, so the trainer
 can run it every step under ``torch.no_grad()``.
 
-Pipeline (``pseudo_labels``): ``window_sizes`` → per scale ``window_seeds`` + ``kmeans`` → pool the centroids of
-all scales → ``fuse_centroids`` → ``assign_tokens`` (token region map) → ``fuse_labels`` (ground truth + regions).
+Pipeline (``pseudo_labels``): ``window_sizes`` → per scale ``window_seeds``, ``kmeans_sets`` → pool the centroids
+of all scales → ``fuse_centroids`` → ``assign_tokens`` (token region map) → ``fuse_labels`` (ground truth + regions).
 """
 
 from __future__ import annotations
@@ -202,47 +202,31 @@ def _lloyd_until_fixed(
     return labels, centroids
 
 
-def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int, spherical: bool = True) -> KMeansResult:
-    """Batched Lloyd K-Means with a fixed number of iterations (no convergence test on GPU, so no device sync).
+def kmeans_sets(
+    x: torch.Tensor, inits: Sequence[torch.Tensor], iters: int, spherical: bool = True
+) -> list[KMeansResult]:
+    """Independent batched Lloyd K-Means runs (one per seed set, e.g. one per window scale) on the same points.
 
     ``spherical=True``: cosine assignment (argmax x·c) and centroids renormalised after each mean update; the seeds
     are normalised first. ``spherical=False``: plain Euclidean Lloyd (argmin squared distance, centroid = mean),
     equal to scikit-learn's ``KMeans(init=init, n_init=1, max_iter=iters, algorithm="lloyd", tol=0)`` whenever no
     cluster empties. An empty cluster keeps its previous centroid (scikit-learn instead relocates it to a far point):
-    deterministic, and harmless here because an empty cluster gets count 0 and is ignored by the fusion. See
-    ``kmeans_sets`` for how the work is done (and why it is the same on every device).
+    deterministic, and harmless here because an empty cluster gets count 0 and is ignored by the fusion.
 
-    Args:
-        x: (B, N, C) points.
-        init: (B, K, C) initial centroids.
-        iters: number of update steps; the final labels are the assignment to the final centroids.
-        spherical: cosine K-Means on the unit sphere (the DESIGN default) instead of Euclidean.
-
-    Returns:
-        KMeansResult(centroids (B, K, C), labels (B, N), counts (B, K)).
-    """
-    return kmeans_sets(x, [init], iters, spherical)[0]
-
-
-def kmeans_sets(
-    x: torch.Tensor, inits: Sequence[torch.Tensor], iters: int, spherical: bool = True
-) -> list[KMeansResult]:
-    """Independent K-Means runs (one per seed set, e.g. one per window scale) on the same points, done together.
-
-    Each set is exactly the ``kmeans`` of its seeds; sharing the points lets one matmul per iteration score every
-    set's centroids. Speed-ups that leave the result unchanged: on the CPU the means are index-adds rather than
-    one-hot matmuls, and an image leaves the loop once its assignment stops changing (a fixed point: further
-    iterations would recompute the same centroids bit for bit), which costs a host read per iteration, free on
-    the CPU only; on other devices all ``iters`` iterations run with no sync.
+    Each set's result is that of a K-Means run of its seeds alone; sharing the points lets one matmul per iteration
+    score every set's centroids. Speed-ups that leave the result unchanged: on the CPU the means are index-adds
+    rather than one-hot matmuls, and an image leaves the loop once its assignment stops changing (a fixed point:
+    further iterations would recompute the same centroids bit for bit), which costs a host read per iteration, free
+    on the CPU only; on other devices all ``iters`` iterations run with no sync.
 
     Args:
         x: (B, N, C) points.
         inits: per set, (B, K_s, C) initial centroids.
-        iters: maximum number of update steps.
-        spherical: cosine (default) or Euclidean K-Means.
+        iters: maximum number of update steps; the final labels are the assignment to the final centroids.
+        spherical: cosine K-Means on the unit sphere (the DESIGN default) instead of Euclidean.
 
     Returns:
-        One KMeansResult per set, in order.
+        One KMeansResult(centroids (B, K_s, C), labels (B, N), counts (B, K_s)) per set, in order.
     """
     if not inits:
         raise ValueError("kmeans needs at least one set of initial centroids")
