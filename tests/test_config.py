@@ -1,7 +1,10 @@
+import logging
 from pathlib import Path
 
 import pytest
+import yaml
 
+from clipzss.checkpoint import validate_loaded_config
 from clipzss.config import Config, ConfigError, load_config
 
 
@@ -44,3 +47,18 @@ def test_bad_values_name_the_key(tmp_path: Path) -> None:
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_removed_key_of_older_versions_is_dropped_with_a_debug_line(tmp_path: Path, caplog) -> None:
+    """eval.batch_size was never used and is gone; run folders and checkpoints of older versions still load."""
+    old = Config().to_dict()
+    old["eval"]["batch_size"] = 1
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    with caplog.at_level(logging.DEBUG, logger="clipzss.config"):
+        assert load_config(path) == Config()
+    assert "eval.batch_size" in caplog.text and caplog.records[0].levelno == logging.DEBUG
+    assert validate_loaded_config(old, "old.safetensors") == Config()  # the path of every checkpoint
+    assert old["eval"]["batch_size"] == 1  # the caller's mapping is left as it was
+    with pytest.raises(ConfigError, match="unknown config key 'batch_sizes'"):
+        load_config(None, ["eval.batch_sizes=1"])  # only the known removed key is dropped

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 # ZegCLIP's 15-template ensemble (reference/paper.md §2).
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -183,6 +186,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    # Steps between loss logs, evaluations and checkpoints. The last step always logs, saves and (with a validation
+    # set) evaluates; 0 = at the last step only. eval_interval=0 also means the trainer builds no validation set
+    # itself: only a val_set passed to train() is evaluated, once, at the end. Negative values are refused.
     log_interval: int = 50
     eval_interval: int = 2000
     ckpt_interval: int = 2000
@@ -197,7 +203,6 @@ class EvalConfig:
     crop_size: int = 512
     stride: int = 341
     short_side: int = 512
-    batch_size: int = 1
     max_images: int | None = None
     # A class absent from an image set's ground truth: "mmseg" scores IoU 0 when it is predicted (NaN when it is
     # neither in the truth nor predicted) and averages with nanmean, as mmseg's and ZegCLIP's evaluation do;
@@ -222,10 +227,34 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
-        return _build(cls, data or {}, source)
+        """The config of a plain mapping (a YAML file, a checkpoint's saved config); unknown keys fail, except the
+        `REMOVED_KEYS` that older versions wrote, which are dropped."""
+        return _build(cls, _drop_removed_keys(data or {}, source), source)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Fields that older versions had and saved in every run folder and checkpoint: dropped on load (one debug line) so
+# those files still load. A field removed from the dataclasses above belongs here.
+REMOVED_KEYS: dict[str, tuple[str, ...]] = {
+    "eval": ("batch_size",),  # never used: evaluation always runs one image at a time
+}
+
+
+def _drop_removed_keys(data: Any, source: str) -> Any:
+    """``data`` without the `REMOVED_KEYS` (a shallow copy of the sections that held one)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for section, keys in REMOVED_KEYS.items():
+        values = data.get(section)
+        if isinstance(values, dict) and any(key in values for key in keys):
+            for key in keys:
+                if key in values:
+                    logger.debug("%s: ignoring %s.%s, a setting older versions had", source, section, key)
+            data[section] = {k: v for k, v in values.items() if k not in keys}
+    return data
 
 
 def _to_plain(value: Any) -> Any:
