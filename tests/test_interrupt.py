@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipzss.training import STATE_NAME
+from clipzss.training_state import STATE_NAME
 from conftest import tiny_overrides
 
 ITERS = 6
@@ -121,11 +121,11 @@ if os.environ.get("RANK") == "1":  # make rank 1 crash on its second step
     import clipzss.training as training
     real_step = training.train_step
     calls = [0]
-    def failing_step(parts, batch):
+    def failing_step(*args, **kwargs):
         calls[0] += 1
         if calls[0] == 2:
             raise RuntimeError("simulated failure on rank 1")
-        return real_step(parts, batch)
+        return real_step(*args, **kwargs)
     training.train_step = failing_step
 """
 

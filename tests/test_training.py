@@ -14,14 +14,9 @@ from safetensors.torch import load_file
 
 from clipzss.config import Config, TrainConfig
 from clipzss.predict import Segmenter
-from clipzss.training import (
-    NonFiniteLossError,
-    StreamSampler,
-    TrainParts,
-    load_training_state,
-    lr_factor,
-    train,
-)
+from clipzss.training import NonFiniteLossError, StreamSampler, check_schedule, due, train
+from clipzss.training_state import load_training_state
+from clipzss.training_step import TrainParts, lr_factor
 from conftest import tiny_config, tiny_overrides
 
 
@@ -95,9 +90,9 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
 
 
 def test_nan_loss_names_term_and_keeps_checkpoint(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipzss.training as training
+    import clipzss.training_step as training_step
 
-    real = training.compute_losses
+    real = training_step.compute_losses
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -108,7 +103,7 @@ def test_nan_loss_names_term_and_keeps_checkpoint(cfg: Config, monkeypatch: pyte
             losses["loss"] = losses["loss"] + losses["ce"]
         return losses
 
-    monkeypatch.setattr(training, "compute_losses", poisoned)
+    monkeypatch.setattr(training_step, "compute_losses", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"ce.*step 2"):
         train(cfg)
     state = load_training_state(Path(cfg.train.output_dir))
@@ -122,6 +117,57 @@ def test_lr_schedule_warmup_then_poly() -> None:
     assert lr_factor(5, cfg) == pytest.approx(0.95 * (0.5 + 0.5e-6), rel=1e-3)
     assert lr_factor(10, cfg) == pytest.approx(0.9)
     assert lr_factor(100, cfg) == pytest.approx(0.0)
+
+
+def test_due_every_interval_and_always_at_the_last_step() -> None:
+    assert [d for d in range(1, 11) if due(d, 4, 10)] == [4, 8, 10]
+    assert [d for d in range(1, 11) if due(d, 5, 10)] == [5, 10]
+    assert [d for d in range(1, 11) if due(d, 0, 10)] == [10]  # 0: the last step only
+    assert [d for d in range(1, 4) if due(d, 1, 3)] == [1, 2, 3]
+
+
+def test_negative_intervals_are_refused_in_one_line(cfg: Config) -> None:
+    check_schedule(TrainConfig(log_interval=0, eval_interval=0, ckpt_interval=0))
+    for name in ("log_interval", "eval_interval", "ckpt_interval"):
+        bad = dataclasses.replace(cfg.train, **{name: -1})
+        with pytest.raises(ValueError, match=rf"train\.{name}=-1 is negative"):
+            train(dataclasses.replace(cfg, train=bad))
+    assert not Path(cfg.train.output_dir).exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize(("eval_interval", "evaluated"), [(0, [3]), (2, [2, 3])])
+def test_eval_interval_zero_evaluates_a_given_val_set_once_at_the_end(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch, eval_interval: int, evaluated: list[int]
+) -> None:
+    """0 builds no evaluation set and evaluates a val_set passed to train after the last step only."""
+    import clipzss.training as training
+
+    steps: dict[str, list[int]] = {"eval": [], "save": []}
+    real_save = training.save_training_state
+
+    def record_eval(parts, val_set, info, writer=None, step=0):
+        assert val_set == "the val set"
+        steps["eval"].append(step)
+        return {}
+
+    def record_save(out, step, *args, **kwargs):
+        steps["save"].append(step)
+        return real_save(out, step, *args, **kwargs)
+
+    def no_eval_set(cfg):
+        raise AssertionError("eval_interval=0 must not build an evaluation set")
+
+    monkeypatch.setattr(training, "_evaluate_student", record_eval)
+    monkeypatch.setattr(training, "save_training_state", record_save)
+    monkeypatch.setattr(training, "build_eval_dataset", no_eval_set)
+    cfg.train = dataclasses.replace(
+        cfg.train, max_iters=3, eval_interval=eval_interval, ckpt_interval=0, log_interval=0
+    )
+    train(cfg, val_set="the val set")
+    assert steps == {"eval": evaluated, "save": [3]}
+    cfg.train = dataclasses.replace(cfg.train, eval_interval=0, output_dir=cfg.train.output_dir + "-no-val")
+    train(cfg)  # no val_set and eval_interval=0: nothing is evaluated, no evaluation set is built
+    assert steps["eval"] == evaluated
 
 
 def test_stream_sampler_resumes_and_shards() -> None:
@@ -246,7 +292,7 @@ def test_crop_padding_never_gets_a_pseudo_label_and_reaches_the_losses_as_paddin
     cfg: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """PadTo marks padding -1; train_step turns it into ignored labels plus a ``valid`` mask (GLM, synthesizer)."""
-    import clipzss.training as training
+    import clipzss.training_step as training_step
 
     parts = _parts(cfg)
     seen: dict[str, torch.Tensor] = {}
@@ -255,12 +301,13 @@ def test_crop_padding_never_gets_a_pseudo_label_and_reaches_the_losses_as_paddin
         seen["labels"], seen["valid"] = labels, kwargs["valid"]
         return {"loss": R.sum()}
 
-    monkeypatch.setattr(training, "compute_losses", capture)
+    monkeypatch.setattr(training_step, "compute_losses", capture)
     masks = torch.full((2, 64, 64), 255, dtype=torch.long)  # all unlabelled image content...
     masks[:, :, 40:] = -1  # ...except the padded right part of each crop
     masks[0, :20, :20] = 0
     batch = {"image": torch.randn(2, 3, 64, 64), "mask": masks}
-    training.train_step(parts, batch)
+    optimizer = training_step.build_optimizer(parts.student, [parts.synthesizer], cfg)
+    training_step.train_step(parts, batch, optimizer, training_step.grad_scaler(cfg, parts.device))
     labels, valid = seen["labels"], seen["valid"]
     assert torch.equal(valid, masks != -1)
     # Padding gets no pseudo id and no seen id (the lookup of a clamped -1 would give seen class 0).
@@ -271,7 +318,8 @@ def test_crop_padding_never_gets_a_pseudo_label_and_reaches_the_losses_as_paddin
 
 def test_compiled_student_saves_a_checkpoint_that_loads(cfg: Config) -> None:
     """torch.compile prefixes state-dict keys with ``_orig_mod.``; checkpoints must hold the plain module's keys."""
-    from clipzss.training import build_optimizer, save_training_state
+    from clipzss.training_state import save_training_state
+    from clipzss.training_step import build_optimizer
 
     parts = _parts(cfg)
     plain = parts.student
