@@ -334,3 +334,43 @@ def test_fixed_size_timm_encoders_take_any_size() -> None:
     with torch.no_grad():
         out = model(torch.randn(1, 3, 70, 45))
     assert out.shape == (1, EMBED, 18, 12)
+
+
+def test_an_inference_build_probes_forward_only_and_freezes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segmenter.from_checkpoint and export build students that never train: no backward, nothing frozen."""
+    calls = {"forward": 0}
+    real_forward = Student.forward
+
+    def counting_forward(self, images):
+        calls["forward"] += 1
+        assert not torch.is_grad_enabled(), "the inference probe runs without autograd"
+        return real_forward(self, images)
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("an inference build runs no backward")
+
+    monkeypatch.setattr(Student, "forward", counting_forward)
+    monkeypatch.setattr(torch.Tensor, "backward", no_backward)
+    model = build_student(_cfg("Linknet"), for_training=False)
+    assert calls["forward"] == 1 and model.training
+    assert model.unused_parameters == ()
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    monkeypatch.undo()
+    trained = build_student(_cfg("Linknet"))  # a training build: the same tensors, the unused ones frozen
+    assert trained.unused_parameters == _student("Linknet").unused_parameters
+    assert model.state_dict().keys() == trained.state_dict().keys()
+
+
+@pytest.mark.parametrize("for_training", [True, False])
+def test_an_encoder_that_cannot_take_the_probe_size_fails_in_one_line(for_training: bool) -> None:
+    tiny_swin = {"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1), "decoder_channels": 32}
+    cfg = StudentConfig(
+        arch="UPerNet",
+        encoder="tu-swin_tiny_patch4_window7_224",
+        embed_dim=EMBED,
+        arch_kwargs={**tiny_swin, "dynamic_img_size": False},
+    )
+    with pytest.raises(
+        ValueError, match=r"student UPerNet/tu-swin_tiny_patch4_window7_224 cannot run a \d+x\d+ image"
+    ):
+        build_student(cfg, for_training=for_training)

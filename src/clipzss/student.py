@@ -34,7 +34,7 @@ from torch import nn
 from clipzss import hub
 from clipzss.config import StudentConfig
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Every smp 0.6 architecture this module accepts, and how it reaches stride 4. smp models end at full resolution,
 # so the head's upsampling factor is the decoder's output stride; the factor is read from the built model.
@@ -79,7 +79,7 @@ class Student(nn.Module):
         self.min_size = min_size
         self.arch = arch
         self.encoder_name = encoder
-        # Names of parameters smp builds but the forward never uses, frozen by build_student.
+        # Names of parameters smp builds but the forward never uses, frozen by build_student (for training).
         self.unused_parameters: tuple[str, ...] = ()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -173,8 +173,14 @@ class _FusedSegformerDecoder(nn.Module):
         return out
 
 
-def build_student(cfg: StudentConfig) -> Student:
+def build_student(cfg: StudentConfig, *, for_training: bool = True) -> Student:
     """Build the smp network ``cfg.arch`` / ``cfg.encoder`` with ``cfg.embed_dim`` output channels at stride 4.
+
+    A small probe image runs through the new network, so an encoder that cannot take the sizes the student gives
+    it fails here, in one line. For training the probe also runs backward and freezes the parameters that get no
+    gradient (`Student.unused_parameters`; DDP refuses trainable parameters outside the loss). With
+    ``for_training=False`` (prediction, evaluation, export) the probe is a forward pass alone, without autograd,
+    and nothing is frozen.
 
     Raises:
         ValueError: unknown or unsupported architecture / encoder, bad ``arch_kwargs``, weights that do not fit.
@@ -213,7 +219,7 @@ def build_student(cfg: StudentConfig) -> Student:
                     f"{where} is neither a state dict of encoder '{cfg.encoder}' nor a timm checkpoint of "
                     f"'{cfg.encoder[3:]}' ({err.__cause__ or err})"
                 ) from None
-        log.info("student encoder %s: weights loaded from %s", cfg.encoder, where)
+        logger.info("student encoder %s: weights loaded from %s", cfg.encoder, where)
 
     _make_stride4(model, arch, cfg.embed_dim)
     if isinstance(model.decoder, SegformerDecoder) and model.decoder.fuse_stage[0].kernel_size == (1, 1):
@@ -222,28 +228,36 @@ def build_student(cfg: StudentConfig) -> Student:
     # PAN's feature pyramid attention pools its coarsest map three more times: it needs 8 pixels there.
     min_size = 8 * int(model.encoder.output_stride) if arch == "PAN" else 0
     student = Student(model, cfg.embed_dim, multiple, arch, cfg.encoder, min_size=min_size)
-    student.unused_parameters = _freeze_unused(student)
+    _probe(student, backward=for_training)
+    if for_training:
+        student.unused_parameters = _freeze_unused(student)
     return student
 
 
-def _freeze_unused(student: Student) -> tuple[str, ...]:
-    """Freeze the parameters that get no gradient in a probe forward/backward; return their names.
-
-    smp keeps modules the forward never runs (the deeper stages of a depth-3 encoder, a ViT's final norm and
-    classifier); DDP fails on trainable parameters that take no part in the loss.
-    """
+def _probe(student: Student, backward: bool) -> None:
+    """Run the smallest image the student takes through it (and back, with ``backward``), or fail in one line."""
     size = max(2 * student.pad_multiple, student.min_size)
     was_training = student.training
     student.eval()  # a probe must not move BatchNorm statistics; eval runs every branch that training does
     try:
-        with torch.enable_grad():
-            student(torch.zeros(1, 3, size, size)).sum().backward()
+        with torch.enable_grad() if backward else torch.no_grad():
+            out = student(torch.zeros(1, 3, size, size))
+            if backward:
+                out.sum().backward()
     except (RuntimeError, AssertionError) as err:  # e.g. a fixed-size ViT told dynamic_img_size=False
         raise ValueError(
             f"student {student.arch}/{student.encoder_name} cannot run a {size}x{size} image: {err}"
         ) from err
     finally:
         student.train(was_training)
+
+
+def _freeze_unused(student: Student) -> tuple[str, ...]:
+    """Freeze the parameters that got no gradient in the probe's backward; return their names.
+
+    smp keeps modules the forward never runs (the deeper stages of a depth-3 encoder, a ViT's final norm and
+    classifier); DDP fails on trainable parameters that take no part in the loss.
+    """
     unused = []
     for name, param in student.named_parameters():
         if param.requires_grad and param.grad is None:
@@ -251,7 +265,7 @@ def _freeze_unused(student: Student) -> tuple[str, ...]:
             unused.append(name)
         param.grad = None
     if unused:
-        log.info(
+        logger.info(
             "student %s/%s: froze %d unused parameters (%s, ...)",
             student.arch,
             student.encoder_name,
