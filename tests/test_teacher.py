@@ -222,14 +222,14 @@ def test_corrupt_text_cache_is_rewritten(tiny_teacher_cfg: TeacherConfig, caplog
     emb = build_teacher(tiny_teacher_cfg, "cpu").text_embeddings(["cat"])
     (path,) = Path(tiny_teacher_cfg.cache_dir).glob("*.safetensors")
     path.write_bytes(b"not a safetensors file")
-    with caplog.at_level(logging.WARNING, logger="clipzss.teacher"):
+    with caplog.at_level(logging.WARNING, logger="clipzss.text_cache"):
         again = build_teacher(tiny_teacher_cfg, "cpu").text_embeddings(["cat"])
     assert "corrupt" in caplog.text
     torch.testing.assert_close(again, emb)
     assert path.stat().st_size > 100
     third = build_teacher(tiny_teacher_cfg, "cpu")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="clipzss.teacher"):
+    with caplog.at_level(logging.WARNING, logger="clipzss.text_cache"):
         torch.testing.assert_close(third.text_embeddings(["cat"]), emb)
     assert "corrupt" not in caplog.text
 
@@ -241,6 +241,7 @@ def test_corrupt_text_cache_is_rewritten(tiny_teacher_cfg: TeacherConfig, caplog
         (["cat", ""], "''"),
         (["cat", "   "], "'   '"),
         (["cat", "dog", "cat"], "duplicate.*cat"),
+        (["Cat", "dog", "cat"], r"duplicate class names: Cat = cat \(the same name to CLIP"),
         ("cat", "single"),
     ],
 )

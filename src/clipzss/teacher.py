@@ -8,13 +8,11 @@ random init. Text embeddings are cached in memory and on disk because the studen
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import typing
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -32,6 +30,8 @@ from torch import nn
 
 from clipzss import hub
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig, check_choice
+from clipzss.names import parse_class_names
+from clipzss.text_cache import read_text_cache, text_cache_dir, write_text_cache
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 RANDOM_TEACHER_SEED = 0
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEXT_CHUNK = 256  # prompts per text-encoder batch
+# The disk cache keeps this many class lists (each a small file): every new list a demo user types adds one.
+TEXT_CACHE_FILES = 256
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz")
 _HOW_TO_GET_WEIGHTS = (
     "give a local file with teacher.weights=/path/to/file, use an open_clip tag on a machine that reaches the "
@@ -60,6 +62,19 @@ class Teacher(typing.Protocol):
     def text_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
         """Class names → (K, C) L2-normalised text embeddings."""
         ...
+
+
+class FrozenModule(nn.Module):
+    """A module that stays frozen after `freeze`: gradients off, and eval mode whatever `train()` is asked, so a
+    parent module's `train()` cannot switch on dropout or BatchNorm updates in it. Every teacher is one."""
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenModule:
+        """Stay in eval mode whatever is asked: the module is frozen."""
+        return super().train(False)
 
 
 @dataclass(frozen=True)
@@ -95,12 +110,8 @@ def renormalize(
     return (pixels - col(mean_out)) / col(std_out)
 
 
-class CLIPTeacher(nn.Module):
-    """A frozen open_clip ViT: CLS + MaskCLIP dense tokens from one image pass, and cached text embeddings.
-
-    Always in eval mode with gradients off; `train()` is a no-op so a parent module's `train()` cannot switch on
-    dropout in the teacher.
-    """
+class CLIPTeacher(FrozenModule):
+    """A frozen open_clip ViT: CLS + MaskCLIP dense tokens from one image pass, and cached text embeddings."""
 
     def __init__(self, model: nn.Module, cfg: TeacherConfig, weights: _Weights) -> None:
         super().__init__()
@@ -120,14 +131,9 @@ class CLIPTeacher(nn.Module):
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._text_cache: dict[str, torch.Tensor] = {}
         self._tokenizer: Any = None
-        self.requires_grad_(False)
-        super().train(False)
+        self.freeze()
 
     # ------------------------------------------------------------------ module plumbing
-    def train(self, mode: bool = True) -> CLIPTeacher:
-        """Stay in eval mode whatever is asked: the teacher is frozen."""
-        return super().train(False)
-
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> CLIPTeacher:
         # .to()/.cuda() move the parameters; cached position embeddings must follow, so drop them.
         self._pos_cache.clear()
@@ -242,8 +248,8 @@ class CLIPTeacher(nn.Module):
     ) -> torch.Tensor:
         """(K, C) float32 normalised class embeddings: the prompt-template ensemble, averaged and renormalised.
 
-        Cached in memory and on disk (safetensors under cfg.cache_dir): the student's classifier is these rows,
-        and recomputing 15 prompts × 171 classes at every evaluation is wasted work.
+        Cached in memory and on disk (:mod:`clipzss.text_cache`, under cfg.cache_dir): the student's classifier is
+        these rows, and recomputing 15 prompts × 171 classes at every evaluation is wasted work.
         """
         names = _check_class_names(class_names)
         templates = tuple(self.cfg.templates if templates is None else templates)
@@ -251,10 +257,11 @@ class CLIPTeacher(nn.Module):
         key = self._text_cache_key(names, templates)
         if key not in self._text_cache:
             path = text_cache_dir(self.cfg) / f"{key}.safetensors"
-            emb = _read_text_cache(path, len(names), self.embed_dim)
+            emb = read_text_cache(path, len(names), self.embed_dim)
             if emb is None:
                 emb = self._encode_classes(names, templates).cpu()
-                _write_text_cache(path, emb, {"model": self.identity, "classes": str(len(names))})
+                metadata = {"model": self.identity, "classes": str(len(names))}
+                write_text_cache(path, emb, metadata, keep=TEXT_CACHE_FILES)
             self._text_cache[key] = emb
         return self._text_cache[key].clone().to(self.device)
 
@@ -535,10 +542,7 @@ def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
     bad = [repr(n) for n in names if not isinstance(n, str) or not n.strip()]
     if bad:
         raise ValueError(f"class names must be non-empty strings; got {', '.join(bad)}")
-    seen: set[str] = set()
-    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
-    if duplicates:
-        raise ValueError(f"duplicate class names: {', '.join(duplicates)}")
+    parse_class_names(names)  # duplicates, including names CLIP cannot tell apart ("Cat" and "cat")
     return names
 
 
@@ -561,65 +565,3 @@ def _check_templates(templates: tuple[str, ...]) -> None:
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def text_cache_dir(cfg: TeacherConfig) -> Path:
-    """cfg.cache_dir, else $XDG_CACHE_HOME/clipzss/text, else ~/.cache/clipzss/text."""
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "clipzss" / "text"
-
-
-def _read_text_cache(path: Path, num_classes: int, dim: int) -> torch.Tensor | None:
-    if not path.is_file():
-        return None
-    from safetensors.torch import load_file
-
-    try:
-        emb = load_file(str(path))["embeddings"]
-        if emb.shape != (num_classes, dim) or emb.dtype != torch.float32 or not torch.isfinite(emb).all():
-            raise ValueError(f"shape {tuple(emb.shape)}, dtype {emb.dtype}")
-    except Exception as err:
-        logger.warning("ignoring corrupt text-embedding cache %s (%s); recomputing it", path, err)
-        return None
-    return emb
-
-
-# The disk cache keeps this many class lists (each a small file): every new list a demo user types adds one.
-TEXT_CACHE_FILES = 256
-
-
-def _trim_text_cache(folder: Path, keep: int | None = None) -> None:
-    """Remove the least recently written cache files beyond ``keep`` (default ``TEXT_CACHE_FILES``; only
-    ``<32 hex>.safetensors`` files, never anything else in the folder)."""
-    keep = TEXT_CACHE_FILES if keep is None else keep
-    files = [
-        p
-        for p in folder.glob("*.safetensors")
-        if len(p.stem) == 32 and all(c in "0123456789abcdef" for c in p.stem)
-    ]
-    if len(files) <= keep:
-        return
-    files.sort(key=lambda p: p.stat().st_mtime_ns)
-    for old in files[: len(files) - keep]:
-        with contextlib.suppress(OSError):
-            old.unlink()
-
-
-def _write_text_cache(path: Path, emb: torch.Tensor, metadata: dict[str, str]) -> None:
-    """Atomic write (temp file + os.replace) so concurrent ranks never read half a file; failures only warn."""
-    from safetensors.torch import save_file
-
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        os.close(fd)
-        save_file({"embeddings": emb.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-        _trim_text_cache(path.parent)
-    except OSError as err:
-        logger.warning("could not write the text-embedding cache %s (%s); continuing without it", path, err)
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
