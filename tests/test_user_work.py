@@ -35,7 +35,8 @@ from clipzss.names import parse_class_names
 from clipzss.predict import LRUCache, Segmenter
 from clipzss.prediction_files import output_names, prediction_folder, save_prediction
 from clipzss.runs import RUN_FILES, RunFolderError, RunLock
-from clipzss.training import ResumeError, TrainingInterrupted, load_training_state, train
+from clipzss.training import TrainingInterrupted, train
+from clipzss.training_state import ResumeError, load_training_state
 from clipzss.visualize import colorize, overlay, palette
 from conftest import tiny_config, tiny_overrides
 
