@@ -25,7 +25,7 @@ from clipzss.predict import PrecomputedText, Segmenter
 from clipzss.pseudo_labels import _cluster_sums, _lloyd, _lloyd_until_fixed, kmeans_sets, window_seeds
 from clipzss.student import build_student
 from clipzss.teacher import _last_block, _value_path, build_teacher
-from clipzss.training import FiniteWatch, NonFiniteLossError, check_finite
+from clipzss.training import FiniteWatch, NonFiniteLossError
 
 # --- reference implementations ---------------------------------------------------------------------------------
 
