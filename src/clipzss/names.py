@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def normalise_class_name(name: str) -> str:
+def normalize_class_name(name: str) -> str:
     """The name as CLIP's text encoder sees it: lowercased, whitespace collapsed (open_clip's ``clean='lower'``)."""
     return " ".join(name.split()).lower()
 
@@ -18,17 +18,20 @@ def normalise_class_name(name: str) -> str:
 def parse_class_names(text: str | Sequence[str]) -> list[str]:
     """Split a comma-separated list (or clean a sequence) and reject empty names and duplicates.
 
-    Duplicates are judged after `normalise_class_name`; the message names every spelling of each duplicate.
+    Duplicates are judged after `normalize_class_name`; the message names every spelling of each duplicate.
     """
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else [str(n).strip() for n in text]
     if not names or all(not n for n in names):
         raise ValueError("the class list is empty: give at least one class name, e.g. --classes 'cat,grass'")
     if any(not n for n in names):
-        raise ValueError(f"the class list {_short_list(names)} contains an empty name (a stray comma?)")
+        first = names.index("")
+        raise ValueError(
+            f"the class list {_short_list(names)} contains an empty name at index {first} (a stray comma?)"
+        )
     spellings: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
     for name in names:
-        key = normalise_class_name(name)
+        key = normalize_class_name(name)
         counts[key] = counts.get(key, 0) + 1
         if name not in spellings.setdefault(key, []):
             spellings[key].append(name)

@@ -9,15 +9,18 @@ are never rewritten.
 from __future__ import annotations
 
 import difflib
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from clipzss.data.ade847 import ADE847_CLASSES
+from clipzss.names import normalize_class_name, parse_class_names
 
 IGNORE_INDEX = 255
+# The ignore value of 16-bit label maps, whose class ids may pass 255 (detectron2's convention for ADE-847 and
+# PASCAL Context-459).
+WIDE_IGNORE_INDEX = 65535
 # The mask value of training-crop padding (PadTo). Distinct from IGNORE_INDEX: an ignored pixel is image content
 # without a label (it may get a pseudo label), a padded pixel is not image at all (it never gets one).
 PAD_INDEX = -1
@@ -83,7 +86,7 @@ DATASET_CLASSES: dict[str, tuple[str, ...]] = {
     "coco-stuff": COCO_STUFF_CLASSES,
     "context": CONTEXT59_CLASSES,
     "ade20k": ADE20K_CLASSES,
-    "ade20k-full": ADE847_CLASSES,  # 847 classes, 16-bit labels (ignore 65535); evaluation only
+    "ade20k-full": ADE847_CLASSES,  # 847 classes, 16-bit labels (ignore WIDE_IGNORE_INDEX); evaluation only
 }
 
 # Standard inductive splits. ADE20K has none: it is used for open-vocabulary evaluation only.
@@ -127,33 +130,25 @@ class Split:
         return tuple(self.class_names[i] for i in self.unseen)
 
 
-def _key(name: str) -> str:
-    # Users type "Car" or " tv monitor "; class lists never differ by case or outer whitespace alone.
-    return name.strip().lower()
-
-
 def validate_class_names(class_names: Sequence[str], max_classes: int = IGNORE_INDEX) -> tuple[str, ...]:
     """Check a class list (non-empty, named, unique, fewer ids than the ignore value) and return it stripped.
 
-    ``max_classes`` is the ignore value the labels use: 255, or 65535 for 16-bit label sets (ADE-847, PC-459).
+    Empty and duplicate names are judged by :func:`clipzss.names.parse_class_names`, the one rule for every class
+    list (duplicates ignore case and extra whitespace, as CLIP does). ``max_classes`` is the ignore value the labels
+    use: :data:`IGNORE_INDEX`, or :data:`WIDE_IGNORE_INDEX` for 16-bit label sets (ADE-847, PC-459).
     """
     if isinstance(class_names, str):
         raise ValueError(f"class_names must be a sequence of names, got the string {class_names!r}")
     names = tuple(class_names)
-    if not names:
-        raise ValueError("the class list is empty; give at least one class name")
     for i, name in enumerate(names):
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"class name at index {i} is empty or not a string: {name!r}")
-    counts = Counter(_key(n) for n in names)
-    duplicates = sorted(k for k, c in counts.items() if c > 1)
-    if duplicates:
-        raise ValueError(f"duplicate class names: {', '.join(duplicates)}")
+        if not isinstance(name, str):
+            raise ValueError(f"class name at index {i} is not a string: {name!r}")
+    names = tuple(parse_class_names(names))
     if len(names) > max_classes:
         raise ValueError(
             f"{len(names)} classes do not fit: ids must stay below the ignore index {max_classes}"
         )
-    return tuple(n.strip() for n in names)
+    return names
 
 
 def make_split(
@@ -169,21 +164,21 @@ def make_split(
         unseen_names: names to hold out; ``None`` takes the standard split of ``dataset`` (none if it has no
             standard split); ``[]`` means fully supervised.
         dataset: a key of :data:`STANDARD_UNSEEN`, consulted only when ``unseen_names`` is None.
-        max_classes: the labels' ignore value (255; 65535 for 16-bit label sets).
+        max_classes: the labels' ignore value (:data:`IGNORE_INDEX`; :data:`WIDE_IGNORE_INDEX` for 16-bit label sets).
     """
     names = validate_class_names(class_names, max_classes)
     if unseen_names is None:
         unseen_names = STANDARD_UNSEEN.get(dataset, ()) if dataset is not None else ()
     if isinstance(unseen_names, str):
         raise ValueError(f"unseen names must be a list of class names, got the string {unseen_names!r}")
-    index = {_key(n): i for i, n in enumerate(names)}
+    index = {normalize_class_name(n): i for i, n in enumerate(names)}
     unseen: list[int] = []
     for name in unseen_names:
-        if not isinstance(name, str) or _key(name) not in index:
+        if not isinstance(name, str) or normalize_class_name(name) not in index:
             close = difflib.get_close_matches(str(name), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ValueError(f"unseen class '{name}' is not in the class list{hint}")
-        i = index[_key(name)]
+        i = index[normalize_class_name(name)]
         if i in unseen:
             raise ValueError(f"unseen class '{name}' is listed twice")
         unseen.append(i)
