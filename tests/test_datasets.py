@@ -13,17 +13,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from clipzss.config import Config, DataConfig, EvalConfig
-from clipzss.data.datasets import (
-    SYNTHETIC_CLASSES,
-    SYNTHETIC_UNSEEN,
-    FileDataset,
-    Sample,
-    SyntheticScenes,
-    build_dataset,
-    class_ids,
-    read_listing,
-    read_palette,
-)
+from clipzss.data.build import build_dataset
+from clipzss.data.datasets import FileDataset
+from clipzss.data.masks import class_ids, read_palette
+from clipzss.data.readers import Sample, read_listing
+from clipzss.data.scenes import SYNTHETIC_CLASSES, SYNTHETIC_UNSEEN, SyntheticScenes
 from clipzss.data.splits import DATASET_CLASSES, make_split
 from clipzss.data.transforms import build_eval_transform
 

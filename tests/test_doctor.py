@@ -12,7 +12,7 @@ from PIL import Image
 
 from clipzss.cli import main
 from clipzss.data.doctor import check_data, detect_dataset
-from clipzss.data.prepare import voc_colormap
+from clipzss.data.masks import voc_colormap
 
 
 def _check(*args: str) -> int:

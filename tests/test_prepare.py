@@ -18,7 +18,7 @@ from scipy.io import savemat
 from clipzss.cli import main
 from clipzss.config import Config, DataConfig, EvalConfig
 from clipzss.data import prepare as prep
-from clipzss.data.datasets import build_dataset
+from clipzss.data import build_dataset
 from clipzss.data.splits import COCO_STUFF_CLASSES, CONTEXT59_CLASSES, STANDARD_UNSEEN
 from clipzss.evaluate import evaluate
 

@@ -1,42 +1,42 @@
-"""`clipzss check-data`: the data doctor — finds what would otherwise surface hours into training, or never.
+"""The data doctor behind ``clipzss check-data`` (:func:`check_data`): finds what would otherwise surface hours
+into training, or never.
 
 It lists each split with clipzss' own readers (so what passes here is what training reads), then checks every
 image/label pair on worker threads, streaming: image headers only (size, EXIF orientation; ``--decode-images``
 decodes them fully), label files decoded once into a value histogram. It reports missing or orphan files, counts
 against the official sizes, label values outside the class list (with the usual causes: 1-based ids, colour
 masks, a forgotten reduce-zero-label), colour-coded masks where ids are expected, image/label size mismatches, and
-prints the per-class pixel histogram of the seen and unseen classes. Exit code 1 when anything is wrong.
+gives the per-class pixel histogram of the seen and unseen classes; :attr:`DataReport.ok` is False (the command
+exits 1) when anything is wrong.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
-    from clipzss.data.datasets import Listing, Palette, Sample
-    from clipzss.data.splits import Split
+from clipzss.data.masks import Palette, colour_keys, format_colour_key, single_channel, voc_colormap
+from clipzss.data.readers import (
+    EXPECTED_IMAGES,
+    VOC_PLAIN_TRAIN,
+    Listing,
+    Sample,
+    normalize_dataset_name,
+    read_listing,
+)
+from clipzss.data.splits import IGNORE_INDEX, Split, make_split
 
 logger = logging.getLogger(__name__)
-
-HELP = "check a dataset before training: layout, pairing, counts, label values, sizes, per-class histogram"
-EPILOG = """examples:
-  clipzss check-data ../shared/data/camvid --unseen car,tree,pedestrian
-  clipzss check-data /data/voc --dataset voc
-  clipzss check-data /data/coco_stuff164k --split val --workers 16
-
-Exit code 0 when the data is usable (warnings allowed; --strict fails on warnings too), 1 with a report naming
-every problem file otherwise."""
 
 EXAMPLES_PER_PROBLEM = 5
 ORIENTATION_TAG = 0x0112  # EXIF orientation; 5..8 swap height and width
@@ -86,7 +86,7 @@ class DataReport:
     root: Path
     dataset: str
     split: Split | None = None
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
     reduce_zero_label: bool = False
     splits: list[SplitReport] = field(default_factory=list)
     problems: dict[str, list[str]] = field(default_factory=dict)
@@ -178,22 +178,13 @@ class DataReport:
 
 
 def _colour_summary(rgb: np.ndarray, limit: int = 4) -> str:
-    import numpy as np
-
-    from clipzss.data.datasets import colour_keys
-
     keys, counts = np.unique(colour_keys(rgb[..., :3]), return_counts=True)
     order = np.argsort(-counts)[:limit]
-    shown = ", ".join(f"({k >> 16}, {(k >> 8) & 255}, {k & 255})" for k in keys[order].tolist())
+    shown = ", ".join(format_colour_key(k) for k in keys[order].tolist())
     return f"{len(keys)} colours, e.g. {shown}"
 
 
 def _is_voc_colours(rgb: np.ndarray) -> bool:
-    import numpy as np
-
-    from clipzss.data.datasets import colour_keys
-    from clipzss.data.prepare import voc_colormap
-
     voc = colour_keys(voc_colormap()[None])[0]
     return bool(np.isin(np.unique(colour_keys(rgb[..., :3])), voc).all())
 
@@ -208,9 +199,6 @@ def check_pair(
 
     ``voc_colours``: a colour label in the VOC colours is named as such (VOC-layout datasets).
     """
-    import numpy as np
-    from PIL import Image
-
     result = PairResult()
     image_hw = None
     try:
@@ -229,26 +217,19 @@ def check_pair(
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         result.problems.append(("unreadable", f"label {sample.mask}: {err}"))
         return result
-    if raw.ndim == 3 and mode in ("LA", "La", "PA"):
-        raw = raw[..., 0]
-    elif raw.ndim == 3 and palette is not None:
-        try:
-            raw = palette.to_ids(raw, sample.mask)
-        except ValueError as err:
-            result.problems.append(("palette", str(err)))
-            return result
-    elif raw.ndim == 3:
-        if np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2]):
-            raw = raw[..., 0]
+    try:
+        values = single_channel(raw, mode, palette, sample.mask)
+    except ValueError as err:
+        result.problems.append(("palette", str(err)))
+        return result
+    if values is None:
+        if voc_colours and _is_voc_colours(raw):
+            hint = "VOC's colour palette saved as RGB (keep the palette 'P' PNG, or run prepare-data voc)"
         else:
-            if voc_colours and _is_voc_colours(raw):
-                hint = "VOC's colour palette saved as RGB (keep the palette 'P' PNG, or run prepare-data voc)"
-            else:
-                hint = "labels must be single-channel id PNGs; for colour labels put a palette.txt beside classes.txt"
-            result.problems.append(
-                ("colour", f"{sample.mask}: {mode} image with {_colour_summary(raw)}; {hint}")
-            )
-            return result
+            hint = "labels must be single-channel id PNGs; for colour labels put a palette.txt beside classes.txt"
+        result.problems.append(("colour", f"{sample.mask}: {mode} image with {_colour_summary(raw)}; {hint}"))
+        return result
+    raw = values
     if raw.dtype.kind == "f":
         result.problems.append(("ids", f"{sample.mask}: floating-point values; labels must be integer ids"))
         return result
@@ -303,20 +284,18 @@ def _default_splits(dataset: str, root: Path) -> list[str]:
     return named or ["all"]
 
 
-def _orphans(listing: Listing, dataset: str) -> list[Path]:
+def _orphans(listing: Listing) -> list[Path]:
     """Label files in the split's label folder(s) that no image uses (a renamed or deleted image)."""
     used = {s.mask.name for s in listing.samples}
     orphans = []
     for folder in listing.mask_dirs:
         if folder.is_dir():
-            suffix = {"coco-stuff": "_labelTrainIds.png", "ade20k-full": ".tif"}.get(dataset, ".png")
+            suffix = listing.mask_suffix
             orphans += [p for p in sorted(folder.iterdir()) if p.name.endswith(suffix) and p.name not in used]
     return orphans
 
 
 def _count_note(dataset: str, split: str, listing: Listing, count: int) -> str | None:
-    from clipzss.data.datasets import EXPECTED_IMAGES, VOC_PLAIN_TRAIN
-
     expected = EXPECTED_IMAGES.get(dataset, {}).get(split)
     if not expected or count in expected:
         return None
@@ -349,8 +328,6 @@ def _classify_values(
     listing: Listing,
 ) -> tuple[Any, Any]:
     """Turn raw label values into class counts, reporting the values outside the class list with their cause."""
-    import numpy as np
-
     num_classes = len(listing.class_names)
     offset = 1 if listing.reduce_zero_label else 0
     ignore = listing.ignore_index
@@ -364,7 +341,7 @@ def _classify_values(
                 f"no pixel has id 0 and id {num_classes} appears: the ids look 1-based (id 0 is line 1 of "
                 "classes.txt); add a first class (e.g. 'background') or subtract 1 from the labels"
             )
-        if max(bad) > 255 and ignore == 255:
+        if max(bad) > 255 and ignore == IGNORE_INDEX:
             causes.append(
                 "values above 255: 16-bit labels of a wider class list, or colours packed as integers?"
             )
@@ -405,16 +382,10 @@ def check_data(
         decode_images: decode each image fully (finds truncated files) instead of reading its header.
         progress: show a progress bar.
     """
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from clipzss.data.datasets import normalise_dataset_name, read_listing
-    from clipzss.data.splits import make_split
-
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
-    name = normalise_dataset_name(dataset) if dataset else detect_dataset(root)
+    name = normalize_dataset_name(dataset) if dataset else detect_dataset(root)
     report = DataReport(root=root, dataset=name)
     for split_name in splits or _default_splits(name, root):
         try:
@@ -484,7 +455,7 @@ def check_data(
         report.splits.append(split_report)
         if note := _count_note(name, split_name, listing, len(listing.samples)):
             report.warnings.append(note)
-        orphans = _orphans(listing, name)
+        orphans = _orphans(listing)
         if orphans:
             report.warnings.append(
                 f"{split_name}: {len(orphans)} label file(s) without an image, e.g. {orphans[0]} (ignored)"
@@ -528,48 +499,3 @@ def _class_warnings(report: DataReport) -> None:
             report.warnings.append(
                 f"class(es) absent from val: {listed}; their IoU is NaN and the means skip them"
             )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("root", help="dataset folder (what data.root will be)")
-    parser.add_argument(
-        "--dataset",
-        default=None,
-        help="voc, coco-stuff, context, context-459, ade20k, ade20k-full or folder (default: detected)",
-    )
-    parser.add_argument(
-        "--split", default=None, help="comma-separated splits (default: train,val / the folders)"
-    )
-    parser.add_argument(
-        "--unseen", default=None, help="comma-separated unseen class names (default: the standard split)"
-    )
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="reader threads")
-    parser.add_argument("--max-images", type=int, default=None, help="check only the first N pairs per split")
-    parser.add_argument("--decode-images", action="store_true", help="decode images fully (slower)")
-    parser.add_argument("--strict", action="store_true", help="fail on warnings too")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _names(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    return [n.strip() for n in text.split(",") if n.strip()]
-
-
-def run(args: argparse.Namespace) -> int:
-    report = check_data(
-        args.root,
-        dataset=args.dataset,
-        splits=_names(args.split),
-        unseen=_names(args.unseen),
-        workers=args.workers,
-        max_images=args.max_images,
-        decode_images=args.decode_images,
-        progress=not args.no_progress,
-    )
-    print(report.format(strict=args.strict))
-    return 0 if report.ok and not (args.strict and report.warnings) else 1

@@ -158,7 +158,7 @@ def voc_png_ids(data: bytes, what: str = "VOC mask") -> np.ndarray:
     if image.mode in ("P", "L"):
         return np.asarray(image, dtype=np.uint8)
     if image.mode in ("RGB", "RGBA"):
-        from clipzss.data.datasets import Palette, colour_keys
+        from clipzss.data.masks import Palette, colour_keys
 
         colours = voc_colormap()[[*range(21), 255]]
         keys = colour_keys(colours[:, None, :])[:, 0]
@@ -879,7 +879,7 @@ class PrepareReport:
 
 def _finish(report: PrepareReport, dataset: str, splits: Sequence[str], label: str = "") -> PrepareReport:
     """Count what clipzss' own reader sees in the output: the proof that training will find it."""
-    from clipzss.data.datasets import EXPECTED_IMAGES, read_listing
+    from clipzss.data.readers import EXPECTED_IMAGES, read_listing
 
     for split in splits:
         try:
@@ -1051,7 +1051,7 @@ def _context_names(text: str, source: str) -> tuple[list[str], list[str]]:
 
 def prepare_context(sources: dict[str, Path], dst: Path, opts: Options) -> PrepareReport:
     """VOC 2010 + the 459-class .mat annotations → Context-59 and Context-459 under ``dst/VOCdevkit/VOC2010``."""
-    from clipzss.data.datasets import CONTEXT459_CLASSES_FILE
+    from clipzss.data.readers import CONTEXT459_CLASSES_FILE
 
     base = dst / "VOCdevkit" / "VOC2010"
     report = PrepareReport("context", dst)
@@ -1174,7 +1174,7 @@ def _ade_full_step(source: Path, base: Path, opts: Options, steps: list[Step]) -
 def prepare_ade20k(sources: dict[str, Path], dst: Path, opts: Options) -> PrepareReport:
     """ADEChallengeData2016 → ``dst/ADEChallengeData2016`` as is (the reader applies reduce-zero-label), and, when
     the full release is given, ADE-847 in detectron2's layout under ``dst/ADE20K_2021_17_01``."""
-    from clipzss.data.datasets import ADE_FULL_FOLDER
+    from clipzss.data.readers import ADE_FULL_FOLDER
 
     if "ade150" not in sources and "ade_full" not in sources:
         raise FileNotFoundError(
@@ -1232,7 +1232,7 @@ def prepare(
         ValueError: unknown dataset, a checksum mismatch or an unreadable archive.
         FileNotFoundError: a required download was not found among ``srcs``.
     """
-    from clipzss.data.datasets import normalise_dataset_name
+    from clipzss.data.readers import normalize_dataset_name as normalise_dataset_name
 
     opts = opts or Options()
     name = normalise_dataset_name(dataset)
