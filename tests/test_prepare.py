@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 import zipfile
 from pathlib import Path
@@ -15,10 +16,12 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
-from clipzss.cli import main
+from clipzss.cli import main, prepare_data
 from clipzss.config import Config, DataConfig, EvalConfig
-from clipzss.data import prepare as prep
 from clipzss.data import build_dataset
+from clipzss.data import prepare as prep
+from clipzss.data.masks import voc_colormap
+from clipzss.data.prepare import checksums, runner
 from clipzss.data.splits import COCO_STUFF_CLASSES, CONTEXT59_CLASSES, STANDARD_UNSEEN
 from clipzss.evaluate import evaluate
 
@@ -41,7 +44,7 @@ def _png(ids: np.ndarray, mode: str = "L") -> bytes:
     image = Image.fromarray(ids)
     if mode == "P":  # VOC's SegmentationClass: palette indices with the VOC colours
         image = image.convert("P")
-        image.putpalette(prep.voc_colormap().reshape(-1).tolist())
+        image.putpalette(voc_colormap().reshape(-1).tolist())
         image.frombytes(ids.astype(np.uint8).tobytes())
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -130,13 +133,18 @@ def test_context_tables() -> None:
 
 
 def test_voc_colormap_known_colours() -> None:
-    colours = prep.voc_colormap()
+    colours = voc_colormap()
     assert colours[0].tolist() == [0, 0, 0] and colours[1].tolist() == [128, 0, 0]
     assert colours[15].tolist() == [192, 128, 128] and colours[255].tolist() == [224, 224, 192]
     rgb = Image.fromarray(colours[_ids([0, 15, 255, 20])])  # a VOC mask re-saved as colour
     buffer = io.BytesIO()
     rgb.save(buffer, format="PNG")
     assert np.array_equal(prep.voc_png_ids(buffer.getvalue()), _ids([0, 15, 255, 20]))
+
+
+def test_the_command_offers_every_preparer() -> None:
+    # The command lists the datasets itself (its module imports no library); it must list exactly the preparers.
+    assert tuple(prep.PREPARERS) == prepare_data.DATASETS
 
 
 # ---------------------------------------------------------------------------------------------------- VOC + SBD
@@ -247,7 +255,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path: Path, monk
     dst = tmp_path / "out"
     aug = dst / "VOCdevkit" / "VOC2012" / "SegmentationClassAug"
     aug.mkdir(parents=True)
-    stale = aug / ".2008_000004.png.0badf00d.part"  # what a killed run leaves behind
+    stale = aug / ".2008_000004.png.0badf00d.tmp"  # what a killed run leaves behind (clipzss.files' name)
     stale.write_bytes(b"\x89PNG half a file")
     save = Image.Image.save
 
@@ -262,13 +270,21 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path: Path, monk
     out = capsys.readouterr().out
     assert "FAILED benchmark_RELEASE/dataset/cls/2008_000005.mat: disk full" in out
     assert not (aug / "2008_000005.png").exists()  # never a half-written label file
-    assert not stale.exists() and not list(aug.glob(".*.part"))
+    assert not stale.exists() and not list(aug.glob(".*.tmp"))
     assert (aug / "2008_000004.png").is_file()
 
     monkeypatch.setattr(Image.Image, "save", save)
     assert _prepare("voc", "--src", str(voc), str(sbd), "--dst", str(dst)) == 0
     assert "SBD .mat -> SegmentationClassAug: 1 written, 1 already done" in capsys.readouterr().out
     _check_voc_output(dst)
+
+
+def test_output_files_get_the_permissions_of_the_umask(tmp_path: Path) -> None:
+    # The atomic writer's temporaries are private (0600); a prepared dataset is often shared, so its files are not.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    runner.write_bytes(tmp_path / "list.txt", b"2008_000001\n")
+    assert (tmp_path / "list.txt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_checksums_of_official_archives(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -285,7 +301,7 @@ def test_checksums_of_official_archives(tmp_path: Path, monkeypatch, capsys) -> 
     actual = hashlib.md5(voc.read_bytes()).hexdigest()
     monkeypatch.setitem(prep.ARCHIVE_CHECKSUMS, voc.name, ("md5", actual))
     assert _prepare("voc", "--src", str(voc), "--dst", str(dst)) == 0
-    monkeypatch.setattr(prep, "file_digest", lambda *a, **k: pytest.fail("verified twice"))
+    monkeypatch.setattr(checksums, "file_digest", lambda *a, **k: pytest.fail("verified twice"))
     assert _prepare("voc", "--src", str(voc), "--dst", str(dst)) == 0  # remembered per size and mtime
     assert _prepare("voc", "--src", str(voc), "--dst", str(dst), "--no-verify") == 0
     assert "checksum not verified (--no-verify)" in capsys.readouterr().out
@@ -301,7 +317,7 @@ def test_missing_and_corrupt_sources(tmp_path: Path, capsys: pytest.CaptureFixtu
     broken = tmp_path / "voc.tar"
     broken.write_bytes(_archive(tmp_path / "whole.tar", _voc_files()).read_bytes()[:3000])
     with pytest.raises(ValueError, match=r"cannot read archive .*voc\.tar"):
-        prep.prepare("voc", [broken, sbd], tmp_path / "out", prep.Options(verify=False, progress=False))
+        prep.prepare("voc", [broken, sbd], tmp_path / "out", verify=False, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------- COCO-Stuff
