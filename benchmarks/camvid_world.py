@@ -7,7 +7,7 @@ One command makes the table, the figures and the README block (needs the ``evide
 It loads (or trains once and caches) the MiniLM-aligned CamVid teacher, measures the teacher itself at inference on
 val, trains students through the ordinary ``clipzss.training.train`` with car, tree and pedestrian held out (one per
 row and seed, ``MethodConfig()`` as it is when the command runs, plus the row's switches), evaluates each on val with
-all 11 names predicted jointly, runs the pseudo-label inspection (``clipzss.inspect.inspect_pseudo_labels``, the code
+all 11 names predicted jointly, runs the pseudo-label inspection (``clipzss.inspection.inspect_pseudo_labels``, the code
 of ``clipzss inspect-pseudo-labels``) with this teacher on the val images, writes three overlays to docs/images/ and
 rewrites the block between the camvid-world markers of benchmarks/README.md. Runs are stored in
 benchmarks/camvid_runs.json as they finish (a rerun skips the runs stored with the same settings);
@@ -43,7 +43,7 @@ REPO = HERE.parent
 BEGIN, END = "<!-- camvid-world:start -->", "<!-- camvid-world:end -->"
 METRICS = ("mIoU(S)", "mIoU(U)", "hIoU")
 
-log = logging.getLogger("camvid_world")
+logger = logging.getLogger("camvid_world")
 
 
 def rows() -> dict[str, dict[str, object]]:
@@ -51,7 +51,7 @@ def rows() -> dict[str, dict[str, object]]:
 
     The synthetic table measured its "−" rows with multi-scale seeding on; here every row is the default
     ``MethodConfig()`` with only the named part changed, so ``multi_scale`` is dropped from the switches."""
-    from clipzss.worlds.synthetic import BASELINE, FULL, VARIANTS
+    from clipzss.worlds.students import BASELINE, FULL, VARIANTS
 
     def off(name: str) -> dict[str, object]:
         return {k: v for k, v in VARIANTS[name].items() if k != "multi_scale"}
@@ -88,7 +88,7 @@ def text_similarities() -> dict[str, object]:
 def teacher_row(teacher: CamVidTeacher, val_set: CamVidImages, eval_cfg: EvalConfig) -> dict[str, object]:
     """The teacher's own segmentation of val (its dense tokens against the 11 texts, MaskCLIP-style), per class."""
     from clipzss.evaluate import evaluate
-    from clipzss.worlds.synthetic import TeacherSegmenter
+    from clipzss.worlds.students import TeacherSegmenter
 
     start = time.time()
     segmenter = TeacherSegmenter(teacher, eval_cfg)
@@ -103,7 +103,7 @@ def pseudo_label_report(teacher: CamVidTeacher, out_images: Path) -> dict[str, o
     from clipzss.data import make_split, read_listing
     from clipzss.data.datasets import load_mask
     from clipzss.inference import load_image
-    from clipzss.inspect import inspect_pseudo_labels
+    from clipzss.inspection import inspect_pseudo_labels
     from clipzss.worlds import camvid as cw
 
     listing = read_listing("folder", cw.check_root(cw.default_root()), "val")
@@ -222,7 +222,7 @@ def measure(args: argparse.Namespace, store: dict) -> None:
     _, val_set = cw.camvid_datasets(cfg)
     store["text"] = text_similarities()
     store["teacher"] = teacher_row(teacher, val_set, cfg.eval)
-    log.info(
+    logger.info(
         "teacher on val: %s", {k: round(v, 1) for k, v in store["teacher"]["metrics"].items() if k in METRICS}
     )
     if not args.skip_pseudo:
@@ -238,7 +238,7 @@ def measure(args: argparse.Namespace, store: dict) -> None:
             runs.append(result)
             _save(args.json, store)
             m = result["metrics"]
-            log.info(
+            logger.info(
                 "%s seed %d: S %.1f U %.1f h %.1f (%.0f s)",
                 row,
                 seed,
@@ -425,7 +425,7 @@ def render(store: dict) -> str:
         lines += [
             f"**Pseudo-label quality** with the CamVid teacher on the {pseudo['images']} val photographs, scored on "
             f"the pixels of car, tree and pedestrian; teacher input at the world's short side ({grid} tokens), "
-            "`MethodConfig()` clustering settings. The command runs `clipzss.inspect.inspect_pseudo_labels`, as "
+            "`MethodConfig()` clustering settings. The command runs `clipzss.inspection.inspect_pseudo_labels`, as "
             "`clipzss inspect-pseudo-labels ../shared/data/camvid/val/images --world-teacher camvid "
             "--unseen car,tree,pedestrian --max-images 101 --out out/` does:",
             "",

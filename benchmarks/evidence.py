@@ -34,7 +34,7 @@ import torch
 
 from clipzss.config import MethodConfig
 from clipzss.data import relabel_unseen, seen_lookup
-from clipzss.inspect import QualityAccumulator, clustering_variants, pseudo_regions
+from clipzss.inspection import QualityAccumulator, clustering_variants, pseudo_regions
 from clipzss.pseudo_labels import (
     center_tokens,
     cluster_regions,
@@ -43,9 +43,10 @@ from clipzss.pseudo_labels import (
     upsample_regions,
     window_sizes,
 )
+from clipzss.worlds import students as ws
 from clipzss.worlds import synthetic as sw
 
-log = logging.getLogger("evidence")
+logger = logging.getLogger("evidence")
 
 BEGIN, END = "<!-- evidence:begin -->", "<!-- evidence:end -->"
 METRICS = ("mIoU(S)", "mIoU(U)", "hIoU")
@@ -78,7 +79,7 @@ def _scenes_and_tokens(
 ) -> tuple[sw.WorldScenes, torch.Tensor, torch.Tensor]:
     scenes = sw.WorldScenes(teacher.world, "train", num_images)
     items = [scenes.load(i) for i in range(num_images)]
-    images = sw._normalise(torch.stack([it[0] for it in items]))  # (N, 3, H, W)
+    images = sw.normalise_pixels(torch.stack([it[0] for it in items]))  # (N, 3, H, W)
     truth = torch.stack([it[1] for it in items])  # (N, H, W) every class
     return scenes, truth, teacher.encode_image(images)[1]
 
@@ -246,11 +247,11 @@ def run_job(job: Job) -> dict[str, object]:
     teacher = sw.load_teacher(spec=world_spec(job.world), cache_dir=job.cache_dir)
     tag = f"{abs(hash((job.world, job.variant))) % 10**8}_{job.seed}_{job.iters}"
     out = Path(job.workdir) / tag
-    cfg = sw.student_config(out, sw.VARIANTS[job.variant], job.seed, job.iters, job.batch_size)
+    cfg = ws.student_config(out, ws.VARIANTS[job.variant], job.seed, job.iters, job.batch_size)
     train_set, val_set = sw.world_datasets(cfg)
     tic = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # progress bars
-        metrics = sw.train_and_evaluate(cfg, teacher, train_set, val_set)
+        metrics = ws.train_and_evaluate(cfg, teacher, train_set, val_set)
     seconds = time.perf_counter() - tic
     result: dict[str, object] = {
         "world": job.world,
@@ -263,7 +264,7 @@ def run_job(job: Job) -> dict[str, object]:
     }
     if job.probe:
         probe = sw.WorldScenes(teacher.world, "probe", 32)
-        result["alignment"] = sw.prototype_alignment(out, cfg, teacher, probe)
+        result["alignment"] = ws.prototype_alignment(out, cfg, teacher, probe)
     return result
 
 
@@ -353,7 +354,7 @@ def world_table(
         cells = [mean_std([float(r[m]) for r in rows]) for m in METRICS]
         ratio = statistics.mean(float(r["mIoU(U)"]) for r in rows) / max(teacher_row["mIoU(U)"], 1e-9)
         seconds = statistics.mean(float(r["seconds"]) for r in rows)
-        name = f"**{variant}**" if variant == sw.FULL else variant
+        name = f"**{variant}**" if variant == ws.FULL else variant
         lines.append(f"| {name} | {' | '.join(cells)} | {ratio:.2f} | {seconds:.0f} |")
     return lines
 
@@ -407,7 +408,7 @@ def guard_section(results: list[dict[str, object]], guard_iters: int, seeds: lis
     ]
     margins = []
     for seed in seeds:
-        base, full = rows.get((sw.BASELINE, seed)), rows.get((sw.FULL, seed))
+        base, full = rows.get((ws.BASELINE, seed)), rows.get((ws.FULL, seed))
         if base is None or full is None:
             continue
         margin = float(full["mIoU(U)"]) - float(base["mIoU(U)"])
@@ -433,7 +434,7 @@ def report(
     elapsed: float,
 ) -> str:
     world, spec = sw.WorldConfig(), sw.TeacherSpec()
-    cfg = sw.student_config("run", {}, 0, args.iters, args.batch_size, world)
+    cfg = ws.student_config("run", {}, 0, args.iters, args.batch_size, world)
     main = [r for r in results if not r.get("guard")]
     seeds = sorted({int(r["seed"]) for r in main})
     m = cfg.method
@@ -470,7 +471,7 @@ def report(
         runs = [r for r in main if r["world"] == name]
         if runs:
             variants = (
-                list(sw.VARIANTS) if name == DEFAULT_WORLD else [v for v in sw.VARIANTS if v in args.key]
+                list(ws.VARIANTS) if name == DEFAULT_WORLD else [v for v in ws.VARIANTS if v in args.key]
             )
             lines += [*world_table(name, runs, teachers[name], variants), ""]
     default_runs = [r for r in main if r["world"] == DEFAULT_WORLD]
@@ -478,7 +479,7 @@ def report(
         lines += [
             f"Per seed, {DEFAULT_WORLD} (mIoU(S) / mIoU(U) / hIoU):",
             "",
-            *per_seed_table(default_runs, list(sw.VARIANTS), seeds),
+            *per_seed_table(default_runs, list(ws.VARIANTS), seeds),
             "",
             f"### Prototype diagnostic ({DEFAULT_WORLD}, 32 probe scenes, pseudo regions that are mostly one unseen "
             "class)",
@@ -496,7 +497,7 @@ def report(
         "",
         "Purity: share of pixels in their region's majority class. NMI: per image, pixel-weighted mean (a class split "
         "over several regions scores low). Coverage: share of ignored pixels that get a pseudo label. Computed with "
-        "`clipzss.inspect` (the functions behind `clipzss inspect-pseudo-labels`) on `clipzss.pseudo_labels`.",
+        "`clipzss.inspection` (the functions behind `clipzss inspect-pseudo-labels`) on `clipzss.pseudo_labels`.",
         "",
         "**Token centring** — NMI / purity of the fused regions (all scales) by fusion threshold λ, raw tokens vs "
         "tokens centred on their batch mean (batches of 8, as in training):",
@@ -539,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, default=3, help="student seeds per row (default 3)")
-    parser.add_argument("--iters", type=int, default=sw.STUDENT_ITERS, help="training iterations per run")
+    parser.add_argument("--iters", type=int, default=ws.STUDENT_ITERS, help="training iterations per run")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--worlds", default="all", help=f"';'-separated worlds of {list(WORLDS)}")
     parser.add_argument(
@@ -548,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         help="';'-separated rows of the default world; table = synthetic.TABLE_VARIANTS, all = every row",
     )
     parser.add_argument(
-        "--key", default=";".join(sw.KEY_VARIANTS), help="';'-separated rows run in the other worlds"
+        "--key", default=";".join(ws.KEY_VARIANTS), help="';'-separated rows run in the other worlds"
     )
     parser.add_argument("--jobs", type=int, default=1, help="training runs in parallel, one thread each")
     parser.add_argument(
@@ -578,37 +579,37 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     worlds = list(WORLDS) if args.worlds == "all" else [w.strip() for w in args.worlds.split(";")]
-    named = {"all": list(sw.VARIANTS), "table": list(sw.TABLE_VARIANTS)}
+    named = {"all": list(ws.VARIANTS), "table": list(ws.TABLE_VARIANTS)}
     variants = named.get(args.variants) or [v.strip() for v in args.variants.split(";")]
     args.key = [v.strip() for v in args.key.split(";") if v.strip()]
-    unknown = [v for v in [*variants, *args.key] if v not in sw.VARIANTS] + [
+    unknown = [v for v in [*variants, *args.key] if v not in ws.VARIANTS] + [
         w for w in worlds if w not in WORLDS
     ]
     if unknown:
         parser.error(
-            f"unknown world(s)/variant(s) {unknown}; choose from {list(WORLDS)} and {list(sw.VARIANTS)}"
+            f"unknown world(s)/variant(s) {unknown}; choose from {list(WORLDS)} and {list(ws.VARIANTS)}"
         )
 
     if args.from_json:
         return report_from_json(args)
     tic = time.perf_counter()
     teachers = {}
-    eval_cfg = sw.student_config("unused", {}).eval
+    eval_cfg = ws.student_config("unused", {}).eval
     for name in worlds:
         teacher = sw.load_teacher(spec=world_spec(name), cache_dir=args.cache_dir)
-        _, val_set = sw.world_datasets(sw.student_config("unused", {}))
-        teachers[name] = sw.teacher_metrics(teacher, val_set, eval_cfg)
-        log.info("teacher at inference, %s: %s", name, {m: round(teachers[name][m], 1) for m in METRICS})
+        _, val_set = sw.world_datasets(ws.student_config("unused", {}))
+        teachers[name] = ws.teacher_metrics(teacher, val_set, eval_cfg)
+        logger.info("teacher at inference, %s: %s", name, {m: round(teachers[name][m], 1) for m in METRICS})
     quality = pseudo_label_quality(args.quality_images, args.cache_dir)
     rims = seen_rim_measurements(args.quality_images, args.cache_dir)
-    log.info("pseudo-label quality done (%.0f s)", time.perf_counter() - tic)
+    logger.info("pseudo-label quality done (%.0f s)", time.perf_counter() - tic)
 
     results: list[dict[str, object]] = []
     done: set[tuple[object, ...]] = set()
     if args.resume and args.json and Path(args.json).is_file():
         results = list(json.loads(Path(args.json).read_text())["runs"])
         done = {_key(r) for r in results}
-        log.info("resuming: %d runs kept from %s", len(results), args.json)
+        logger.info("resuming: %d runs kept from %s", len(results), args.json)
     with tempfile.TemporaryDirectory(prefix="clipzss_evidence_") as workdir:
         # Row by row in the order given (every seed and world of a row before the next row), the key rows first,
         # so that a run stopped early has complete rows; the stored JSON grows after every run.
@@ -621,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     if v in GAP_FREE_ROWS and GAP_TWIN.get(world) in worlds:
                         continue  # copied from its twin world below
-                    probe = world == DEFAULT_WORLD and bool(sw.VARIANTS[v].get("synthesizer", True))
+                    probe = world == DEFAULT_WORLD and bool(ws.VARIANTS[v].get("synthesizer", True))
                     jobs.append(
                         Job(world, v, seed, args.iters, args.batch_size, args.cache_dir, workdir, probe=probe)
                     )
@@ -638,10 +639,10 @@ def main(argv: list[str] | None = None) -> int:
                         guard=True,
                     )
                     for seed in range(args.seeds)
-                    for g in (sw.BASELINE, sw.FULL)
+                    for g in (ws.BASELINE, ws.FULL)
                 ]
         jobs = [j for j in jobs if (j.world, j.variant, j.seed, j.guard) not in done]
-        log.info("%d training runs", len(jobs))
+        logger.info("%d training runs", len(jobs))
         pool = multiprocessing.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else None
         stream = pool.imap_unordered(run_job, jobs) if pool is not None else map(run_job, jobs)
         partial = Path(args.json or Path(workdir) / "runs.json")
@@ -652,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             if r["variant"] in GAP_FREE_ROWS and not r.get("guard"):
                 copies = [{**r, "world": w, "copied_from": r["world"]} for w in twins]
                 results += [c for c in copies if _key(c) not in {_key(x) for x in results}]
-            log.info(
+            logger.info(
                 "%s | %s seed %d: %s (%.0f s)", r["world"], r["variant"], r["seed"], _short(r), r["seconds"]
             )
             partial.write_text(
@@ -681,14 +682,14 @@ def report_from_json(args: argparse.Namespace) -> int:
     stored = json.loads(Path(args.from_json).read_text())
     runs = {}
     for r in stored["runs"]:
-        r = {**r, "variant": sw.RENAMED.get(str(r["variant"]), r["variant"])}
+        r = {**r, "variant": ws.RENAMED.get(str(r["variant"]), r["variant"])}
         runs[(r["world"], r["variant"], r["seed"], bool(r.get("guard")))] = r
     for extra in args.add_json:
         data = json.loads(Path(extra).read_text())
         for r in data["runs"] if isinstance(data, dict) else data:
             runs[(r["world"], r["variant"], r["seed"], bool(r.get("guard")))] = r
     results = list(runs.values())
-    unknown = sorted({str(r["variant"]) for r in results} - set(sw.VARIANTS))
+    unknown = sorted({str(r["variant"]) for r in results} - set(ws.VARIANTS))
     if unknown:
         raise SystemExit(f"runs of unknown rows {unknown}: add them to synthetic.RENAMED or VARIANTS")
     minutes = (

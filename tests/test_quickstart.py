@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from clipzss.quickstart import quickstart_config, run_quickstart
-from clipzss.worlds import synthetic as sw
+from clipzss.worlds import students as ws
 
 
 def test_quickstart_config_without_weights_is_the_world_student(tmp_path: Path) -> None:
     cfg = quickstart_config(tmp_path, None, None, "cpu")
-    assert cfg.train.max_iters == sw.STUDENT_ITERS and cfg.student.encoder == sw.STUDENT_ENCODER
-    assert cfg.method == sw.student_config(tmp_path, {}).method  # the package's method defaults
+    assert cfg.train.max_iters == ws.STUDENT_ITERS and cfg.student.encoder == ws.STUDENT_ENCODER
+    assert cfg.method == ws.student_config(tmp_path, {}).method  # the package's method defaults
     assert quickstart_config(tmp_path, 5, "clip.safetensors", "cpu").teacher.weights == "clip.safetensors"
 
 

@@ -7,6 +7,7 @@ over seeds (benchmarks/README.md): keep it in step with those numbers.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from clipzss.teacher import Teacher
+from clipzss.worlds import students as ws
 from clipzss.worlds import synthetic as sw
 
 # The guard's setting and margin, measured by `benchmarks/evidence.py --seeds 3 --guard-iters 120` in the default world
@@ -81,12 +83,12 @@ def test_structured_text_relates_names_that_share_an_attribute() -> None:
 def test_modality_gap_lowers_token_text_cosines_without_reordering_classes(
     teacher: sw.AlignedTeacher,
 ) -> None:
-    images = sw._normalise(
+    images = sw.normalise_pixels(
         torch.stack([sw.WorldScenes(split="val", num_images=2).load(i)[0] for i in range(2)])
     )
     text = teacher.text_embeddings(sw.WORLD_CLASSES)
     assert teacher.spec.gap > 0 and float((text @ teacher.gap_dir).abs().max()) < 1e-5  # orthogonal to text
-    flat = sw.AlignedTeacher(sw.dataclasses.replace(teacher.spec, gap=0.0))
+    flat = sw.AlignedTeacher(dataclasses.replace(teacher.spec, gap=0.0))
     flat.semantic.load_state_dict(teacher.semantic.state_dict())
     with_gap = torch.einsum("bchw,kc->bkhw", teacher.encode_image(images)[1], text)
     without = torch.einsum("bchw,kc->bkhw", flat.encode_image(images)[1], text)
@@ -127,9 +129,9 @@ def test_teacher_cache_is_reused(tmp_path: Path) -> None:
 
 def test_teacher_knows_the_unseen_classes(teacher: sw.AlignedTeacher) -> None:
     """The premise of the world: the teacher itself segments seen *and* unseen classes (as CLIP would)."""
-    cfg = sw.student_config("unused", {})
+    cfg = ws.student_config("unused", {})
     _, val_set = sw.world_datasets(cfg, num_val=16)
-    metrics = sw.teacher_metrics(teacher, val_set, cfg.eval)
+    metrics = ws.teacher_metrics(teacher, val_set, cfg.eval)
     assert metrics["mIoU(S)"] > 60 and metrics["mIoU(U)"] > 50
 
 
@@ -141,11 +143,11 @@ def test_default_beats_the_seen_only_baseline_on_unseen(teacher: sw.AlignedTeach
     learnt from the teacher, e.g. a broken pseudo-label, prototype or teacher path."""
     torch.set_num_threads(1)
     results = {}
-    for name in (sw.BASELINE, sw.FULL):
-        cfg = sw.student_config(tmp_path / name[:4], sw.VARIANTS[name], seed=0, iters=GUARD_ITERS)
+    for name in (ws.BASELINE, ws.FULL):
+        cfg = ws.student_config(tmp_path / name[:4], ws.VARIANTS[name], seed=0, iters=GUARD_ITERS)
         train_set, val_set = sw.world_datasets(cfg)
-        results[name] = sw.train_and_evaluate(cfg, teacher, train_set, val_set)
-    base, full = results[sw.BASELINE]["mIoU(U)"], results[sw.FULL]["mIoU(U)"]
+        results[name] = ws.train_and_evaluate(cfg, teacher, train_set, val_set)
+    base, full = results[ws.BASELINE]["mIoU(U)"], results[ws.FULL]["mIoU(U)"]
     assert np.isfinite(base) and np.isfinite(full)
     assert full > base + GUARD_MARGIN, f"default mIoU(U) {full:.1f} vs seen-only baseline {base:.1f}"
 
@@ -153,19 +155,19 @@ def test_default_beats_the_seen_only_baseline_on_unseen(teacher: sw.AlignedTeach
 def test_prototype_alignment_scores_unseen_pseudo_regions(teacher: sw.AlignedTeacher, tmp_path: Path) -> None:
     """The evidence's diagnostic on a 2-iteration run at learning rate 0: the synthesizer's correction (zero at
     initialisation) stays zero, so its prototypes score exactly like the teacher's region means they start from."""
-    cfg = sw.student_config(tmp_path / "run", {"synthesizer": True}, iters=2, batch_size=2)
+    cfg = ws.student_config(tmp_path / "run", {"synthesizer": True}, iters=2, batch_size=2)
     cfg.train.lr = 0.0
     train_set, _ = sw.world_datasets(cfg, num_train=16, num_val=2)
-    sw.train(cfg, teacher=teacher, train_set=train_set)
+    ws.train(cfg, teacher=teacher, train_set=train_set)
     probe = sw.WorldScenes(teacher.world, "probe", 8)
-    scores = sw.prototype_alignment(tmp_path / "run", cfg, teacher, probe, num_images=8)
+    scores = ws.prototype_alignment(tmp_path / "run", cfg, teacher, probe, num_images=8)
     assert scores["regions"] > 0
     for key in ("teacher cos", "synth cos"):
         assert -1 <= scores[key] <= 1
     assert 0 <= scores["teacher top-1"] <= 1
     assert scores["synth cos"] == pytest.approx(scores["teacher cos"], abs=1e-5)
     assert scores["synth top-1"] == scores["teacher top-1"]
-    no_synth = sw.student_config(tmp_path / "plain", {}, iters=1, batch_size=2)
-    sw.train(no_synth, teacher=teacher, train_set=train_set)
-    plain = sw.prototype_alignment(tmp_path / "plain", no_synth, teacher, probe, num_images=8)
+    no_synth = ws.student_config(tmp_path / "plain", {}, iters=1, batch_size=2)
+    ws.train(no_synth, teacher=teacher, train_set=train_set)
+    plain = ws.prototype_alignment(tmp_path / "plain", no_synth, teacher, probe, num_images=8)
     assert "synth cos" not in plain and plain["teacher cos"] == pytest.approx(scores["teacher cos"])

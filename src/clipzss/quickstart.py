@@ -11,22 +11,11 @@ dataset with real CLIP as the teacher.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from pathlib import Path
 
-from clipzss.config import (
-    Config,
-    DataConfig,
-    EvalConfig,
-    MethodConfig,
-    StudentConfig,
-    TeacherConfig,
-    TrainConfig,
-)
-
-log = logging.getLogger(__name__)
+from clipzss.config import Config
 
 DEFAULT_ITERS = 300
 DEFAULT_OUT = Path("runs/quickstart")  # `clipzss quickstart`'s --out default
@@ -58,32 +47,37 @@ def quickstart_config(
     Without weights (``teacher_weights`` None or "none") the config of the synthetic world's student instead.
     """
     if not teacher_weights or teacher_weights == "none":
-        from clipzss.worlds import synthetic as sw
+        from clipzss.worlds import students as ws
 
-        return sw.student_config(out, {}, iters=iters or sw.STUDENT_ITERS, device=device)
+        return ws.student_config(out, {}, iters=iters or ws.STUDENT_ITERS, device=device)
     iters = iters or DEFAULT_ITERS
-    return Config(
-        data=DataConfig(
-            dataset="synthetic", crop_size=128, scale=128, ratio_range=(0.75, 1.5), num_workers=2
-        ),
-        teacher=TeacherConfig(model="ViT-B-16", weights=teacher_weights, image_size=224),
-        student=StudentConfig(arch="Segformer", encoder="mit_b0", weights=None, embed_dim=512),
-        method=MethodConfig(bank_size=256),
+    sections = {
+        "data": {
+            "dataset": "synthetic",
+            "crop_size": 128,
+            "scale": 128,
+            "ratio_range": (0.75, 1.5),
+            "num_workers": 2,
+        },
+        "teacher": {"model": "ViT-B-16", "weights": teacher_weights, "image_size": 224},
+        "student": {"arch": "Segformer", "encoder": "mit_b0", "weights": None, "embed_dim": 512},
+        "method": {"bank_size": 256},
         # No ImageNet weights offline: the student starts from scratch, so a higher lr than the paper recipe's.
-        train=TrainConfig(
-            max_iters=iters,
-            batch_size=8,
-            lr=3e-4,
-            head_lr_mult=1.0,
-            warmup_iters=min(30, iters // 10),
-            log_interval=10,
-            eval_interval=0,
-            ckpt_interval=max(iters, 1),
-            output_dir=str(out),
-            device=device,
-        ),
-        eval=EvalConfig(mode="whole", short_side=128, crop_size=128, stride=96),
-    )
+        "train": {
+            "max_iters": iters,
+            "batch_size": 8,
+            "lr": 3e-4,
+            "head_lr_mult": 1.0,
+            "warmup_iters": min(30, iters // 10),
+            "log_interval": 10,
+            "eval_interval": 0,
+            "ckpt_interval": max(iters, 1),
+            "output_dir": str(out),
+            "device": device,
+        },
+        "eval": {"mode": "whole", "short_side": 128, "crop_size": 128, "stride": 96},
+    }
+    return Config.from_dict(sections, "quickstart_config")
 
 
 def run_quickstart(
@@ -117,6 +111,7 @@ def _world_quickstart(out: Path, iters: int | None, device: str) -> Path:
     from clipzss.evaluate import evaluate
     from clipzss.predict import PrecomputedText, Segmenter
     from clipzss.training import train
+    from clipzss.worlds import students as ws
     from clipzss.worlds import synthetic as sw
 
     print(
@@ -135,13 +130,13 @@ def _world_quickstart(out: Path, iters: int | None, device: str) -> Path:
     )
     metric_files = result.save(out / "eval")
 
-    reference_cfg = sw.student_config(
-        out / "seen_only_reference", sw.VARIANTS[sw.BASELINE], iters=cfg.train.max_iters, device=device
+    reference_cfg = ws.student_config(
+        out / "seen_only_reference", ws.VARIANTS[ws.BASELINE], iters=cfg.train.max_iters, device=device
     )
     tic = time.perf_counter()
-    reference = sw.train_and_evaluate(reference_cfg, teacher, train_set, val_set)
+    reference = ws.train_and_evaluate(reference_cfg, teacher, train_set, val_set)
     train_s += time.perf_counter() - tic
-    teacher_row = sw.teacher_metrics(teacher, val_set, cfg.eval)
+    teacher_row = ws.teacher_metrics(teacher, val_set, cfg.eval)
 
     rows = {
         "teacher at inference (the stand-in for CLIP)": teacher_row,

@@ -33,10 +33,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +49,11 @@ from clipzss.config import DEFAULT_TEMPLATES, Config, EvalConfig
 from clipzss.data import FileDataset, SegmentationDataset, make_split, read_listing
 from clipzss.data.transforms import SegTransform, build_train_transform, build_transforms
 from clipzss.files import atomic_write
-from clipzss.worlds.synthetic import default_cache_dir, gap_direction, student_config
+from clipzss.teacher import FrozenModule
+from clipzss.worlds.students import student_config
+from clipzss.worlds.synthetic import default_cache_dir, fit_teacher, gap_direction
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 CAMVID_UNSEEN: tuple[str, ...] = ("car", "tree", "pedestrian")
 # Disjoint image sources: the teacher learns on two sequences, students train on the third (val is also 0016E5).
@@ -170,7 +171,7 @@ class TextTable:
                 try:
                     self._table = {str(k): list(v) for k, v in json.loads(self.path.read_text()).items()}
                 except (ValueError, TypeError) as err:
-                    log.warning("ignoring unreadable text table %s (%s)", self.path, err)
+                    logger.warning("ignoring unreadable text table %s (%s)", self.path, err)
         return self._table
 
     def __call__(self, names: Sequence[str]) -> torch.Tensor:
@@ -334,12 +335,13 @@ class _TokenNet(nn.Module):
         return self.head(torch.cat([local, pooled], dim=1))
 
 
-class CamVidTeacher(nn.Module):
+class CamVidTeacher(FrozenModule):
     """The world's CLIP: stride-8 dense tokens aligned with MiniLM's class embeddings (all 11 classes).
 
     Implements :class:`clipzss.teacher.Teacher`: ``embed_dim`` (384), ``encode_image(images)`` → (CLS (B, C),
     dense (B, C, H/8, W/8)), both L2-normalised, for images normalised with IMAGENET_MEAN/STD, and
-    ``text_embeddings(names)`` → (K, C) from the text table. Frozen: gradients off and always in eval mode.
+    ``text_embeddings(names)`` → (K, C) from the text table. Frozen: gradients off and always in eval mode (its
+    BatchNorm uses the statistics it learnt).
     """
 
     def __init__(
@@ -365,12 +367,7 @@ class CamVidTeacher(nn.Module):
         if self.class_names:
             gap = gap_direction(self.embed_dim, self.text(self.class_names), self.spec.seed)
         self.register_buffer("gap_dir", gap)
-        self.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> CamVidTeacher:
-        """Stay in eval mode: the teacher is frozen (its BatchNorm uses the statistics it learnt)."""
-        return super().train(False)
+        self.freeze()
 
     @property
     def identity(self) -> str:
@@ -422,16 +419,11 @@ def train_teacher(teacher: CamVidTeacher, images: CamVidImages, log_every: int =
     spec = teacher.spec
     text = teacher.text(images.class_names)  # (K, C)
     transform = build_train_transform(spec.crop, min(teacher.world.size), (0.75, 1.5), 0.75, True, True)
-    net = teacher.semantic
-    net.requires_grad_(True)
-    net.train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    correct = total = 0.0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        order = torch.cat(
-            [torch.randperm(len(images)) for _ in range(spec.steps * spec.batch_size // len(images) + 1)]
-        )
+    counts = {"correct": 0.0, "total": 0.0}
+
+    def losses() -> Iterator[torch.Tensor]:
+        rounds = spec.steps * spec.batch_size // len(images) + 1
+        order = torch.cat([torch.randperm(len(images)) for _ in range(rounds)])
         for step in range(spec.steps):
             batch = [
                 transform(*images.load(int(i))[:2])
@@ -444,20 +436,18 @@ def train_teacher(teacher: CamVidTeacher, images: CamVidImages, log_every: int =
             logits = torch.einsum("bchw,kc->bkhw", tokens, text) / spec.tau
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
             loss = F.cross_entropy(logits, y, ignore_index=255)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for group in optimizer.param_groups:  # cosine decay
-                group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / spec.steps))
             if step >= spec.steps - 50:
                 valid = y != 255
-                correct += float(((logits.argmax(1) == y) & valid).sum())
-                total += float(valid.sum())
+                counts["correct"] += float(((logits.argmax(1) == y) & valid).sum())
+                counts["total"] += float(valid.sum())
             if log_every and (step + 1) % log_every == 0:
-                log.info("teacher step %d/%d loss %.3f", step + 1, spec.steps, loss.item())
-    net.requires_grad_(False)
-    teacher.train(False)
-    return {"pixel_accuracy": correct / max(total, 1.0)}
+                logger.info("teacher step %d/%d loss %.3f", step + 1, spec.steps, loss.item())
+            yield loss
+
+    net = teacher.semantic
+    optimizer = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    fit_teacher(net, optimizer, spec.steps, spec.lr, spec.seed, losses)
+    return {"pixel_accuracy": counts["correct"] / max(counts["total"], 1.0)}
 
 
 def load_teacher(
@@ -480,13 +470,13 @@ def load_teacher(
                 teacher.stats = {k: float(v) for k, v in (handle.metadata() or {}).items()}
             return teacher
         except Exception as err:  # a corrupt cache is retrained, never trusted
-            log.warning("ignoring unreadable teacher cache %s (%s); retraining", path, err)
+            logger.warning("ignoring unreadable teacher cache %s (%s); retraining", path, err)
     start = time.time()
     stats = train_teacher(teacher, images, log_every=max(1, teacher.spec.steps // 10))
     stats["seconds"] = time.time() - start
     stats["images"] = float(len(images))
     teacher.stats = stats
-    log.info("CamVid teacher trained (pixel accuracy %.3f); cached at %s", stats["pixel_accuracy"], path)
+    logger.info("CamVid teacher trained (pixel accuracy %.3f); cached at %s", stats["pixel_accuracy"], path)
     state = {k: v.contiguous() for k, v in teacher.semantic.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={k: str(v) for k, v in stats.items()}))
     return teacher

@@ -22,7 +22,7 @@ classes from the teacher" is tested here, where the truth is known:
   orthogonal to the class texts, as CLIP's image embeddings sit apart from its text embeddings (cosine of an image
   token to its own class text ≈ 0.29 with the default gap, 0.47 without). The CLS token is the normalised mean of
   the dense tokens. It implements the :class:`clipzss.teacher.Teacher` protocol and is passed to the ordinary
-  ``clipzss.training.train``.
+  ``clipzss.training.train``; :mod:`clipzss.worlds.students` holds the students' recipe and measurements.
 
 Teacher training is cached (safetensors under ``$XDG_CACHE_HOME/clipzss/synthetic_world``, keyed by every world and
 teacher parameter), so benchmarks and tests train it once. The world's parameters were fixed before any student was
@@ -38,7 +38,7 @@ import logging
 import math
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,25 +48,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clipzss.config import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Config,
-    DataConfig,
-    EvalConfig,
-    MethodConfig,
-    StudentConfig,
-    TeacherConfig,
-    TrainConfig,
-)
+from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, Config
 from clipzss.data import SegmentationDataset, make_split
 from clipzss.data.transforms import SegTransform, build_transforms
-from clipzss.evaluate import evaluate
 from clipzss.files import atomic_write
-from clipzss.predict import Segmenter, ZeroShotSegmenter
-from clipzss.training import train
+from clipzss.teacher import FrozenModule
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.20, 0.20),
@@ -276,7 +264,7 @@ def _token_net(width: int, out_dim: int) -> nn.Sequential:
     )
 
 
-class AlignedTeacher(nn.Module):
+class AlignedTeacher(FrozenModule):
     """The world's CLIP: dense tokens aligned with the class text vectors, for seen and unseen classes alike.
 
     Implements :class:`clipzss.teacher.Teacher`: ``embed_dim``, ``encode_image(images)`` → (CLS (B, C), dense
@@ -302,12 +290,7 @@ class AlignedTeacher(nn.Module):
             [text_vector(n, self.spec.embed_dim, self.spec.seed, self.spec.text) for n in WORLD_CLASSES]
         )
         self.register_buffer("gap_dir", gap_direction(self.spec.embed_dim, world_text, self.spec.seed))
-        self.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> AlignedTeacher:
-        """Stay in eval mode: the teacher is frozen."""
-        return super().train(False)
+        self.freeze()
 
     @property
     def identity(self) -> str:
@@ -357,11 +340,39 @@ def default_cache_dir(world: str = "synthetic_world") -> Path:
     return Path(base) / "clipzss" / world
 
 
-def _normalise(pixels: torch.Tensor) -> torch.Tensor:
+def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) uint8 → normalised the student's way."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (pixels.float() / 255 - mean) / std
+
+
+def fit_teacher(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    lr: float,
+    seed: int,
+    losses: Callable[[], Iterator[torch.Tensor]],
+) -> None:
+    """Train a world teacher's ``net`` on the ``steps`` losses that ``losses()`` yields, then freeze it again.
+
+    The loop of both worlds' teachers: the RNG is seeded with ``seed`` (in a fork, so the caller's stream is left
+    alone) before ``losses()`` starts, so the batches it draws are a function of the seed; each loss takes one
+    optimizer step, and the learning rate follows a cosine decay from ``lr`` to 0.
+    """
+    net.requires_grad_(True)
+    net.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for step, loss in enumerate(losses()):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+    net.requires_grad_(False)
+    net.train(False)
 
 
 def train_teacher(teacher: AlignedTeacher) -> dict[str, float]:
@@ -371,33 +382,24 @@ def train_teacher(teacher: AlignedTeacher) -> dict[str, float]:
     small = dataclasses.replace(world, size=spec.crop)
     scenes = WorldScenes(small, split="teacher", num_images=spec.steps * spec.batch_size, unseen=[])
     text = teacher.text_embeddings(WORLD_CLASSES).cpu()  # (K, C)
-    net = teacher.semantic
-    net.requires_grad_(True)
-    net.train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=spec.lr)
-    accuracy = 0.0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
+    accuracy = [0.0]
+
+    def losses() -> Iterator[torch.Tensor]:
         for step in range(spec.steps):
             items = [scenes.load(step * spec.batch_size + i) for i in range(spec.batch_size)]
-            images = _normalise(torch.stack([item[0] for item in items]))  # (B, 3, crop, crop)
+            images = normalise_pixels(torch.stack([item[0] for item in items]))  # (B, 3, crop, crop)
             masks = torch.stack([item[1] for item in items])  # (B, crop, crop)
             tokens = teacher.semantic_tokens(images)  # (B, C, h, w)
             labels = F.interpolate(masks[:, None].float(), size=tokens.shape[-2:], mode="nearest-exact")
             labels = labels[:, 0].long()  # (B, h, w)
             logits = torch.einsum("bchw,kc->bkhw", tokens, text) / spec.tau
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            lr_scale = 0.5 * (1 + math.cos(math.pi * (step + 1) / spec.steps))  # cosine decay
-            for group in optimizer.param_groups:
-                group["lr"] = spec.lr * lr_scale
             if step >= spec.steps - 20:
-                accuracy += float((logits.argmax(1) == labels).float().mean()) / 20
-    net.requires_grad_(False)
-    teacher.train(False)
-    return {"token_accuracy": accuracy}
+                accuracy[0] += float((logits.argmax(1) == labels).float().mean()) / 20
+            yield F.cross_entropy(logits, labels)
+
+    optimizer = torch.optim.Adam(teacher.semantic.parameters(), lr=spec.lr)
+    fit_teacher(teacher.semantic, optimizer, spec.steps, spec.lr, spec.seed, losses)
+    return {"token_accuracy": accuracy[0]}
 
 
 def load_teacher(
@@ -412,122 +414,13 @@ def load_teacher(
             teacher.semantic.load_state_dict(load_file(str(path)))
             return teacher
         except Exception as err:  # a corrupt cache is retrained, never trusted
-            log.warning("ignoring unreadable teacher cache %s (%s); retraining", path, err)
+            logger.warning("ignoring unreadable teacher cache %s (%s); retraining", path, err)
     stats = train_teacher(teacher)
-    log.info("aligned teacher trained (token accuracy %.3f); cached at %s", stats["token_accuracy"], path)
+    logger.info("aligned teacher trained (token accuracy %.3f); cached at %s", stats["token_accuracy"], path)
     state = {k: v.contiguous() for k, v in teacher.semantic.state_dict().items()}
     meta = {k: str(v) for k, v in stats.items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     return teacher
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Students trained in the world through the ordinary clipzss code
-
-
-# The ablation rows: MethodConfig fields changed from the package defaults (MethodConfig(): GLM + PLM + NEL + CE
-# with teacher-token prototypes, single-scale seeds, no synthesizer). The baseline has every CLIP-ZSS part off and
-# keeps only CE against the seen text vectors; the next rows add the parts in the paper's order; the "±" rows add or
-# take out one part. The table was measured while multi-scale seeding was still on by default, so every row that
-# clusters sets multi_scale=True explicitly, except "default" itself (measured as "default − multi-scale" then).
-_MS = dict(multi_scale=True)
-VARIANTS: dict[str, dict[str, object]] = {
-    "seen-only baseline (CE)": dict(glm=False, bank=False, pseudo_labels=False, synthesizer=False, nel=False),
-    "+ GLM": dict(glm=True, bank=True, pseudo_labels=False, synthesizer=False, nel=False),
-    "+ GLM + PLM, CE only (− NEL)": dict(glm=True, bank=True, synthesizer=False, nel=False, **_MS),
-    "default": {},
-    # Issue 13: NEL as ZegCLIP's code computes it (the default) against our earlier rule, and the losses at the
-    # logits' stride (the default) against full size; "previous default" is the issue-12 setting.
-    "default, NEL over entries ×20": dict(nel_norm="entries", focal_weight=20.0),
-    "previous default (NEL over entries ×20, losses at full size)": dict(
-        nel_norm="entries", focal_weight=20.0, loss_resolution="full"
-    ),
-    "default, losses at full size": dict(loss_resolution="full"),
-    # Each part off (or on) against the shipped default.
-    "default − GLM (PLM + NEL)": dict(glm=False, bank=False),
-    "default − NEL (GLM + PLM, CE only)": dict(nel=False),
-    "default − mask fusion": dict(mask_fusion=False),
-    "default − seen-rim filter": dict(max_seen_share=1.0),
-    "default − token centring (raw tokens, λ 0.85)": dict(center_tokens=False, fusion_threshold=0.85),
-    "default + synthesizer (anchored)": dict(synthesizer=True),
-    # Rows of the issue-12 table, measured against the default with multi-scale seeding on.
-    "default + multi-scale (ms)": dict(_MS),
-    "ms + synthesizer (anchored)": dict(synthesizer=True, **_MS),
-    "ms + synthesizer, old L_bce (1/τ, bias 0)": dict(
-        synthesizer=True, bce_scale=1 / 0.07, bce_bias=0.0, **_MS
-    ),
-    "ms − GLM (PLM + NEL)": dict(glm=False, bank=False, **_MS),
-    "ms − mask fusion": dict(mask_fusion=False, **_MS),
-    "ms − seen-rim filter": dict(max_seen_share=1.0, **_MS),
-    "ms − token centring (raw tokens, λ 0.85)": dict(center_tokens=False, fusion_threshold=0.85, **_MS),
-}
-# The table's rows under the names they were run with (benchmarks/evidence.py --relabel reads old JSON files).
-RENAMED: dict[str, str] = {}  # none since the issue-13 table, which re-ran every row under its name
-BASELINE, FULL = "seen-only baseline (CE)", "default"
-# The rows run in the other three worlds (text × gap), where a full table would cost 3x more CPU.
-KEY_VARIANTS: tuple[str, ...] = (BASELINE, FULL, "default, NEL over entries ×20")
-# The rows of the current table (benchmarks/README.md), default world; the others stay runnable by name.
-# The rows that the loss changes of issue 13 can move; the rows of the parts they do not touch (seen-rim filter, token
-# centring, synthesizer, multi-scale) are the issue-12 table's (benchmarks/README.md says which is which).
-TABLE_VARIANTS: tuple[str, ...] = (
-    *KEY_VARIANTS,
-    "previous default (NEL over entries ×20, losses at full size)",
-    "default, losses at full size",
-    "default − GLM (PLM + NEL)",
-    "default − NEL (GLM + PLM, CE only)",
-)
-# The student schedule of the evidence and the quick start (benchmarks/README.md: the seen-only baseline's mIoU(S)
-# is flat from here on, 74.1 at 400 and 74.5 at 800 iterations).
-STUDENT_ITERS = 300
-STUDENT_LR = 3e-3
-STUDENT_ENCODER = "tu-resnet10t"
-
-
-def student_config(
-    out: str | Path,
-    switches_off: dict[str, object] | None = None,
-    seed: int = 0,
-    iters: int = STUDENT_ITERS,
-    batch_size: int = 8,
-    world: WorldConfig | None = None,
-    embed_dim: int = 64,
-    device: str = "cpu",
-) -> Config:
-    """An ordinary clipzss config for the world: an FPN-ResNet10t student from scratch, 64² crops, method defaults.
-
-    ``switches_off`` sets MethodConfig fields (e.g. ``VARIANTS[name]``). No ImageNet weights exist offline, so the
-    student starts from scratch with AdamW at lr 3e-3 and no head multiplier; only flips augment (colour is a class
-    cue). SegFormer-B0 learnt too slowly from scratch at this budget (mIoU(S) 18 after 200 iterations against 71
-    for FPN-ResNet18); ResNet10t learns as well as ResNet18 here at two thirds of the step time.
-    """
-    size = (world or WorldConfig()).size
-    return Config(
-        data=DataConfig(
-            dataset="folder",
-            crop_size=size,
-            scale=size,
-            ratio_range=(1.0, 1.0),
-            photometric=False,
-            num_workers=0,
-        ),
-        teacher=TeacherConfig(weights="none"),  # not used: the aligned teacher is passed to train()
-        student=StudentConfig(arch="FPN", encoder=STUDENT_ENCODER, weights=None, embed_dim=embed_dim),
-        method=dataclasses.replace(MethodConfig(), **(switches_off or {})),
-        train=TrainConfig(
-            max_iters=iters,
-            batch_size=batch_size,
-            lr=STUDENT_LR,
-            head_lr_mult=1.0,
-            warmup_iters=min(20, iters // 10),
-            log_interval=max(1, iters // 4),
-            eval_interval=0,
-            ckpt_interval=iters,
-            seed=seed,
-            output_dir=str(out),
-            device=device,
-        ),
-        eval=EvalConfig(mode="whole", crop_size=size, stride=size, short_side=size),
-    )
 
 
 def world_datasets(
@@ -543,96 +436,3 @@ def world_datasets(
     train_set = WorldScenes(world, "train", num_train, transform=build_transforms(cfg.data, True), train=True)
     val_set = WorldScenes(world, "val", num_val, transform=build_transforms(cfg.data, False, world.size))
     return train_set, val_set
-
-
-def train_and_evaluate(
-    cfg: Config, teacher: AlignedTeacher, train_set: WorldScenes, val_set: WorldScenes
-) -> dict[str, float]:
-    """``clipzss.training.train`` with the aligned teacher, then ``clipzss.evaluate`` of the student on val_set."""
-    ckpt = train(cfg, teacher=teacher, train_set=train_set)
-    segmenter = Segmenter.from_checkpoint(ckpt, device=cfg.train.device, text_encoder=teacher)
-    result = evaluate(
-        segmenter.logits_fn(val_set.class_names), val_set, cfg.eval, device=segmenter.device, progress=False
-    )
-    return result.metrics
-
-
-class TeacherSegmenter(ZeroShotSegmenter):
-    """The teacher's own dense tokens against the text vectors: the world's "CLIP at inference" (MaskCLIP) row."""
-
-    def __init__(self, teacher: AlignedTeacher, eval_cfg: EvalConfig, alpha: float = 1 / 0.07) -> None:
-        super().__init__(teacher, alpha, eval_cfg, teacher.device)
-        self.teacher = teacher
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.teacher.encode_image(images)[1]
-
-
-def teacher_metrics(teacher: AlignedTeacher, val_set: WorldScenes, eval_cfg: EvalConfig) -> dict[str, float]:
-    """mIoU(S), mIoU(U), hIoU of the teacher itself on ``val_set`` (an upper reference for the student)."""
-    segmenter = TeacherSegmenter(teacher, eval_cfg)
-    return evaluate(segmenter.logits_fn(val_set.class_names), val_set, eval_cfg, progress=False).metrics
-
-
-@torch.no_grad()
-def prototype_alignment(
-    run_dir: str | Path, cfg: Config, teacher: AlignedTeacher, scenes: WorldScenes, num_images: int = 32
-) -> dict[str, float]:
-    """How close pseudo prototypes come to the *true* text of the unseen class they stand for.
-
-    On ``num_images`` probe scenes (unseen classes hidden, as in training) the trained run's pseudo labels are made;
-    each pseudo region whose pixels are mostly one unseen class is scored: the cosine between its prototype and
-    that class's text vector, and whether that text is the nearest of all class texts (top-1). Prototypes are the
-    trained synthesizer's when the run has one, and always the teacher's mean token over the region (what the
-    no-synthesizer path uses), so the two can be compared on the same regions.
-
-    Returns:
-        {"regions", "teacher cos", "teacher top-1"} and, with a synthesizer, {"synth cos", "synth top-1"}.
-    """
-    from clipzss.data import relabel_unseen, seen_lookup
-    from clipzss.regions import teacher_pseudo_prototypes
-    from clipzss.synthesizer import Synthesizer
-    from clipzss.pseudo_labels import pseudo_labels
-    from clipzss.student import build_student
-    from clipzss.training import load_training_state
-
-    state = load_training_state(Path(run_dir))
-    items = [scenes.load(i) for i in range(min(num_images, len(scenes)))]
-    images = _normalise(torch.stack([it[0] for it in items])).to(teacher.device)  # (N, 3, H, W)
-    truth = torch.stack([it[1] for it in items]).to(teacher.device)  # (N, H, W) every class
-    split = scenes.split
-    labels = seen_lookup(split).to(truth.device)[relabel_unseen(truth, split)]  # (N, H, W) seen index or 255
-    num_seen = len(split.seen)
-    cls, dense = teacher.encode_image(images)
-    fused, num_pseudo = pseudo_labels(dense, labels, num_seen, cfg.method)
-    slots = int(num_pseudo.max())
-    text = F.normalize(teacher.text_embeddings(split.class_names).float(), dim=-1)  # (K, C)
-    candidates = {"teacher": teacher_pseudo_prototypes(dense, fused, num_seen, slots)}
-    if state.get("synthesizer") is not None:
-        synth = Synthesizer.from_config(cfg.method, teacher.embed_dim).to(teacher.device)
-        synth.load_state_dict(state["synthesizer"])
-        student = build_student(cfg.student).to(teacher.device)
-        student.load_state_dict(state["student"])
-        student.eval()
-        synth.eval()
-        regions = synth(student(images).float(), fused, cls, dense, num_seen, slots)
-        candidates["synth"] = regions.pseudo()
-    unseen = set(split.unseen)
-    scores: dict[str, list[tuple[float, bool]]] = {name: [] for name in candidates}
-    for b in range(len(items)):
-        for j in range(slots):
-            inside = fused[b] == num_seen + j
-            if not inside.any():
-                continue
-            majority = int(torch.mode(truth[b][inside]).values)
-            if majority not in unseen:
-                continue
-            for name, (protos, valid) in candidates.items():
-                if valid[b, j]:
-                    sims = text @ F.normalize(protos[b, j].float(), dim=0)  # (K,)
-                    scores[name].append((float(sims[majority]), int(sims.argmax()) == majority))
-    out: dict[str, float] = {"regions": float(len(scores["teacher"]))}
-    for name, rows in scores.items():
-        out[f"{name} cos"] = float(np.mean([r[0] for r in rows])) if rows else math.nan
-        out[f"{name} top-1"] = float(np.mean([r[1] for r in rows])) if rows else math.nan
-    return out
