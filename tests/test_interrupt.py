@@ -46,6 +46,11 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
 
 
+def _start(cmd: list[str], stdout: int = subprocess.DEVNULL) -> subprocess.Popen:
+    """A training in the background, its stderr (text) captured."""
+    return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
 def _wait_for_state(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not (out / STATE_NAME).exists():
@@ -71,13 +76,7 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(straight, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        _cmd(out, tmp_path / "cache", iters=400),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
+    proc = _start(_cmd(out, tmp_path / "cache", iters=400), stdout=subprocess.PIPE)
     _wait_for_state(out, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -94,13 +93,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(straight, tmp_pa
     rng = random.Random(1234)
     for trial in range(3):
         out = tmp_path / f"trial{trial}"
-        proc = subprocess.Popen(
-            _cmd(out, tmp_path / "cache"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=ENV,
-        )
+        proc = _start(_cmd(out, tmp_path / "cache"))
         _wait_for_state(out, proc)
         time.sleep(rng.uniform(0.0, 1.5))  # lands anywhere: mid-step, mid-checkpoint-write, or after the end
         proc.kill()
@@ -202,13 +195,7 @@ def test_kill_mid_checkpoint_write_leaves_temporaries_that_the_resume_removes(tm
 @pytest.mark.slow
 def test_two_trainings_into_one_folder_the_second_fails_at_once(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    first = subprocess.Popen(
-        _cmd(out, tmp_path / "cache", iters=400),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
+    first = _start(_cmd(out, tmp_path / "cache", iters=400))
     try:
         deadline = time.monotonic() + 120
         while not (out / "train.lock").exists():

@@ -364,3 +364,29 @@ def test_training_never_encodes_an_unseen_class_name(cfg: Config, monkeypatch: p
     seen = {split.class_names[i] for i in split.seen}
     assert unseen and set(asked) == seen
     assert prompts and not [p for p in prompts if any(name in p for name in unseen)]
+
+
+def test_train_step_runs_each_stage_in_a_profiler_scope(cfg: Config) -> None:
+    """The scopes benchmarks/bench_train_step.py reads, in the order the step runs them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import clipzss.training_step as training_step
+
+    parts = _parts(cfg)
+    optimizer = training_step.build_optimizer(parts.student, [parts.synthesizer], cfg)
+    masks = torch.full((2, 64, 64), 255, dtype=torch.long)
+    masks[:, :32] = 0
+    batch = {"image": torch.randn(2, 3, 64, 64), "mask": masks}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        losses = training_step.train_step(
+            parts, batch, optimizer, training_step.grad_scaler(cfg, parts.device)
+        )
+    ran = [
+        e.name
+        for e in sorted(prof.events(), key=lambda e: e.time_range.start)
+        if e.name in training_step.STEP_SCOPES
+    ]
+    assert ran == list(training_step.STEP_SCOPES)
+    assert (
+        torch.isfinite(losses["loss"]) and parts.glm.bank.negatives().shape[0] == 2
+    )  # the bank took the batch
