@@ -12,6 +12,13 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# The mode a plain open() gives a new file. mkstemp creates its temporaries 0600; the file renamed into place gets
+# what the user's umask asks for (a prepared dataset or a checkpoint is often shared). Read once: reading the umask
+# means setting it, which is not thread-safe.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder and rename, so a crash never leaves half a file."""
@@ -33,6 +40,7 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[Path], None]]]) -> N
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.close(fd)
             temporaries.append((Path(tmp), path))
+            os.chmod(tmp, FILE_MODE)
             write(Path(tmp))
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())

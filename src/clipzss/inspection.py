@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from clipzss.config import MethodConfig
-from clipzss.data.datasets import read_classes_txt
+from clipzss.data.readers import read_classes_txt
 from clipzss.data.splits import IGNORE_INDEX
 from clipzss.inference import IMAGE_SUFFIXES, preprocess
 from clipzss.pseudo_labels import center_tokens, cluster_regions, fuse_labels, training_windows, window_sizes

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from clipzss.config import load_config
-    from clipzss.data.datasets import load_mask
+    from clipzss.data.masks import load_mask
     from clipzss.data.splits import make_split
     from clipzss.inference import load_image
     from clipzss.inspection import class_names_near, find_masks, image_files, inspect_pseudo_labels

@@ -31,6 +31,7 @@ from clipzss.inference import LONG_SIDE_FACTOR, preprocess, rescale_size, to_rgb
 
 logger = logging.getLogger(__name__)
 
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image as a (3, H, W) uint8 tensor."""
     array = np.asarray(to_rgb(image), dtype=np.uint8)  # (H, W, 3)

@@ -8,7 +8,6 @@ them from its label folders (:func:`remove_stale_temps`) before converting, and 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -32,23 +31,8 @@ logger = logging.getLogger(__name__)
 # Output files
 
 
-# The mode a plain open() gives a new file: the writer's temporaries are created 0600 (mkstemp), but a prepared
-# dataset is often shared, so its files get the permissions the user's umask asks for, as before files.py.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
-
-
-def _write(path: Path, write: Callable[[Path], object]) -> None:
-    def write_readable(temp: Path) -> None:
-        write(temp)
-        temp.chmod(FILE_MODE)
-
-    atomic_write(path, write_readable)
-
-
 def write_bytes(path: Path, data: bytes) -> None:
-    _write(path, lambda temp: temp.write_bytes(data))
+    atomic_write(path, lambda temp: temp.write_bytes(data))
 
 
 def write_label_png(path: Path, ids: np.ndarray) -> None:
@@ -57,12 +41,14 @@ def write_label_png(path: Path, ids: np.ndarray) -> None:
         raise ValueError(f"label maps are written as uint8 or uint16, got {ids.dtype} for {path}")
     image = Image.fromarray(ids)
     file_format = "TIFF" if path.suffix.lower() in (".tif", ".tiff") else "PNG"
-    _write(path, lambda temp: image.save(temp, format=file_format))
+    atomic_write(path, lambda temp: image.save(temp, format=file_format))
 
 
 def write_image(path: Path, image: Image.Image) -> None:
     """Write a PIL image; JPEG at PIL's default quality, as detectron2's ADE-847 preparation does."""
-    _write(path, lambda temp: image.save(temp, format="JPEG" if path.suffix.lower() == ".jpg" else None))
+    atomic_write(
+        path, lambda temp: image.save(temp, format="JPEG" if path.suffix.lower() == ".jpg" else None)
+    )
 
 
 def remove_stale_temps(folder: Path) -> int:
