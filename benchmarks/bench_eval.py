@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         dataset = build_eval_dataset(cfg)
         names = list(dataset.class_names)
-        seg = Segmenter(build_student(cfg.student), random_text(names, dim), cfg, device)
+        seg = Segmenter(build_student(cfg.student, for_training=False), random_text(names, dim), cfg, device)
         logits_fn = seg.logits_fn(names)
         items = [dataset[i] for i in range(min(args.images, len(dataset)))]
         images = [item["image"][None].to(device) for item in items]

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     segmenters: dict[str, Segmenter] = {}
     for encoder in encoders:
         cfg = Config(student=StudentConfig(arch="Segformer", encoder=encoder, embed_dim=dim))
-        segmenters[encoder] = Segmenter(build_student(cfg.student), text, cfg, device)
+        segmenters[encoder] = Segmenter(build_student(cfg.student, for_training=False), text, cfg, device)
     maskclip = MaskCLIPSegmenter(teacher)
     maskclip.text_encoder = text  # the same precomputed classifier (see the module docstring)
 

@@ -86,7 +86,7 @@ def _scenes_and_tokens(
 ) -> tuple[sw.WorldScenes, torch.Tensor, torch.Tensor]:
     scenes = sw.WorldScenes(teacher.world, "train", num_images)
     items = [scenes.load(i) for i in range(num_images)]
-    images = sw.normalise_pixels(torch.stack([it[0] for it in items]))  # (N, 3, H, W)
+    images = sw.normalize_pixels(torch.stack([it[0] for it in items]))  # (N, 3, H, W)
     truth = torch.stack([it[1] for it in items])  # (N, H, W) every class
     return scenes, truth, teacher.encode_image(images)[1]
 

@@ -206,9 +206,15 @@ def test_embed_text_then_predict_without_clip(
     ],
 )
 def test_user_errors_are_one_line(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # x.jpg exists there, missing.jpg does not: inputs are checked before the model
+    monkeypatch.chdir(
+        tmp_path
+    )  # x.jpg exists there, missing.jpg does not: inputs are checked before the model
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save("x.jpg")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

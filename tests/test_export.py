@@ -53,7 +53,9 @@ def test_onnx_matches_pytorch_on_real_images(
     paths = sorted((shared_data / "camvid" / "val" / "images").glob("*.jpg"))[::40][:3]
     batch = []
     for path in paths:
-        x = torch.from_numpy(preprocess(load_image(path), 128))[None]  # (1, 3, 128, 171): not a multiple of 32
+        x = torch.from_numpy(preprocess(load_image(path), 128))[
+            None
+        ]  # (1, 3, 128, 171): not a multiple of 32
         with torch.no_grad():
             expected = reference(x).numpy()
         got = model.logits(x.numpy())

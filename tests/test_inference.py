@@ -101,7 +101,10 @@ def test_rescale_size_matches_mmseg_rule() -> None:
 
 def test_test_size_caps_the_long_side_at_four_times_the_short() -> None:
     assert inference_size(360, 480, 64) == (64, 85)
-    assert inference_size(360, 1800, 64) == (51, 256)  # 5:1: the long side binds, the short side ends below 64
+    assert inference_size(360, 1800, 64) == (
+        51,
+        256,
+    )  # 5:1: the long side binds, the short side ends below 64
     assert inference_size(360, 480, None) == (360, 480)
 
 

@@ -214,7 +214,15 @@ def test_inspect_command_takes_the_world_teacher(tmp_path: Path, monkeypatch: py
     teacher = cw.load_teacher(root, TINY, TINY_WORLD, tmp_path / "cache", text)
     monkeypatch.setattr(cw, "load_teacher", lambda *a, **k: teacher)
     out = tmp_path / "out"
-    command = [str(root / "val" / "images"), "--world-teacher", "camvid", "--unseen", "car,tree", "--out", str(out)]
+    command = [
+        str(root / "val" / "images"),
+        "--world-teacher",
+        "camvid",
+        "--unseen",
+        "car,tree",
+        "--out",
+        str(out),
+    ]
     assert main(["inspect-pseudo-labels", *command]) == 0
     report = json.loads((out / "report.json").read_text())
     assert (

@@ -83,7 +83,7 @@ def test_structured_text_relates_names_that_share_an_attribute() -> None:
 def test_modality_gap_lowers_token_text_cosines_without_reordering_classes(
     teacher: sw.AlignedTeacher,
 ) -> None:
-    images = sw.normalise_pixels(
+    images = sw.normalize_pixels(
         torch.stack([sw.WorldScenes(split="val", num_images=2).load(i)[0] for i in range(2)])
     )
     text = teacher.text_embeddings(sw.WORLD_CLASSES)

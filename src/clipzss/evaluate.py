@@ -388,7 +388,7 @@ def evaluate(
     Images go one at a time (they differ in size); logits come from ``cfg.mode`` (slide or whole), are upsampled
     bilinearly to the mask's original resolution and argmax-ed. Under torch.distributed each rank takes
     ``indices[rank::world_size]`` (no padding duplicates) and the matrix is all-reduced, so every rank returns the
-    same result. ``cfg.batch_size`` is not used: sizes differ, so the batch is always 1.
+    same result.
     """
     check_mode(cfg.mode)
     check_choice(cfg.absent_classes, ABSENT_RULES, "eval.absent_classes")  # before any image

@@ -22,10 +22,10 @@ from clipzss.checkpoint import CheckpointError, load_checkpoint
 from clipzss.config import Config, EvalConfig
 from clipzss.embeddings_file import read_text_embeddings, write_text_embeddings
 from clipzss.evaluate import infer_logits
-from clipzss.hub import SegmenterHubMixin
 from clipzss.inference import ImageLike, as_rgb, preprocess
 from clipzss.names import parse_class_names
 from clipzss.runtime import resolve_device
+from clipzss.sharing import SegmenterHubMixin
 from clipzss.student import Student, build_student
 from clipzss.teacher import CLIPTeacher, Teacher, build_teacher
 
@@ -224,7 +224,7 @@ class Segmenter(ZeroShotSegmenter, SegmenterHubMixin):
         ckpt = load_checkpoint(path)
         cfg = ckpt.config
         # The checkpoint holds every weight: never fetch the encoder's initial weights again (offline, or slow).
-        student = build_student(dataclasses.replace(cfg.student, weights=None))
+        student = build_student(dataclasses.replace(cfg.student, weights=None), for_training=False)
         try:
             missing, unexpected = student.load_state_dict(ckpt.state_dict, strict=False)
             problem = (

@@ -27,7 +27,7 @@ from clipzss.synthesizer import Synthesizer
 from clipzss.teacher import Teacher
 from clipzss.training import train
 from clipzss.training_state import load_training_state
-from clipzss.worlds.synthetic import WorldConfig, normalise_pixels
+from clipzss.worlds.synthetic import WorldConfig, normalize_pixels
 
 # The ablation rows: MethodConfig fields changed from the package defaults (MethodConfig(): GLM + PLM + NEL + CE
 # with teacher-token prototypes, single-scale seeds, no synthesizer). The baseline has every CLIP-ZSS part off and
@@ -181,7 +181,7 @@ def prototype_alignment(
     """
     state = load_training_state(Path(run_dir))
     items = [scenes.load(i) for i in range(min(num_images, len(scenes)))]
-    images = normalise_pixels(torch.stack([it[0] for it in items])).to(teacher.device)  # (N, 3, H, W)
+    images = normalize_pixels(torch.stack([it[0] for it in items])).to(teacher.device)  # (N, 3, H, W)
     truth = torch.stack([it[1] for it in items]).to(teacher.device)  # (N, H, W) every class
     split = scenes.split
     labels = seen_lookup(split).to(truth.device)[relabel_unseen(truth, split)]  # (N, H, W) seen index or 255

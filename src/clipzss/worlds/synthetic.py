@@ -340,7 +340,7 @@ def default_cache_dir(world: str = "synthetic_world") -> Path:
     return Path(base) / "clipzss" / world
 
 
-def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) uint8 → normalised the student's way."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -387,7 +387,7 @@ def train_teacher(teacher: AlignedTeacher) -> dict[str, float]:
     def losses() -> Iterator[torch.Tensor]:
         for step in range(spec.steps):
             items = [scenes.load(step * spec.batch_size + i) for i in range(spec.batch_size)]
-            images = normalise_pixels(torch.stack([item[0] for item in items]))  # (B, 3, crop, crop)
+            images = normalize_pixels(torch.stack([item[0] for item in items]))  # (B, 3, crop, crop)
             masks = torch.stack([item[1] for item in items])  # (B, crop, crop)
             tokens = teacher.semantic_tokens(images)  # (B, C, h, w)
             labels = F.interpolate(masks[:, None].float(), size=tokens.shape[-2:], mode="nearest-exact")
