@@ -142,14 +142,8 @@ def test_cli_eval_report(trained_checkpoint: Path, shared_data: Path, tmp_path: 
     if "--report" not in build_parser()._subparsers._group_actions[0].choices["eval"].format_help():
         pytest.skip("`clipzss eval` has no --report option in this build")
     out = tmp_path / "rep"
-    argv = [
-        "eval",
-        str(trained_checkpoint),
-        "--dataset",
-        "folder",
-        "--data-root",
-        str(shared_data / "camvid"),
-    ]
+    root = str(shared_data / "camvid")
+    argv = ["eval", str(trained_checkpoint), "--dataset", "folder", "--data-root", root]
     argv += ["--unseen", "car,tree", "--mode", "whole", "--max-images", "1", "--report", str(out)]
     assert main(argv) == 0
     assert (out / "report.md").is_file() and (out / "confusion_matrix.png").is_file()
