@@ -86,3 +86,9 @@ def remove_stale_temporaries(folder: str | Path) -> tuple[int, int]:
             folder,
         )
     return count, size
+
+
+def user_cache_dir(name: str) -> Path:
+    """``$XDG_CACHE_HOME/clipzss/<name>`` (default ``~/.cache/clipzss/<name>``): where caches live unless told."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clipzss" / name

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from clipzss.config import TeacherConfig
-from clipzss.files import atomic_write
+from clipzss.files import atomic_write, user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +23,7 @@ def text_cache_dir(cfg: TeacherConfig) -> Path:
     """cfg.cache_dir, else $XDG_CACHE_HOME/clipzss/text, else ~/.cache/clipzss/text."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "clipzss" / "text"
+    return user_cache_dir("text")
 
 
 def read_text_cache(path: Path, num_classes: int, dim: int) -> torch.Tensor | None:

@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from torch import nn
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, Config
 from clipzss.data import SegmentationDataset, make_split
 from clipzss.data.transforms import SegTransform, build_transforms
-from clipzss.files import atomic_write
+from clipzss.files import atomic_write, user_cache_dir
 from clipzss.teacher import FrozenModule
 
 logger = logging.getLogger(__name__)
@@ -336,8 +335,7 @@ def cache_key(world: WorldConfig, spec: TeacherSpec) -> str:
 
 def default_cache_dir(world: str = "synthetic_world") -> Path:
     """The folder of a world's cached teachers (and text tables): ``$XDG_CACHE_HOME/clipzss/<world>``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "clipzss" / world
+    return user_cache_dir(world)
 
 
 def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
