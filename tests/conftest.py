@@ -90,6 +90,19 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def _text_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("user_cache")
+
+
+@pytest.fixture(autouse=True)
+def _text_cache_in_tmp(_text_cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teachers built with the default cache_dir write their text cache here, never into the user's ~/.cache."""
+    import clipzss.text_cache
+
+    monkeypatch.setattr(clipzss.text_cache, "user_cache_dir", lambda name: _text_cache_root / name)
+
+
 def tiny_config(out: Path, cache_dir: Path, **train_kw: object) -> Config:
     """A complete training config small enough for a CPU test: synthetic 64² crops, tiny teacher, SegFormer-B0."""
     train = dict(
