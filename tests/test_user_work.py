@@ -44,7 +44,12 @@ from conftest import tiny_config, tiny_overrides
 @pytest.fixture(autouse=True)
 def _user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The user's default cache, inside the test's folder (checkpoints no longer choose it)."""
+    import clipzss.files
+    import clipzss.text_cache
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    # conftest keeps the text cache of every other test in a tmp folder; here the real default rule is under test.
+    monkeypatch.setattr(clipzss.text_cache, "user_cache_dir", clipzss.files.user_cache_dir)
     return tmp_path / "xdg"
 
 
