@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from clipzss.config import EvalConfig, check_choice
+from clipzss.data.splits import IGNORE_INDEX
 from clipzss.inference import check_mode, sliding_windows
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ class ConfusionMatrix:
     Pixels whose target is ``ignore_index`` are never counted. One ``bincount`` per update keeps it at GPU speed.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None):
+    def __init__(
+        self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str | None = None
+    ):
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.num_classes = num_classes
@@ -410,7 +413,7 @@ def evaluate(
         pin_memory=device.type == "cuda",
     )
     # 16-bit label sets (PC-459, ADE-847) mark ignore with 65535: the dataset says which value it uses.
-    ignore_index = getattr(dataset, "ignore_index", 255)
+    ignore_index = getattr(dataset, "ignore_index", IGNORE_INDEX)
     confusion = ConfusionMatrix(len(class_names), ignore_index=ignore_index, device=device)
     calibrated = None  # a second matrix (and its all-reduce) only when the calibration is asked for
     if cfg.seen_gamma > 0:

@@ -23,6 +23,10 @@ class HubUnavailable(RuntimeError):
     """A file is not in the local cache and cannot be fetched; the message says why (offline, unreachable, ...)."""
 
 
+class HubDownloadFailed(HubUnavailable):
+    """The hub answered, but none of the files could be downloaded (missing, refused, ...)."""
+
+
 def offline() -> bool:
     """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, as the hub client reads them (at import or since)."""
     env = any(
@@ -59,7 +63,8 @@ def fetch(repo_id: str, filenames: Sequence[str], revision: str | None = None) -
     """The first of ``filenames`` in the hub repo: from the local cache when there, else downloaded.
 
     Raises:
-        HubUnavailable: none is cached and the hub is switched off, unreachable, or the downloads failed.
+        HubUnavailable: none is cached and the hub is switched off or unreachable.
+        HubDownloadFailed: none is cached and the hub answered, but every download failed.
     """
     for name in filenames:
         cached = huggingface_hub.try_to_load_from_cache(repo_id, name, revision=revision)
@@ -80,4 +85,4 @@ def fetch(repo_id: str, filenames: Sequence[str], revision: str | None = None) -
             )
         except Exception as err:  # a missing .safetensors variant is normal; try the next name
             errors.append(f"{name}: {type(err).__name__}: {err}")
-    raise HubUnavailable(f"the download failed ({'; '.join(errors)})")
+    raise HubDownloadFailed(f"the download failed ({'; '.join(errors)})")

@@ -1,6 +1,6 @@
 """How an image is read, sized and windowed for inference: the one rule for eval, predict, reports, demo and ONNX.
 
-Everything here needs only numpy and PIL, so the onnxruntime runner (`clipzss.export.OnnxSegmenter`) shares it
+Everything here needs only numpy and PIL, so the onnxruntime runner (`clipzss.onnx_runner.OnnxSegmenter`) shares it
 with the torch paths and a mask from `clipzss predict` is the mask `clipzss eval` scored:
 
 - `load_image` / `as_rgb`: any file, array or PIL image → upright 8-bit RGB;
@@ -8,7 +8,7 @@ with the torch paths and a mask from `clipzss predict` is the mask `clipzss eval
 - `preprocess`: resize with PIL's bilinear filter on the 8-bit image (mmseg resizes the 8-bit image too, with
   cv2's bilinear filter, which does not antialias when shrinking; PIL does), then normalise with ImageNet
   statistics;
-- `sliding_windows`: mmseg's slide grid; `WHOLE` / `SLIDE` are the two modes.
+- `sliding_windows`: mmseg's slide grid; `MODES` are the two test modes (whole, slide).
 
 The torch side (running the network over the windows and upsampling the logits) is `clipzss.evaluate.infer_logits`.
 """

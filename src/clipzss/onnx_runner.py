@@ -57,8 +57,6 @@ class OnnxSegmenter:
             raise ValueError(f"{self.path} is an ONNX model but not one exported by `clipzss export`")
         self.output = meta["output"]
         self.alpha = float(meta["alpha"])
-        self.mean = np.asarray(json.loads(meta["mean"]), dtype=np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(json.loads(meta["std"]), dtype=np.float32).reshape(3, 1, 1)
         self.pad_multiple = int(meta["pad_multiple"])
         self.min_size = int(meta.get("min_size", "0"))
         self.output_stride = int(meta["output_stride"])
@@ -100,7 +98,9 @@ class OnnxSegmenter:
 
     def logits(self, images: np.ndarray, class_names: Sequence[str] | None = None) -> np.ndarray:
         """(B, 3, H, W) normalised images → (B, K, ceil(H/4), ceil(W/4)) logits over ``class_names``."""
-        _, rows = self._rows(class_names)
+        return self._logits(images, self._rows(class_names)[1])
+
+    def _logits(self, images: np.ndarray, rows: list[int]) -> np.ndarray:
         out = self.run(images)
         if self.text is None:
             return out[:, rows]
@@ -120,12 +120,12 @@ class OnnxSegmenter:
 
         The numpy twin of `clipzss.evaluate.infer_logits`: the same windows, averaging and bilinear upsampling.
         """
-        names, _ = self._rows(class_names)
+        names, rows = self._rows(class_names)  # checked once, not per window
         rgb = as_rgb(image)
         x = self.preprocess(rgb)  # (1, 3, h, w)
         out_size = (rgb.height, rgb.width)
         if check_mode(mode or self.eval.get("mode", "whole")) == "whole":
-            logits = resize_bilinear(self.logits(x, names), out_size)
+            logits = resize_bilinear(self._logits(x, rows), out_size)
         else:
             h, w = x.shape[-2:]
             grid = sliding_windows(h, w, self.eval["crop_size"], self.eval["stride"])
@@ -133,7 +133,7 @@ class OnnxSegmenter:
             canvas = np.zeros((len(names), h, w), dtype=np.float32)
             count = np.zeros((1, h, w), dtype=np.float32)
             for y1, y2, x1, x2 in grid:
-                window = resize_bilinear(self.logits(x[..., y1:y2, x1:x2], names), (win_h, win_w))[0]
+                window = resize_bilinear(self._logits(x[..., y1:y2, x1:x2], rows), (win_h, win_w))[0]
                 canvas[:, y1:y2, x1:x2] += window
                 count[:, y1:y2, x1:x2] += 1
             if len(grid) > 1:

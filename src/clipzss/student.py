@@ -508,9 +508,9 @@ def _hub_download(repo_id: str, filenames: tuple[str, ...], revision: str | None
     """The first of ``filenames`` in the repo: from the cache if there, else downloaded; fails fast offline."""
     try:
         return hub.fetch(repo_id, filenames, revision)
-    except hub.HubUnavailable as err:
-        if str(err).startswith("the download failed"):
-            raise FileNotFoundError(f"cannot download {what} from {repo_id}: {err}") from None
+    except hub.HubDownloadFailed as err:
+        raise FileNotFoundError(f"cannot download {what} from {repo_id}: {err}") from None
+    except hub.HubUnavailable:
         raise _offline_error(what) from None
 
 

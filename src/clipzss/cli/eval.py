@@ -94,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("say where the dataset is: --data-root DIR")
     dataset = build_eval_dataset(cfg, args.split)
     segmenter.eval_cfg = eval_cfg
+    logits_fn = segmenter.logits_fn(dataset.class_names)
     result = evaluate(
-        segmenter.logits_fn(dataset.class_names),
+        logits_fn,
         dataset,
         eval_cfg,
         device=segmenter.device,
@@ -118,6 +119,5 @@ def run(args: argparse.Namespace) -> int:
 
         source = Path(args.checkpoint).name if args.checkpoint else "MaskCLIP baseline"
         title = f"{source} on {data.eval_dataset or data.dataset} {args.split or data.val_split}"
-        logits_fn = segmenter.logits_fn(dataset.class_names)
         print(f"wrote {write_report(result, dataset, logits_fn, args.report, eval_cfg, title=title)}")
     return 0
