@@ -1,0 +1,384 @@
+"""The argmax of upsampled logits, exactly, without the full-resolution K-channel map.
+
+Every prediction ends as ``argmax_k upsample(logits)_k`` (mmseg's test pipeline): each window's stride-4 logits
+are upsampled bilinearly to the window, windows are averaged where they overlap, the canvas is resized to the
+original image, and each pixel takes the class with the largest value. Done literally that is K·H·W values
+(1.4 GB for 171 classes on a 1024×2048 canvas) and several passes over them: 1.1 ms per class name per 512² image
+on a CPU core, as much as the classifier matmul itself.
+
+Upsampling, averaging and resizing are convex combinations of low-resolution values, so a pixel's value for
+class k lies between the smallest and the largest low-resolution value of k that feeds it (and, where windows
+overlap, between the means of their bounds). `label_map` groups the output pixels into units (the pixels between
+the same low-resolution neighbours) and, in compiled loops (`clipzss._label_kernels`, numba):
+
+- labels a unit k* without computing anything at full resolution when every low-resolution point feeding it
+  has k* on top, by a margin (top value minus second value) larger than any float rounding can close;
+- elsewhere keeps only the classes that can still win (those reaching a lower bound of the winner's value
+  somewhere in the unit), prunes them by their exact ranges, and computes the survivors with the same float32
+  operations in the same order as the dense reference `dense_scores`, so the labels equal
+  ``dense_scores(...).argmax(-1)`` bit for bit (ties to the lowest class id);
+- takes the dense reference, in row tiles of bounded memory, for non-finite logits, for score transforms
+  (seen-class calibration) and on a GPU, where K·H·W passes are cheap.
+
+The reference arithmetic is defined here, not borrowed from a kernel: PyTorch's source indices and weights
+(`align_corners=False`, the source coordinate computed as one fused multiply-add as PyTorch's CPU kernel does),
+rows first, every product and sum rounded to float32 (``t = L[r0]·a0 + L[r1]·a1``, then ``t[c0]·b0 + t[c1]·b1``).
+It agrees with ``torch.nn.functional.interpolate`` to float rounding (~1e-6 of the logits); torch's own kernels
+round differently for contiguous and channels-last maps and with the CPU's vector width, so no kernel can serve
+as the reference of an exact shortcut. numpy and torch give the same bits for these operations, so the ONNX
+runner (numpy) and the torch paths share this module and its results.
+
+Layout: the logits of one image are ``(n_windows, h, w, K)``, channels last (what `ZeroShotSegmenter.logits`
+returns, permuted for free), windows in `clipzss.inference.sliding_windows` order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import Any
+
+import numpy as np
+
+UNIT_ROUNDOFF = 2.0**-24  # float32
+# Float32 values per dense tile: bounds the dense path's memory (32 MB of scores, plus the canvas rows under them).
+DENSE_TILE_VALUES = 1 << 23
+# Canvas pixels per unit along an axis, where units are not the cells of one upsampling (sliding windows, or a
+# canvas resized to the image): 4, one low-resolution step, measured best of 2-6 (benchmarks/README.md).
+UNIT_CANVAS = 4
+
+Array = Any  # np.ndarray or torch.Tensor (the dense path runs on either; the shortcut on numpy)
+Transform = Callable[[Array], Array]
+
+
+@dataclass(frozen=True, eq=False)
+class AxisMap:
+    """Bilinear resampling of one axis, ``in_size`` → ``len(i0)``: output i = w0[i]·x[i0[i]] + w1[i]·x[i1[i]]."""
+
+    in_size: int
+    i0: np.ndarray  # (out,) int64, nondecreasing
+    i1: np.ndarray  # (out,) int64, min(i0 + 1, in_size - 1)
+    w0: np.ndarray  # (out,) float32
+    w1: np.ndarray  # (out,) float32
+
+    @property
+    def out_size(self) -> int:
+        return len(self.i0)
+
+    @classmethod
+    def bilinear(cls, in_size: int, out_size: int) -> AxisMap:
+        """PyTorch's half-pixel rule (``align_corners=False``), with its float32 scale and fused source index."""
+        if in_size < 1 or out_size < 1:
+            raise ValueError(f"cannot resample {in_size} values to {out_size}")
+        scale = np.float32(in_size) / np.float32(out_size)
+        dst = np.arange(out_size, dtype=np.float64)
+        # scale·(dst + 0.5) − 0.5 is exact in float64, so one cast rounds once: the fused multiply-add's result.
+        src = np.maximum((np.float64(scale) * (dst + 0.5) - 0.5).astype(np.float32), np.float32(0))
+        i0 = np.minimum(src.astype(np.int64), in_size - 1)
+        i1 = np.minimum(i0 + 1, in_size - 1)
+        w1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
+        w0 = (np.float32(1) - w1).astype(np.float32)
+        return cls(in_size, i0, i1, w0, w1)
+
+
+@dataclass(frozen=True, eq=False)
+class Axis:
+    """One axis of the pipeline: windows of ``window.out_size`` placed at ``starts`` on a canvas of ``canvas``
+    values, each upsampled from ``window.in_size`` low-resolution values, then the canvas resized by ``final``
+    (None: the canvas is the output)."""
+
+    starts: tuple[int, ...]
+    window: AxisMap
+    canvas: int
+    final: AxisMap | None
+
+    @property
+    def out_size(self) -> int:
+        return self.final.out_size if self.final is not None else self.canvas
+
+    @cached_property
+    def coverage(self) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, canvas) window index per covering slot (-1: none, ascending), and the count per canvas index."""
+        size = self.window.out_size
+        inside = np.array(
+            [(np.arange(self.canvas) >= s) & (np.arange(self.canvas) < s + size) for s in self.starts]
+        )
+        count = inside.sum(0)
+        slots = np.full((max(int(count.max()), 1), self.canvas), -1, dtype=np.int64)
+        rank = np.cumsum(inside, 0) - 1  # slot of window i at each canvas index it covers
+        for i in range(len(self.starts)):
+            slots[rank[i, inside[i]], np.nonzero(inside[i])[0]] = i
+        return slots, count
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """How one image's window logits become its output (the reference computation, mmseg's semantics)."""
+
+    rows: Axis
+    cols: Axis
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.rows.starts) * len(self.cols.starts)
+
+    @property
+    def average(self) -> bool:
+        """Overlapping windows are averaged (mmseg divides the canvas by the count) when there is more than one."""
+        return self.num_windows > 1
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return (self.rows.out_size, self.cols.out_size)
+
+    @property
+    def low_size(self) -> tuple[int, int]:
+        return (self.rows.window.in_size, self.cols.window.in_size)
+
+
+def whole_plan(low_size: Sequence[int], out_size: Sequence[int]) -> Plan:
+    """One pass over the whole image: its (h, w) logits upsampled straight to ``out_size``."""
+    return _whole_plan(tuple(low_size), tuple(out_size))
+
+
+@lru_cache(maxsize=64)
+def _whole_plan(low_size: tuple[int, int], out_size: tuple[int, int]) -> Plan:
+    axes = [
+        Axis((0,), AxisMap.bilinear(low, out), out, None) for low, out in zip(low_size, out_size, strict=True)
+    ]
+    return Plan(*axes)
+
+
+def slide_plan(
+    image_size: Sequence[int],
+    windows: Sequence[tuple[int, int, int, int]],
+    low_size: Sequence[int],
+    out_size: Sequence[int],
+) -> Plan:
+    """Sliding windows ``(y1, y2, x1, x2)`` (a grid, `sliding_windows` order) on an ``image_size`` canvas.
+
+    Each window's ``low_size`` logits are upsampled to the window, the canvas is averaged and, when ``out_size``
+    differs from the image, resized to it.
+    """
+    rows = sorted({w[0] for w in windows})
+    cols = sorted({w[2] for w in windows})
+    if [(w[0], w[2]) for w in windows] != [(y, x) for y in rows for x in cols]:
+        raise ValueError("sliding windows must form a grid in row-major order")
+    size = (windows[0][1] - windows[0][0], windows[0][3] - windows[0][2])
+    axes = []
+    for starts, win, canvas in zip((rows, cols), size, image_size, strict=True):
+        covered = np.zeros(canvas, dtype=bool)
+        for s in starts:
+            covered[s : s + win] = True
+        if not covered.all():
+            raise ValueError(
+                f"sliding windows of {win} leave pixel {int(np.argmin(covered))} of {canvas} uncovered "
+                "(a stride larger than the crop size)"
+            )
+    for starts, win, low, canvas, out in zip((rows, cols), size, low_size, image_size, out_size, strict=True):
+        final = (
+            AxisMap.bilinear(canvas, out)
+            if (tuple(image_size) != tuple(out_size)) and canvas != out
+            else None
+        )
+        axes.append(Axis(tuple(starts), AxisMap.bilinear(low, win), canvas, final))
+    return Plan(*axes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dense reference (and fallback): every class at every pixel, in row tiles.
+
+
+def _backend_array(values: np.ndarray, like: Array) -> Array:
+    """``values`` as an array of ``like``'s kind (numpy, or a torch tensor on its device)."""
+    if isinstance(like, np.ndarray):
+        return values
+    import torch
+
+    return torch.as_tensor(values, device=like.device)
+
+
+def _zeros(like: Array, shape: tuple[int, ...]) -> Array:
+    return np.zeros(shape, dtype=np.float32) if isinstance(like, np.ndarray) else like.new_zeros(shape)
+
+
+def _resample_rows(x: Array, amap: AxisMap, rows: np.ndarray, offset: int = 0) -> Array:
+    """Rows ``rows`` of ``amap`` applied to axis 0 of ``x`` (whose row 0 is source row ``offset``)."""
+    w0 = _backend_array(amap.w0[rows][:, None, None], x)
+    w1 = _backend_array(amap.w1[rows][:, None, None], x)
+    return (
+        x[_backend_array(amap.i0[rows] - offset, x)] * w0 + x[_backend_array(amap.i1[rows] - offset, x)] * w1
+    )
+
+
+def _resample_cols(x: Array, amap: AxisMap) -> Array:
+    w0 = _backend_array(amap.w0[None, :, None], x)
+    w1 = _backend_array(amap.w1[None, :, None], x)
+    return x[:, _backend_array(amap.i0, x)] * w0 + x[:, _backend_array(amap.i1, x)] * w1
+
+
+def _canvas_rows(plan: Plan, logits: Array, start: int, stop: int) -> Array:
+    """Canvas rows [start, stop): the windows' upsampled logits summed in window order (divided by the count)."""
+    rows, cols = plan.rows, plan.cols
+    if plan.num_windows == 1:
+        return _resample_cols(_resample_rows(logits[0], rows.window, np.arange(start, stop)), cols.window)
+    k = logits.shape[-1]
+    acc = _zeros(logits, (stop - start, cols.canvas, k))
+    win_h, win_w = rows.window.out_size, cols.window.out_size
+    for w in range(plan.num_windows):
+        oy, ox = rows.starts[w // len(cols.starts)], cols.starts[w % len(cols.starts)]
+        lo, hi = max(start, oy), min(stop, oy + win_h)
+        if lo >= hi:
+            continue
+        part = _resample_cols(_resample_rows(logits[w], rows.window, np.arange(lo, hi) - oy), cols.window)
+        acc[lo - start : hi - start, ox : ox + win_w] += part
+    _, row_count = rows.coverage
+    _, col_count = cols.coverage
+    count = (row_count[start:stop, None] * col_count[None, :]).astype(np.float32)[..., None]
+    acc /= _backend_array(count, acc)
+    return acc
+
+
+def dense_scores(plan: Plan, logits: Array, start: int = 0, stop: int | None = None) -> Array:
+    """Output rows [start, stop) of every class: (rows, W, K) float32, the reference computation."""
+    stop = plan.rows.out_size if stop is None else stop
+    final_rows, final_cols = plan.rows.final, plan.cols.final
+    if final_rows is None:
+        canvas = _canvas_rows(plan, logits, start, stop)
+    else:
+        out_rows = np.arange(start, stop)
+        first, last = int(final_rows.i0[start]), int(final_rows.i1[stop - 1])
+        canvas = _resample_rows(
+            _canvas_rows(plan, logits, first, last + 1), final_rows, out_rows, offset=first
+        )
+    return canvas if final_cols is None else _resample_cols(canvas, final_cols)
+
+
+def _tile_rows(plan: Plan, classes: int) -> int:
+    return max(1, DENSE_TILE_VALUES // max(1, classes * plan.cols.out_size))
+
+
+def dense_labels(plan: Plan, logits: Array, transform: Transform | None = None) -> Array:
+    """``argmax(-1)`` of `dense_scores` (after ``transform``) in row tiles: (H, W) int64, numpy or torch."""
+    height = plan.rows.out_size
+    step = _tile_rows(plan, logits.shape[-1])
+    parts = []
+    for start in range(0, height, step):
+        scores = dense_scores(plan, logits, start, min(height, start + step))
+        parts.append((transform(scores) if transform is not None else scores).argmax(-1))
+    if isinstance(logits, np.ndarray):
+        return np.concatenate(parts).astype(np.int64, copy=False)
+    import torch
+
+    return torch.cat(parts).long()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shortcut.
+
+
+def _axis_tables(axis: Axis) -> tuple[Any, ...]:
+    """One axis of a plan as the kernels' arguments (`clipzss._label_kernels.label_units`).
+
+    Output indices are grouped into units: the pixels between the same two low-resolution points for a plain
+    upsampling, else runs of about `UNIT_CANVAS` canvas pixels. Per unit: its output range, the canvas range it
+    reads and, per window slot, the range of low-resolution indices it reads there (lo > hi: none).
+    """
+    out = np.arange(axis.out_size)
+    if axis.final is None and len(axis.starts) == 1:
+        key = axis.window.i0[out]  # the pixels between the same two low-resolution points
+    else:
+        key = out // max(
+            1, round(UNIT_CANVAS * axis.out_size / axis.canvas)
+        )  # about UNIT_CANVAS canvas pixels
+    edges = np.flatnonzero(np.diff(key)) + 1
+    start = np.concatenate([[0], edges]).astype(np.int64)
+    stop = np.concatenate([edges, [axis.out_size]]).astype(np.int64)
+    if axis.final is not None:  # the canvas indices each unit reads
+        cmin, cmax = axis.final.i0[start], axis.final.i1[stop - 1]
+    else:
+        cmin, cmax = start, stop - 1
+    size = axis.window.out_size
+    lo = np.ones((len(axis.starts), len(start)), dtype=np.int64)
+    hi = np.zeros((len(axis.starts), len(start)), dtype=np.int64)
+    for slot, s in enumerate(axis.starts):
+        units = (cmax >= s) & (cmin <= s + size - 1)
+        lo[slot, units] = axis.window.i0[np.maximum(cmin[units], s) - s]
+        hi[slot, units] = axis.window.i1[np.minimum(cmax[units], s + size - 1) - s]
+    slots, count = axis.coverage
+    maps = [
+        axis.final or AxisMap(0, *(np.zeros(0, t) for t in (np.int64, np.int64, np.float32, np.float32))),
+        axis.window,
+    ]
+    length = max(axis.out_size, axis.window.out_size, axis.canvas)
+    ints = np.zeros((5, length), dtype=np.int64)  # rows: final i0, i1, window i0, i1, coverage count
+    weights = np.zeros((4, length), dtype=np.float32)  # rows: final w0, w1, window w0, w1
+    for row, values in enumerate((maps[0].i0, maps[0].i1, maps[1].i0, maps[1].i1, count)):
+        ints[row, : len(values)] = values
+    for row, values in enumerate((maps[0].w0, maps[0].w1, maps[1].w0, maps[1].w1)):
+        weights[row, : len(values)] = values
+    starts = np.asarray(axis.starts, dtype=np.int64)
+    return start, stop, np.stack([cmin, cmax]), lo, hi, ints, weights, slots, starts, axis.final is not None
+
+
+@lru_cache(maxsize=16)
+def _plan_tables(plan: Plan) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return _axis_tables(plan.rows), _axis_tables(plan.cols)
+
+
+def label_map(plan: Plan, logits: Array, transform: Transform | None = None) -> Array:
+    """``dense_scores(plan, logits).argmax(-1)`` (after ``transform``), computed without the K×H×W scores.
+
+    Args:
+        plan: `whole_plan` or `slide_plan` of the image.
+        logits: (n_windows, h, w, K) float32 window logits, channels last; numpy or a torch tensor (a CPU tensor
+            is read in place; a GPU tensor takes the dense path on its device).
+        transform: a per-class map of the scores applied before the argmax (e.g. sigmoid minus a seen-class
+            shift); it takes the dense path, on the logits' own backend.
+
+    Returns:
+        (H, W) int64 class ids: numpy for numpy input, else a tensor on the logits' device.
+    """
+    return label_map_with_stats(plan, logits, transform)[0]
+
+
+def label_map_with_stats(
+    plan: Plan, logits: Array, transform: Transform | None = None
+) -> tuple[Array, dict[str, int]]:
+    """`label_map` and how it got there: units settled by the statistics, by one candidate, by pixel values."""
+    if not isinstance(logits, np.ndarray):
+        if logits.device.type != "cpu" or transform is not None:
+            return dense_labels(plan, logits, transform), {"dense": 1}
+        import torch
+
+        labels, stats = label_map_with_stats(plan, logits.detach().float().contiguous().numpy())
+        return torch.from_numpy(labels), stats
+    n, h, w, k = logits.shape
+    if (n, (h, w)) != (plan.num_windows, plan.low_size):
+        raise ValueError(
+            f"logits of shape {logits.shape} do not fit the plan's {plan.num_windows} windows of {plan.low_size}"
+        )
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    if transform is not None:
+        return dense_labels(plan, logits, transform), {"dense": 1}
+    from clipzss import _label_kernels as kernels
+
+    top = np.empty((n, h * w), dtype=np.int64)
+    best = np.empty((n, h * w), dtype=np.float32)
+    second = np.empty((n, h * w), dtype=np.float32)
+    finite = kernels.point_stats(logits.reshape(n, h * w, k), top, best, second)
+    if not finite:  # NaN / inf: the rounding bounds do not hold; the dense path is the definition
+        return dense_labels(plan, logits), {"dense": 1}
+    rows, cols = _plan_tables(plan)
+    # Every output value is a convex combination of low-res values computed in at most (windows per point + 12)
+    # float32 roundings, each off by at most UNIT_ROUNDOFF of the largest magnitude involved: rel is 4× that bound.
+    depth = int(plan.rows.coverage[1].max() * plan.cols.coverage[1].max()) + 16
+    rel = 4.0 * depth * UNIT_ROUNDOFF
+    out = np.empty(plan.out_size, dtype=np.int64)
+    counters = kernels.label_units(
+        logits, top.reshape(n, h, w), best.reshape(n, h, w), second.reshape(n, h, w), out, rel,
+        *rows, *cols,
+    )  # fmt: skip
+    names = ("settled", "one_candidate", "pixel_values", "candidates", "values")
+    return out, dict(zip(names, (int(c) for c in counters), strict=True))
