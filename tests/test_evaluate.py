@@ -20,10 +20,12 @@ from clipzss.evaluate import (
     EvalResult,
     compute_metrics,
     evaluate,
-    slide_inference,
-    whole_inference,
+    infer_labels,
+    infer_logits,
+    window_logits,
 )
 from clipzss.inference import sliding_windows
+from clipzss.label_maps import dense_scores
 
 # ---------------------------------------------------------------------------------------------------------------
 # confusion matrix and metrics
@@ -210,6 +212,19 @@ def _stride4_fn(k: int = 4):
     """A 1x1 conv on a 4x average-pooled image: logits at output stride 4 like the student."""
     conv = torch.nn.Conv2d(3, k, 1)
     return lambda x: conv(F.avg_pool2d(x, 4, ceil_mode=True)).detach()
+
+
+def whole_inference(fn, images, out_size=None):
+    return infer_logits(fn, images, EvalConfig(mode="whole"), out_size)
+
+
+def slide_inference(fn, images, crop_size, stride, out_size=None, window_batch=8):
+    cfg = EvalConfig(mode="slide", crop_size=crop_size, stride=stride)
+    plan, logits = window_logits(fn, images, cfg, out_size, window_batch=window_batch)
+    scores = torch.stack([torch.as_tensor(dense_scores(plan, x)) for x in logits]).permute(0, 3, 1, 2)
+    labels = infer_labels(fn, images, cfg, out_size)
+    assert torch.equal(labels, scores.argmax(1))  # the labels every path uses are these scores' argmax
+    return scores
 
 
 @pytest.mark.parametrize(("h", "w"), [(37, 53), (16, 16), (10, 12), (9, 40)])

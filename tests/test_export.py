@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 pytest.importorskip("onnx")
@@ -17,7 +16,7 @@ pytest.importorskip("onnxruntime")
 
 from clipzss.cli import build_parser, main
 from clipzss.export import export_onnx
-from clipzss.inference import load_image, preprocess, resize_bilinear
+from clipzss.inference import load_image, preprocess
 from clipzss.onnx_runner import OnnxSegmenter
 from clipzss.predict import PrecomputedText, Segmenter
 from conftest import CAMVID_CLASSES
@@ -117,13 +116,6 @@ def test_embeddings_export_with_text_file_equals_baked_classes(
         OnnxSegmenter(exported["embeddings"]).logits(x)
     with pytest.raises(ValueError, match=r"not in .*: zebra"):
         baked.logits(x, ["road", "zebra"])
-
-
-def test_numpy_resize_matches_torch() -> None:
-    x = torch.randn(2, 3, 13, 17)
-    for size in [(52, 68), (7, 9), (13, 40)]:
-        expected = F.interpolate(x, size=size, mode="bilinear", align_corners=False).numpy()
-        np.testing.assert_allclose(resize_bilinear(x.numpy(), size), expected, atol=1e-5)
 
 
 BLOCK_TORCH = """

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
 
-from clipzss.config import Config, StudentConfig, TeacherConfig
-from clipzss.evaluate import slide_inference, whole_inference
+from clipzss.config import Config, EvalConfig, StudentConfig, TeacherConfig
+from clipzss.evaluate import infer_logits
 from clipzss.inference import preprocess, sliding_windows
 from clipzss.predict import PrecomputedText, Segmenter
 from clipzss.pseudo_labels import _cluster_sums, _lloyd, _lloyd_until_fixed, kmeans_sets, window_seeds
@@ -118,22 +118,24 @@ def test_slide_inference_equals_plain_canvas(size: tuple[int, int]) -> None:
         return torch.einsum("kc,nchw->nkhw", weight, small).contiguous(memory_format=torch.channels_last)
 
     images = torch.randn(1, 3, *size, generator=gen)
-    fast = slide_inference(logits_fn, images, crop_size=48, stride=32)
+    cfg = EvalConfig(mode="slide", crop_size=48, stride=32)
+    fast = infer_logits(logits_fn, images, cfg)
     plain = plain_slide(logits_fn, images, 48, 32)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     same = fast.argmax(1) == plain.argmax(1)
     assert bool((same | near_tie(plain)).all())
-    resized = slide_inference(logits_fn, images, crop_size=48, stride=32, out_size=(33, 45))
+    resized = infer_logits(logits_fn, images, cfg, (33, 45))
     expected = F.interpolate(plain, size=(33, 45), mode="bilinear", align_corners=False)
     torch.testing.assert_close(resized, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_whole_inference_channels_last_equals_contiguous() -> None:
     logits = torch.randn(2, 9, 13, 17)
-    fast = whole_inference(
-        lambda _: logits.contiguous(memory_format=torch.channels_last), torch.zeros(2, 3, 52, 68)
+    whole = EvalConfig(mode="whole")
+    fast = infer_logits(
+        lambda _: logits.contiguous(memory_format=torch.channels_last), torch.zeros(2, 3, 52, 68), whole
     )
-    plain = whole_inference(lambda _: logits, torch.zeros(2, 3, 52, 68))
+    plain = infer_logits(lambda _: logits, torch.zeros(2, 3, 52, 68), whole)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     assert bool(((fast.argmax(1) == plain.argmax(1)) | near_tie(plain)).all())
 

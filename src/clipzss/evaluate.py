@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from clipzss.config import EvalConfig, check_choice
 from clipzss.data.splits import IGNORE_INDEX
 from clipzss.inference import check_mode, sliding_windows
+from clipzss.label_maps import Plan, dense_scores, label_map, slide_plan, whole_plan
 
 logger = logging.getLogger(__name__)
 
@@ -163,99 +163,84 @@ def compute_metrics(
     }
 
 
-def seen_calibrated(logits: Tensor, shift: Tensor) -> Tensor:
+def seen_calibrated(scores: Tensor, shift: Tensor) -> Tensor:
     """ZegCLIP's inductive calibration: sigmoid scores with ``shift`` (γ on seen classes, 0 elsewhere) subtracted.
 
     Args:
-        logits: (B, K, H, W).
+        scores: (..., K) class scores, classes last (what `clipzss.label_maps` hands a transform).
         shift: (K,) per-class amount.
     """
-    return logits.float().sigmoid() - shift.to(logits.device)[None, :, None, None]
+    return scores.float().sigmoid() - shift.to(scores.device)
 
 
-def whole_inference(logits_fn: LogitsFn, images: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
-    """Logits of the whole image in one pass, upsampled bilinearly to ``out_size`` (default: the image size)."""
-    out_size = tuple(out_size) if out_size is not None else tuple(images.shape[-2:])
-    logits = logits_fn(images)  # (B, K, h', w'), any stride
-    return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)  # (B, K, H, W)
+def _classes_last(logits: Tensor) -> Tensor:
+    """(N, K, h, w) logits as (N, h, w, K) float32: free for the channels-last maps `ZeroShotSegmenter` returns."""
+    return logits.float().permute(0, 2, 3, 1).contiguous()
 
 
-def _zeros_like_layout(like: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
-    """Zeros of ``shape`` in the memory layout of ``like`` (channels last or contiguous), with no conversion copy."""
-    b, k, h, w = shape
-    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
-        return like.new_zeros(b, h, w, k).permute(0, 3, 1, 2)
-    return like.new_zeros(b, k, h, w)
-
-
-def slide_inference(
+def window_logits(
     logits_fn: LogitsFn,
     images: Tensor,
-    crop_size: int | Sequence[int] = 512,
-    stride: int | Sequence[int] = 341,
+    cfg: EvalConfig,
     out_size: tuple[int, int] | None = None,
     window_batch: int = 8,
-) -> Tensor:
-    """Sliding-window logits (mmseg semantics): windows' logits averaged where they overlap.
+) -> tuple[Plan, Tensor]:
+    """Run the network as ``cfg.mode`` says: the image's `Plan` and its (B, windows, h', w', K) logits.
 
-    Each window's logits are upsampled to the window size and summed into a full-size canvas that is divided by the
-    per-pixel window count. Windows of one image all have the same size, so up to ``window_batch`` of them go
-    through ``logits_fn`` together.
-
-    Args:
-        logits_fn: normalised images (N, 3, h, w) -> logits (N, K, h', w') at any resolution.
-        images: (B, 3, H, W) normalised images.
-        crop_size: window size, an int or (h, w).
-        stride: window step, an int or (h, w).
-        out_size: resize the averaged logits to this (H_out, W_out) when given.
-        window_batch: windows per ``logits_fn`` call (memory versus speed).
-
-    Returns:
-        (B, K, H, W) logits, or (B, K, H_out, W_out) with ``out_size``.
+    Whole: the image in one pass (one "window"). Slide: mmseg's windows (`sliding_windows`), up to
+    ``window_batch`` of them per ``logits_fn`` call (they all have the same size). The logits stay at the
+    network's resolution; `clipzss.label_maps` turns them into labels (or reference scores) at ``out_size``
+    (default: the image size).
     """
     b, _, h, w = images.shape
-    windows = sliding_windows(h, w, crop_size, stride)
-    win_h, win_w = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
-    if len(windows) == 1:  # the window is the image: averaging one window is the identity, skip the canvas
-        logits = F.interpolate(logits_fn(images).float(), size=(h, w), mode="bilinear", align_corners=False)
-        if out_size is not None and tuple(out_size) != (h, w):
-            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
-        return logits
-    canvas: Tensor | None = None
-    count = torch.zeros(1, 1, h, w)  # on the host: checking it needs no device sync
-    for start in range(0, len(windows), max(window_batch, 1)):
-        chunk = windows[start : start + max(window_batch, 1)]
-        crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n*B, 3, win_h, win_w)
-        logits = logits_fn(crops).float()  # (n*B, K, h', w'); fp32 so overlaps average without bf16 rounding
-        if canvas is None:
-            # The canvas takes the logits' memory layout (channels last from ZeroShotSegmenter.logits), so the
-            # accumulation and the final argmax over K never convert between layouts.
-            canvas = _zeros_like_layout(logits, (b, logits.shape[1], h, w))  # (B, K, H, W)
-        for i, (y1, y2, x1, x2) in enumerate(chunk):
-            # One window at a time: a full-size (n*B, K, win_h, win_w) batch would hold n windows' worth of
-            # K-channel maps at once (1.4 GB for 8 windows × 171 classes at 512²); the values are the same.
-            window = logits[i * b : (i + 1) * b]
-            canvas[:, :, y1:y2, x1:x2] += F.interpolate(
-                window, size=(win_h, win_w), mode="bilinear", align_corners=False
-            )
-            count[:, :, y1:y2, x1:x2] += 1
-    assert canvas is not None and bool((count > 0).all()), "sliding windows left pixels uncovered"
-    canvas.div_(count.to(canvas.device, non_blocking=True))
-    if out_size is not None and tuple(out_size) != (h, w):
-        canvas = F.interpolate(canvas, size=tuple(out_size), mode="bilinear", align_corners=False)
-    return canvas
+    out_size = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
+    if check_mode(cfg.mode) == "whole":
+        logits = _classes_last(logits_fn(images))[:, None]  # (B, 1, h', w', K)
+        return whole_plan(logits.shape[2:4], out_size), logits
+    windows = sliding_windows(h, w, cfg.crop_size, cfg.stride)
+    batch = max(window_batch, 1)
+    store: Tensor | None = None
+    for start in range(0, len(windows), batch):
+        chunk = windows[start : start + batch]
+        crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n·B, 3, win_h, win_w)
+        logits = _classes_last(logits_fn(crops))  # (n·B, h', w', K)
+        if store is None:
+            store = logits.new_empty(b, len(windows), *logits.shape[1:])
+        store[:, start : start + len(chunk)] = logits.view(len(chunk), b, *logits.shape[1:]).transpose(0, 1)
+    assert store is not None
+    return slide_plan((h, w), windows, store.shape[2:4], out_size), store
+
+
+def infer_labels(
+    logits_fn: LogitsFn,
+    images: Tensor,
+    cfg: EvalConfig,
+    out_size: tuple[int, int] | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """The one prediction of every torch path (evaluate, predict, reports, demo): (B, H, W) int64 class ids.
+
+    Exactly ``infer_logits(...).argmax(1)`` (the mmseg pipeline: windows upsampled, averaged, resized to
+    ``out_size``), computed by `clipzss.label_maps.label_map` without the K×H×W scores. ``images`` come from
+    `clipzss.inference.preprocess`; ``out_size`` is the original image's (or mask's) size; ``transform`` maps
+    the scores before the argmax (seen-class calibration).
+    """
+    plan, logits = window_logits(logits_fn, images, cfg, out_size)
+    labels = [torch.as_tensor(label_map(plan, logits[i], transform)) for i in range(logits.shape[0])]
+    return torch.stack(labels)
 
 
 def infer_logits(
     logits_fn: LogitsFn, images: Tensor, cfg: EvalConfig, out_size: tuple[int, int] | None = None
 ) -> Tensor:
-    """The one whole/slide dispatch of every torch path (evaluate, predict, reports, demo): (B, K, H, W) logits.
+    """(B, K, H, W) scores of the reference pipeline, whose argmax `infer_labels` returns.
 
-    ``images`` come from `clipzss.inference.preprocess`; ``out_size`` is the original image's (or mask's) size.
+    K·H·W floats (1.4 GB for 171 classes on a 1024×2048 image): for scores and probabilities; predictions
+    should use `infer_labels`.
     """
-    if check_mode(cfg.mode) == "slide":
-        return slide_inference(logits_fn, images, cfg.crop_size, cfg.stride, out_size=out_size)
-    return whole_inference(logits_fn, images, out_size=out_size)
+    plan, logits = window_logits(logits_fn, images, cfg, out_size)
+    scores = [torch.as_tensor(dense_scores(plan, logits[i])) for i in range(logits.shape[0])]
+    return torch.stack(scores).permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -388,8 +373,9 @@ def evaluate(
 ) -> EvalResult:
     """Run ``logits_fn`` over ``dataset`` with every class predicted jointly and return the metrics.
 
-    Images go one at a time (they differ in size); logits come from ``cfg.mode`` (slide or whole), are upsampled
-    bilinearly to the mask's original resolution and argmax-ed. Under torch.distributed each rank takes
+    Images go one at a time (they differ in size); logits come from ``cfg.mode`` (slide or whole) and are labelled
+    at the mask's original resolution by `clipzss.label_maps.label_map` (exactly the argmax of the bilinearly
+    upsampled logits, without that K-channel map). Under torch.distributed each rank takes
     ``indices[rank::world_size]`` (no padding duplicates) and the matrix is all-reduced, so every rank returns the
     same result.
     """
@@ -421,19 +407,22 @@ def evaluate(
         seen_shift = torch.zeros(len(class_names), device=device)
         seen_shift[list(seen)] = cfg.seen_gamma
     seen_images = torch.zeros((), dtype=torch.int64, device=device)
+    calibration = None
+    if calibrated is not None:
+        calibration = lambda scores: seen_calibrated(scores, seen_shift)  # noqa: E731
     for item in tqdm(loader, desc="eval", disable=not progress or rank != 0, dynamic_ncols=True):
         image = item["image"].to(device, non_blocking=True)  # (1, 3, H, W)
         mask = item["mask"].to(device, non_blocking=True).long()  # (1, H0, W0)
-        out_size = tuple(mask.shape[-2:])
-        logits = infer_logits(logits_fn, image, cfg, out_size)
-        if logits.shape[1] != len(class_names):
+        plan, logits = window_logits(logits_fn, image, cfg, tuple(mask.shape[-2:]))
+        if logits.shape[-1] != len(class_names):
             raise ValueError(
-                f"logits_fn returned {logits.shape[1]} channels for image '{item['name'][0]}' "
+                f"logits_fn returned {logits.shape[-1]} channels for image '{item['name'][0]}' "
                 f"but the dataset has {len(class_names)} classes"
             )
-        confusion.update(logits.argmax(1), mask)
+        # Labels straight from the low-resolution logits: no K-channel map at the mask's size is ever kept.
+        confusion.update(torch.as_tensor(label_map(plan, logits[0]))[None], mask)
         if calibrated is not None:
-            calibrated.update(seen_calibrated(logits, seen_shift).argmax(1), mask)
+            calibrated.update(torch.as_tensor(label_map(plan, logits[0], calibration))[None], mask)
         seen_images += 1
 
     confusion.all_reduce()

@@ -10,7 +10,8 @@ with the torch paths and a mask from `clipzss predict` is the mask `clipzss eval
   statistics;
 - `sliding_windows`: mmseg's slide grid; `MODES` are the two test modes (whole, slide).
 
-The torch side (running the network over the windows and upsampling the logits) is `clipzss.evaluate.infer_logits`.
+The torch side (running the network over the windows) is `clipzss.evaluate.window_logits`; the labels at the
+original size come from `clipzss.label_maps` (torch and numpy alike).
 """
 
 from __future__ import annotations
@@ -158,24 +159,3 @@ def sliding_windows(
             x1 = max(x2 - crop_w, 0)
             windows.append((y1, y2, x1, x2))
     return windows
-
-
-def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(..., h, w) → (..., H, W) float32, bilinear with half-pixel centres: torch's ``interpolate(align_corners=False)``.
-
-    For the runners without torch; the torch paths use torch's own kernel.
-    """
-    h, w = x.shape[-2:]
-    if (h, w) == tuple(size):
-        return x.astype(np.float32, copy=False)
-
-    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-        lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-        hi = np.minimum(lo + 1, n_in - 1)
-        return lo, hi, (src - lo).astype(np.float32)
-
-    y0, y1, wy = axis(h, size[0])
-    x0, x1, wx = axis(w, size[1])
-    top = x[..., y0, :] * (1 - wy)[:, None] + x[..., y1, :] * wy[:, None]
-    return (top[..., x0] * (1 - wx) + top[..., x1] * wx).astype(np.float32)

@@ -1,8 +1,9 @@
 """Run a student exported by `clipzss export` with onnxruntime, numpy and PIL alone (no torch).
 
-`OnnxSegmenter` pads, windows, upsamples and argmaxes in numpy with the same preprocessing, windows and modes as the
-torch paths (`clipzss.inference`), so `clipzss predict --onnx` gives the masks `clipzss predict` gives, up to float
-rounding, where torch is not installed.
+`OnnxSegmenter` pads and windows in numpy with the same preprocessing, windows and modes as the torch paths
+(`clipzss.inference`), and labels the graph's low-resolution logits with the same `clipzss.label_maps.label_map`, so
+`clipzss predict --onnx` gives the masks `clipzss predict` gives (up to the float rounding of the two runtimes'
+networks) where torch is not installed, without a K-channel map at the image's size.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import onnxruntime as ort
 from PIL import Image
 
 from clipzss.embeddings_file import read_text_embeddings
-from clipzss.inference import ImageLike, as_rgb, check_mode, preprocess, resize_bilinear, sliding_windows
+from clipzss.inference import ImageLike, as_rgb, check_mode, preprocess, sliding_windows
+from clipzss.label_maps import label_map, slide_plan, whole_plan
 from clipzss.names import parse_class_names
 
 FORMAT = "clipzss-onnx-v1"
@@ -118,25 +120,20 @@ class OnnxSegmenter:
     ) -> np.ndarray:
         """(H, W) int64 ids into ``class_names`` (default: all the model's classes), at the input's size.
 
-        The numpy twin of `clipzss.evaluate.infer_logits`: the same windows, averaging and bilinear upsampling.
+        The numpy twin of `clipzss.evaluate.window_logits` + `infer_labels`: the same windows, then `label_map`.
         """
-        names, rows = self._rows(class_names)  # checked once, not per window
+        _, rows = self._rows(class_names)  # checked once, not per window
         rgb = as_rgb(image)
         x = self.preprocess(rgb)  # (1, 3, h, w)
         out_size = (rgb.height, rgb.width)
         if check_mode(mode or self.eval.get("mode", "whole")) == "whole":
-            logits = resize_bilinear(self._logits(x, rows), out_size)
+            logits = self._logits(x, rows).transpose(0, 2, 3, 1)  # (1, h', w', K): one window
+            plan = whole_plan(logits.shape[1:3], out_size)
         else:
             h, w = x.shape[-2:]
             grid = sliding_windows(h, w, self.eval["crop_size"], self.eval["stride"])
-            win_h, win_w = grid[0][1] - grid[0][0], grid[0][3] - grid[0][2]
-            canvas = np.zeros((len(names), h, w), dtype=np.float32)
-            count = np.zeros((1, h, w), dtype=np.float32)
-            for y1, y2, x1, x2 in grid:
-                window = resize_bilinear(self._logits(x[..., y1:y2, x1:x2], rows), (win_h, win_w))[0]
-                canvas[:, y1:y2, x1:x2] += window
-                count[:, y1:y2, x1:x2] += 1
-            if len(grid) > 1:
-                canvas /= count
-            logits = resize_bilinear(canvas[None], out_size)
-        return logits[0].argmax(0).astype(np.int64)
+            logits = np.stack(
+                [self._logits(x[..., y1:y2, x1:x2], rows)[0].transpose(1, 2, 0) for y1, y2, x1, x2 in grid]
+            )
+            plan = slide_plan((h, w), grid, logits.shape[1:3], out_size)
+        return label_map(plan, np.ascontiguousarray(logits, dtype=np.float32))

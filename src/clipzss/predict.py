@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from clipzss.checkpoint import CheckpointError, load_checkpoint
 from clipzss.config import Config, EvalConfig
 from clipzss.embeddings_file import read_text_embeddings, write_text_embeddings
-from clipzss.evaluate import infer_logits
+from clipzss.evaluate import infer_labels
 from clipzss.inference import ImageLike, as_rgb, preprocess
 from clipzss.names import parse_class_names
 from clipzss.runtime import resolve_device
@@ -181,8 +181,8 @@ class ZeroShotSegmenter:
         rgb = as_rgb(image)
         x = torch.from_numpy(preprocess(rgb, self.eval_cfg.short_side))[None].to(self.device)
         cfg = dataclasses.replace(self.eval_cfg, mode=mode) if mode else self.eval_cfg
-        logits = infer_logits(self.logits_fn(class_names, templates), x, cfg, (rgb.height, rgb.width))
-        return logits.argmax(dim=1)[0].cpu().numpy().astype(np.int64)
+        labels = infer_labels(self.logits_fn(class_names, templates), x, cfg, (rgb.height, rgb.width))
+        return labels[0].cpu().numpy().astype(np.int64, copy=False)
 
 
 class Segmenter(ZeroShotSegmenter, SegmenterHubMixin):

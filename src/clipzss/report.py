@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, EvalConfig
-from clipzss.evaluate import EvalResult, infer_logits
+from clipzss.evaluate import EvalResult, infer_labels
 from clipzss.visualize import colorize, palette
 
 if TYPE_CHECKING:
@@ -252,8 +252,7 @@ def collect_examples(
         mask = item["mask"]  # (H, W)
         size = tuple(mask.shape[-2:])
         with torch.inference_mode():
-            logits = infer_logits(logits_fn, image, cfg, size)
-        prediction = logits.argmax(1)[0].cpu().numpy()
+            prediction = infer_labels(logits_fn, image, cfg, size)[0].cpu().numpy()
         photo = ((item["image"].float() * std + mean).clamp(0, 1) * 255).round().byte()  # (3, h, w)
         pil = Image.fromarray(photo.permute(1, 2, 0).numpy()).resize((size[1], size[0]), Image.BILINEAR)
         examples.append(Example(str(item.get("name", index)), np.asarray(pil), mask.numpy(), prediction))
