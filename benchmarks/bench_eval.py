@@ -8,8 +8,9 @@ timed interleaved in the same run over the same first ``--images`` images:
 
 - ``evaluate``: ``clipzss.evaluate.evaluate`` with ``--workers`` DataLoader workers: JPEG/PNG decoding, resizing,
   sliding windows, the text classifier, K-channel upsampling to the mask size, argmax and the confusion matrix;
-- ``logits only``: the same ``slide_inference`` + upsampling + argmax on images already loaded and transformed;
-- ``raw forward``: the student alone on the same windows, batched as ``slide_inference`` batches them.
+- ``logits only``: the same windows + ``infer_labels`` (classifier, labels at the mask's size) on images already
+  loaded and transformed;
+- ``raw forward``: the student alone on the same windows, batched as ``window_logits`` batches them.
 
 ``evaluate / raw`` is the whole overhead of evaluation; ``evaluate / logits only`` the part due to data loading.
 """
@@ -27,7 +28,7 @@ from PIL import Image
 
 from clipzss.config import Config, DataConfig, EvalConfig, StudentConfig
 from clipzss.data import build_eval_dataset
-from clipzss.evaluate import evaluate, slide_inference
+from clipzss.evaluate import evaluate, infer_labels
 from clipzss.predict import Segmenter
 from clipzss.student import build_student
 
@@ -82,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def logits_only() -> None:
             for x, mask in zip(images, masks, strict=True):
-                out = slide_inference(
-                    logits_fn, x, eval_cfg.crop_size, eval_cfg.stride, out_size=mask.shape[-2:]
-                )
-                out.argmax(dim=1).cpu()
+                infer_labels(logits_fn, x, eval_cfg, tuple(mask.shape[-2:])).cpu()
 
         def raw_forward() -> None:
             for run in raws:

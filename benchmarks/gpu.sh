@@ -51,6 +51,7 @@ EOF
     "$PY" benchmarks/bench_train_step.py "${COMMON[@]}" "${TRAIN[@]}" --json "$OUT/train_step.json"
     "$PY" benchmarks/bench_eval.py "${COMMON[@]}" "${EVAL[@]}" --json "$OUT/eval.json"
     "$PY" benchmarks/bench_losses.py "${COMMON[@]}" --json "$OUT/losses.json"
+    "$PY" benchmarks/bench_labels.py "${COMMON[@]}" --json "$OUT/labels.json"
     echo "total: $((SECONDS - start)) s; uptime: $(uptime)"
 } 2>&1 | grep -v -e "RANDOM weights" -e "No pretrained weights" | tee "$SUMMARY"
 echo "tables and JSON in $OUT"
