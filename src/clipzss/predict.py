@@ -159,9 +159,10 @@ class ZeroShotSegmenter:
         emb = self.embed(images.to(self.device)).float()  # (B, C, h, w)
         batch, _, height, width = emb.shape
         flat = emb.flatten(2)  # (B, C, h·w)
-        norm = (flat * flat).sum(dim=1, keepdim=True).sqrt_().clamp_min_(1e-12)  # (B, 1, h·w), as F.normalize
-        logits = torch.matmul(self.alpha * text.to(flat), flat).div_(norm)  # (B, K, h·w)
-        return logits.view(batch, -1, height, width).contiguous(memory_format=torch.channels_last)
+        norm = torch.linalg.vector_norm(flat, dim=1).clamp_min_(1e-12)[..., None]  # (B, h·w, 1), as F.normalize
+        # Computed classes-last, (h·w, C) @ (C, K): the channels-last result needs no transposing copy.
+        logits = torch.matmul(flat.transpose(1, 2), (self.alpha * text.to(flat)).T).div_(norm)  # (B, h·w, K)
+        return logits.view(batch, height, width, -1).permute(0, 3, 1, 2)  # channels last in memory
 
     def logits_fn(
         self, class_names: Sequence[str], templates: Sequence[str] | None = None
