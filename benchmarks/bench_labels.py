@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     dim = 32 if args.dry else 512
     ks = [int(k) for k in args.classes.split(",")]
     cfg = Config(student=StudentConfig(arch="Segformer", encoder=args.encoder, embed_dim=dim))
+    torch.manual_seed(0)  # the same random student in every run: its logits decide how many units settle
     student = build_student(cfg.student, for_training=False).to(device).eval()
     cases = [("512x512 whole", (512, 512), EvalConfig(mode="whole", short_side=512))]
     cases.append(("360x480 slide (CamVid eval)", (360, 480), EvalConfig(mode="slide", short_side=512)))
