@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -407,9 +408,7 @@ def evaluate(
         seen_shift = torch.zeros(len(class_names), device=device)
         seen_shift[list(seen)] = cfg.seen_gamma
     seen_images = torch.zeros((), dtype=torch.int64, device=device)
-    calibration = None
-    if calibrated is not None:
-        calibration = lambda scores: seen_calibrated(scores, seen_shift)  # noqa: E731
+    calibration = partial(seen_calibrated, shift=seen_shift) if calibrated is not None else None
     for item in tqdm(loader, desc="eval", disable=not progress or rank != 0, dynamic_ncols=True):
         image = item["image"].to(device, non_blocking=True)  # (1, 3, H, W)
         mask = item["mask"].to(device, non_blocking=True).long()  # (1, H0, W0)

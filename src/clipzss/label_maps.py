@@ -124,11 +124,6 @@ class Plan:
         return len(self.rows.starts) * len(self.cols.starts)
 
     @property
-    def average(self) -> bool:
-        """Overlapping windows are averaged (mmseg divides the canvas by the count) when there is more than one."""
-        return self.num_windows > 1
-
-    @property
     def out_size(self) -> tuple[int, int]:
         return (self.rows.out_size, self.cols.out_size)
 
@@ -167,22 +162,16 @@ def slide_plan(
         raise ValueError("sliding windows must form a grid in row-major order")
     size = (windows[0][1] - windows[0][0], windows[0][3] - windows[0][2])
     axes = []
-    for starts, win, canvas in zip((rows, cols), size, image_size, strict=True):
-        covered = np.zeros(canvas, dtype=bool)
-        for s in starts:
-            covered[s : s + win] = True
-        if not covered.all():
+    for starts, win, low, canvas, out in zip((rows, cols), size, low_size, image_size, out_size, strict=True):
+        final = AxisMap.bilinear(canvas, out) if canvas != out else None
+        axis = Axis(tuple(starts), AxisMap.bilinear(low, win), canvas, final)
+        count = axis.coverage[1]
+        if not count.all():
             raise ValueError(
-                f"sliding windows of {win} leave pixel {int(np.argmin(covered))} of {canvas} uncovered "
+                f"sliding windows of {win} leave pixel {int(np.argmin(count))} of {canvas} uncovered "
                 "(a stride larger than the crop size)"
             )
-    for starts, win, low, canvas, out in zip((rows, cols), size, low_size, image_size, out_size, strict=True):
-        final = (
-            AxisMap.bilinear(canvas, out)
-            if (tuple(image_size) != tuple(out_size)) and canvas != out
-            else None
-        )
-        axes.append(Axis(tuple(starts), AxisMap.bilinear(low, win), canvas, final))
+        axes.append(axis)
     return Plan(*axes)
 
 
@@ -289,9 +278,8 @@ def _axis_tables(axis: Axis) -> tuple[Any, ...]:
     if axis.final is None and len(axis.starts) == 1:
         key = axis.window.i0[out]  # the pixels between the same two low-resolution points
     else:
-        key = out // max(
-            1, round(UNIT_CANVAS * axis.out_size / axis.canvas)
-        )  # about UNIT_CANVAS canvas pixels
+        # runs of the output indices that read about UNIT_CANVAS canvas indices
+        key = out // max(1, round(UNIT_CANVAS * axis.out_size / axis.canvas))
     edges = np.flatnonzero(np.diff(key)) + 1
     start = np.concatenate([[0], edges]).astype(np.int64)
     stop = np.concatenate([edges, [axis.out_size]]).astype(np.int64)
@@ -372,7 +360,8 @@ def label_map_with_stats(
         return dense_labels(plan, logits), {"dense": 1}
     rows, cols = _plan_tables(plan)
     # Every output value is a convex combination of low-res values computed in at most (windows per point + 12)
-    # float32 roundings, each off by at most UNIT_ROUNDOFF of the largest magnitude involved: rel is 4× that bound.
+    # float32 roundings, each off by at most UNIT_ROUNDOFF of the largest magnitude involved, and weights that sum
+    # to 1 within 4 more: rel is 4× that bound of (windows per point + 16) roundings.
     depth = int(plan.rows.coverage[1].max() * plan.cols.coverage[1].max()) + 16
     rel = 4.0 * depth * UNIT_ROUNDOFF
     out = np.empty(plan.out_size, dtype=np.int64)

@@ -136,4 +136,4 @@ class OnnxSegmenter:
                 [self._logits(x[..., y1:y2, x1:x2], rows)[0].transpose(1, 2, 0) for y1, y2, x1, x2 in grid]
             )
             plan = slide_plan((h, w), grid, logits.shape[1:3], out_size)
-        return label_map(plan, np.ascontiguousarray(logits, dtype=np.float32))
+        return label_map(plan, logits)  # it takes any float array and makes it contiguous float32

@@ -159,7 +159,8 @@ class ZeroShotSegmenter:
         emb = self.embed(images.to(self.device)).float()  # (B, C, h, w)
         batch, _, height, width = emb.shape
         flat = emb.flatten(2)  # (B, C, h·w)
-        norm = torch.linalg.vector_norm(flat, dim=1).clamp_min_(1e-12)[..., None]  # (B, h·w, 1), as F.normalize
+        # (B, h·w, 1), clamped as F.normalize does
+        norm = torch.linalg.vector_norm(flat, dim=1).clamp_min_(1e-12)[..., None]
         # Computed classes-last, (h·w, C) @ (C, K): the channels-last result needs no transposing copy.
         logits = torch.matmul(flat.transpose(1, 2), (self.alpha * text.to(flat)).T).div_(norm)  # (B, h·w, K)
         return logits.view(batch, height, width, -1).permute(0, 3, 1, 2)  # channels last in memory
