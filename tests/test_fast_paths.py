@@ -1,7 +1,7 @@
 """Optimised paths equal the plain computations they replace, within the stated tolerances.
 
 Each test pits a speed-up (issue 7) against a straightforward reference written here or the library code it
-replaces: the channels-last text classifier, the layout-following slide canvas and its one-window shortcut, the
+replaces: the channels-last text classifier (its compiled norms and pixel blocks), the layout-following slide canvas and its one-window shortcut, the
 skipped same-size resize, the re-ordered SegFormer decoder, the joint multi-scale K-Means with CPU index-adds and
 early exit, the class-query-only last teacher block, and the deferred non-finite-loss check. Float tolerances:
 1e-5 relative on logits and embeddings (fp32 rounding of another summation order); argmax maps equal wherever the
@@ -21,7 +21,7 @@ from torch import nn
 from clipzss.config import Config, EvalConfig, StudentConfig, TeacherConfig
 from clipzss.evaluate import infer_logits
 from clipzss.inference import preprocess, sliding_windows
-from clipzss.predict import PrecomputedText, Segmenter
+from clipzss.predict import PrecomputedText, Segmenter, _classes_last_logits, pixel_norms
 from clipzss.pseudo_labels import _cluster_sums, _lloyd, _lloyd_until_fixed, kmeans_sets, window_seeds
 from clipzss.student import build_student
 from clipzss.teacher import _last_block, _value_path, build_teacher
@@ -102,6 +102,28 @@ def test_channels_last_logits_equal_normalised_einsum(segmenter: Segmenter) -> N
     plain = segmenter.alpha * torch.einsum("bchw,kc->bkhw", emb, text)
     assert fast.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5 * segmenter.alpha)
+
+
+def test_pixel_norms_equal_torch_vector_norm() -> None:
+    # 700 pixels: two full blocks of the kernel and a partial one; a zero embedding is clamped as F.normalize does.
+    flat = torch.randn(2, 33, 700)
+    flat[1, :, 5] = 0
+    fast = pixel_norms(flat)
+    plain = torch.linalg.vector_norm(flat, dim=1).clamp_min(1e-12)
+    torch.testing.assert_close(fast, plain, rtol=1e-6, atol=0)
+    assert float(fast[1, 5]) == pytest.approx(1e-12)
+    torch.testing.assert_close(pixel_norms(flat.double()), plain.double(), rtol=1e-6, atol=0)  # torch's path
+
+
+@pytest.mark.parametrize("classes", [7, 300])  # the two block sizes of the blocked classifier
+def test_blocked_classes_last_logits_equal_one_matmul(classes: int) -> None:
+    flat = torch.randn(2, 24, 1100)  # not a multiple of either block
+    weights = torch.randn(classes, 24)
+    norm = pixel_norms(flat)[..., None]
+    fast = _classes_last_logits(flat, weights, norm)
+    plain = torch.einsum("bcp,kc->bpk", flat, weights) / norm
+    assert fast.shape == (2, 1100, classes) and fast.is_contiguous()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
