@@ -424,3 +424,27 @@ def test_seen_calibration_is_reported_beside_the_plain_figures(tmp_path: Path):
     assert saved["calibrated"]["seen_gamma"] == 0.1 and saved["summary"]["mIoU(U)"] == 0
     with pytest.raises(ValueError, match=re.escape("eval.seen_gamma must be a number >= 0")):
         evaluate(close_call, data, EvalConfig(mode="whole", seen_gamma=-1.0), progress=False)
+
+
+def test_window_batches_shrink_to_the_logits_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A first window alone, then batches bounded by WINDOW_BATCH_BYTES; the logits do not depend on the batching.
+    import clipzss.evaluate as evaluate_module
+
+    fn = _stride4_fn(k=6)
+    calls: list[int] = []
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return fn(x)
+
+    images = torch.randn(2, 3, 40, 70)
+    cfg = EvalConfig(mode="slide", crop_size=16, stride=11)
+    _, default = window_logits(counted, images, cfg, window_batch=4)
+    windows = len(sliding_windows(40, 70, 16, 11))
+    assert calls[0] == 2 and max(calls) == 2 * 4 and sum(calls) == 2 * windows  # B = 2 images per window
+    per_window = 2 * 4 * 4 * 6 * 4  # B × (16/4)² × K float32 bytes
+    monkeypatch.setattr(evaluate_module, "WINDOW_BATCH_BYTES", 2 * per_window)
+    calls.clear()
+    _, bounded = window_logits(counted, images, cfg, window_batch=4)
+    assert calls == [2] + [4] * ((windows - 1) // 2) + [2] * ((windows - 1) % 2)
+    torch.testing.assert_close(bounded, default, rtol=1e-6, atol=1e-6)

@@ -179,6 +179,12 @@ def _classes_last(logits: Tensor) -> Tensor:
     return logits.float().permute(0, 2, 3, 1).contiguous()
 
 
+# At most this many bytes of logits per `window_logits` batch beyond the first window: with a large vocabulary
+# (847 names: 55 MB per 512² window) the windows then go one or two at a time, so the batch's logits and the
+# student's activations add little to the stored windows (issue 15: peak memory at 1024×2048).
+WINDOW_BATCH_BYTES = 64 << 20
+
+
 def window_logits(
     logits_fn: LogitsFn,
     images: Tensor,
@@ -189,7 +195,8 @@ def window_logits(
     """Run the network as ``cfg.mode`` says: the image's `Plan` and its (B, windows, h', w', K) logits.
 
     Whole: the image in one pass (one "window"). Slide: mmseg's windows (`sliding_windows`), up to
-    ``window_batch`` of them per ``logits_fn`` call (they all have the same size). The logits stay at the
+    ``window_batch`` of them per ``logits_fn`` call (they all have the same size; fewer when their logits would
+    pass `WINDOW_BATCH_BYTES`). The logits stay at the
     network's resolution; `clipzss.label_maps` turns them into labels (or reference scores) at ``out_size``
     (default: the image size).
     """
@@ -199,15 +206,18 @@ def window_logits(
         logits = _classes_last(logits_fn(images))[:, None]  # (B, 1, h', w', K)
         return whole_plan(logits.shape[2:4], out_size), logits
     windows = sliding_windows(h, w, cfg.crop_size, cfg.stride)
-    batch = max(window_batch, 1)
     store: Tensor | None = None
-    for start in range(0, len(windows), batch):
+    start, batch = 0, 1  # the first window alone tells the logits' size, which bounds the later batches
+    while start < len(windows):
         chunk = windows[start : start + batch]
         crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n·B, 3, win_h, win_w)
         logits = _classes_last(logits_fn(crops))  # (n·B, h', w', K)
         if store is None:
             store = logits.new_empty(b, len(windows), *logits.shape[1:])
+            per_window = logits[:b].numel() * logits.element_size()
+            batch = max(1, min(window_batch, WINDOW_BATCH_BYTES // max(per_window, 1)))
         store[:, start : start + len(chunk)] = logits.view(len(chunk), b, *logits.shape[1:]).transpose(0, 1)
+        start += len(chunk)
     assert store is not None
     return slide_plan((h, w), windows, store.shape[2:4], out_size), store
 
