@@ -430,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the runs already in --json and train only the missing ones",
     )
     args = parser.parse_args(argv)
+    if args.quality_images < 1 and not args.from_json:
+        parser.error(
+            "--quality-images must be at least 1: the report's pseudo-label and seen-rim tables need scenes"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     worlds = list(WORLDS) if args.worlds == "all" else [w.strip() for w in args.worlds.split(";")]
