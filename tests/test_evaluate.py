@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,12 @@ from clipzss.evaluate import (
     evaluate,
     infer_labels,
     infer_logits,
+    seen_calibrated,
+    window_labels,
     window_logits,
 )
 from clipzss.inference import sliding_windows
-from clipzss.label_maps import dense_scores
+from clipzss.label_maps import dense_scores, label_map
 
 # ---------------------------------------------------------------------------------------------------------------
 # confusion matrix and metrics
@@ -448,3 +451,35 @@ def test_window_batches_shrink_to_the_logits_budget(monkeypatch: pytest.MonkeyPa
     _, bounded = window_logits(counted, images, cfg, window_batch=4)
     assert calls == [2] + [4] * ((windows - 1) // 2) + [2] * ((windows - 1) % 2)
     torch.testing.assert_close(bounded, default, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("size", "crop", "stride", "out"),
+    [
+        ((60, 40), 16, 11, None),  # 5 rows of windows, two read at a time
+        ((60, 40), 16, 11, (83, 29)),  # resized up in rows, down in columns
+        ((61, 30), 16, 6, (40, 30)),  # deep overlap: up to three rows per output row
+        ((48, 20), 16, 16, None),  # no overlap: every band reads one row
+    ],
+)
+def test_streamed_rows_of_windows_equal_the_whole_image_labels(size, crop, stride, out) -> None:
+    # window_labels runs the rows of windows in order and labels bands as their rows come in; the labels must be
+    # those of the whole image's logits, for plain and transformed scores, and every window runs exactly once.
+    fn = _stride4_fn(k=5)
+    images = torch.randn(2, 3, *size)
+    calls: list[int] = []
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return (fn(x) * 4).round() / 4  # quantised: ties between classes everywhere
+
+    cfg = EvalConfig(mode="slide", crop_size=crop, stride=stride)
+    shift = partial(seen_calibrated, shift=torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5]))
+    (plain, shifted), classes = window_labels(counted, images, cfg, out, (None, shift))
+    windows = sliding_windows(*size, crop, stride)
+    assert classes == 5 and sum(calls) == 2 * len(windows)
+    plan, logits = window_logits(counted, images, cfg, out)
+    for i in range(2):
+        assert torch.equal(plain[i], torch.as_tensor(label_map(plan, logits[i])))
+        assert torch.equal(shifted[i], torch.as_tensor(label_map(plan, logits[i], shift)))
+        assert torch.equal(plain[i], torch.as_tensor(dense_scores(plan, logits[i])).argmax(-1))

@@ -8,6 +8,7 @@ resized up or down), and on the logits of a student on real CamVid and VOC image
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +275,28 @@ def test_real_images_labels_equal_reference_and_torch(shared_data: Path, student
 
 def _windows(x: torch.Tensor, cfg: EvalConfig):
     return sliding_windows(x.shape[-2], x.shape[-1], cfg.crop_size, cfg.stride)
+
+
+def test_row_bands_of_a_cityscapes_image() -> None:
+    windows = sliding_windows(1024, 2048, 512, 341)
+    bands = lm.row_bands(lm.slide_plan((1024, 2048), windows, (128, 128), (1024, 2048)))
+    assert [(b.first, b.last, b.out_start, b.out_stop) for b in bands] == [
+        (0, 0, 0, 341), (0, 1, 341, 512), (1, 2, 512, 853), (2, 2, 853, 1024)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("out", [(70, 45), (97, 45), (40, 60)])
+def test_band_plans_give_the_full_scores_bit_for_bit(out: tuple[int, int]) -> None:
+    windows = sliding_windows(70, 45, 16, 7)
+    plan = lm.slide_plan((70, 45), windows, (4, 4), out)
+    logits = np.random.default_rng(1).standard_normal((plan.num_windows, 4, 4, 6)).astype(np.float32)
+    cols = len(plan.cols.starts)
+    full = lm.dense_scores(plan, logits)
+    bands = lm.row_bands(plan)
+    assert bands[0].out_start == 0 and bands[-1].out_stop == out[0]
+    assert all(a.out_stop == b.out_start for a, b in itertools.pairwise(bands))
+    for band in bands:
+        part = logits[band.first * cols : (band.last + 1) * cols]
+        scores = lm.dense_scores(lm.band_plan(plan, band), part)
+        np.testing.assert_array_equal(scores, full[band.out_start : band.out_stop])
+        assert np.array_equal(lm.label_map(lm.band_plan(plan, band), part), scores.argmax(-1))

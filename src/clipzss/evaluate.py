@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from clipzss.config import EvalConfig, check_choice
 from clipzss.data.splits import IGNORE_INDEX
 from clipzss.inference import check_mode, sliding_windows
-from clipzss.label_maps import Plan, dense_scores, label_map, slide_plan, whole_plan
+from clipzss.label_maps import Plan, band_plan, dense_scores, label_map, row_bands, slide_plan, whole_plan
 
 logger = logging.getLogger(__name__)
 
@@ -236,9 +236,79 @@ def infer_labels(
     `clipzss.inference.preprocess`; ``out_size`` is the original image's (or mask's) size; ``transform`` maps
     the scores before the argmax (seen-class calibration).
     """
-    plan, logits = window_logits(logits_fn, images, cfg, out_size)
-    labels = [torch.as_tensor(label_map(plan, logits[i], transform)) for i in range(logits.shape[0])]
-    return torch.stack(labels)
+    return window_labels(logits_fn, images, cfg, out_size, (transform,))[0][0]
+
+
+def window_labels(
+    logits_fn: LogitsFn,
+    images: Tensor,
+    cfg: EvalConfig,
+    out_size: tuple[int, int] | None = None,
+    transforms: Sequence[Callable[[Tensor], Tensor] | None] = (None,),
+) -> tuple[list[Tensor], int]:
+    """`infer_labels` for each of ``transforms`` (None: the plain argmax) from one network pass, and the K.
+
+    In slide mode with more rows of windows than any output row reads (a 1024×2048 image: three rows, two at a
+    time), the rows of windows are run in order and each band of output rows (`label_maps.row_bands`) is labelled
+    as soon as its last row is in, then the rows no later band reads are dropped: the stored logits are those
+    rows', not the whole image's (at 847 names 0.67 instead of 1.0 GB). Bands are the full plan's values bit for
+    bit (`label_maps.band_plan`), so the labels are the same.
+    """
+    b, _, h, w = images.shape
+    out_size = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
+    slide = check_mode(cfg.mode) == "slide"
+    windows = sliding_windows(h, w, cfg.crop_size, cfg.stride) if slide else []
+    cols = len({x1 for _, _, x1, _ in windows})
+    rows = len(windows) // max(cols, 1)
+    # Which rows of windows each band of output rows reads depends on the windows and sizes only.
+    bands = row_bands(slide_plan((h, w), windows, (1, 1), out_size)) if rows > 1 else []
+    depth = max((band.last - band.first + 1 for band in bands), default=rows)
+    if depth >= rows:  # whole, or every output row reads every row of windows: nothing to stream
+        plan, logits = window_logits(logits_fn, images, cfg, out_size)
+        labels = [
+            torch.stack([torch.as_tensor(label_map(plan, logits[i], t)) for i in range(b)])
+            for t in transforms
+        ]
+        return labels, logits.shape[-1]
+    store: Tensor | None = None  # the held rows of windows, oldest first: (B, depth·cols, h', w', K)
+    plan: Plan | None = None
+    labels: list[Tensor] = []
+    held, count, next_band, batch = 0, 0, 0, 1  # window row in store's first slot, rows held, next band
+    for row in range(rows):
+        if next_band == len(bands) or row < bands[next_band].first:
+            continue  # no output row reads this row of windows
+        drop = bands[next_band].first - held
+        if drop > 0 and store is not None:  # keep the rows still read, in order (the slices never overlap)
+            for j in range(count - drop):
+                store[:, j * cols : (j + 1) * cols] = store[:, (j + drop) * cols : (j + drop + 1) * cols]
+        held, count = held + max(drop, 0), max(count - max(drop, 0), 0)
+        todo, start = windows[row * cols : (row + 1) * cols], 0
+        while start < len(todo):
+            chunk = todo[start : start + batch]
+            crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+            out = _classes_last(logits_fn(crops))  # (n·B, h', w', K)
+            if store is None:  # the first window alone tells the logits' size, which bounds the batches
+                store = out.new_empty(b, depth * cols, *out.shape[1:])
+                plan = slide_plan((h, w), windows, out.shape[1:3], out_size)
+                labels = [torch.empty(b, *out_size, dtype=torch.int64, device=out.device) for _ in transforms]
+                per_window = out[:b].numel() * out.element_size()
+                batch = max(1, min(8, WINDOW_BATCH_BYTES // max(per_window, 1)))
+            slot = count * cols + start
+            store[:, slot : slot + len(chunk)] = out.view(len(chunk), b, *out.shape[1:]).transpose(0, 1)
+            start += len(chunk)
+        count += 1
+        while next_band < len(bands) and bands[next_band].last <= row:
+            band = bands[next_band]
+            part = band_plan(plan, band)
+            lo, hi = (band.first - held) * cols, (band.last - held + 1) * cols
+            for t, out_labels in zip(transforms, labels, strict=True):
+                for i in range(b):
+                    out_labels[i, band.out_start : band.out_stop] = torch.as_tensor(
+                        label_map(part, store[i, lo:hi], t)
+                    )
+            next_band += 1
+    assert store is not None
+    return labels, store.shape[-1]
 
 
 def infer_logits(
@@ -422,16 +492,17 @@ def evaluate(
     for item in tqdm(loader, desc="eval", disable=not progress or rank != 0, dynamic_ncols=True):
         image = item["image"].to(device, non_blocking=True)  # (1, 3, H, W)
         mask = item["mask"].to(device, non_blocking=True).long()  # (1, H0, W0)
-        plan, logits = window_logits(logits_fn, image, cfg, tuple(mask.shape[-2:]))
-        if logits.shape[-1] != len(class_names):
+        # Labels straight from the low-resolution logits: no K-channel map at the mask's size is ever kept.
+        transforms = (None,) if calibration is None else (None, calibration)
+        labels, classes = window_labels(logits_fn, image, cfg, tuple(mask.shape[-2:]), transforms)
+        if classes != len(class_names):
             raise ValueError(
-                f"logits_fn returned {logits.shape[-1]} channels for image '{item['name'][0]}' "
+                f"logits_fn returned {classes} channels for image '{item['name'][0]}' "
                 f"but the dataset has {len(class_names)} classes"
             )
-        # Labels straight from the low-resolution logits: no K-channel map at the mask's size is ever kept.
-        confusion.update(torch.as_tensor(label_map(plan, logits[0]))[None], mask)
+        confusion.update(labels[0], mask)
         if calibrated is not None:
-            calibrated.update(torch.as_tensor(label_map(plan, logits[0], calibration))[None], mask)
+            calibrated.update(labels[1], mask)
         seen_images += 1
 
     confusion.all_reduce()

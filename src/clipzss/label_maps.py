@@ -34,6 +34,7 @@ returns, permuted for free), windows in `clipzss.inference.sliding_windows` orde
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -173,6 +174,62 @@ def slide_plan(
             )
         axes.append(axis)
     return Plan(*axes)
+
+
+@dataclass(frozen=True)
+class Band:
+    """Output rows ``[out_start, out_stop)`` of a plan, whose values need only window rows ``[first, last]``."""
+
+    first: int
+    last: int
+    out_start: int
+    out_stop: int
+
+
+def row_bands(plan: Plan) -> list[Band]:
+    """The plan's output rows as bands in order, each labelled once its last window row is in (bounded memory).
+
+    Output row y reads canvas rows ``final.i0[y]`` and ``final.i1[y]`` (y itself without a final resize), which
+    read the window rows covering them; consecutive output rows that need the same window rows form one band.
+    """
+    axis = plan.rows
+    slots = axis.coverage[0]
+    if axis.final is not None:
+        reads = np.stack([axis.final.i0, axis.final.i1])
+    else:
+        reads = np.arange(axis.canvas)[None]
+    covering = slots[:, reads.ravel()]  # (slots, reads·out): window rows, -1 for an empty slot
+    first = np.where(covering >= 0, covering, len(axis.starts)).min(0).reshape(reads.shape).min(0)
+    last = covering.max(0).reshape(reads.shape).max(0)
+    bands: list[Band] = []
+    for y in range(axis.out_size):
+        if bands and (bands[-1].first, bands[-1].last) == (first[y], last[y]):
+            bands[-1] = dataclasses.replace(bands[-1], out_stop=y + 1)
+        else:
+            bands.append(Band(int(first[y]), int(last[y]), y, y + 1))
+    return bands
+
+
+def band_plan(plan: Plan, band: Band) -> Plan:
+    """The plan of one band: window rows ``band.first..band.last`` on the canvas they span, output rows the band's.
+
+    The band's values are the full plan's bit for bit: the same windows summed in the same order and divided by
+    the same count (no other window covers the rows it reads), and the same final weights. Without a final resize
+    the band selects its canvas rows with weights (1, 0), which reproduces each value exactly.
+    """
+    rows = plan.rows
+    base = rows.starts[band.first]
+    starts = tuple(s - base for s in rows.starts[band.first : band.last + 1])
+    canvas = starts[-1] + rows.window.out_size
+    out = slice(band.out_start, band.out_stop)
+    if rows.final is not None:
+        f = rows.final
+        final = AxisMap(canvas, f.i0[out] - base, f.i1[out] - base, f.w0[out], f.w1[out])
+    else:
+        i0 = np.arange(band.out_start, band.out_stop, dtype=np.int64) - base
+        one = np.ones(len(i0), dtype=np.float32)
+        final = AxisMap(canvas, i0, np.minimum(i0 + 1, canvas - 1), one, np.zeros_like(one))
+    return Plan(Axis(starts, rows.window, canvas, final), plan.cols)
 
 
 # ---------------------------------------------------------------------------------------------------------------
