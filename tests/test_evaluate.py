@@ -460,6 +460,8 @@ def test_window_batches_shrink_to_the_logits_budget(monkeypatch: pytest.MonkeyPa
         ((60, 40), 16, 11, (83, 29)),  # resized up in rows, down in columns
         ((61, 30), 16, 6, (40, 30)),  # deep overlap: up to three rows per output row
         ((48, 20), 16, 16, None),  # no overlap: every band reads one row
+        ((60, 16), 16, 11, None),  # one column: single-window bands
+        ((60, 16), 16, 11, (45, 20)),
     ],
 )
 def test_streamed_rows_of_windows_equal_the_whole_image_labels(size, crop, stride, out) -> None:

@@ -285,10 +285,12 @@ def test_row_bands_of_a_cityscapes_image() -> None:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("out", [(70, 45), (97, 45), (40, 60)])
-def test_band_plans_give_the_full_scores_bit_for_bit(out: tuple[int, int]) -> None:
-    windows = sliding_windows(70, 45, 16, 7)
-    plan = lm.slide_plan((70, 45), windows, (4, 4), out)
+@pytest.mark.parametrize(
+    ("width", "out"), [(45, (70, 45)), (45, (97, 45)), (45, (40, 60)), (16, (70, 16)), (16, (51, 9))]
+)  # 16: one column of windows, single-window bands
+def test_band_plans_give_the_full_scores_bit_for_bit(width: int, out: tuple[int, int]) -> None:
+    windows = sliding_windows(70, width, 16, 7)
+    plan = lm.slide_plan((70, width), windows, (4, 4), out)
     logits = np.random.default_rng(1).standard_normal((plan.num_windows, 4, 4, 6)).astype(np.float32)
     cols = len(plan.cols.starts)
     full = lm.dense_scores(plan, logits)

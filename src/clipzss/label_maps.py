@@ -211,25 +211,32 @@ def row_bands(plan: Plan) -> list[Band]:
 
 
 def band_plan(plan: Plan, band: Band) -> Plan:
-    """The plan of one band: window rows ``band.first..band.last`` on the canvas they span, output rows the band's.
+    """The plan of one band: window rows ``band.first..band.last`` on the canvas rows the band reads.
 
     The band's values are the full plan's bit for bit: the same windows summed in the same order and divided by
-    the same count (no other window covers the rows it reads), and the same final weights. Without a final resize
-    the band selects its canvas rows with weights (1, 0), which reproduces each value exactly.
+    the same count (no other window covers the rows it reads), and the same final weights. Windows may start
+    before that canvas or end after it (only their rows inside are read). A band of a single window keeps the
+    window's own canvas and selects its rows with weights (1, 0), which reproduces each value exactly (the
+    one-window paths index the canvas as the window).
     """
     rows = plan.rows
-    base = rows.starts[band.first]
-    starts = tuple(s - base for s in rows.starts[band.first : band.last + 1])
-    canvas = starts[-1] + rows.window.out_size
     out = slice(band.out_start, band.out_stop)
-    if rows.final is not None:
-        f = rows.final
-        final = AxisMap(canvas, f.i0[out] - base, f.i1[out] - base, f.w0[out], f.w1[out])
+    f = rows.final
+    if band.first == band.last and len(plan.cols.starts) == 1:  # one window: its own canvas
+        lo = rows.starts[band.first]
+        hi = lo + rows.window.out_size
+        if f is None:
+            i0 = np.arange(band.out_start, band.out_stop, dtype=np.int64)
+            one = np.ones(len(i0), dtype=np.float32)
+            f = AxisMap(rows.canvas, i0, np.minimum(i0 + 1, hi - 1), one, np.zeros_like(one))
+            out = slice(None)
+    elif f is not None:  # the canvas rows the band's final rows read
+        lo, hi = int(f.i0[out][0]), int(f.i1[out][-1]) + 1
     else:
-        i0 = np.arange(band.out_start, band.out_stop, dtype=np.int64) - base
-        one = np.ones(len(i0), dtype=np.float32)
-        final = AxisMap(canvas, i0, np.minimum(i0 + 1, canvas - 1), one, np.zeros_like(one))
-    return Plan(Axis(starts, rows.window, canvas, final), plan.cols)
+        lo, hi = band.out_start, band.out_stop
+    starts = tuple(s - lo for s in rows.starts[band.first : band.last + 1])
+    final = None if f is None else AxisMap(hi - lo, f.i0[out] - lo, f.i1[out] - lo, f.w0[out], f.w1[out])
+    return Plan(Axis(starts, rows.window, hi - lo, final), plan.cols)
 
 
 # ---------------------------------------------------------------------------------------------------------------
