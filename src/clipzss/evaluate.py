@@ -185,6 +185,19 @@ def _classes_last(logits: Tensor) -> Tensor:
 WINDOW_BATCH_BYTES = 64 << 20
 
 
+def _run_windows(logits_fn: LogitsFn, images: Tensor, chunk: Sequence[tuple[int, int, int, int]]) -> Tensor:
+    """The logits of windows ``chunk`` of every image, in one ``logits_fn`` call: (B, n, h', w', K)."""
+    crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n·B, 3, win_h, win_w)
+    logits = _classes_last(logits_fn(crops))  # (n·B, h', w', K)
+    return logits.view(len(chunk), images.shape[0], *logits.shape[1:]).transpose(0, 1)
+
+
+def _window_batch(first: Tensor, window_batch: int) -> int:
+    """Windows per call after the ``first`` one's (B, 1, h', w', K) logits: at most ``window_batch``, and
+    within `WINDOW_BATCH_BYTES`."""
+    return max(1, min(window_batch, WINDOW_BATCH_BYTES // max(first.numel() * first.element_size(), 1)))
+
+
 def window_logits(
     logits_fn: LogitsFn,
     images: Tensor,
@@ -206,19 +219,13 @@ def window_logits(
         logits = _classes_last(logits_fn(images))[:, None]  # (B, 1, h', w', K)
         return whole_plan(logits.shape[2:4], out_size), logits
     windows = sliding_windows(h, w, cfg.crop_size, cfg.stride)
-    store: Tensor | None = None
-    start, batch = 0, 1  # the first window alone tells the logits' size, which bounds the later batches
-    while start < len(windows):
+    first = _run_windows(logits_fn, images, windows[:1])  # its size bounds the later batches
+    store = first.new_empty(b, len(windows), *first.shape[2:])
+    store[:, :1] = first
+    batch = _window_batch(first, window_batch)
+    for start in range(1, len(windows), batch):
         chunk = windows[start : start + batch]
-        crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n·B, 3, win_h, win_w)
-        logits = _classes_last(logits_fn(crops))  # (n·B, h', w', K)
-        if store is None:
-            store = logits.new_empty(b, len(windows), *logits.shape[1:])
-            per_window = logits[:b].numel() * logits.element_size()
-            batch = max(1, min(window_batch, WINDOW_BATCH_BYTES // max(per_window, 1)))
-        store[:, start : start + len(chunk)] = logits.view(len(chunk), b, *logits.shape[1:]).transpose(0, 1)
-        start += len(chunk)
-    assert store is not None
+        store[:, start : start + len(chunk)] = _run_windows(logits_fn, images, chunk)
     return slide_plan((h, w), windows, store.shape[2:4], out_size), store
 
 
@@ -245,6 +252,7 @@ def window_labels(
     cfg: EvalConfig,
     out_size: tuple[int, int] | None = None,
     transforms: Sequence[Callable[[Tensor], Tensor] | None] = (None,),
+    window_batch: int = 8,
 ) -> tuple[list[Tensor], int]:
     """`infer_labels` for each of ``transforms`` (None: the plain argmax) from one network pass, and the K.
 
@@ -264,38 +272,32 @@ def window_labels(
     bands = row_bands(slide_plan((h, w), windows, (1, 1), out_size)) if rows > 1 else []
     depth = max((band.last - band.first + 1 for band in bands), default=rows)
     if depth >= rows:  # whole, or every output row reads every row of windows: nothing to stream
-        plan, logits = window_logits(logits_fn, images, cfg, out_size)
+        plan, logits = window_logits(logits_fn, images, cfg, out_size, window_batch)
         labels = [
             torch.stack([torch.as_tensor(label_map(plan, logits[i], t)) for i in range(b)])
             for t in transforms
         ]
         return labels, logits.shape[-1]
-    store: Tensor | None = None  # the held rows of windows, oldest first: (B, depth·cols, h', w', K)
-    plan: Plan | None = None
-    labels: list[Tensor] = []
-    held, count, next_band, batch = 0, 0, 0, 1  # window row in store's first slot, rows held, next band
+    # Output row 0 reads window row 0, so the first window is always run; its size bounds the batches.
+    first = _run_windows(logits_fn, images, windows[:1])
+    store = first.new_empty(b, depth * cols, *first.shape[2:])  # the held rows of windows, oldest first
+    store[:, :1] = first
+    plan = slide_plan((h, w), windows, first.shape[2:4], out_size)
+    labels = [torch.empty(b, *out_size, dtype=torch.int64, device=first.device) for _ in transforms]
+    batch = _window_batch(first, window_batch)
+    held, count, next_band = 0, 0, 0  # window row in store's first slot, rows held, first band not labelled
     for row in range(rows):
         if next_band == len(bands) or row < bands[next_band].first:
             continue  # no output row reads this row of windows
-        drop = bands[next_band].first - held
-        if drop > 0 and store is not None:  # keep the rows still read, in order (the slices never overlap)
+        drop = bands[next_band].first - held  # rows no later band reads (or skipped)
+        if drop > 0:  # the rows still read move to the front, in order (the slices never overlap)
             for j in range(count - drop):
                 store[:, j * cols : (j + 1) * cols] = store[:, (j + drop) * cols : (j + drop + 1) * cols]
-        held, count = held + max(drop, 0), max(count - max(drop, 0), 0)
-        todo, start = windows[row * cols : (row + 1) * cols], 0
-        while start < len(todo):
-            chunk = todo[start : start + batch]
-            crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
-            out = _classes_last(logits_fn(crops))  # (n·B, h', w', K)
-            if store is None:  # the first window alone tells the logits' size, which bounds the batches
-                store = out.new_empty(b, depth * cols, *out.shape[1:])
-                plan = slide_plan((h, w), windows, out.shape[1:3], out_size)
-                labels = [torch.empty(b, *out_size, dtype=torch.int64, device=out.device) for _ in transforms]
-                per_window = out[:b].numel() * out.element_size()
-                batch = max(1, min(8, WINDOW_BATCH_BYTES // max(per_window, 1)))
-            slot = count * cols + start
-            store[:, slot : slot + len(chunk)] = out.view(len(chunk), b, *out.shape[1:]).transpose(0, 1)
-            start += len(chunk)
+            held, count = held + drop, max(count - drop, 0)
+        slot, row_windows = count * cols, windows[row * cols : (row + 1) * cols]
+        for start in range(1 if row == 0 else 0, cols, batch):  # (row 0's first window is in)
+            chunk = row_windows[start : start + batch]
+            store[:, slot + start : slot + start + len(chunk)] = _run_windows(logits_fn, images, chunk)
         count += 1
         while next_band < len(bands) and bands[next_band].last <= row:
             band = bands[next_band]
@@ -307,7 +309,6 @@ def window_labels(
                         label_map(part, store[i, lo:hi], t)
                     )
             next_band += 1
-    assert store is not None
     return labels, store.shape[-1]
 
 
@@ -489,11 +490,11 @@ def evaluate(
         seen_shift[list(seen)] = cfg.seen_gamma
     seen_images = torch.zeros((), dtype=torch.int64, device=device)
     calibration = partial(seen_calibrated, shift=seen_shift) if calibrated is not None else None
+    transforms = (None,) if calibration is None else (None, calibration)
     for item in tqdm(loader, desc="eval", disable=not progress or rank != 0, dynamic_ncols=True):
         image = item["image"].to(device, non_blocking=True)  # (1, 3, H, W)
         mask = item["mask"].to(device, non_blocking=True).long()  # (1, H0, W0)
         # Labels straight from the low-resolution logits: no K-channel map at the mask's size is ever kept.
-        transforms = (None,) if calibration is None else (None, calibration)
         labels, classes = window_labels(logits_fn, image, cfg, tuple(mask.shape[-2:]), transforms)
         if classes != len(class_names):
             raise ValueError(

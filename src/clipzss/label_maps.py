@@ -222,20 +222,23 @@ def band_plan(plan: Plan, band: Band) -> Plan:
     rows = plan.rows
     out = slice(band.out_start, band.out_stop)
     f = rows.final
-    if band.first == band.last and len(plan.cols.starts) == 1:  # one window: its own canvas
+    single = band.first == band.last and len(plan.cols.starts) == 1
+    if single:  # one window: its own canvas
         lo = rows.starts[band.first]
         hi = lo + rows.window.out_size
-        if f is None:
-            i0 = np.arange(band.out_start, band.out_stop, dtype=np.int64)
-            one = np.ones(len(i0), dtype=np.float32)
-            f = AxisMap(rows.canvas, i0, np.minimum(i0 + 1, hi - 1), one, np.zeros_like(one))
-            out = slice(None)
     elif f is not None:  # the canvas rows the band's final rows read
         lo, hi = int(f.i0[out][0]), int(f.i1[out][-1]) + 1
     else:
         lo, hi = band.out_start, band.out_stop
+    if f is not None:
+        final = AxisMap(hi - lo, f.i0[out] - lo, f.i1[out] - lo, f.w0[out], f.w1[out])
+    elif single:  # the band's rows of the window, selected with weights (1, 0)
+        i0 = np.arange(band.out_start, band.out_stop, dtype=np.int64) - lo
+        one = np.ones(len(i0), dtype=np.float32)
+        final = AxisMap(hi - lo, i0, np.minimum(i0 + 1, hi - lo - 1), one, np.zeros_like(one))
+    else:
+        final = None
     starts = tuple(s - lo for s in rows.starts[band.first : band.last + 1])
-    final = None if f is None else AxisMap(hi - lo, f.i0[out] - lo, f.i1[out] - lo, f.w0[out], f.w1[out])
     return Plan(Axis(starts, rows.window, hi - lo, final), plan.cols)
 
 
