@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             warm = Segmenter(student, random_text(ks[0], dim), cfg, device)
             warm.eval_cfg = eval_cfg
-            warm.predict(image, warm.text_encoder.class_names)  # loads the compiled kernels (not counted below)
+            # loads the compiled kernels (not counted below)
+            warm.predict(image, warm.text_encoder.class_names)
             with peak_memory(device) as bare_peak:
                 for batch in batches:
                     student(batch)

@@ -1,7 +1,8 @@
 """Optimised paths equal the plain computations they replace, within the stated tolerances.
 
 Each test pits a speed-up (issue 7) against a straightforward reference written here or the library code it
-replaces: the channels-last text classifier (its compiled norms and pixel blocks), the layout-following slide canvas and its one-window shortcut, the
+replaces: the channels-last text classifier (its compiled norms and pixel blocks), the lane-wise point statistics of
+the label shortcut, the layout-following slide canvas and its one-window shortcut, the
 skipped same-size resize, the re-ordered SegFormer decoder, the joint multi-scale K-Means with CPU index-adds and
 early exit, the class-query-only last teacher block, and the deferred non-finite-loss check. Float tolerances:
 1e-5 relative on logits and embeddings (fp32 rounding of another summation order); argmax maps equal wherever the
@@ -113,6 +114,38 @@ def test_pixel_norms_equal_torch_vector_norm() -> None:
     torch.testing.assert_close(fast, plain, rtol=1e-6, atol=0)
     assert float(fast[1, 5]) == pytest.approx(1e-12)
     torch.testing.assert_close(pixel_norms(flat.double()), plain.double(), rtol=1e-6, atol=0)  # torch's path
+
+
+def reference_point_stats(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """argmax (first of equal maxima), max, and the max of the other values (the max again on a tie)."""
+    top = flat.argmax(-1)
+    best = flat.max(-1)
+    others = flat.copy()
+    np.put_along_axis(others, top[..., None], -np.inf, axis=-1)
+    return top, best, others.max(-1)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 15, 16, 17, 20, 171, 847])  # below, at and past one step of lanes
+def test_lane_point_stats_equal_argmax_and_max(classes: int) -> None:
+    from clipzss import _label_kernels
+
+    rng = np.random.default_rng(classes)
+    flat = rng.standard_normal((2, 300, classes)).astype(np.float32)
+    flat[0, :100] = np.round(flat[0, :100] * 2) / 2  # ties everywhere
+    flat[0, 100] = 1.0  # all equal: class 0, second = best
+    flat[1, 7, classes // 2 :] = 50.0  # a tie between lanes and the tail
+    top = np.empty(flat.shape[:2], dtype=np.int64)
+    best, second = (np.empty(flat.shape[:2], dtype=np.float32) for _ in range(2))
+    assert _label_kernels.point_stats(flat, top, best, second)
+    want = reference_point_stats(flat)
+    np.testing.assert_array_equal(top, want[0])
+    np.testing.assert_array_equal(best, want[1])
+    np.testing.assert_array_equal(second, want[2])
+    for bad in (np.nan, np.inf, -np.inf):
+        for at in (0, classes - 1):
+            poisoned = flat.copy()
+            poisoned[1, 299, at] = bad
+            assert not _label_kernels.point_stats(poisoned, top, best, second), (bad, at)
 
 
 @pytest.mark.parametrize("classes", [7, 300])  # the two block sizes of the blocked classifier

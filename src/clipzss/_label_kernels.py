@@ -13,33 +13,72 @@ import numpy as np
 _F32 = np.float32
 
 
+# Lanes of `point_stats`: classes c, c + 16, c + 32, ... share a lane, so one step over 16 consecutive classes is
+# branch-free selects the compiler vectorises (one AVX-512 or two AVX2 registers); 8 lanes measured 1.8x slower,
+# 32 no faster.
+_LANES = 16
+
+
 @numba.njit(cache=True, nogil=True)
 def point_stats(flat: np.ndarray, top: np.ndarray, best: np.ndarray, second: np.ndarray) -> bool:
-    """Top class, top value and second value of every (window, point) of (n, N, K) logits; False if non-finite."""
+    """Top class, top value and second value of every (window, point) of (n, N, K) logits; False if non-finite.
+
+    The top class is the first of equal maxima (argmax's rule); the second value is the largest of the others
+    (equal to the top value on a tie). Each lane keeps its own first maximum and second value over its classes,
+    then the lanes merge; the classes past the last full step follow in order. Values of non-finite rows are
+    unspecified: the sum of ``v - v`` over all values, 0 unless some value is NaN or ±inf, reports them.
+    """
     n, points, k = flat.shape
-    finite = True
+    full = k - k % _LANES
+    lane_best = np.empty(_LANES, dtype=np.float32)
+    lane_second = np.empty(_LANES, dtype=np.float32)
+    lane_top = np.empty(_LANES, dtype=np.int64)
+    poison = np.zeros(_LANES, dtype=np.float32)
     for win in range(n):
         for p in range(points):
             row = flat[win, p]
-            b = row[0]
-            s = _F32(-np.inf)
-            t = 0
-            if not abs(b) < np.inf:  # NaN or ±inf (a branch, not a running sum: no dependency chain)
-                finite = False
-            for c in range(1, k):
+            if full == 0:
+                b, s, t = row[0], _F32(-np.inf), 0
+                poison[0] = poison[0] + (b - b)
+                tail = 1
+            else:
+                for j in range(_LANES):
+                    lane_best[j] = -np.inf
+                    lane_second[j] = -np.inf
+                    lane_top[j] = 0
+                for c0 in range(0, full, _LANES):
+                    for j in range(_LANES):
+                        v = row[c0 + j]
+                        lb = lane_best[j]
+                        lane_second[j] = max(lane_second[j], min(v, lb))
+                        lane_top[j] = c0 + j if v > lb else lane_top[j]
+                        lane_best[j] = max(lb, v)
+                        poison[j] = poison[j] + (v - v)
+                b, s, t = lane_best[0], lane_second[0], lane_top[0]
+                for j in range(1, _LANES):
+                    v = lane_best[j]
+                    if v > b:
+                        s = max(b, lane_second[j])
+                        b, t = v, lane_top[j]
+                    else:
+                        if v == b and lane_top[j] < t:
+                            t = lane_top[j]
+                        s = max(s, v)
+                tail = full
+            for c in range(tail, k):
                 v = row[c]
+                poison[0] = poison[0] + (v - v)
                 if v > b:
-                    s = b
-                    b = v
-                    t = c
+                    s, b, t = b, v, c
                 elif v > s:
                     s = v
-                if not abs(v) < np.inf:
-                    finite = False
             top[win, p] = t
             best[win, p] = b
             second[win, p] = s
-    return finite
+    total = _F32(0)
+    for j in range(_LANES):
+        total = total + poison[j]
+    return total == 0
 
 
 # Pixels per block of `pixel_norms`: its running sums (1 KiB) stay in L1 while the channels stream past.
