@@ -117,6 +117,12 @@ def test_preprocess_is_pil_bilinear_then_imagenet_normalisation() -> None:
     assert got.dtype == np.float32 and got.shape == (3, 20, 29)
     assert torch.equal(torch.from_numpy(got), expected)  # bit for bit: the same float32 operations
     assert np.array_equal(normalize(rgb), preprocess(image, None))
+    # normalize looks bytes up in a table: every value of every channel gives the arithmetic's bits
+    every = np.stack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3, axis=-1)
+    every[..., 1] = every[..., 1][::-1]
+    x = torch.from_numpy(every.copy()).permute(2, 0, 1).float() / 255
+    assert torch.equal(torch.from_numpy(normalize(every)), (x - mean.view(3, 1, 1)) / std.view(3, 1, 1))
+    assert normalize(Image.fromarray(every)).flags.c_contiguous
 
 
 # ------------------------------------------------------------------------------------------- one rule, every path

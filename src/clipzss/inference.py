@@ -113,12 +113,30 @@ def resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image.resize((size[1], size[0]), Image.BILINEAR)
 
 
-def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
-    """8-bit RGB (H, W, 3) → (3, H, W) float32 with ImageNet statistics, the students' input convention."""
+def _normalize_plain(image: Image.Image | np.ndarray) -> np.ndarray:
+    """`normalize` written as its definition: ((x / 255) − mean) / std in float32, per channel."""
     x = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
     mean = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
     return np.ascontiguousarray((x - mean) / std)
+
+
+# `_normalize_plain` of every 8-bit value, per channel: (3, 256) float32, the same float32 operations.
+_NORMALIZED = _normalize_plain(np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2))[:, 0]
+
+
+def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
+    """8-bit RGB (H, W, 3) → (3, H, W) float32 with ImageNet statistics, the students' input convention.
+
+    A lookup of each byte's value (`_normalize_plain` of 0..255): the same bits as the arithmetic, one pass
+    instead of four (2.5 vs 7.3 ms for a 512×683 image), which counts against the 5 % predict may cost beyond
+    the student.
+    """
+    x = np.asarray(image, dtype=np.uint8)
+    out = np.empty((3, *x.shape[:2]), dtype=np.float32)
+    for c in range(3):
+        np.take(_NORMALIZED[c], x[..., c], out=out[c])
+    return out
 
 
 def preprocess(image: Image.Image, short_side: int | None) -> np.ndarray:
