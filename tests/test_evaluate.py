@@ -431,7 +431,7 @@ def test_seen_calibration_is_reported_beside_the_plain_figures(tmp_path: Path):
 
 def test_window_batches_shrink_to_the_logits_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     # A first window alone, then batches bounded by WINDOW_BATCH_BYTES; the logits do not depend on the batching.
-    import clipzss.evaluate as evaluate_module
+    import clipzss.label_maps as label_maps_module
 
     fn = _stride4_fn(k=6)
     calls: list[int] = []
@@ -446,7 +446,7 @@ def test_window_batches_shrink_to_the_logits_budget(monkeypatch: pytest.MonkeyPa
     windows = len(sliding_windows(40, 70, 16, 11))
     assert calls[0] == 2 and max(calls) == 2 * 4 and sum(calls) == 2 * windows  # B = 2 images per window
     per_window = 2 * 4 * 4 * 6 * 4  # B × (16/4)² × K float32 bytes
-    monkeypatch.setattr(evaluate_module, "WINDOW_BATCH_BYTES", 2 * per_window)
+    monkeypatch.setattr(label_maps_module, "WINDOW_BATCH_BYTES", 2 * per_window)
     calls.clear()
     _, bounded = window_logits(counted, images, cfg, window_batch=4)
     assert calls == [2] + [4] * ((windows - 1) // 2) + [2] * ((windows - 1) % 2)

@@ -103,6 +103,37 @@ def test_onnx_predict_reproduces_segmenter(
     assert set(np.unique(subset)) <= {0, 1}
 
 
+def test_onnx_slide_streams_rows_of_windows_with_the_full_plans_labels(
+    segmenter: Segmenter, exported: dict[str, Path]
+) -> None:
+    # 5 rows of windows, at most 3 read per output row: the runner labels bands as rows come in
+    # (label_maps.slide_labels); its labels must be those of every window's logits under the full plan.
+    from clipzss.inference import sliding_windows
+    from clipzss.label_maps import label_map, row_bands, slide_plan
+
+    rng = np.random.default_rng(3)
+    image = Image.fromarray((rng.random((200, 60, 3)) * 255).astype(np.uint8))
+    model = OnnxSegmenter(exported["logits"], threads=1)
+    model.eval.update(short_side=0, crop_size=64, stride=40)
+    windows = sliding_windows(200, 60, 64, 40)
+    bands = row_bands(slide_plan((200, 60), windows, (1, 1), (200, 60)))
+    assert len(windows) == 5 and max(b.last - b.first + 1 for b in bands) == 3  # streamed, not whole
+    x = model.preprocess(image)
+    rows = list(range(len(CAMVID)))
+    logits = np.stack([model._logits(x[..., a:b, c:d], rows)[0].transpose(1, 2, 0) for a, b, c, d in windows])
+    expected = label_map(slide_plan((200, 60), windows, logits.shape[1:3], (200, 60)), logits)
+    got = model.predict(image, mode="slide")
+    assert got.dtype == np.int64 and np.array_equal(got, expected)
+    cfg = segmenter.eval_cfg
+    old = (cfg.short_side, cfg.crop_size, cfg.stride)
+    cfg.short_side, cfg.crop_size, cfg.stride = 0, 64, 40
+    try:
+        torch_labels = segmenter.predict(image, CAMVID, mode="slide")
+    finally:
+        cfg.short_side, cfg.crop_size, cfg.stride = old
+    assert (torch_labels == got).mean() >= 0.999
+
+
 def test_embeddings_export_with_text_file_equals_baked_classes(
     segmenter: Segmenter, exported: dict[str, Path], tmp_path: Path
 ) -> None:

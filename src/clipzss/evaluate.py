@@ -27,7 +27,15 @@ from tqdm.auto import tqdm
 from clipzss.config import EvalConfig, check_choice
 from clipzss.data.splits import IGNORE_INDEX
 from clipzss.inference import check_mode, sliding_windows
-from clipzss.label_maps import Plan, band_plan, dense_scores, label_map, row_bands, slide_plan, whole_plan
+from clipzss.label_maps import (
+    Plan,
+    all_window_logits,
+    dense_scores,
+    label_map,
+    slide_labels,
+    slide_plan,
+    whole_plan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -179,23 +187,11 @@ def _classes_last(logits: Tensor) -> Tensor:
     return logits.float().permute(0, 2, 3, 1).contiguous()
 
 
-# At most this many bytes of logits per `window_logits` batch beyond the first window: with a large vocabulary
-# (847 names: 55 MB per 512² window) the windows then go one or two at a time, so the batch's logits and the
-# student's activations add little to the stored windows (issue 15: peak memory at 1024×2048).
-WINDOW_BATCH_BYTES = 64 << 20
-
-
 def _run_windows(logits_fn: LogitsFn, images: Tensor, chunk: Sequence[tuple[int, int, int, int]]) -> Tensor:
     """The logits of windows ``chunk`` of every image, in one ``logits_fn`` call: (B, n, h', w', K)."""
     crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n·B, 3, win_h, win_w)
     logits = _classes_last(logits_fn(crops))  # (n·B, h', w', K)
     return logits.view(len(chunk), images.shape[0], *logits.shape[1:]).transpose(0, 1)
-
-
-def _window_batch(first: Tensor, window_batch: int) -> int:
-    """Windows per call after the ``first`` one's (B, 1, h', w', K) logits: at most ``window_batch``, and
-    within `WINDOW_BATCH_BYTES`."""
-    return max(1, min(window_batch, WINDOW_BATCH_BYTES // max(first.numel() * first.element_size(), 1)))
 
 
 def window_logits(
@@ -209,23 +205,16 @@ def window_logits(
 
     Whole: the image in one pass (one "window"). Slide: mmseg's windows (`sliding_windows`), up to
     ``window_batch`` of them per ``logits_fn`` call (they all have the same size; fewer when their logits would
-    pass `WINDOW_BATCH_BYTES`). The logits stay at the
-    network's resolution; `clipzss.label_maps` turns them into labels (or reference scores) at ``out_size``
-    (default: the image size).
+    pass `label_maps.WINDOW_BATCH_BYTES`). The logits stay at the network's resolution; `clipzss.label_maps`
+    turns them into labels (or reference scores) at ``out_size`` (default: the image size).
     """
-    b, _, h, w = images.shape
+    _, _, h, w = images.shape
     out_size = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
     if check_mode(cfg.mode) == "whole":
         logits = _classes_last(logits_fn(images))[:, None]  # (B, 1, h', w', K)
         return whole_plan(logits.shape[2:4], out_size), logits
     windows = sliding_windows(h, w, cfg.crop_size, cfg.stride)
-    first = _run_windows(logits_fn, images, windows[:1])  # its size bounds the later batches
-    store = first.new_empty(b, len(windows), *first.shape[2:])
-    store[:, :1] = first
-    batch = _window_batch(first, window_batch)
-    for start in range(1, len(windows), batch):
-        chunk = windows[start : start + batch]
-        store[:, start : start + len(chunk)] = _run_windows(logits_fn, images, chunk)
+    store = all_window_logits(partial(_run_windows, logits_fn, images), windows, window_batch)
     return slide_plan((h, w), windows, store.shape[2:4], out_size), store
 
 
@@ -256,60 +245,18 @@ def window_labels(
 ) -> tuple[list[Tensor], int]:
     """`infer_labels` for each of ``transforms`` (None: the plain argmax) from one network pass, and the K.
 
-    In slide mode with more rows of windows than any output row reads (a 1024×2048 image: three rows, two at a
-    time), the rows of windows are run in order and each band of output rows (`label_maps.row_bands`) is labelled
-    as soon as its last row is in, then the rows no later band reads are dropped: the stored logits are those
-    rows', not the whole image's (at 847 names 0.67 instead of 1.0 GB). Bands are the full plan's values bit for
-    bit (`label_maps.band_plan`), so the labels are the same.
+    Slide mode goes through `label_maps.slide_labels` (shared with the ONNX runner): with more rows of windows
+    than any output row reads (a 1024×2048 image) it streams them in bands, holding two rows' logits, not three.
     """
     b, _, h, w = images.shape
     out_size = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
-    slide = check_mode(cfg.mode) == "slide"
-    windows = sliding_windows(h, w, cfg.crop_size, cfg.stride) if slide else []
-    cols = len({x1 for _, _, x1, _ in windows})
-    rows = len(windows) // max(cols, 1)
-    # Which rows of windows each band of output rows reads depends on the windows and sizes only.
-    bands = row_bands(slide_plan((h, w), windows, (1, 1), out_size)) if rows > 1 else []
-    depth = max((band.last - band.first + 1 for band in bands), default=rows)
-    if depth >= rows:  # whole, or every output row reads every row of windows: nothing to stream
-        plan, logits = window_logits(logits_fn, images, cfg, out_size, window_batch)
-        labels = [
-            torch.stack([torch.as_tensor(label_map(plan, logits[i], t)) for i in range(b)])
-            for t in transforms
-        ]
-        return labels, logits.shape[-1]
-    # Output row 0 reads window row 0, so the first window is always run; its size bounds the batches.
-    first = _run_windows(logits_fn, images, windows[:1])
-    store = first.new_empty(b, depth * cols, *first.shape[2:])  # the held rows of windows, oldest first
-    store[:, :1] = first
-    plan = slide_plan((h, w), windows, first.shape[2:4], out_size)
-    labels = [torch.empty(b, *out_size, dtype=torch.int64, device=first.device) for _ in transforms]
-    batch = _window_batch(first, window_batch)
-    held, count, next_band = 0, 0, 0  # window row in store's first slot, rows held, first band not labelled
-    for row in range(rows):
-        if next_band == len(bands) or row < bands[next_band].first:
-            continue  # no output row reads this row of windows
-        drop = bands[next_band].first - held  # rows no later band reads (or skipped)
-        if drop > 0:  # the rows still read move to the front, in order (the slices never overlap)
-            for j in range(count - drop):
-                store[:, j * cols : (j + 1) * cols] = store[:, (j + drop) * cols : (j + drop + 1) * cols]
-            held, count = held + drop, max(count - drop, 0)
-        slot, row_windows = count * cols, windows[row * cols : (row + 1) * cols]
-        for start in range(1 if row == 0 else 0, cols, batch):  # (row 0's first window is in)
-            chunk = row_windows[start : start + batch]
-            store[:, slot + start : slot + start + len(chunk)] = _run_windows(logits_fn, images, chunk)
-        count += 1
-        while next_band < len(bands) and bands[next_band].last <= row:
-            band = bands[next_band]
-            part = band_plan(plan, band)
-            lo, hi = (band.first - held) * cols, (band.last - held + 1) * cols
-            for t, out_labels in zip(transforms, labels, strict=True):
-                for i in range(b):
-                    out_labels[i, band.out_start : band.out_stop] = torch.as_tensor(
-                        label_map(part, store[i, lo:hi], t)
-                    )
-            next_band += 1
-    return labels, store.shape[-1]
+    if check_mode(cfg.mode) == "slide":
+        windows = sliding_windows(h, w, cfg.crop_size, cfg.stride)
+        run = partial(_run_windows, logits_fn, images)
+        return slide_labels(run, (h, w), windows, out_size, transforms, window_batch)
+    plan, logits = window_logits(logits_fn, images, cfg, out_size)
+    labels = [torch.stack([label_map(plan, logits[i], t) for i in range(b)]) for t in transforms]
+    return labels, logits.shape[-1]
 
 
 def infer_logits(

@@ -243,6 +243,114 @@ def band_plan(plan: Plan, band: Band) -> Plan:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Running the windows: budgeted batches, and rows of windows streamed into bands (numpy or torch alike).
+
+# At most this many bytes of logits per batch of windows beyond the first: with a large vocabulary (847 names:
+# 55 MB per 512² window) the windows then go one or two at a time, so a batch's logits and the network's
+# activations add little to the stored windows (issue 15: peak memory at 1024×2048).
+WINDOW_BATCH_BYTES = 64 << 20
+
+Window = tuple[int, int, int, int]
+RunWindows = Callable[[Sequence[Window]], Array]  # windows → their (B, n, h', w', K) logits, channels last
+
+
+def _nbytes(x: Array) -> int:
+    return int(x.nbytes) if isinstance(x, np.ndarray) else x.numel() * x.element_size()
+
+
+def _empty(like: Array, shape: tuple[int, ...], labels: bool = False) -> Array:
+    """An uninitialised array of ``like``'s kind (and device): ``like``'s dtype, or int64 for labels."""
+    if isinstance(like, np.ndarray):
+        return np.empty(shape, dtype=np.int64 if labels else like.dtype)
+    import torch
+
+    return torch.empty(shape, dtype=torch.int64 if labels else like.dtype, device=like.device)
+
+
+def window_batch_size(first: Array, window_batch: int) -> int:
+    """Windows per call after the ``first`` one's (B, 1, h', w', K) logits: at most ``window_batch``, and
+    within `WINDOW_BATCH_BYTES`."""
+    return max(1, min(window_batch, WINDOW_BATCH_BYTES // max(_nbytes(first), 1)))
+
+
+def all_window_logits(run: RunWindows, windows: Sequence[Window], window_batch: int = 8) -> Array:
+    """(B, n, h', w', K) logits of every window: the first alone (its size sets the budget), then batches of
+    `window_batch_size`."""
+    first = run(windows[:1])
+    store = _empty(first, (first.shape[0], len(windows), *first.shape[2:]))
+    store[:, :1] = first
+    batch = window_batch_size(first, window_batch)
+    for start in range(1, len(windows), batch):
+        chunk = windows[start : start + batch]
+        store[:, start : start + len(chunk)] = run(chunk)
+    return store
+
+
+def slide_labels(
+    run: RunWindows,
+    image_size: Sequence[int],
+    windows: Sequence[Window],
+    out_size: Sequence[int],
+    transforms: Sequence[Transform | None] = (None,),
+    window_batch: int = 8,
+) -> tuple[list[Array], int]:
+    """`label_map` of a slide image for each of ``transforms``, running each window once: (B, H, W) labels
+    per transform, and K.
+
+    With more rows of windows than any output row reads (a 1024×2048 image: three rows, two at a time), the rows
+    are run in order and each band of output rows (`row_bands`) is labelled as soon as its last row is in, from
+    `band_plan` (the full plan's values bit for bit); rows no later band reads are dropped. So the logits held
+    are those rows', not the whole image's (at 847 names 0.67 instead of 1.0 GB). Otherwise every window is run
+    (`all_window_logits`) and the full plan labels them.
+    """
+    image_size, out_size = tuple(image_size), (int(out_size[0]), int(out_size[1]))
+    cols = len({x1 for _, _, x1, _ in windows})
+    rows = len(windows) // cols
+    # Which rows of windows each band of output rows reads depends on the windows and sizes only.
+    bands = row_bands(slide_plan(image_size, windows, (1, 1), out_size)) if rows > 1 else []
+    depth = max((band.last - band.first + 1 for band in bands), default=rows)
+    if depth >= rows:  # every output row reads every row of windows: nothing to stream
+        logits = all_window_logits(run, windows, window_batch)
+        plan = slide_plan(image_size, windows, logits.shape[2:4], out_size)
+        labels = [_empty(logits, (logits.shape[0], *out_size), labels=True) for _ in transforms]
+        for t, out_labels in zip(transforms, labels, strict=True):
+            for i in range(logits.shape[0]):
+                out_labels[i] = label_map(plan, logits[i], t)
+        return labels, int(logits.shape[-1])
+    # Output row 0 reads window row 0, so the first window is always run; its size bounds the batches.
+    first = run(windows[:1])
+    b = first.shape[0]
+    store = _empty(first, (b, depth * cols, *first.shape[2:]))  # the held rows of windows, oldest first
+    store[:, :1] = first
+    plan = slide_plan(image_size, windows, first.shape[2:4], out_size)
+    labels = [_empty(first, (b, *out_size), labels=True) for _ in transforms]
+    batch = window_batch_size(first, window_batch)
+    held, count, next_band = 0, 0, 0  # window row in store's first slot, rows held, first band not labelled
+    for row in range(rows):
+        if next_band == len(bands) or row < bands[next_band].first:
+            continue  # no output row reads this row of windows
+        drop = bands[next_band].first - held  # rows no later band reads (or skipped)
+        if drop > 0:  # the rows still read move to the front, in order (the slices never overlap)
+            for j in range(count - drop):
+                store[:, j * cols : (j + 1) * cols] = store[:, (j + drop) * cols : (j + drop + 1) * cols]
+            held, count = held + drop, max(count - drop, 0)
+        slot, row_windows = count * cols, windows[row * cols : (row + 1) * cols]
+        for start in range(1 if row == 0 else 0, cols, batch):  # (row 0's first window is in)
+            chunk = row_windows[start : start + batch]
+            store[:, slot + start : slot + start + len(chunk)] = run(chunk)
+        count += 1
+        while next_band < len(bands) and bands[next_band].last <= row:
+            band = bands[next_band]
+            part = band_plan(plan, band)
+            lo, hi = (band.first - held) * cols, (band.last - held + 1) * cols
+            for t, out_labels in zip(transforms, labels, strict=True):
+                for i in range(b):
+                    out_labels[i, band.out_start : band.out_stop] = label_map(part, store[i, lo:hi], t)
+            next_band += 1
+    return labels, int(store.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The dense reference (and fallback): every class at every pixel, in row tiles.
 
 

@@ -1,9 +1,10 @@
 """Run a student exported by `clipzss export` with onnxruntime, numpy and PIL alone (no torch).
 
 `OnnxSegmenter` pads and windows in numpy with the same preprocessing, windows and modes as the torch paths
-(`clipzss.inference`), and labels the graph's low-resolution logits with the same `clipzss.label_maps.label_map`, so
-`clipzss predict --onnx` gives the masks `clipzss predict` gives (up to the float rounding of the two runtimes'
-networks) where torch is not installed, without a K-channel map at the image's size.
+(`clipzss.inference`), and runs and labels the windows with the same `clipzss.label_maps` code (`slide_labels`,
+`label_map`), so `clipzss predict --onnx` gives the masks `clipzss predict` gives (up to the float rounding of the
+two runtimes' networks) where torch is not installed, without a K-channel map at the image's size and with the
+same bounded memory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from PIL import Image
 
 from clipzss.embeddings_file import read_text_embeddings
 from clipzss.inference import ImageLike, as_rgb, check_mode, preprocess, sliding_windows
-from clipzss.label_maps import label_map, slide_plan, whole_plan
+from clipzss.label_maps import label_map, slide_labels, whole_plan
 from clipzss.names import parse_class_names
 
 FORMAT = "clipzss-onnx-v1"
@@ -120,7 +121,8 @@ class OnnxSegmenter:
     ) -> np.ndarray:
         """(H, W) int64 ids into ``class_names`` (default: all the model's classes), at the input's size.
 
-        The numpy twin of `clipzss.evaluate.window_logits` + `infer_labels`: the same windows, then `label_map`.
+        The numpy twin of `clipzss.evaluate.infer_labels`: the same windows, batched and streamed in bands by the
+        same `clipzss.label_maps.slide_labels`, then `label_map`.
         """
         _, rows = self._rows(class_names)  # checked once, not per window
         rgb = as_rgb(image)
@@ -128,12 +130,12 @@ class OnnxSegmenter:
         out_size = (rgb.height, rgb.width)
         if check_mode(mode or self.eval.get("mode", "whole")) == "whole":
             logits = self._logits(x, rows).transpose(0, 2, 3, 1)  # (1, h', w', K): one window
-            plan = whole_plan(logits.shape[1:3], out_size)
-        else:
-            h, w = x.shape[-2:]
-            grid = sliding_windows(h, w, self.eval["crop_size"], self.eval["stride"])
-            logits = np.stack(
-                [self._logits(x[..., y1:y2, x1:x2], rows)[0].transpose(1, 2, 0) for y1, y2, x1, x2 in grid]
-            )
-            plan = slide_plan((h, w), grid, logits.shape[1:3], out_size)
-        return label_map(plan, logits)  # it takes any float array and makes it contiguous float32
+            return label_map(whole_plan(logits.shape[1:3], out_size), logits)
+        h, w = x.shape[-2:]
+        grid = sliding_windows(h, w, self.eval["crop_size"], self.eval["stride"])
+
+        def run(windows: Sequence[tuple[int, int, int, int]]) -> np.ndarray:  # (1, n, h', w', K)
+            crops = np.concatenate([x[..., y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
+            return self._logits(crops, rows).transpose(0, 2, 3, 1)[None]
+
+        return slide_labels(run, (h, w), grid, out_size)[0][0][0]
