@@ -15,7 +15,9 @@ weights exist here) and random unit text embeddings, timed interleaved in the sa
   channels-last logits then argmax; its masks differ from the reference only within float rounding).
 
 Cases: 512² whole (predict's input is the image), CamVid's eval geometry (360×480 → 512×683, two 512 windows,
-resized back), and the peak memory of predict at 1024×2048 slide (18 windows) against the bare student.
+resized back), with ``--large`` 1024×2048 slide (18 windows in 3 rows, labelled in bands; the label stage times
+``label_map`` only), and the peak memory of predict at 1024×2048 slide against the bare student. ``bare`` runs the
+windows in batches of 8, as predict does below 64 MB of logits per batch.
 """
 
 # ruff: noqa: B023  (each candidate closure is timed within the iteration that defines it)
@@ -64,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", default="mit_b0")
     parser.add_argument("--no-memory", action="store_true", help="skip the 1024×2048 memory case")
     parser.add_argument("--memory-only", action="store_true", help="only the 1024×2048 memory case")
+    parser.add_argument(
+        "--large", action="store_true", help="also time 1024×2048 slide (18 windows; label_map only)"
+    )
     args = parser.parse_args(argv)
     device = setup(args)
     reps = args.reps or (1 if args.dry else 3)
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     student = build_student(cfg.student, for_training=False).to(device).eval()
     cases = [("512x512 whole", (512, 512), EvalConfig(mode="whole", short_side=512))]
     cases.append(("360x480 slide (CamVid eval)", (360, 480), EvalConfig(mode="slide", short_side=512)))
+    if args.large:
+        cases.append(("1024x2048 slide (18 windows)", (1024, 2048), EvalConfig(mode="slide", short_side=0)))
     if args.dry:
         cases = [("64x64 whole", (64, 64), EvalConfig(mode="whole", short_side=64))]
     if args.memory_only:
@@ -87,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             crops = (
                 x if eval_cfg.mode == "whole" else torch.cat([x[:, :, a:b, c:d] for a, b, c, d in windows])
             )
-            emb = student(crops).flatten(2)  # (n, C, hw)
+            large = height * width > 1 << 20  # the dense reference and the torch path would take minutes here
+            bare_batches = [crops[i : i + 8] for i in range(0, len(crops), 8)]  # predict's window batches
+            emb = torch.cat([student(batch) for batch in bare_batches]).flatten(2)  # (n, C, hw)
             for k in ks:
                 text = random_text(k, dim)
                 seg = Segmenter(student, text, cfg, device)
@@ -116,24 +125,31 @@ def main(argv: list[str] | None = None) -> int:
                     return F.interpolate(canvas, size=(height, width), mode="bilinear").argmax(1)
 
                 candidates = {
-                    "bare": lambda crops=crops: student(crops),
+                    "bare": lambda: [student(batch) for batch in bare_batches],
                     "matmul": lambda t=alpha_text: torch.matmul(t, emb),
                     "predict": lambda seg=seg, names=names: seg.predict(image, names),
                     "label_map": lambda plan=plan, low_np=low_np: label_map(plan, low_np),
-                    "dense": lambda plan=plan, low_np=low_np: dense_labels(plan, low_np),
-                    "torch interpolate": old_path,
                 }
+                if not large:
+                    candidates["dense"] = lambda plan=plan, low_np=low_np: dense_labels(plan, low_np)
+                    candidates["torch interpolate"] = old_path
                 timing = compare(candidates, device, reps=reps, warmup=args.warmup)
                 _, stats = label_map_with_stats(plan, low_np)
-                exact = bool((label_map(plan, low_np) == dense_labels(plan, low_np)).all())
+                exact = (
+                    "(tests)"
+                    if large
+                    else bool((label_map(plan, low_np) == dense_labels(plan, low_np)).all())
+                )
                 over = (timing.median("predict") - timing.median("bare")) / timing.median("matmul")
                 rows.append(
                     [case, k, timing.median("bare") * 1e3, timing.median("matmul") * 1e3,
                      timing.median("predict") * 1e3, timing.ratio("predict", "bare"), over]
                 )  # fmt: skip
+                slow = (
+                    ["—", "—"] if large else [timing.median(n) * 1e3 for n in ("dense", "torch interpolate")]
+                )
                 label_rows.append(
-                    [case, k, timing.median("label_map") * 1e3, timing.median("dense") * 1e3,
-                     timing.median("torch interpolate") * 1e3, stats.get("settled", 0),
+                    [case, k, timing.median("label_map") * 1e3, *slow, stats.get("settled", 0),
                      stats.get("one_candidate", 0), stats.get("pixel_values", 0), exact]
                 )  # fmt: skip
                 results[f"{case} K={k}"] = {"seconds": timing.seconds, "stats": stats, "exact": exact}

@@ -59,6 +59,26 @@ def test_predict_with_student_checkpoint_on_real_photo(
     assert "wrote" in capsys.readouterr().out
 
 
+def test_predict_label_candidates_option(
+    trained_checkpoint: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # --label-candidates M: approximate labels, opt-in; with M >= the number of classes they are the exact ones.
+    photo = sorted((shared_data / "voc-sample" / "VOC2012" / "JPEGImages").glob("*.jpg"))[0]
+    base = ["predict", str(photo), "--checkpoint", str(trained_checkpoint), "--classes", "person,bottle,sofa"]
+    base += ["--device", "cpu", "--mode", "whole"]
+    assert main([*base, "--out", str(tmp_path / "exact")]) == 0
+    assert main([*base, "--label-candidates", "3", "--out", str(tmp_path / "three")]) == 0
+    exact = np.asarray(Image.open(tmp_path / "exact" / f"{photo.stem}_mask.png"))
+    three = np.asarray(Image.open(tmp_path / "three" / f"{photo.stem}_mask.png"))
+    assert np.array_equal(exact, three)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([*base, "--label-candidates", "-1", "--out", str(tmp_path / "bad")])
+    assert stop.value.code == 2
+    assert "--label-candidates: expected an integer >= 0 (0: exact labels), got '-1'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_predict_with_maskclip_baseline_on_real_photo(shared_data: Path, tmp_path: Path) -> None:
     """The baseline is the real ViT-B-16 architecture (random weights offline) at the image's own size."""
     photo = sorted((shared_data / "voc-sample" / "VOC2012" / "JPEGImages").glob("*.jpg"))[0]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import logging
 import math
 import re
 from functools import partial
@@ -427,6 +429,32 @@ def test_seen_calibration_is_reported_beside_the_plain_figures(tmp_path: Path):
     assert saved["calibrated"]["seen_gamma"] == 0.1 and saved["summary"]["mIoU(U)"] == 0
     with pytest.raises(ValueError, match=re.escape("eval.seen_gamma must be a number >= 0")):
         evaluate(close_call, data, EvalConfig(mode="whole", seen_gamma=-1.0), progress=False)
+
+
+def test_approximate_labels_are_opt_in_and_marked(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    # eval.label_candidates = m > 0 trades exactness for speed: the result says so in its line and its file,
+    # and with m >= K (every class a candidate) the figures are the exact ones.
+    fn = _stride4_fn(k=3)
+    data = TinySegDataset()
+    exact = evaluate(fn, data, EvalConfig(mode="whole"), progress=False)
+    with caplog.at_level(logging.WARNING, logger="clipzss.evaluate"):
+        approx = evaluate(fn, data, EvalConfig(mode="whole", label_candidates=3), progress=False)
+    assert "approximate labels" in caplog.text
+    assert approx.metrics == exact.metrics and "approximate_labels" not in exact.extra
+    assert approx.summary_line().endswith("(approximate labels, 3 candidates)")
+    saved = json.loads(approx.save(tmp_path)[0].read_text())
+    assert saved["approximate_labels"] == {"label_candidates": 3}
+    for bad in (-1, 2.0):
+        with pytest.raises(ValueError, match=re.escape("eval.label_candidates must be an integer >= 0")):
+            evaluate(fn, data, EvalConfig(mode="whole", label_candidates=bad), progress=False)
+    # slide labels streamed in bands take the same option: m >= K gives the exact labels
+    images = torch.randn(1, 3, 60, 40)
+    cfg = EvalConfig(mode="slide", crop_size=16, stride=11)
+    fn5 = _stride4_fn(k=5)
+    (plain,), _ = window_labels(fn5, images, cfg)
+    (all_five,), _ = window_labels(fn5, images, dataclasses.replace(cfg, label_candidates=5))
+    (two,), _ = window_labels(fn5, images, dataclasses.replace(cfg, label_candidates=2))
+    assert torch.equal(all_five, plain) and (two == plain).float().mean() >= 0.98
 
 
 def test_window_batches_shrink_to_the_logits_budget(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ resized up or down), and on the logits of a student on real CamVid and VOC image
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -229,6 +230,34 @@ def test_label_map_inputs() -> None:
     assert torch.equal(calibrated, expected)
 
 
+@pytest.mark.parametrize(("kind", "size", "out", "crop", "stride"), GEOMETRIES)
+def test_approximate_labels_with_every_class_shortlisted_are_exact(kind, size, out, crop, stride) -> None:
+    # candidates = m: only each point's m best classes compete where a unit is open. With m >= K nothing is left
+    # out, so the labels are the exact ones (ties included); with m = 2 nearly all are.
+    plan, logits, _ = build(kind, size, out, crop, stride, k=7, cell=3)
+    exact = label_map(plan, logits)
+    np.testing.assert_array_equal(label_map(plan, logits, candidates=7), exact)
+    np.testing.assert_array_equal(label_map(plan, logits, candidates=9), exact)  # more than K: the best repeats
+    quantised = np.round(logits).astype(np.float32)
+    np.testing.assert_array_equal(label_map(plan, quantised, candidates=7), label_map(plan, quantised))
+    labels, stats = label_map_with_stats(plan, logits, candidates=2)
+    assert stats["settled"] > 0 and (labels == exact).mean() >= 0.98
+    one = label_map(plan, logits, candidates=1)  # a class can win only where it is some point's best
+    tops = set(np.unique(logits.argmax(-1)))
+    assert set(np.unique(one)) <= tops
+
+
+def test_approximate_labels_inputs() -> None:
+    plan, logits, _ = build("whole", (13, 17), (50, 70), None, None, k=4)
+    from_torch = label_map(plan, torch.from_numpy(logits), candidates=2)
+    np.testing.assert_array_equal(from_torch.numpy(), label_map(plan, logits, candidates=2))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"candidates must be an integer >= 0 \(0: exact labels\)"):
+            label_map(plan, logits, candidates=bad)
+    logits[0, 0, 0, 0] = np.nan  # the dense path is exact whatever the candidates
+    np.testing.assert_array_equal(label_map(plan, logits, candidates=1), dense_labels(plan, logits))
+
+
 # ------------------------------------------------------------------------------------------------- real images
 
 
@@ -263,6 +292,8 @@ def test_real_images_labels_equal_reference_and_torch(shared_data: Path, student
             scores = infer_logits(logits_fn, x, cfg, size)
             assert labels.shape == (1, *size)
             assert torch.equal(labels, scores.argmax(1))  # the shortcut is the reference's argmax, exactly
+            approximate = infer_labels(logits_fn, x, dataclasses.replace(cfg, label_candidates=2), size)
+            assert (approximate == labels).float().mean() >= 0.995  # opt-in approximate labels (m = 2)
             # ... and torch's kernels give the same masks except where the top two scores are within rounding.
             _plan, low = window_logits(logits_fn, x, cfg, size)
             t = torch.from_numpy(

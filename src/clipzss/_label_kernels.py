@@ -81,6 +81,26 @@ def point_stats(flat: np.ndarray, top: np.ndarray, best: np.ndarray, second: np.
     return total == 0
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _shortlist(row, ids, values):
+    """The m = ``len(ids)`` largest classes of one point's logits into ``ids``, best first (the first of equal
+    values first); fewer classes than m repeat the best."""
+    m = len(ids)
+    filled = 0
+    for c in range(len(row)):
+        v = row[c]
+        if filled == m and not v > values[m - 1]:
+            continue
+        a = min(filled, m - 1)  # insert after the values at least as large (ties keep class order)
+        while a > 0 and v > values[a - 1]:
+            values[a], ids[a] = values[a - 1], ids[a - 1]
+            a -= 1
+        values[a], ids[a] = v, c
+        filled = min(filled + 1, m)
+    for a in range(filled, m):
+        ids[a] = ids[0]
+
+
 # Pixels per block of `pixel_norms`: its running sums (1 KiB) stay in L1 while the channels stream past.
 _NORM_BLOCK = 256
 
@@ -178,7 +198,7 @@ def _distinct_masks(slots, lo, hi, masks):
 
 @numba.njit(cache=True, nogil=True)
 def label_units(
-    logits, top, best, second, out, rel,
+    logits, top, best, second, shortlist, out, rel,
     ustart_r, ustop_r, crange_r, lo_r, hi_r, ri, rw, rslots, rstarts, rfinal,
     ustart_c, ustop_c, crange_c, lo_c, hi_c, ci, cw, cslots, cstarts, cfinal,
 ):  # fmt: skip
@@ -192,12 +212,17 @@ def label_units(
     3. A unit's candidates are the classes reaching its own bound at one of its points; their exact ranges over
        the points prune them, then their exact canvas values over the unit's canvas rectangle prune again, and
        the survivors' reference values decide each pixel (lowest class id on ties).
+
+    Approximate mode (``shortlist``: (n, h, w, m) scratch, m > 0): step 1 still settles units
+    exactly, but an unsettled unit's candidates are its points' m best classes (step 2 finds those of the points
+    that open units read, instead of searching for a bound); among them step 3 is exact. A class outside every shortlist of the unit cannot win.
     """
     n_win, h, w, k = logits.shape
     n_cols = len(cstarts)
     n_ur, n_uc = len(ustart_r), len(ustart_c)
     n_rs, n_cs = lo_r.shape[0], lo_c.shape[0]
     settled = single = multi = n_cand = n_values = 0
+    m = shortlist.shape[3]
 
     # 1. Unit statistics; settled units are written at once.
     threshold = np.full((n_ur, n_uc), np.inf)
@@ -223,6 +248,16 @@ def label_units(
                     for x in range(ustart_c[uc], ustop_c[uc]):
                         out[y, x] = t_min
                 continue
+            if m > 0:  # approximate: the points' shortlists are the candidates, no bound
+                threshold[ur, uc] = -np.inf
+                scale_of[ur, uc] = scale
+                for i in range(n_rs):
+                    for j in range(n_cs):
+                        win = i * n_cols + j
+                        for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
+                            for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
+                                point_bound[win, r, c] = -np.inf  # (a shortlist is wanted here)
+                continue
             tau = -np.inf
             for ref in (t_min, t_max):
                 worst = np.inf
@@ -243,19 +278,24 @@ def label_units(
                         for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
                             point_bound[win, r, c] = min(point_bound[win, r, c], bound)
 
-    # 2. One search over K per point whose second value reaches its bound: the other classes that reach it.
+    # 2. One search over K per point whose second value reaches its bound: the other classes that reach it (or,
+    # approximate, the m best classes of the points that open units read).
     hit_start = np.zeros(n_win * h * w + 1, dtype=np.int64)
+    values = np.empty(max(m, 1), dtype=np.float32)
     for win in range(n_win):
         for r in range(h):
             for c in range(w):
-                p = (win * h + r) * w + c
-                n_hits = 0
                 bound = point_bound[win, r, c]
+                if m > 0:  # approximate mode: the shortlists of the points that open units read
+                    if bound == -np.inf:
+                        _shortlist(logits[win, r, c], shortlist[win, r, c], values)
+                    continue
+                n_hits = 0
                 if second[win, r, c] >= bound:
                     for q in range(k):
                         if logits[win, r, c, q] >= bound:
                             n_hits += 1
-                hit_start[p + 1] = n_hits
+                hit_start[(win * h + r) * w + c + 1] = n_hits
     for p in range(n_win * h * w):
         hit_start[p + 1] += hit_start[p]
     hit_class = np.empty(hit_start[-1], dtype=np.int64)
@@ -306,6 +346,12 @@ def label_units(
                                 mark[t] = uid
                                 cand[count] = t
                                 count += 1
+                            for a in range(shortlist.shape[3]):
+                                q = shortlist[win, r, c, a]
+                                if mark[q] != uid:
+                                    mark[q] = uid
+                                    cand[count] = q
+                                    count += 1
                             p = (win * h + r) * w + c
                             for a in range(hit_start[p], hit_start[p + 1]):
                                 q = hit_class[a]

@@ -211,6 +211,10 @@ class EvalConfig:
     # ZegCLIP's inductive calibration: sigmoid scores of the seen classes lowered by this much before the argmax
     # (ZegCLIP uses 0.1). When > 0 the calibrated metrics are reported beside the plain ones, never instead.
     seen_gamma: float = 0.0
+    # 0: exact labels, the argmax of the upsampled scores. m > 0: approximate and faster (opt-in, issue 15): where a
+    # region's labels are not settled exactly, only each low-resolution point's m best classes compete there
+    # (`label_maps.label_map`; agreement and speed in benchmarks/README.md).
+    label_candidates: int = 0
 
 
 @dataclass

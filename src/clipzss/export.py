@@ -158,6 +158,7 @@ def export_onnx(
                 "crop_size": cfg.eval.crop_size,
                 "stride": cfg.eval.stride,
                 "short_side": cfg.eval.short_side,
+                "label_candidates": cfg.eval.label_candidates,
             }
         ),
         "config": json.dumps(cfg.to_dict()),

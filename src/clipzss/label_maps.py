@@ -293,9 +293,10 @@ def slide_labels(
     out_size: Sequence[int],
     transforms: Sequence[Transform | None] = (None,),
     window_batch: int = 8,
+    candidates: int = 0,
 ) -> tuple[list[Array], int]:
     """`label_map` of a slide image for each of ``transforms``, running each window once: (B, H, W) labels
-    per transform, and K.
+    per transform, and K (``candidates``: `label_map`'s).
 
     With more rows of windows than any output row reads (a 1024×2048 image: three rows, two at a time), the rows
     are run in order and each band of output rows (`row_bands`) is labelled as soon as its last row is in, from
@@ -315,7 +316,7 @@ def slide_labels(
         labels = [_empty(logits, (logits.shape[0], *out_size), labels=True) for _ in transforms]
         for t, out_labels in zip(transforms, labels, strict=True):
             for i in range(logits.shape[0]):
-                out_labels[i] = label_map(plan, logits[i], t)
+                out_labels[i] = label_map(plan, logits[i], t, candidates)
         return labels, int(logits.shape[-1])
     # Output row 0 reads window row 0, so the first window is always run; its size bounds the batches.
     first = run(windows[:1])
@@ -345,7 +346,9 @@ def slide_labels(
             lo, hi = (band.first - held) * cols, (band.last - held + 1) * cols
             for t, out_labels in zip(transforms, labels, strict=True):
                 for i in range(b):
-                    out_labels[i, band.out_start : band.out_stop] = label_map(part, store[i, lo:hi], t)
+                    out_labels[i, band.out_start : band.out_stop] = label_map(
+                        part, store[i, lo:hi], t, candidates
+                    )
             next_band += 1
     return labels, int(store.shape[-1])
 
@@ -490,7 +493,7 @@ def _plan_tables(plan: Plan) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return _axis_tables(plan.rows), _axis_tables(plan.cols)
 
 
-def label_map(plan: Plan, logits: Array, transform: Transform | None = None) -> Array:
+def label_map(plan: Plan, logits: Array, transform: Transform | None = None, candidates: int = 0) -> Array:
     """``dense_scores(plan, logits).argmax(-1)`` (after ``transform``), computed without the K×H×W scores.
 
     Args:
@@ -499,15 +502,18 @@ def label_map(plan: Plan, logits: Array, transform: Transform | None = None) -> 
             is read in place; a GPU tensor takes the dense path on its device).
         transform: a per-class map of the scores applied before the argmax (e.g. sigmoid minus a seen-class
             shift); it takes the dense path, on the logits' own backend.
+        candidates: 0 (the default): exact. m > 0: approximate, faster: where a unit is not settled exactly, only
+            the m best classes of each low-resolution point feeding it compete (see `label_units`); agreement
+            with the exact labels is measured in benchmarks/README.md. Ignored by the dense path.
 
     Returns:
         (H, W) int64 class ids: numpy for numpy input, else a tensor on the logits' device.
     """
-    return label_map_with_stats(plan, logits, transform)[0]
+    return label_map_with_stats(plan, logits, transform, candidates)[0]
 
 
 def label_map_with_stats(
-    plan: Plan, logits: Array, transform: Transform | None = None
+    plan: Plan, logits: Array, transform: Transform | None = None, candidates: int = 0
 ) -> tuple[Array, dict[str, int]]:
     """`label_map` and how it got there: units settled by the statistics, by one candidate, by pixel values."""
     if not isinstance(logits, np.ndarray):
@@ -515,8 +521,11 @@ def label_map_with_stats(
             return dense_labels(plan, logits, transform), {"dense": 1}
         import torch
 
-        labels, stats = label_map_with_stats(plan, logits.detach().float().contiguous().numpy())
+        numpy_logits = logits.detach().float().contiguous().numpy()
+        labels, stats = label_map_with_stats(plan, numpy_logits, candidates=candidates)
         return torch.from_numpy(labels), stats
+    if isinstance(candidates, bool) or not (isinstance(candidates, int | np.integer) and candidates >= 0):
+        raise ValueError(f"candidates must be an integer >= 0 (0: exact labels), got {candidates!r}")
     n, h, w, k = logits.shape
     if (n, (h, w)) != (plan.num_windows, plan.low_size):
         raise ValueError(
@@ -533,6 +542,7 @@ def label_map_with_stats(
     finite = kernels.point_stats(logits.reshape(n, h * w, k), top, best, second)
     if not finite:  # NaN / inf: the rounding bounds do not hold; the dense path is the definition
         return dense_labels(plan, logits), {"dense": 1}
+    shortlist = np.empty((n, h, w, int(candidates)), dtype=np.int64)  # (filled by label_units where needed)
     rows, cols = _plan_tables(plan)
     # Every output value is a convex combination of low-res values computed in at most (windows per point + 12)
     # float32 roundings, each off by at most UNIT_ROUNDOFF of the largest magnitude involved, and weights that sum
@@ -541,7 +551,7 @@ def label_map_with_stats(
     rel = 4.0 * depth * UNIT_ROUNDOFF
     out = np.empty(plan.out_size, dtype=np.int64)
     counters = kernels.label_units(
-        logits, top.reshape(n, h, w), best.reshape(n, h, w), second.reshape(n, h, w), out, rel,
+        logits, top.reshape(n, h, w), best.reshape(n, h, w), second.reshape(n, h, w), shortlist, out, rel,
         *rows, *cols,
     )  # fmt: skip
     names = ("settled", "one_candidate", "pixel_values", "candidates", "values")

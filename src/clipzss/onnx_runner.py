@@ -125,12 +125,13 @@ class OnnxSegmenter:
         same `clipzss.label_maps.slide_labels`, then `label_map`.
         """
         _, rows = self._rows(class_names)  # checked once, not per window
+        candidates = int(self.eval.get("label_candidates", 0))  # (exports before it had exact labels only)
         rgb = as_rgb(image)
         x = self.preprocess(rgb)  # (1, 3, h, w)
         out_size = (rgb.height, rgb.width)
         if check_mode(mode or self.eval.get("mode", "whole")) == "whole":
             logits = self._logits(x, rows).transpose(0, 2, 3, 1)  # (1, h', w', K): one window
-            return label_map(whole_plan(logits.shape[1:3], out_size), logits)
+            return label_map(whole_plan(logits.shape[1:3], out_size), logits, candidates=candidates)
         h, w = x.shape[-2:]
         grid = sliding_windows(h, w, self.eval["crop_size"], self.eval["stride"])
 
@@ -138,4 +139,4 @@ class OnnxSegmenter:
             crops = np.concatenate([x[..., y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
             return self._logits(crops, rows).transpose(0, 2, 3, 1)[None]
 
-        return slide_labels(run, (h, w), grid, out_size)[0][0][0]
+        return slide_labels(run, (h, w), grid, out_size, candidates=candidates)[0][0][0]

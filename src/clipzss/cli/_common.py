@@ -21,6 +21,27 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _candidates(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: exact labels), got {text!r}")
+    return value
+
+
+def add_label_candidates_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--label-candidates",
+        type=_candidates,
+        default=None,
+        metavar="M",
+        help="approximate, faster labels: only each low-resolution point's M best classes compete where the "
+        "exact test cannot settle a region (0: exact, the default; see benchmarks/README.md)",
+    )
+
+
 def teacher_config(base: Any, args: argparse.Namespace) -> Any:
     """``base`` (a TeacherConfig, or the defaults) with --teacher-model / --teacher-weights applied."""
     from dataclasses import replace

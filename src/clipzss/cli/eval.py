@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipzss.cli._common import add_device_arg, add_teacher_args, load_segmenter
+from clipzss.cli._common import add_device_arg, add_label_candidates_arg, add_teacher_args, load_segmenter
 
 HELP = "evaluate a checkpoint (or the MaskCLIP baseline) on a dataset: pAcc, mIoU(S/U), hIoU"
 EPILOG = """examples:
@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a class absent from the ground truth: mmseg = IoU 0 if predicted (default), skip = left out",
     )
+    add_label_candidates_arg(parser)
     parser.add_argument("--out", default=None, help="folder for metrics.json / per_class.csv")
     parser.add_argument(
         "--report",
@@ -89,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         eval_cfg = replace(eval_cfg, seen_gamma=args.seen_gamma)
     if args.absent_classes:
         eval_cfg = replace(eval_cfg, absent_classes=args.absent_classes)
+    if args.label_candidates is not None:
+        eval_cfg = replace(eval_cfg, label_candidates=args.label_candidates)
     cfg = replace(cfg, data=data, eval=eval_cfg)
     if not (data.eval_root or data.root) and (data.eval_dataset or data.dataset) != "synthetic":
         raise ValueError("say where the dataset is: --data-root DIR")

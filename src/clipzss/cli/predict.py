@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from clipzss.cli._common import add_device_arg, add_teacher_args, load_segmenter
+from clipzss.cli._common import add_device_arg, add_label_candidates_arg, add_teacher_args, load_segmenter
 
 HELP = "segment images with any class names"
 EPILOG = """examples:
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--onnx", default=None, help="run a model from `clipzss export` with onnxruntime alone"
     )
     parser.add_argument("--mode", choices=["slide", "whole"], default=None, help="inference mode")
+    add_label_candidates_arg(parser)
     parser.add_argument("--out", default="outputs/predict", help="output folder (default: outputs/predict)")
     add_teacher_args(parser)
     add_device_arg(parser)
@@ -54,6 +56,13 @@ def run(args: argparse.Namespace) -> int:
             if not args.text_embeddings:
                 raise ValueError('give the class names to segment, e.g. --classes "cat,dog,grass"')
             names = segmenter.text_encoder.class_names
+    if args.label_candidates is not None:
+        if args.onnx:
+            segmenter.eval["label_candidates"] = args.label_candidates
+        else:
+            segmenter.eval_cfg = dataclasses.replace(
+                segmenter.eval_cfg, label_candidates=args.label_candidates
+            )
     out = prediction_folder(args.images, args.out)
     for path in args.images:
         image = load_image(path)
