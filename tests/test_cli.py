@@ -75,7 +75,9 @@ def test_predict_label_candidates_option(
     with pytest.raises(SystemExit) as stop:
         main([*base, "--label-candidates", "-1", "--out", str(tmp_path / "bad")])
     assert stop.value.code == 2
-    assert "--label-candidates: expected an integer >= 0 (0: exact labels), got '-1'" in capsys.readouterr().err
+    assert (
+        "--label-candidates: expected an integer >= 0 (0: exact labels), got '-1'" in capsys.readouterr().err
+    )
     assert not (tmp_path / "bad").exists()
 
 

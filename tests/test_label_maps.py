@@ -237,7 +237,9 @@ def test_approximate_labels_with_every_class_shortlisted_are_exact(kind, size, o
     plan, logits, _ = build(kind, size, out, crop, stride, k=7, cell=3)
     exact = label_map(plan, logits)
     np.testing.assert_array_equal(label_map(plan, logits, candidates=7), exact)
-    np.testing.assert_array_equal(label_map(plan, logits, candidates=9), exact)  # more than K: the best repeats
+    np.testing.assert_array_equal(
+        label_map(plan, logits, candidates=9), exact
+    )  # more than K: the best repeats
     quantised = np.round(logits).astype(np.float32)
     np.testing.assert_array_equal(label_map(plan, quantised, candidates=7), label_map(plan, quantised))
     labels, stats = label_map_with_stats(plan, logits, candidates=2)
