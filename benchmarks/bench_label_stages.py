@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from bench_labels import photo, random_text
+from bench_labels import case_inputs, random_text
 from common import base_parser, compare, machine_info, markdown_table, report, setup
 from PIL import Image
 
 from clipzss import _label_kernels as kernels
 from clipzss.config import Config, EvalConfig, StudentConfig
 from clipzss.evaluate import window_logits
-from clipzss.inference import preprocess, sliding_windows
+from clipzss.inference import preprocess
 from clipzss.label_maps import UNIT_ROUNDOFF, _plan_tables
 from clipzss.predict import Segmenter, _classes_last_logits, pixel_norms
 from clipzss.student import build_student
@@ -68,12 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, results = [], {}
     with torch.inference_mode():
         for case, (height, width), eval_cfg in cases:
-            image = photo(height, width)
-            x = torch.from_numpy(preprocess(Image.fromarray(image), eval_cfg.short_side))[None].to(device)
-            windows = sliding_windows(x.shape[-2], x.shape[-1], eval_cfg.crop_size, eval_cfg.stride)
-            crops = (
-                x if eval_cfg.mode == "whole" else torch.cat([x[:, :, a:b, c:d] for a, b, c, d in windows])
-            )
+            image, x, _, crops = case_inputs(height, width, eval_cfg, device)
             flat = student(crops).flatten(2).contiguous()  # (n, C, hw)
             for k in (int(k) for k in args.classes.split(",")):
                 text = random_text(k, dim)

@@ -54,6 +54,18 @@ def photo(height: int, width: int) -> np.ndarray:
     return (big.permute(1, 2, 0) * 255).byte().numpy()
 
 
+def case_inputs(
+    height: int, width: int, eval_cfg: EvalConfig, device: torch.device
+) -> tuple[np.ndarray, torch.Tensor, list[tuple[int, int, int, int]], torch.Tensor]:
+    """A case's photo, its network input, predict's windows on it and their crops (the input itself if whole)."""
+    image = photo(height, width)
+    x = torch.from_numpy(preprocess(Image.fromarray(image), eval_cfg.short_side))[None].to(device)
+    windows = sliding_windows(x.shape[-2], x.shape[-1], eval_cfg.crop_size, eval_cfg.stride)
+    whole = eval_cfg.mode == "whole"
+    crops = x if whole else torch.cat([x[:, :, a:b, c:d] for a, b, c, d in windows])
+    return image, x, windows, crops
+
+
 def random_text(k: int, dim: int) -> PrecomputedText:
     gen = torch.Generator().manual_seed(k)
     return PrecomputedText(
@@ -89,12 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, label_rows, results, verdicts = [], [], {}, []
     with torch.inference_mode():
         for case, (height, width), eval_cfg in cases:
-            image = photo(height, width)
-            x = torch.from_numpy(preprocess(Image.fromarray(image), eval_cfg.short_side))[None].to(device)
-            windows = sliding_windows(x.shape[-2], x.shape[-1], eval_cfg.crop_size, eval_cfg.stride)
-            crops = (
-                x if eval_cfg.mode == "whole" else torch.cat([x[:, :, a:b, c:d] for a, b, c, d in windows])
-            )
+            image, x, windows, crops = case_inputs(height, width, eval_cfg, device)
             large = height * width > 1 << 20  # the dense reference and the torch path would take minutes here
             bare_batches = [crops[i : i + 8] for i in range(0, len(crops), 8)]  # predict's window batches
             emb = torch.cat([student(batch) for batch in bare_batches]).flatten(2)  # (n, C, hw)

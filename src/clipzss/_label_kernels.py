@@ -248,27 +248,20 @@ def label_units(
                     for x in range(ustart_c[uc], ustop_c[uc]):
                         out[y, x] = t_min
                 continue
-            if m > 0:  # approximate: the points' shortlists are the candidates, no bound
-                threshold[ur, uc] = -np.inf
-                scale_of[ur, uc] = scale
-                for i in range(n_rs):
-                    for j in range(n_cs):
-                        win = i * n_cols + j
-                        for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
-                            for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
-                                point_bound[win, r, c] = -np.inf  # (a shortlist is wanted here)
-                continue
-            tau = -np.inf
-            for ref in (t_min, t_max):
-                worst = np.inf
-                for i in range(n_rs):
-                    for j in range(n_cs):
-                        win = i * n_cols + j
-                        for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
-                            for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
-                                worst = min(worst, logits[win, r, c, ref])
-                tau = max(tau, worst)
-            bound = tau - 2 * rel * max(scale, abs(tau))
+            if m > 0:  # approximate: no bound (-inf marks the points whose shortlists are wanted)
+                bound = -np.inf
+            else:
+                tau = -np.inf
+                for ref in (t_min, t_max):
+                    worst = np.inf
+                    for i in range(n_rs):
+                        for j in range(n_cs):
+                            win = i * n_cols + j
+                            for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
+                                for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
+                                    worst = min(worst, logits[win, r, c, ref])
+                    tau = max(tau, worst)
+                bound = tau - 2 * rel * max(scale, abs(tau))
             threshold[ur, uc] = bound
             scale_of[ur, uc] = scale
             for i in range(n_rs):
