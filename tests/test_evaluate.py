@@ -447,6 +447,10 @@ def test_approximate_labels_are_opt_in_and_marked(tmp_path: Path, caplog: pytest
     for bad in (-1, 2.0):
         with pytest.raises(ValueError, match=re.escape("eval.label_candidates must be an integer >= 0")):
             evaluate(fn, data, EvalConfig(mode="whole", label_candidates=bad), progress=False)
+    with pytest.raises(ValueError, match=re.escape("eval.label_candidates must be an integer >= 0")):
+        window_labels(
+            fn, torch.randn(1, 3, 16, 16), EvalConfig(mode="whole", label_candidates=-2)
+        )  # predict's
     # slide labels streamed in bands take the same option: m >= K gives the exact labels
     images = torch.randn(1, 3, 60, 40)
     cfg = EvalConfig(mode="slide", crop_size=16, stride=11)

@@ -30,6 +30,7 @@ from clipzss.inference import check_mode, sliding_windows
 from clipzss.label_maps import (
     Plan,
     all_window_logits,
+    check_candidates,
     dense_scores,
     label_map,
     slide_labels,
@@ -250,10 +251,13 @@ def window_labels(
     """
     b, _, h, w = images.shape
     out_size = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
+    candidates = check_candidates(
+        cfg.label_candidates, "eval.label_candidates"
+    )  # (a checkpoint's config too)
     if check_mode(cfg.mode) == "slide":
         windows = sliding_windows(h, w, cfg.crop_size, cfg.stride)
         run = partial(_run_windows, logits_fn, images)
-        return slide_labels(run, (h, w), windows, out_size, transforms, window_batch, cfg.label_candidates)
+        return slide_labels(run, (h, w), windows, out_size, transforms, window_batch, candidates)
     plan, logits = window_logits(logits_fn, images, cfg, out_size)
     labels = [
         torch.stack([label_map(plan, logits[i], t, cfg.label_candidates) for i in range(b)])
@@ -419,9 +423,7 @@ def evaluate(
     check_choice(cfg.absent_classes, ABSENT_RULES, "eval.absent_classes")  # before any image
     if not (math.isfinite(cfg.seen_gamma) and cfg.seen_gamma >= 0):
         raise ValueError(f"eval.seen_gamma must be a number >= 0, got {cfg.seen_gamma!r}")
-    m = cfg.label_candidates
-    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-        raise ValueError(f"eval.label_candidates must be an integer >= 0 (0: exact labels), got {m!r}")
+    m = check_candidates(cfg.label_candidates, "eval.label_candidates")
     if m:
         logger.warning(
             "eval.label_candidates=%d: approximate labels (the %d best classes of each low-resolution point "

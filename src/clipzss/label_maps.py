@@ -493,6 +493,13 @@ def _plan_tables(plan: Plan) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return _axis_tables(plan.rows), _axis_tables(plan.cols)
 
 
+def check_candidates(value: Any, name: str = "candidates") -> int:
+    """``value`` as `label_map`'s ``candidates`` (an integer >= 0), or one line naming ``name`` (a config field)."""
+    if isinstance(value, bool) or not (isinstance(value, int | np.integer) and value >= 0):
+        raise ValueError(f"{name} must be an integer >= 0 (0: exact labels), got {value!r}")
+    return int(value)
+
+
 def label_map(plan: Plan, logits: Array, transform: Transform | None = None, candidates: int = 0) -> Array:
     """``dense_scores(plan, logits).argmax(-1)`` (after ``transform``), computed without the K×H×W scores.
 
@@ -524,8 +531,7 @@ def label_map_with_stats(
         numpy_logits = logits.detach().float().contiguous().numpy()
         labels, stats = label_map_with_stats(plan, numpy_logits, candidates=candidates)
         return torch.from_numpy(labels), stats
-    if isinstance(candidates, bool) or not (isinstance(candidates, int | np.integer) and candidates >= 0):
-        raise ValueError(f"candidates must be an integer >= 0 (0: exact labels), got {candidates!r}")
+    check_candidates(candidates)
     n, h, w, k = logits.shape
     if (n, (h, w)) != (plan.num_windows, plan.low_size):
         raise ValueError(

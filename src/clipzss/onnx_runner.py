@@ -20,7 +20,7 @@ from PIL import Image
 
 from clipzss.embeddings_file import read_text_embeddings
 from clipzss.inference import ImageLike, as_rgb, check_mode, preprocess, sliding_windows
-from clipzss.label_maps import label_map, slide_labels, whole_plan
+from clipzss.label_maps import check_candidates, label_map, slide_labels, whole_plan
 from clipzss.names import parse_class_names
 
 FORMAT = "clipzss-onnx-v1"
@@ -125,7 +125,10 @@ class OnnxSegmenter:
         same `clipzss.label_maps.slide_labels`, then `label_map`.
         """
         _, rows = self._rows(class_names)  # checked once, not per window
-        candidates = int(self.eval.get("label_candidates", 0))  # (exports before it had exact labels only)
+        # (exports before the option had exact labels only)
+        candidates = check_candidates(
+            self.eval.get("label_candidates", 0), f"{self.path}: eval.label_candidates"
+        )
         rgb = as_rgb(image)
         x = self.preprocess(rgb)  # (1, 3, h, w)
         out_size = (rgb.height, rgb.width)
