@@ -213,9 +213,10 @@ def label_units(
        the points prune them, then their exact canvas values over the unit's canvas rectangle prune again, and
        the survivors' reference values decide each pixel (lowest class id on ties).
 
-    Approximate mode (``shortlist``: (n, h, w, m) scratch, m > 0): step 1 still settles units
-    exactly, but an unsettled unit's candidates are its points' m best classes (step 2 finds those of the points
-    that open units read, instead of searching for a bound); among them step 3 is exact. A class outside every shortlist of the unit cannot win.
+    Approximate mode (``shortlist``: (n, h, w, m) scratch, m > 0): step 1 still settles units exactly, but an
+    unsettled unit's candidates are its points' m best classes (step 2 finds those of the points that open units
+    read, instead of searching for a bound); among them step 3 is exact. A class outside every shortlist of the
+    unit cannot win.
     """
     n_win, h, w, k = logits.shape
     n_cols = len(cstarts)
