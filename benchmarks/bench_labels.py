@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for case, (height, width), eval_cfg in cases:
             image, x, windows, crops = case_inputs(height, width, eval_cfg, device)
             large = height * width > 1 << 20  # the dense reference and the torch path would take minutes here
-            bare_batches = [crops[i : i + 8] for i in range(0, len(crops), 8)]  # predict's window batches
+            bare_batches = crops.split(8)  # predict's window batches
             emb = torch.cat([student(batch) for batch in bare_batches]).flatten(2)  # (n, C, hw)
             for k in ks:
                 text = random_text(k, dim)
@@ -145,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 timing = compare(candidates, device, reps=reps, warmup=args.warmup)
                 exact_labels, stats = label_map_with_stats(plan, low_np)
                 agreement = float((label_map(plan, low_np, candidates=2) == exact_labels).mean()) * 100
-                exact = (
-                    "(tests)"
-                    if large
-                    else bool((label_map(plan, low_np) == dense_labels(plan, low_np)).all())
-                )
+                exact = "(tests)" if large else bool((exact_labels == dense_labels(plan, low_np)).all())
                 over = (timing.median("predict") - timing.median("bare")) / timing.median("matmul")
                 rows.append(
                     [case, k, timing.median("bare") * 1e3, timing.median("matmul") * 1e3,
@@ -178,13 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"done {case} K={k}", flush=True)
         memory_rows = []
         if not (args.no_memory or args.dry):
-            image = photo(1024, 2048)
             eval_cfg = EvalConfig(mode="slide", short_side=0)
-            x = torch.from_numpy(preprocess(Image.fromarray(image), None))[None].to(device)
-            windows = sliding_windows(1024, 2048, eval_cfg.crop_size, eval_cfg.stride)
-            batches = [
-                torch.cat([x[:, :, a:b, c:d] for a, b, c, d in windows[i : i + 8]]) for i in range(0, 18, 8)
-            ]
+            image, _, _, crops = case_inputs(1024, 2048, eval_cfg, device)
+            batches = crops.split(8)  # predict's window batches
             warm = Segmenter(student, random_text(ks[0], dim), cfg, device)
             warm.eval_cfg = eval_cfg
             # loads the compiled kernels (not counted below)

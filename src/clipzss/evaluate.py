@@ -32,7 +32,7 @@ from clipzss.label_maps import (
     all_window_logits,
     check_candidates,
     dense_scores,
-    label_map,
+    plan_labels,
     slide_labels,
     slide_plan,
     whole_plan,
@@ -249,21 +249,16 @@ def window_labels(
     Slide mode goes through `label_maps.slide_labels` (shared with the ONNX runner): with more rows of windows
     than any output row reads (a 1024×2048 image) it streams them in bands, holding two rows' logits, not three.
     """
-    b, _, h, w = images.shape
+    _, _, h, w = images.shape
     out_size = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
-    candidates = check_candidates(
-        cfg.label_candidates, "eval.label_candidates"
-    )  # (a checkpoint's config too)
+    # (checked here too: predict runs a checkpoint's config without going through evaluate)
+    candidates = check_candidates(cfg.label_candidates, "eval.label_candidates")
     if check_mode(cfg.mode) == "slide":
         windows = sliding_windows(h, w, cfg.crop_size, cfg.stride)
         run = partial(_run_windows, logits_fn, images)
         return slide_labels(run, (h, w), windows, out_size, transforms, window_batch, candidates)
     plan, logits = window_logits(logits_fn, images, cfg, out_size)
-    labels = [
-        torch.stack([label_map(plan, logits[i], t, cfg.label_candidates) for i in range(b)])
-        for t in transforms
-    ]
-    return labels, logits.shape[-1]
+    return plan_labels(plan, logits, transforms, candidates), logits.shape[-1]
 
 
 def infer_logits(
@@ -486,9 +481,8 @@ def evaluate(
             calibrated.matrix.cpu(), class_names, seen, unseen, num, cfg.absent_classes
         )
         result.seen_gamma = cfg.seen_gamma
-    if (
-        m
-    ):  # saved in metrics.json beside the numbers, so approximate results are never mistaken for exact ones
+    # Saved in metrics.json beside the numbers, so approximate results are never mistaken for exact ones.
+    if m:
         result.extra["approximate_labels"] = {"label_candidates": m}
     if rank == 0:
         logger.info("eval: %d images  %s", result.num_images, result.summary_line())

@@ -286,6 +286,29 @@ def all_window_logits(run: RunWindows, windows: Sequence[Window], window_batch: 
     return store
 
 
+def _fill_labels(
+    labels: Sequence[Array],
+    plan: Plan,
+    logits: Array,
+    transforms: Sequence[Transform | None],
+    candidates: int,
+    rows: slice = slice(None),
+) -> None:
+    """``labels[t][i, rows] = label_map(plan, logits[i], transforms[t], candidates)`` for every image i."""
+    for t, out_labels in zip(transforms, labels, strict=True):
+        for i in range(logits.shape[0]):
+            out_labels[i, rows] = label_map(plan, logits[i], t, candidates)
+
+
+def plan_labels(
+    plan: Plan, logits: Array, transforms: Sequence[Transform | None] = (None,), candidates: int = 0
+) -> list[Array]:
+    """`label_map` of each image of (B, n, h', w', K) ``logits`` for each of ``transforms``: (B, H, W) each."""
+    labels = [_empty(logits, (logits.shape[0], *plan.out_size), labels=True) for _ in transforms]
+    _fill_labels(labels, plan, logits, transforms, candidates)
+    return labels
+
+
 def slide_labels(
     run: RunWindows,
     image_size: Sequence[int],
@@ -313,11 +336,7 @@ def slide_labels(
     if depth >= rows:  # every output row reads every row of windows: nothing to stream
         logits = all_window_logits(run, windows, window_batch)
         plan = slide_plan(image_size, windows, logits.shape[2:4], out_size)
-        labels = [_empty(logits, (logits.shape[0], *out_size), labels=True) for _ in transforms]
-        for t, out_labels in zip(transforms, labels, strict=True):
-            for i in range(logits.shape[0]):
-                out_labels[i] = label_map(plan, logits[i], t, candidates)
-        return labels, int(logits.shape[-1])
+        return plan_labels(plan, logits, transforms, candidates), int(logits.shape[-1])
     # Output row 0 reads window row 0, so the first window is always run; its size bounds the batches.
     first = run(windows[:1])
     b = first.shape[0]
@@ -342,13 +361,9 @@ def slide_labels(
         count += 1
         while next_band < len(bands) and bands[next_band].last <= row:
             band = bands[next_band]
-            part = band_plan(plan, band)
             lo, hi = (band.first - held) * cols, (band.last - held + 1) * cols
-            for t, out_labels in zip(transforms, labels, strict=True):
-                for i in range(b):
-                    out_labels[i, band.out_start : band.out_stop] = label_map(
-                        part, store[i, lo:hi], t, candidates
-                    )
+            rows_out = slice(band.out_start, band.out_stop)
+            _fill_labels(labels, band_plan(plan, band), store[:, lo:hi], transforms, candidates, rows_out)
             next_band += 1
     return labels, int(store.shape[-1])
 
@@ -531,7 +546,7 @@ def label_map_with_stats(
         numpy_logits = logits.detach().float().contiguous().numpy()
         labels, stats = label_map_with_stats(plan, numpy_logits, candidates=candidates)
         return torch.from_numpy(labels), stats
-    check_candidates(candidates)
+    m = check_candidates(candidates)
     n, h, w, k = logits.shape
     if (n, (h, w)) != (plan.num_windows, plan.low_size):
         raise ValueError(
@@ -548,7 +563,7 @@ def label_map_with_stats(
     finite = kernels.point_stats(logits.reshape(n, h * w, k), top, best, second)
     if not finite:  # NaN / inf: the rounding bounds do not hold; the dense path is the definition
         return dense_labels(plan, logits), {"dense": 1}
-    shortlist = np.empty((n, h, w, int(candidates)), dtype=np.int64)  # (filled by label_units where needed)
+    shortlist = np.empty((n, h, w, m), dtype=np.int64)  # (filled by label_units where needed)
     rows, cols = _plan_tables(plan)
     # Every output value is a convex combination of low-res values computed in at most (windows per point + 12)
     # float32 roundings, each off by at most UNIT_ROUNDOFF of the largest magnitude involved, and weights that sum
