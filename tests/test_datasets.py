@@ -18,7 +18,7 @@ from clipzss.data.datasets import FileDataset
 from clipzss.data.masks import class_ids, read_palette
 from clipzss.data.readers import Sample, read_listing
 from clipzss.data.scenes import SYNTHETIC_CLASSES, SYNTHETIC_UNSEEN, SyntheticScenes
-from clipzss.data.splits import DATASET_CLASSES, make_split
+from clipzss.data.splits import DATASET_CLASSES, VOID_INDEX, make_split
 from clipzss.data.transforms import build_eval_transform
 
 H, W = 6, 8
@@ -185,8 +185,11 @@ def test_train_items_hide_unseen_pixelwise(tmp_path: Path) -> None:
     original = dataset.load(0)[1]
     mask = dataset[0]["mask"]
     hidden = (original == 0) | (original == 2)
-    assert torch.equal(mask == 255, hidden | (original == 255))
-    assert torch.equal(mask[~hidden], original[~hidden])
+    void = original == 255
+    # Unseen classes become unlabelled (255); the files' own ignore pixels become void (-1), never unlabelled.
+    assert torch.equal(mask == 255, hidden)
+    assert torch.equal(mask == VOID_INDEX, void)
+    assert torch.equal(mask[~hidden & ~void], original[~hidden & ~void])
     assert np.array_equal(_mask_of(build_dataset(cfg, "train", train=False)), raw)  # eval keeps every class
 
 
@@ -342,7 +345,8 @@ def test_camvid_real_files(shared_data: Path) -> None:
     original = train.load(0)[1]
     assert torch.isin(original, torch.tensor([5, 8, 9])).any()  # the check below is not vacuous
     masked = train[0]["mask"]
-    assert torch.equal(masked == 255, torch.isin(original, torch.tensor([5, 8, 9, 255])))
+    assert torch.equal(masked == 255, torch.isin(original, torch.tensor([5, 8, 9])))
+    assert torch.equal(masked == VOID_INDEX, original == 255)  # CamVid's void stays void, not unlabelled
 
 
 # ---------------------------------------------------------------------------------------------------- synthetic

@@ -17,11 +17,13 @@ from clipzss.data.splits import (
     IGNORE_INDEX,
     PAD_INDEX,
     STANDARD_UNSEEN,
+    VOID_INDEX,
     WIDE_IGNORE_INDEX,
     Split,
     make_split,
     relabel_unseen,
     seen_lookup,
+    training_mask,
 )
 from clipzss.data.transforms import build_eval_transform, build_train_transform, build_transforms
 
@@ -33,6 +35,7 @@ __all__ = [
     "PAD_INDEX",
     "STANDARD_UNSEEN",
     "SYNTHETIC_CLASSES",
+    "VOID_INDEX",
     "WIDE_IGNORE_INDEX",
     "FileDataset",
     "Listing",
@@ -51,4 +54,5 @@ __all__ = [
     "read_palette",
     "relabel_unseen",
     "seen_lookup",
+    "training_mask",
 ]

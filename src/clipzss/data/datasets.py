@@ -2,8 +2,9 @@
 
 Every dataset yields ``{"image": (3, H, W) float32 normalised, "mask": (H, W) int64 with 255 = ignore,
 "name": str}`` and carries its ``class_names`` and :class:`~clipzss.data.splits.Split`. Masks are read as class
-ids (after each layout's reduce-zero-label rule, :func:`~clipzss.data.masks.class_ids`); with ``train=True`` the
-unseen classes become 255 through :func:`~clipzss.data.splits.relabel_unseen`, the one place that happens. Bad
+ids (after each layout's reduce-zero-label rule, :func:`~clipzss.data.masks.class_ids`); with ``train=True``
+:func:`~clipzss.data.splits.training_mask`, the one place that happens, turns the unseen classes into 255
+(unlabelled) and the files' own ignore pixels into ``VOID_INDEX`` (-1, as crop padding is). Bad
 files fail when read, with the file named; a missing mask fails when the dataset is built.
 
 Where the files are comes from :mod:`clipzss.data.readers`, how labels decode from :mod:`clipzss.data.masks`, the
@@ -22,7 +23,7 @@ from torch.utils.data import Dataset
 
 from clipzss.data.masks import Palette, class_ids, load_mask
 from clipzss.data.readers import Sample, read_classes_txt
-from clipzss.data.splits import IGNORE_INDEX, Split, relabel_unseen
+from clipzss.data.splits import IGNORE_INDEX, Split, training_mask
 from clipzss.data.transforms import EvalTransform, SegTransform, build_eval_transform, pil_to_tensor
 from clipzss.inference import to_rgb
 
@@ -67,7 +68,7 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         image, mask, name = self.load(index)
         if self.train:
-            mask = relabel_unseen(mask, self.split)
+            mask = training_mask(mask, self.split, self.ignore_index)
         image, mask = self.transform(image, mask)
         return {"image": image, "mask": mask, "name": name}
 

@@ -21,9 +21,12 @@ IGNORE_INDEX = 255
 # The ignore value of 16-bit label maps, whose class ids may pass 255 (detectron2's convention for ADE-847 and
 # PASCAL Context-459).
 WIDE_IGNORE_INDEX = 65535
-# The mask value of training-crop padding (PadTo). Distinct from IGNORE_INDEX: an ignored pixel is image content
-# without a label (it may get a pseudo label), a padded pixel is not image at all (it never gets one).
-PAD_INDEX = -1
+# The mask value of *void* pixels in training masks: pixels the dataset's own files leave without a label (VOC's
+# boundary bands, CamVid's void) and training-crop padding (PadTo). Distinct from IGNORE_INDEX, which in a training
+# mask means *unlabelled* content (an unseen class relabelled by `training_mask`): an unlabelled pixel may get a
+# pseudo label, a void one never does, and no loss, clustering or pooling reads it.
+VOID_INDEX = -1
+PAD_INDEX = VOID_INDEX  # padding is void
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -196,6 +199,17 @@ def relabel_unseen(mask: torch.Tensor, split: Split) -> torch.Tensor:
         unseen = torch.tensor(split.unseen, dtype=mask.dtype, device=mask.device)
         out[torch.isin(mask, unseen)] = IGNORE_INDEX
     return out
+
+
+def training_mask(mask: torch.Tensor, split: Split, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The training form of a class-id mask: void (``ignore_index`` in the files) → VOID_INDEX, unseen → 255.
+
+    The one place where a training mask is made: it keeps the dataset's own void apart from the unlabelled area
+    that the unseen classes leave, which pseudo labels fill.
+    """
+    void = mask == ignore_index
+    out = relabel_unseen(mask, split)
+    return out.masked_fill(void, VOID_INDEX)
 
 
 def seen_lookup(split: Split) -> torch.Tensor:

@@ -75,8 +75,11 @@ class RandomRescale(v2.Transform):
 
 
 def cat_max_ratio_ok(mask: torch.Tensor, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX) -> bool:
-    """mmseg's crop acceptance: at least two labelled classes, none above ``cat_max_ratio`` of the labelled pixels."""
-    _, counts = torch.unique(mask[mask != ignore_index], return_counts=True)
+    """mmseg's crop acceptance: at least two labelled classes, none above ``cat_max_ratio`` of the labelled pixels.
+
+    Unlabelled (``ignore_index``) and void (negative) pixels are not labelled, as for mmseg, whose masks have 255
+    for both."""
+    _, counts = torch.unique(mask[(mask != ignore_index) & (mask >= 0)], return_counts=True)
     return len(counts) > 1 and counts.max().item() / counts.sum().item() < cat_max_ratio
 
 
