@@ -20,6 +20,12 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
+# The choices of MethodConfig's string fields introduced with the void/honest-negatives work (their users check
+# them with `check_choice`; the older fields keep their constants beside their code).
+CENTER_SCOPES: tuple[str, ...] = ("batch", "image")  # method.center_scope
+PROTOTYPE_GAPS: tuple[str, ...] = ("none", "shift")  # method.prototype_gap
+DISTILL_PIXELS: tuple[str, ...] = ("all", "unlabelled")  # method.distill_pixels
+
 # ZegCLIP's 15-template ensemble (reference/paper.md §2).
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -122,6 +128,10 @@ class MethodConfig:
     # GLM
     tau: float = 0.07
     bank_size: int = 1024
+    # The bank never holds more than this fraction of the training set (a 200-image set gets at most 100 entries),
+    # and each entry remembers its image, which is never its own negative: on small sets and video frames a
+    # 1024-entry bank would hold every image several times [ours].
+    bank_fraction: float = 0.5
     # pseudo labels
     kmeans_iters: int = 10
     window_divisors: tuple[int, ...] = (2, 4, 8)
@@ -129,15 +139,24 @@ class MethodConfig:
     # measured; on raw tokens the best λ moves with the modality gap (0.85 without, 0.95 with) [ours,
     # benchmarks/README.md "Token centring"]. center_tokens=false with fusion_threshold=0.85 is the old setting.
     center_tokens: bool = True
+    # The centring mean: over the valid tokens of the whole global batch (all-reduced under DDP) or of each image.
+    center_scope: str = "batch"
     fusion_threshold: float = 0.7
     min_region: float = 0.01
     # A pseudo region more than this share of which is one seen class is that class's rim and stays ignored
-    # (1.0 keeps every region). [ours] chosen from benchmarks/README.md "Seen rims".
-    max_seen_share: float = 0.5
+    # (1.0 keeps every region). Off by default: void pixels (VOC's boundary bands, padding) are kept out of the
+    # pseudo labels as void, and the filter also dropped unseen objects that cluster with a similar seen class
+    # [ours, benchmarks/README.md "CamVid"].
+    max_seen_share: float = 1.0
+    # Teacher-token pseudo prototypes: "none" = the region's mean token; "shift" = normalise(region mean - mean
+    # image token of the batch + mean seen-text embedding), a parameter-free correction of the modality gap.
+    prototype_gap: str = "none"
     # synthesizer: prototypes start at the teacher's mean token over each region; the decoder adds a correction.
     synth_layers: int = 2
     synth_heads: int = 8
     synth_context: bool = True  # the student's (detached) region means join the queries as extra context
+    # Pseudo prototypes detached from NEL/CE, so that the synthesizer's correction learns from L_bce alone.
+    synth_detach: bool = False
     # L_bce, prototype → own text: "bce" (multi-label BCE over P_seen × T_seen at bce_scale·cos + bce_bias) or
     # "softmax" (CE over T_seen at 1/tau). SigLIP's initial scale 10 and bias -10, kept fixed: optimising the loss
     # alone then ends at the own text (cos 1.0 for 15 and 156 random texts); learnt (bce_learnable) they drift to a
@@ -167,6 +186,11 @@ class MethodConfig:
     w_nel: float = 1.0
     w_ce: float = 1.0
     w_bce: float = 1.0
+    # Dense distillation (0 = off): 1 - cos(student embedding pooled to the teacher's token grid, teacher token) on
+    # non-void tokens, "all" of them or only the "unlabelled" ones (no ground truth). The teacher's knowledge of a
+    # pixel then reaches the student directly, not only through clusters (PLM) and one global token (GLM).
+    w_distill: float = 0.0
+    distill_pixels: str = "all"
 
 
 @dataclass

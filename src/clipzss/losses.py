@@ -7,14 +7,16 @@ a step has no hidden host-device sync (the one exception, documented, is not pas
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from clipzss.config import MethodConfig, check_choice
+from clipzss.config import DISTILL_PIXELS, PROTOTYPE_GAPS, MethodConfig, check_choice
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.pseudo_labels import mean_token, token_validity
 from clipzss.regions import Regions, count_pseudo_slots, downsample_labels, teacher_pseudo_prototypes
 
 # A finite "minus infinity" for padded pseudo channels: exp(-1e4) is exactly 0 in fp32/bf16 softmax, while -inf
@@ -28,7 +30,12 @@ LOSS_RESOLUTIONS = ("logits", "full")
 
 
 def info_nce(
-    pred: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None, tau: float
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    negatives: torch.Tensor | None,
+    tau: float,
+    positives: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE: for each i, -log softmax over [t_i·p_i, t_j·p_i (j≠i), n_k·p_i] / τ at the positive, batch mean.
 
@@ -36,15 +43,26 @@ def info_nce(
 
     Args:
         pred: (B, C) predictions p (gradient flows here).
-        target: (B, C) targets t; target i is the positive of pred i and a negative of every other pred.
+        target: (T, C) targets t; target ``positives[i]`` is the positive of pred i and a negative of every other
+            pred (T = B when every target has its prediction here; T > B when the targets of other processes join).
         negatives: (n, C) extra negatives (the CLS bank), or None / empty.
         tau: temperature.
+        positives: (B,) index of each pred's positive among the targets; None = 0 .. B-1.
+        exclude: (B, T + n) bool, keys that are no negative of pred i (the same image); its positive is always
+            kept. None = every other key is a negative.
     """
     keys = (
         target if negatives is None or negatives.numel() == 0 else torch.cat([target, negatives.to(target)])
     )
-    logits = pred @ keys.T / tau  # (B, B + n)
-    return F.cross_entropy(logits, torch.arange(pred.shape[0], device=pred.device))
+    logits = pred @ keys.T / tau  # (B, T + n)
+    if positives is None:
+        positives = torch.arange(pred.shape[0], device=pred.device)
+    if exclude is not None:
+        if exclude.shape != logits.shape:
+            raise ValueError(f"exclude must be {tuple(logits.shape)}, got {tuple(exclude.shape)}")
+        own = torch.zeros_like(exclude).scatter_(1, positives[:, None], True)
+        logits = logits.masked_fill(exclude & ~own, -math.inf)
+    return F.cross_entropy(logits, positives)
 
 
 def build_logits(
@@ -121,6 +139,7 @@ def masked_focal_loss(
     gamma: float = 2.0,
     ignore_index: int = IGNORE_INDEX,
     norm: str = "zegclip",
+    pixels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sigmoid focal loss of every (image, class) map against its one-hot target.
 
@@ -135,12 +154,19 @@ def masked_focal_loss(
         labels: (B, H, W) ids in [0, K) or ``ignore_index``.
         valid_channels: (B, K) bool, False for padding channels (never counted); None = all valid.
         norm: "zegclip" or "entries".
+        pixels: (B, H, W) bool, False on void pixels, which count nowhere (with "zegclip" a map is then averaged
+            over its image's non-void pixels); None = every pixel counts (ZegCLIP's criterion exactly).
     """
     check_choice(norm, NEL_NORMS, "method.nel_norm")
     logits = _at_least_fp32(logits)
     channels = _channel_mask(valid_channels, logits)  # (B, K)
     target = _one_hot_targets(labels, logits.shape[1], logits.dtype)  # (B, K, H, W)
     focal = sigmoid_focal_loss(logits, target, alpha, gamma, reduction="none")
+    if norm == "zegclip" and pixels is not None:
+        weights = pixels.to(logits.dtype)  # (B, H, W)
+        per_map = torch.einsum("bkhw,bhw->bk", focal, weights) / weights.sum(dim=(1, 2)).clamp_min(1)[:, None]
+        present = (target.amax(dim=(2, 3)) * channels).sum()
+        return (per_map * channels).sum() / present.clamp_min(1)
     if norm == "zegclip":
         per_map = focal.mean(dim=(2, 3))  # (B, K)
         present = (target.amax(dim=(2, 3)) * channels).sum()
@@ -157,25 +183,29 @@ def masked_dice_loss(
     valid_channels: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     norm: str = "zegclip",
+    pixels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dice loss 1 - (2Σpt + 1)/(Σp + Σt + 1) of sigmoid maps, mean over the (image, class) pairs whose class is
     present in the image (and valid); 0 when there is none.
 
     ``norm="zegclip"`` sums Σp over all pixels, as ZegCLIP's ``dice_loss`` does (a class predicted on an ignored
-    pixel costs); ``norm="entries"`` over non-ignored pixels only.
+    pixel costs), except void pixels (``pixels`` False); ``norm="entries"`` over non-ignored pixels only.
 
     Args:
         logits: (B, K, H, W).
         labels: (B, H, W) ids in [0, K) or ``ignore_index``.
         valid_channels: (B, K) bool, or None = all valid.
         norm: "zegclip" or "entries".
+        pixels: (B, H, W) bool, False on void pixels; None = every pixel counts.
     """
     check_choice(norm, NEL_NORMS, "method.nel_norm")
     logits = _at_least_fp32(logits)
     probs = logits.sigmoid()
     target = _one_hot_targets(labels, logits.shape[1], logits.dtype)  # (B, K, H, W)
     inter = (probs * target).sum(dim=(2, 3))  # (B, K)
-    if norm == "zegclip":
+    if norm == "zegclip" and pixels is not None:
+        prob_sum = torch.einsum("bkhw,bhw->bk", probs, pixels.to(logits.dtype))
+    elif norm == "zegclip":
         prob_sum = probs.sum(dim=(2, 3))
     else:
         prob_sum = torch.einsum("bkhw,bhw->bk", probs, (labels != ignore_index).to(logits.dtype))
@@ -195,6 +225,7 @@ def nel_loss(
     dice_weight: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     norm: str = "zegclip",
+    pixels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ZegCLIP's non-mutually-exclusive loss: per-class sigmoid maps, focal_weight·focal + dice_weight·dice.
 
@@ -207,9 +238,12 @@ def nel_loss(
         labels: (B, H, W) ids in [0, K) or ``ignore_index``.
         valid_channels: (B, K) bool (padding pseudo channels False), or None = all valid.
         norm: "zegclip" or "entries".
+        pixels: (B, H, W) bool, False on void pixels, which no term reads; None = every pixel counts.
     """
-    focal = masked_focal_loss(logits, labels, valid_channels, focal_alpha, focal_gamma, ignore_index, norm)
-    dice = masked_dice_loss(logits, labels, valid_channels, ignore_index, norm)
+    focal = masked_focal_loss(
+        logits, labels, valid_channels, focal_alpha, focal_gamma, ignore_index, norm, pixels
+    )
+    dice = masked_dice_loss(logits, labels, valid_channels, ignore_index, norm, pixels)
     return focal_weight * focal + dice_weight * dice
 
 
@@ -292,6 +326,43 @@ def prototype_bce_loss(
     return (rows * weights).sum() / (weights.sum() * num_classes).clamp_min(1)
 
 
+def distill_loss(
+    R: torch.Tensor,
+    teacher_dense: torch.Tensor,
+    tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense distillation: mean of 1 - cos(student embedding, teacher token) over the selected tokens.
+
+    The student's embeddings are area-pooled to the teacher's token grid (the tokens' stride), so each term compares
+    one teacher token with the student's mean over the same pixels. 0 when no token is selected.
+
+    Args:
+        R: (B, C, h, w) student embeddings (gradient flows here).
+        teacher_dense: (B, C, h', w') teacher tokens (detached).
+        tokens: (B, h', w') bool, the tokens that count; None = all.
+    """
+    pooled = F.adaptive_avg_pool2d(R.float(), tuple(teacher_dense.shape[-2:]))  # (B, C, h', w')
+    cos = F.cosine_similarity(pooled, teacher_dense.detach().float().to(pooled.device), dim=1)  # (B, h', w')
+    weights = torch.ones_like(cos) if tokens is None else tokens.to(cos.dtype)
+    return ((1 - cos) * weights).sum() / weights.sum().clamp_min(1)
+
+
+def gap_shifted(prototypes: torch.Tensor, mean_image: torch.Tensor, text_seen: torch.Tensor) -> torch.Tensor:
+    """normalise(P - mean image token + mean seen text): a parameter-free correction of the modality gap.
+
+    Teacher region means sit on the image side of CLIP's modality gap while the seen classifier is text; moving
+    every prototype by the difference of the two modalities' means puts it where a text of its content would be.
+
+    Args:
+        prototypes: (B, P, C) normalised region means.
+        mean_image: (C,) mean of the teacher's (normalised) tokens.
+        text_seen: (S_n, C) seen texts.
+    """
+    text_mean = F.normalize(text_seen.float(), dim=-1).mean(dim=0)
+    shift = (text_mean.to(prototypes) - mean_image.to(prototypes))[None, None]
+    return F.normalize(prototypes + shift, dim=-1)
+
+
 def restrict_targets(
     labels: torch.Tensor, valid_channels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
@@ -323,12 +394,13 @@ def compute_losses(
     synthesizer: Callable[..., Regions] | None = None,
     max_pseudo: int | None = None,
     valid: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every loss term of one training step after the student forward, each multiplied by its weight.
 
     Keys: "glm" (cfg.glm), "bce" (cfg.synthesizer; 0 when a batch has no seen region, so the key set never depends
-    on data), "nel" (cfg.nel), "ce" (cfg.ce), and "loss" = their sum. With only ``ce`` on this is the plain supervised
-    student with a text classifier. Computed in fp32 with autocast off.
+    on data), "nel" (cfg.nel), "ce" (cfg.ce), "distill" (cfg.w_distill > 0) and "loss" = their sum. With only
+    ``ce`` on this is the plain supervised student with a text classifier. Computed in fp32 with autocast off.
 
     Args:
         R: (B, C, h, w) student embeddings (stride 4, unnormalised).
@@ -345,10 +417,13 @@ def compute_losses(
             :class:`clipzss.regions.Regions`.
         max_pseudo: host-side upper bound on pseudo regions per image (e.g. int(num_pseudo.max()) from
             pseudo_labels). None reads it from ``labels``: one host-device sync per step.
-        valid: (B, H, W) bool, False on crop padding: excluded from GLM's pooling and the synthesizer's keys (the
-            losses already ignore it through ``labels``). None = every pixel is image.
+        valid: (B, H, W) bool, False on void pixels (crop padding, the dataset's void): excluded from GLM's
+            pooling, the synthesizer's keys, NEL (where ZegCLIP's rule would count them as negatives), the
+            distillation and the centring of the gap correction (CE ignores them through ``labels``). None = every
+            pixel is image.
+        ids: (B,) image identities for GLM's negatives (:func:`clipzss.glm.image_ids`), or None.
     """
-    if not (cfg.glm or cfg.synthesizer or cfg.nel or cfg.ce):
+    if not (cfg.glm or cfg.synthesizer or cfg.nel or cfg.ce or cfg.w_distill > 0):
         raise ValueError("every loss is switched off (method.glm, synthesizer, nel and ce are all false)")
     if cfg.glm and glm is None:
         raise ValueError("method.glm is on but no GLM module was given to compute_losses")
@@ -359,13 +434,24 @@ def compute_losses(
 
     losses: dict[str, torch.Tensor] = {}
     batch = R.shape[0]
+    image = valid  # (B, H, W) non-void pixels; `valid` is reused below for the logit channels
     with torch.autocast(R.device.type, enabled=False):
         R = R.float()
         if cfg.glm:
             feat_valid = (
                 None if valid is None else downsample_labels(valid.long(), tuple(R.shape[-2:])).bool()
             )
-            losses["glm"] = cfg.w_glm * glm(R, teacher_cls, feat_valid)
+            losses["glm"] = cfg.w_glm * glm(R, teacher_cls, feat_valid, ids)
+        token_valid = (
+            None if valid is None else token_validity(valid, tuple(teacher_dense.shape[-2:]))
+        )  # (B, h', w')
+        if cfg.w_distill > 0:
+            check_choice(cfg.distill_pixels, DISTILL_PIXELS, "method.distill_pixels")
+            tokens = token_valid
+            if cfg.distill_pixels == "unlabelled":  # no ground truth: pseudo ids or still unlabelled
+                unlabelled = downsample_labels(labels, tuple(teacher_dense.shape[-2:])) >= num_seen
+                tokens = unlabelled if tokens is None else tokens & unlabelled
+            losses["distill"] = cfg.w_distill * distill_loss(R, teacher_dense, tokens)
 
         num_pseudo = 0
         if cfg.pseudo_labels:
@@ -389,10 +475,17 @@ def compute_losses(
             )
             if num_pseudo:
                 pseudo_protos, pseudo_valid = regions.pseudo()
+                if cfg.synth_detach:  # the correction then learns from L_bce alone
+                    pseudo_protos = pseudo_protos.detach()
         elif num_pseudo:
             pseudo_protos, pseudo_valid = teacher_pseudo_prototypes(
                 teacher_dense, labels, num_seen, num_pseudo
             )
+        if pseudo_protos is not None:
+            check_choice(cfg.prototype_gap, PROTOTYPE_GAPS, "method.prototype_gap")
+            if cfg.prototype_gap == "shift":
+                mean_image = mean_token(teacher_dense.float(), token_valid).flatten()  # (C,)
+                pseudo_protos = gap_shifted(pseudo_protos, mean_image, text_seen)
 
         if cfg.nel or cfg.ce:
             check_choice(cfg.loss_resolution, LOSS_RESOLUTIONS, "method.loss_resolution")
@@ -407,6 +500,13 @@ def compute_losses(
             seen_ok = torch.ones(batch, num_seen, dtype=torch.bool, device=R.device)
             valid = seen_ok if pseudo_valid is None else torch.cat([seen_ok, pseudo_valid], dim=1)  # (B, K)
             targets = restrict_targets(targets, valid)
+            pixels = None
+            if image is not None:  # void pixels at the targets' resolution
+                pixels = (
+                    image
+                    if cfg.loss_resolution == "full"
+                    else majority_labels(image.long(), tuple(logits.shape[-2:])).bool()
+                )
             if cfg.nel:
                 losses["nel"] = cfg.w_nel * nel_loss(
                     logits,
@@ -417,6 +517,7 @@ def compute_losses(
                     cfg.focal_weight,
                     cfg.dice_weight,
                     norm=cfg.nel_norm,
+                    pixels=pixels,
                 )
             if cfg.ce:
                 losses["ce"] = cfg.w_ce * ce_loss(logits, targets)

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange, reduce
 
-from clipzss.config import MethodConfig
+from clipzss.config import CENTER_SCOPES, MethodConfig, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +75,18 @@ def window_sizes(h: int, w: int, divisors: Sequence[int]) -> list[int]:
     return sizes
 
 
-def window_seeds(dense: torch.Tensor, window: int) -> torch.Tensor:
+def window_seeds(dense: torch.Tensor, window: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised mean token of each non-overlapping ``window``×``window`` cell: the K-Means seeds of one scale.
 
     The grid of cells is ceil-sized, so partial cells at the right/bottom border average only their valid tokens
     instead of being dropped (no token is left without a nearby seed). Seeds are ordered row-major over the cells.
+    Void tokens (``valid`` False) never enter a seed; a cell with no valid token gives a zero seed, which
+    :func:`seed_alive` reports dead.
 
     Args:
         dense: (B, C, h, w) dense tokens.
         window: cell side in tokens (stride = window).
+        valid: (B, h, w) bool, False on void tokens; None = all valid.
 
     Returns:
         (B, K, C) seeds with K = ceil(h / window) * ceil(w / window).
@@ -97,23 +101,56 @@ def window_seeds(dense: torch.Tensor, window: int) -> torch.Tensor:
     # Channels last: the teacher's tokens are laid out (B, h, w, C) in memory, and summing windows of
     # contiguous C-vectors is several times faster than strided sums over a (B, C, h, w) layout.
     x = rearrange(dense.to(_compute_dtype(dense)), "b c h w -> b h w c")
+    if valid is not None:
+        x = x * valid[..., None].to(x.dtype)
     if any(padding):
         x = F.pad(x, (0, 0, *padding))  # (B, gh*window, gw*window, C)
     sums = x.unflatten(1, (gh, window)).unflatten(3, (gw, window)).sum(dim=(2, 4)).flatten(1, 2)  # (B, K, C)
-    valid = F.pad(torch.ones(h, w, dtype=x.dtype, device=x.device), padding)
-    counts = reduce(valid, "(gh wh) (gw ww) -> (gh gw)", "sum", wh=window, ww=window)  # (K,)
-    return F.normalize(sums / counts[None, :, None], dim=-1)
+    if valid is None:
+        ones = F.pad(torch.ones(h, w, dtype=x.dtype, device=x.device), padding)
+        counts = reduce(ones, "(gh wh) (gw ww) -> (gh gw)", "sum", wh=window, ww=window)[None, :]  # (1, K)
+    else:
+        ones = F.pad(valid.to(x.dtype), padding)
+        counts = reduce(ones, "b (gh wh) (gw ww) -> b (gh gw)", "sum", wh=window, ww=window)  # (B, K)
+    return F.normalize(sums / counts.clamp_min(1)[..., None], dim=-1)
 
 
-def _assign(x: torch.Tensor, centroids: torch.Tensor, spherical: bool, sizes: Sequence[int]) -> torch.Tensor:
+def seed_alive(seeds: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: the seeds that stand for at least one token (a zero seed's cell held only void tokens)."""
+    return seeds.abs().amax(dim=-1) > 0
+
+
+def token_validity(valid: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Pixel validity (B, H, W) → token validity (B, h, w): a token is valid when most of its pixels are.
+
+    Area-averaged, so it fits any ratio between the label and token grids (the teacher may run at another size).
+    """
+    if valid.ndim != 3:
+        raise ValueError(f"valid must be (B, H, W), got shape {tuple(valid.shape)}")
+    if tuple(valid.shape[-2:]) == tuple(grid):
+        return valid.bool()
+    share = F.interpolate(valid[:, None].float(), size=tuple(grid), mode="area")[:, 0]
+    return share > 0.5
+
+
+def _assign(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    spherical: bool,
+    sizes: Sequence[int],
+    alive: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Nearest centroid per point within each set of ``sizes`` centroids: max cosine, or min squared distance
-    (‖x‖² is constant per point). One matmul serves every set; the argmax runs per set.
+    (‖x‖² is constant per point). One matmul serves every set; the argmax runs per set. Dead centroids (``alive``
+    False: seeds of void cells) never win.
 
     Returns:
         (B, N, S) int64 indices into the concatenated centroids, one per set.
     """
     dots = x @ centroids.transpose(1, 2)  # (B, N, M)
     score = dots if spherical else centroids.square().sum(-1)[:, None, :] - 2 * dots
+    if alive is not None:
+        score = score.masked_fill(~alive[:, None, :], -math.inf if spherical else math.inf)
     labels, start = [], 0
     for size in sizes:
         part = score[..., start : start + size]
@@ -128,10 +165,12 @@ def _one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torc
     return (labels[..., None] == classes).to(dtype)
 
 
-def _bincount(labels: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """Per-row histogram of (B, N) labels → (B, num_bins) int64 (integer adds: deterministic on every device)."""
+def _bincount(labels: torch.Tensor, num_bins: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row histogram of (B, N) labels → (B, num_bins) int64 (integer adds: deterministic on every device).
+
+    ``weights`` (B, N) int64 0/1 counts only the points that are 1 (the valid tokens)."""
     counts = torch.zeros(labels.shape[0], num_bins, dtype=torch.long, device=labels.device)
-    return counts.scatter_add_(1, labels, torch.ones_like(labels))
+    return counts.scatter_add_(1, labels, torch.ones_like(labels) if weights is None else weights)
 
 
 def _cluster_sums(
@@ -154,10 +193,24 @@ def _cluster_sums(
     return onehot.transpose(1, 2) @ x
 
 
-def _update(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, spherical: bool) -> torch.Tensor:
-    """One Lloyd mean update of (B, M, C) centroids from (B, N, S) labels; empty clusters keep their centroid."""
+def _set_weights(weights: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor | None:
+    """(B, N) point weights repeated for the S sets of (B, N, S) labels, flattened like ``labels.flatten(1)``."""
+    return None if weights is None else weights[..., None].expand_as(labels).flatten(1)
+
+
+def _update(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    labels: torch.Tensor,
+    spherical: bool,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One Lloyd mean update of (B, M, C) centroids from (B, N, S) labels; empty clusters keep their centroid.
+
+    With ``weights`` (B, N) int64 0/1, only the points of weight 1 count (``x`` is then already zero elsewhere).
+    """
     num_clusters = centroids.shape[1]
-    counts = _bincount(labels.flatten(1), num_clusters)  # (B, M)
+    counts = _bincount(labels.flatten(1), num_clusters, _set_weights(weights, labels))  # (B, M)
     means = _cluster_sums(x, labels, num_clusters) / counts.clamp_min(1)[..., None].to(x.dtype)  # (B, M, C)
     if spherical:
         means = F.normalize(means, dim=-1)
@@ -165,16 +218,29 @@ def _update(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, sphe
 
 
 def _lloyd(
-    x: torch.Tensor, centroids: torch.Tensor, iters: int, spherical: bool, sizes: Sequence[int]
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    iters: int,
+    spherical: bool,
+    sizes: Sequence[int],
+    weights: torch.Tensor | None = None,
+    alive: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exactly ``iters`` updates, then the final assignment: no data-dependent control flow, no device sync."""
     for _ in range(iters):
-        centroids = _update(x, centroids, _assign(x, centroids, spherical, sizes), spherical)
-    return _assign(x, centroids, spherical, sizes), centroids
+        labels = _assign(x, centroids, spherical, sizes, alive)
+        centroids = _update(x, centroids, labels, spherical, weights)
+    return _assign(x, centroids, spherical, sizes, alive), centroids
 
 
 def _lloyd_until_fixed(
-    x: torch.Tensor, centroids: torch.Tensor, iters: int, spherical: bool, sizes: Sequence[int]
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    iters: int,
+    spherical: bool,
+    sizes: Sequence[int],
+    weights: torch.Tensor | None = None,
+    alive: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``_lloyd`` with images dropped from the work as soon as their assignment stops changing.
 
@@ -185,25 +251,31 @@ def _lloyd_until_fixed(
     labels = torch.empty(*x.shape[:2], len(sizes), dtype=torch.long)  # (B, N, S)
     centroids = centroids.clone()
     moving = torch.arange(x.shape[0])  # images whose assignment may still change
-    xs, cs, previous = x, centroids, None
+    xs, cs, ws, al, previous = x, centroids, weights, alive, None
     for _ in range(iters):
-        current = _assign(xs, cs, spherical, sizes)  # (b, N, S)
+        current = _assign(xs, cs, spherical, sizes, al)  # (b, N, S)
         if previous is not None:
             changed = (current != previous).flatten(1).any(dim=1)  # (b,)
             if not bool(changed.all()):
                 labels[moving[~changed]] = current[~changed]
                 moving, xs, cs, current = moving[changed], xs[changed], cs[changed], current[changed]
+                ws = None if ws is None else ws[changed]
+                al = None if al is None else al[changed]
                 if moving.numel() == 0:
                     return labels, centroids
-        cs = _update(xs, cs, current, spherical)
+        cs = _update(xs, cs, current, spherical, ws)
         centroids[moving] = cs
         previous = current
-    labels[moving] = _assign(xs, cs, spherical, sizes)
+    labels[moving] = _assign(xs, cs, spherical, sizes, al)
     return labels, centroids
 
 
 def kmeans_sets(
-    x: torch.Tensor, inits: Sequence[torch.Tensor], iters: int, spherical: bool = True
+    x: torch.Tensor,
+    inits: Sequence[torch.Tensor],
+    iters: int,
+    spherical: bool = True,
+    valid: torch.Tensor | None = None,
 ) -> list[KMeansResult]:
     """Independent batched Lloyd K-Means runs (one per seed set, e.g. one per window scale) on the same points.
 
@@ -219,11 +291,16 @@ def kmeans_sets(
     further iterations would recompute the same centroids bit for bit), which costs a host read per iteration, free
     on the CPU only; on other devices all ``iters`` iterations run with no sync.
 
+    ``valid`` (B, N) bool leaves void points out of every mean and count: they are still assigned (their labels
+    are returned) but move no centroid and make no cluster non-empty. An all-zero initial centroid (a seed of void
+    tokens only, :func:`seed_alive`) is dead: it never wins a point, so it stays empty.
+
     Args:
         x: (B, N, C) points.
         inits: per set, (B, K_s, C) initial centroids.
         iters: maximum number of update steps; the final labels are the assignment to the final centroids.
         spherical: cosine K-Means on the unit sphere (the DESIGN default) instead of Euclidean.
+        valid: (B, N) bool, False on void points; None = all valid.
 
     Returns:
         One KMeansResult(centroids (B, K_s, C), labels (B, N), counts (B, K_s)) per set, in order.
@@ -241,14 +318,21 @@ def kmeans_sets(
     x = x.to(dtype).contiguous()  # a strided view would be copied by every matmul
     sizes = [init.shape[1] for init in inits]
     centroids = torch.cat([init.to(dtype) for init in inits], dim=1)  # (B, M, C)
+    weights = alive = None
+    if valid is not None:
+        if valid.shape != x.shape[:2]:
+            raise ValueError(f"valid must be (B, N) = {tuple(x.shape[:2])}, got {tuple(valid.shape)}")
+        weights = valid.long()
+        x = x * valid[..., None].to(dtype)  # void points add nothing to any sum
+        alive = seed_alive(centroids)
     if spherical:
         centroids = F.normalize(centroids, dim=-1)
     if x.device.type == "cpu":
-        labels, centroids = _lloyd_until_fixed(x, centroids, iters, spherical, sizes)
+        labels, centroids = _lloyd_until_fixed(x, centroids, iters, spherical, sizes, weights, alive)
     else:
-        labels, centroids = _lloyd(x, centroids, iters, spherical, sizes)
+        labels, centroids = _lloyd(x, centroids, iters, spherical, sizes, weights, alive)
     num_clusters = centroids.shape[1]
-    counts = _bincount(labels.flatten(1), num_clusters)
+    counts = _bincount(labels.flatten(1), num_clusters, _set_weights(weights, labels))
     results, start = [], 0
     for s, size in enumerate(sizes):
         part = slice(start, start + size)
@@ -258,7 +342,11 @@ def kmeans_sets(
 
 
 def multi_scale_kmeans(
-    dense: torch.Tensor, windows: Sequence[int], iters: int, spherical: bool = True
+    dense: torch.Tensor,
+    windows: Sequence[int],
+    iters: int,
+    spherical: bool = True,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run K-Means once per window size (seeds from ``window_seeds``) and pool the final centroids of all scales.
 
@@ -267,6 +355,7 @@ def multi_scale_kmeans(
         windows: window sizes, one per scale (see ``window_sizes``).
         iters: K-Means iterations per scale.
         spherical: cosine K-Means (default) or Euclidean.
+        valid: (B, h, w) bool, False on void tokens (no seed, no mean, no count); None = all valid.
 
     Returns:
         centroids (B, M, C) and counts (B, M) int64, M = the number of seeds summed over scales, scales in order.
@@ -274,7 +363,9 @@ def multi_scale_kmeans(
     if not windows:
         raise ValueError("multi_scale_kmeans needs at least one window size")
     x = rearrange(dense, "b c h w -> b (h w) c")
-    results = kmeans_sets(x, [window_seeds(dense, size) for size in windows], iters, spherical)
+    seeds = [window_seeds(dense, size, valid) for size in windows]
+    flat = None if valid is None else valid.flatten(1)
+    results = kmeans_sets(x, seeds, iters, spherical, flat)
     return torch.cat([r.centroids for r in results], dim=1), torch.cat([r.counts for r in results], dim=1)
 
 
@@ -355,7 +446,11 @@ def assign_tokens(
 
 
 def cluster_regions(
-    dense: torch.Tensor, windows: Sequence[int], iters: int, fusion_threshold: float | None
+    dense: torch.Tensor,
+    windows: Sequence[int],
+    iters: int,
+    fusion_threshold: float | None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token region map of each image: multi-scale K-Means, optional mask fusion, argmax assignment.
 
@@ -367,6 +462,8 @@ def cluster_regions(
         windows: seed window sizes, one per scale.
         iters: K-Means iterations.
         fusion_threshold: λ, or None for no fusion.
+        valid: (B, h, w) bool, False on void tokens: they seed, move and size no cluster (they still get the
+            id of their nearest region, which no pseudo label reads); None = all valid.
 
     Returns:
         token_labels (B, h, w) int64 with ids 0 .. num_regions[b] - 1, and num_regions (B,) int64.
@@ -375,7 +472,7 @@ def cluster_regions(
         raise ValueError(f"dense tokens must be (B, C, h, w), got shape {tuple(dense.shape)}")
     _, _, h, w = dense.shape
     dense = F.normalize(dense.to(_compute_dtype(dense)), dim=1)
-    centroids, counts = multi_scale_kmeans(dense, windows, iters)  # (B, M, C), (B, M)
+    centroids, counts = multi_scale_kmeans(dense, windows, iters, valid=valid)  # (B, M, C), (B, M)
     threshold = math.inf if fusion_threshold is None else fusion_threshold
     groups = fuse_centroids(centroids, counts, threshold, trim=False)
     x = rearrange(dense, "b c h w -> b (h w) c")
@@ -383,25 +480,51 @@ def cluster_regions(
     return rearrange(labels, "b (h w) -> b h w", h=h, w=w), num_regions
 
 
-def center_tokens(dense: torch.Tensor) -> torch.Tensor:
-    """Subtract the mean token of the batch (over images and positions) and renormalise.
+def mean_token(dense: torch.Tensor, valid: torch.Tensor | None = None, scope: str = "batch") -> torch.Tensor:
+    """The mean of the valid tokens: (1, C, 1, 1) over the batch, or (B, C, 1, 1) per image.
+
+    ``scope="batch"`` under torch.distributed takes the mean over every rank's batch (the sums and counts are
+    all-reduced), so the result, and the pseudo labels built on it, do not depend on how many processes share the
+    global batch. The sums are float64, so the order of the additions hardly matters. An image (or batch) without a
+    valid token has a zero mean.
+    """
+    check_choice(scope, CENTER_SCOPES, "method.center_scope")
+    x = dense.double()
+    weights = torch.ones_like(x[:, :1]) if valid is None else valid[:, None].double()  # (B, 1, h, w)
+    dims = (0, 2, 3) if scope == "batch" else (2, 3)
+    sums = (x * weights).sum(dim=dims, keepdim=True)
+    counts = weights.sum(dim=dims, keepdim=True)
+    if scope == "batch" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        packed = torch.cat([sums.flatten(), counts.flatten()])
+        dist.all_reduce(packed)
+        sums, counts = packed[:-1].view_as(sums), packed[-1:].view_as(counts)
+    return (sums / counts.clamp_min(1)).to(_compute_dtype(dense))
+
+
+def center_tokens(
+    dense: torch.Tensor, valid: torch.Tensor | None = None, scope: str = "batch"
+) -> torch.Tensor:
+    """Subtract the mean token (of the batch, or of each image) and renormalise.
 
     CLIP's image tokens share a large common component (the modality gap: they sit in a narrow cone away from the
     text embeddings, and MaskCLIP tokens leak the image's global content). It raises every cosine between tokens,
     so a fixed fusion threshold λ merges different classes once the shared part grows: in the synthetic world the
     best λ moved from 0.85 to 0.95 when a gap was added. Centred tokens keep the differences only, and one λ fits
-    every world measured (benchmarks/README.md, "Token centring"). The mean is over the whole batch, so the batch
-    should hold several images (training batches do); a single image is centred on its own mean.
+    every world measured (benchmarks/README.md, "Token centring"). The mean (:func:`mean_token`) is over the
+    valid tokens of the whole global batch (every rank's), or of each image with ``scope="image"``; void tokens
+    (padding, the dataset's void) never enter it.
 
     Args:
         dense: (B, C, h, w) tokens.
+        valid: (B, h, w) bool, False on void tokens; None = all valid.
+        scope: "batch" or "image".
 
     Returns:
         (B, C, h, w) centred tokens, L2-normalised along C.
     """
     x = dense.to(_compute_dtype(dense))
     x = F.normalize(x, dim=1)
-    return F.normalize(x - x.mean(dim=(0, 2, 3), keepdim=True), dim=1)
+    return F.normalize(x - mean_token(x, valid, scope), dim=1)
 
 
 def training_windows(h: int, w: int, cfg: MethodConfig) -> list[int]:
@@ -410,13 +533,16 @@ def training_windows(h: int, w: int, cfg: MethodConfig) -> list[int]:
     return sizes if cfg.multi_scale else [sizes[len(sizes) // 2]]
 
 
-def token_regions(dense: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def token_regions(
+    dense: torch.Tensor, cfg: MethodConfig, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``cluster_regions`` configured from ``MethodConfig`` (multi_scale, mask_fusion, kmeans_iters, ...).
 
     ``center_tokens`` clusters batch-centred tokens (see ``center_tokens``). ``multi_scale=False`` keeps only the
     middle window size (``training_windows``: window 7 of [14, 7, 4] on a 28×28 grid, 16 seeds), the scale between
     too-coarse and too-fragmented. ``mask_fusion=False`` keeps every non-empty
-    centroid as its own region (see ``cluster_regions``).
+    centroid as its own region (see ``cluster_regions``). ``valid`` (B, h, w) marks the non-void tokens (see
+    :func:`token_validity`); void tokens join neither the centring mean nor the clustering.
 
     Returns:
         token_labels (B, h, w) int64 and num_regions (B,) int64.
@@ -425,8 +551,8 @@ def token_regions(dense: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor,
     threshold = cfg.fusion_threshold if cfg.mask_fusion else None
     with torch.no_grad():
         if cfg.center_tokens:
-            dense = center_tokens(dense)
-        return cluster_regions(dense, sizes, cfg.kmeans_iters, threshold)
+            dense = center_tokens(dense, valid, cfg.center_scope)
+        return cluster_regions(dense, sizes, cfg.kmeans_iters, threshold, valid)
 
 
 def upsample_regions(token_labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -519,7 +645,8 @@ def pseudo_labels(
         gt: (B, H, W) int64 labels, seen indices or 255.
         num_seen: number of seen classes.
         cfg: the method config.
-        valid: (B, H, W) bool, False on padding (never pseudo-labelled); None = all image.
+        valid: (B, H, W) bool, False on void pixels (padding, the dataset's void): never pseudo-labelled, and the
+            tokens that are mostly void join neither the centring nor the clustering; None = all image.
 
     Returns:
         fused (B, H, W) int64 and num_pseudo (B,) int64.
@@ -527,7 +654,8 @@ def pseudo_labels(
     with torch.no_grad():
         if not cfg.pseudo_labels:
             return gt.long().clone(), torch.zeros(gt.shape[0], dtype=torch.long, device=gt.device)
-        token_labels, _ = token_regions(dense, cfg)
+        tokens_valid = None if valid is None else token_validity(valid, tuple(dense.shape[-2:]))
+        token_labels, _ = token_regions(dense, cfg, tokens_valid)
         return fuse_labels(
             gt, token_labels, num_seen, cfg.min_region, valid=valid, max_seen_share=cfg.max_seen_share
         )

@@ -388,7 +388,9 @@ def _train(
         )
 
     student = build_student(cfg.student).to(device)
-    glm = GLM(cfg.method, teacher.embed_dim).to(device) if cfg.method.glm else None
+    glm = (
+        GLM(cfg.method, teacher.embed_dim, dataset_size=len(train_set)).to(device) if cfg.method.glm else None
+    )
     synth = (
         Synthesizer.from_config(cfg.method, teacher.embed_dim).to(device) if cfg.method.synthesizer else None
     )

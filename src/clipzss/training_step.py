@@ -17,8 +17,8 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from clipzss.config import Config
-from clipzss.data import IGNORE_INDEX, PAD_INDEX
-from clipzss.glm import GLM
+from clipzss.data import IGNORE_INDEX, VOID_INDEX
+from clipzss.glm import GLM, image_ids
 from clipzss.losses import compute_losses
 from clipzss.pseudo_labels import pseudo_labels
 from clipzss.student import Student
@@ -142,14 +142,12 @@ def train_step(
     cfg, device = parts.cfg, parts.device
     with _scope("inputs"):
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
-        masks = batch["mask"].to(
-            device, non_blocking=True
-        )  # (B, H, W) dataset ids, unseen already 255, pad -1
-        valid = (
-            masks != PAD_INDEX
-        )  # (B, H, W) image pixels (PadTo marks crop padding apart from "unlabelled")
+        # (B, H, W) dataset ids; unseen already 255 (unlabelled), void -1 (the files' ignore and crop padding)
+        masks = batch["mask"].to(device, non_blocking=True)
+        valid = masks != VOID_INDEX  # (B, H, W) pixels that are image content, labelled or not
         labels = parts.label_lut[masks.clamp(0, 255)]  # (B, H, W) seen index or 255
         labels = torch.where(valid, labels, IGNORE_INDEX)
+        ids = image_ids(batch.get("name"), device)  # (B,) for GLM's honest negatives, or None
     num_seen = parts.text_seen.shape[0]
     with torch.no_grad():
         with _scope("teacher"):
@@ -176,11 +174,12 @@ def train_step(
             parts.synthesizer,
             max_pseudo=max_pseudo,
             valid=valid,
+            ids=ids,
         )
     apply_gradients(cfg, optimizer, scaler, losses["loss"])
     if parts.glm is not None and cfg.method.bank:
         with _scope("bank"):  # after the update, so a batch is never its own negative
-            parts.glm.update_bank(cls)
+            parts.glm.update_bank(cls, ids)
     return losses
 
 
