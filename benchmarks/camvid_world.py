@@ -5,13 +5,14 @@ One command makes the table, the figures and the README block (needs the ``evide
     .venv/bin/python benchmarks/camvid_world.py --seeds 3
 
 It loads (or trains once and caches) the MiniLM-aligned CamVid teacher, measures the teacher itself at inference on
-val, trains students through the ordinary ``clipzss.training.train`` with car, tree and pedestrian held out (one per
-row and seed, ``MethodConfig()`` as it is when the command runs, plus the row's switches), evaluates each on val with
-all 11 names predicted jointly, runs the pseudo-label inspection (``clipzss.inspection.inspect_pseudo_labels``, the code
-of ``clipzss inspect-pseudo-labels``) with this teacher on the val images, writes three overlays to docs/images/ and
-rewrites the block between the camvid-world markers of benchmarks/README.md. Runs are stored in
-benchmarks/camvid_runs.json as they finish (a rerun skips the runs stored with the same settings);
-``--from-json`` rebuilds the block from the stored runs alone, without torch work.
+the evaluation frames (sequence 0006R0, which nobody trained on), trains students through the ordinary
+``clipzss.training.train`` with car, tree and pedestrian held out (one per row and seed, ``MethodConfig()`` as it is
+when the command runs, plus the row's switches), evaluates each on the evaluation frames with all 11 names predicted
+jointly, runs the pseudo-label inspection (``clipzss.inspection.inspect_pseudo_labels``, the code of ``clipzss
+inspect-pseudo-labels``) with this teacher on the val/ images, writes three overlays to docs/images/ and rewrites the
+block between the camvid-world markers of benchmarks/README.md. Each run is stored in benchmarks/camvid_runs.json as
+it finishes, and a rerun skips every run stored with the same row, seed, schedule and MethodConfig (``--jobs 2`` runs
+two at a time); ``--from-json`` rebuilds the block from the stored runs alone, without torch work.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def text_similarities() -> dict[str, object]:
 
 
 def teacher_row(teacher: CamVidTeacher, val_set: CamVidImages, eval_cfg: EvalConfig) -> dict[str, object]:
-    """The teacher's own segmentation of val (its dense tokens against the 11 texts, MaskCLIP-style), per class."""
+    """The teacher's own segmentation of the evaluation frames (its tokens against the 11 texts), per class."""
     from clipzss.evaluate import evaluate
     from clipzss.worlds.students import TeacherSegmenter
 
@@ -245,7 +246,7 @@ def measure(args: argparse.Namespace, store: dict) -> None:
     store["text"] = text_similarities()
     store["teacher"] = teacher_row(teacher, val_set, cfg.eval)
     logger.info(
-        "teacher on val: %s", {k: round(v, 1) for k, v in store["teacher"]["metrics"].items() if k in METRICS}
+        "teacher on the evaluation frames: %s", {k: round(v, 1) for k, v in store["teacher"]["metrics"].items() if k in METRICS}
     )
     if not args.skip_pseudo:
         store["pseudo_labels"] = pseudo_label_report(teacher, REPO / "docs" / "images")
@@ -498,7 +499,8 @@ def render(store: dict) -> str:
     if pseudo:
         grid = "×".join(map(str, pseudo["grid"]))
         lines += [
-            f"**Pseudo-label quality** with the CamVid teacher on the {pseudo['images']} val photographs, scored on "
+            f"**Pseudo-label quality** with the CamVid teacher on the {pseudo['images']} photographs of CamVid's val/ "
+            "folder (students' frames of 0016E5, at full size), scored on "
             f"the pixels of car, tree and pedestrian; teacher input at the world's short side ({grid} tokens), "
             "`MethodConfig()` clustering settings. The command runs `clipzss.inspection.inspect_pseudo_labels`, as "
             "`clipzss inspect-pseudo-labels ../shared/data/camvid/val/images --world-teacher camvid "

@@ -481,10 +481,11 @@ def compute_losses(
             pseudo_protos, pseudo_valid = teacher_pseudo_prototypes(
                 teacher_dense, labels, num_seen, num_pseudo
             )
-        if pseudo_protos is not None:
-            check_choice(cfg.prototype_gap, PROTOTYPE_GAPS, "method.prototype_gap")
-            if cfg.prototype_gap == "shift":
-                mean_image = mean_token(teacher_dense.float(), token_valid).flatten()  # (C,)
+        check_choice(cfg.prototype_gap, PROTOTYPE_GAPS, "method.prototype_gap")
+        if cfg.prototype_gap == "shift" and cfg.pseudo_labels:
+            # Every step on every rank (the mean is all-reduced), whether or not this rank has pseudo regions.
+            mean_image = mean_token(teacher_dense.float(), token_valid).flatten()  # (C,)
+            if pseudo_protos is not None:
                 pseudo_protos = gap_shifted(pseudo_protos, mean_image, text_seen)
 
         if cfg.nel or cfg.ce:

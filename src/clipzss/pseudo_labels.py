@@ -486,7 +486,7 @@ def mean_token(dense: torch.Tensor, valid: torch.Tensor | None = None, scope: st
     ``scope="batch"`` under torch.distributed takes the mean over every rank's batch (the sums and counts are
     all-reduced), so the result, and the pseudo labels built on it, do not depend on how many processes share the
     global batch. The sums are float64, so the order of the additions hardly matters. An image (or batch) without a
-    valid token has a zero mean.
+    valid token has a zero mean. Under torch.distributed the batch scope is a collective: every rank must call it.
     """
     check_choice(scope, CENTER_SCOPES, "method.center_scope")
     x = dense.double()
