@@ -246,7 +246,8 @@ def measure(args: argparse.Namespace, store: dict) -> None:
     store["text"] = text_similarities()
     store["teacher"] = teacher_row(teacher, val_set, cfg.eval)
     logger.info(
-        "teacher on the evaluation frames: %s", {k: round(v, 1) for k, v in store["teacher"]["metrics"].items() if k in METRICS}
+        "teacher on the evaluation frames: %s",
+        {k: round(v, 1) for k, v in store["teacher"]["metrics"].items() if k in METRICS},
     )
     if not args.skip_pseudo:
         store["pseudo_labels"] = pseudo_label_report(teacher, REPO / "docs" / "images")
@@ -452,39 +453,7 @@ def render(store: dict) -> str:
         ]
     if store.get("note"):
         lines += [f"Note on the stored runs: {store['note']}.", ""]
-    base, full = by_row.get("seen-only baseline (CE)"), by_row.get("default")
-    if base and full:
-        bu = [r["metrics"]["mIoU(U)"] for r in base]
-        fu = [r["metrics"]["mIoU(U)"] for r in full]
-        sd = statistics.stdev(bu) if len(bu) > 1 else math.nan
-        gap = statistics.mean(fu) - statistics.mean(bu)
-        ratio = statistics.mean(fu) / t_u if t_u > 0 else math.nan
-        ok_ratio, ok_gap = ratio >= 0.8, gap > 3 * sd
-        lines += [
-            "**Targets.** "
-            f"(1) default mIoU(U) ÷ teacher mIoU(U) = {statistics.mean(fu):.1f} ÷ {t_u:.1f} = {ratio:.2f} "
-            f"({'met' if ok_ratio else 'not met'}: target ≥ 0.80). "
-            f"(2) default − baseline mIoU(U) = {gap:+.1f} points against 3 × the baseline's std = {3 * sd:.1f} "
-            f"({'met' if ok_gap else 'not met'})"
-            + (": the baseline never predicts an unseen class, on any seed." if not any(bu) else ".")
-            + f" Default mIoU(U) per seed: {', '.join(f'{u:.1f}' for u in fu)}.",
-            "",
-        ]
-    if full:
-        default_u = statistics.mean(r["metrics"]["mIoU(U)"] for r in full)
-        deltas = []
-        for row in from_rows:
-            got = by_row.get(row)
-            if got and row not in ("default", "seen-only baseline (CE)"):
-                deltas.append((statistics.mean(r["metrics"]["mIoU(U)"] for r in got) - default_u, row))
-        if deltas:
-            deltas.sort()
-            lines += [
-                "**Each row's mIoU(U) minus the default's** (a \"−\" row below zero: the part taken out helps the "
-                'unseen classes; above zero: the default is better without it; a "+" row below zero: adding the '
-                "part hurts): " + "; ".join(f"{row} {d:+.1f}" for d, row in deltas) + ".",
-                "",
-            ]
+    lines += targets(by_row, t_u)
     text = store.get("text")
     if text:
         pairs = ", ".join(f"{a}–{b} {c:.2f}" for a, b, c in _pairs(text))
@@ -517,6 +486,71 @@ def render(store: dict) -> str:
     return "\n".join(lines)
 
 
+def _mean_sd(runs: list[dict], metric: str) -> tuple[float, float]:
+    values = [r["metrics"][metric] for r in runs]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def targets(by_row: dict[str, list[dict]], teacher_u: float) -> list[str]:
+    """The issue's targets, each with its figures and "met" / "not met", and every row's mIoU(U) minus the default's.
+
+    (1) default mIoU(U) ≥ 0.8 × the teacher's (stretch 1.0); (2) default mIoU(S) within 3 points of the seen-only
+    baseline's; (3) a "−" row (a default-on part taken out) below the default by more than one standard deviation
+    (the larger of the two rows'); (4) the baseline's seen mIoU has stopped moving between the two schedules.
+    """
+    base, full = by_row.get(BASELINE_ROW), by_row.get(DEFAULT_ROW)
+    if not (base and full):
+        return []
+    fu, fu_sd = _mean_sd(full, "mIoU(U)")
+    fs, _ = _mean_sd(full, "mIoU(S)")
+    bs, _ = _mean_sd(base, "mIoU(S)")
+    ratio = fu / teacher_u if teacher_u > 0 else math.nan
+    verdict = "met" if ratio >= 1.0 else "met; stretch ≥ 1.0 not met" if ratio >= 0.8 else "not met"
+    per_seed = ", ".join(f"{r['metrics']['mIoU(U)']:.1f}" for r in full)
+    items = [
+        f"(1) default mIoU(U) ÷ teacher mIoU(U) = {fu:.1f} ÷ {teacher_u:.1f} = {ratio:.2f} ({verdict}: target ≥ 0.80,"
+        f" stretch ≥ 1.0); per seed {per_seed}.",
+        f"(2) default mIoU(S) − baseline mIoU(S) = {fs - bs:+.1f} ({'met' if fs >= bs - 3 else 'not met'}: within 3 "
+        "points).",
+    ]
+    parts = []
+    for row, runs in by_row.items():
+        if row.startswith("default − "):
+            u, sd = _mean_sd(runs, "mIoU(U)")
+            margin = max(sd, fu_sd)
+            ok = fu - u > margin
+            parts.append(
+                f"{row[len('default − ') :]} {fu - u:+.1f} vs {margin:.1f} ({'met' if ok else 'not met'})"
+            )
+    if parts:
+        items.append(
+            '(3) each default-on part, default mIoU(U) minus its "−" row against one standard deviation: '
+            + "; ".join(parts)
+            + "."
+        )
+    long = by_row.get(LONG_BASELINE_ROW)
+    if long:
+        ls, _ = _mean_sd(long, "mIoU(S)")
+        items.append(
+            f"(4) schedule: the seen-only baseline's mIoU(S) at {base[0]['iters']} iterations {bs:.1f}, at "
+            f"{long[0]['iters']} {ls:.1f} ({ls - bs:+.1f})."
+        )
+    lines = ["**Targets.** " + " ".join(items), ""]
+    deltas = sorted(
+        (_mean_sd(runs, "mIoU(U)")[0] - fu, row)
+        for row, runs in by_row.items()
+        if row not in (DEFAULT_ROW, BASELINE_ROW, LONG_BASELINE_ROW)
+    )
+    if deltas:
+        lines += [
+            "**Each row's mIoU(U) minus the default's** (a \"−\" row below zero: the part taken out helps the "
+            'unseen classes; above zero: the default is better without it; a "+" row below zero: adding the '
+            "part hurts): " + "; ".join(f"{row} {d:+.1f}" for d, row in deltas) + ".",
+            "",
+        ]
+    return lines
+
+
 NOTE = [
     "**What this world can and cannot tell about real CLIP.** It can tell whether the method transfers what a "
     "language-aligned teacher knows about classes it never labelled for the student — on real photographs, real "
@@ -525,8 +559,8 @@ NOTE = [
     "transfer, with a teacher that is imperfect on the students' images because it never saw them. It cannot tell "
     "how well real CLIP teaches: this teacher was trained with dense labels for exactly these 11 classes on the same "
     "kind of street scenes (CLIP learnt from captions of web images and its patch tokens are far noisier), its "
-    "tokens are stride 8 on 96×128 images, its text encoder is MiniLM and not CLIP's text tower, the vocabulary is "
-    "closed (11 names, no open-vocabulary transfer), and the students are small networks from scratch on 204 images. "
+    "tokens are stride 8 on 120×160 images, its text encoder is MiniLM and not CLIP's text tower, the vocabulary is "
+    "closed (11 names, no open-vocabulary transfer), and the students are small networks from scratch on 237 images. "
     "Absolute mIoU here says nothing about CamVid results with CLIP; the ratios and the ablation directions are what "
     "carry over, and only as evidence, not proof.",
 ]
