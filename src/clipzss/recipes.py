@@ -72,4 +72,7 @@ def check_baseline(name: str) -> None:
 def baseline_eval_config(name: str, base: EvalConfig | None = None) -> EvalConfig:
     """``base`` (default: EvalConfig()) with the recipe's released input handling (short side, windows)."""
     check_baseline(name)
-    return dataclasses.replace(base or EvalConfig(), **BASELINE_INPUT[name])  # type: ignore[arg-type]
+    base = base or EvalConfig()
+    if not BASELINE_INPUT[name]:
+        return base
+    return dataclasses.replace(base, **BASELINE_INPUT[name])  # type: ignore[arg-type]
