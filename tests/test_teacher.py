@@ -20,7 +20,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import save_file
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
-from clipzss.recipes import DEFAULT_DENSE, PUBLISHED_MIOU, published_mean
+from clipzss.recipes import BASELINE_TITLES, DEFAULT_DENSE, PUBLISHED_MIOU, published_mean
 from clipzss.teacher import (
     CLIPTeacher,
     Teacher,
@@ -330,6 +330,12 @@ def test_default_dense_path_is_the_best_published_mean() -> None:
     assert means["clearclip"] == pytest.approx(38.08) and means["sclip"] == pytest.approx(37.76)
     assert means["naclip"] == pytest.approx(37.76) and means["maskclip"] == pytest.approx(30.10)
     assert TeacherConfig().dense == DEFAULT_DENSE == max(means, key=means.get) == "clearclip"
+    # docs/protocols.md shows the same figures and means.
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocols.md").read_text()
+    for recipe, title in BASELINE_TITLES.items():
+        figures = " | ".join(f"{v:.1f}" for v in PUBLISHED_MIOU[recipe])
+        row = next(line for line in doc.splitlines() if line.startswith(f"| {title} |"))
+        assert f"| {figures} |" in row and f"{means[recipe]:.2f}" in row, row
 
 
 def test_position_embedding_interpolation(teacher: CLIPTeacher) -> None:
