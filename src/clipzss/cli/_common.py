@@ -66,6 +66,7 @@ def add_baseline_arg(parser: argparse.ArgumentParser, help_text: str) -> None:
 def load_segmenter(args: argparse.Namespace) -> Any:
     """A student Segmenter from --checkpoint, or a training-free baseline from --baseline."""
     from clipzss.predict import PrecomputedText, Segmenter, TrainingFreeSegmenter
+    from clipzss.recipes import BASELINES
     from clipzss.runtime import resolve_device
     from clipzss.teacher import build_teacher
 
@@ -82,6 +83,5 @@ def load_segmenter(args: argparse.Namespace) -> Any:
         teacher = build_teacher(teacher_config(None, args), device=device)
         return TrainingFreeSegmenter(teacher, recipe=args.baseline)
     raise ValueError(
-        "say which model to use: a checkpoint (run folder or .safetensors) or --baseline "
-        "maskclip|clearclip|sclip|naclip"
+        f"say which model to use: a checkpoint (run folder or .safetensors) or --baseline {'|'.join(BASELINES)}"
     )
