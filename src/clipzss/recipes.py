@@ -19,8 +19,8 @@ LEGACY_DENSE: str = SAVED_DEFAULTS[("teacher", "dense")]
 DENSE_PATHS: tuple[str, ...] = (LEGACY_DENSE, "maskclip", "clearclip", "sclip", "naclip")
 BASELINES: tuple[str, ...] = ("maskclip", "clearclip", "sclip", "naclip")
 
-# Published mIoU (%) of each recipe with CLIP ViT-B/16, no background class, no post-processing; literature, not
-# measured here (docs/protocols.md gives each row's source).
+# Published mIoU (%) of each recipe with CLIP ViT-B/16, no background class, mostly as re-reported in later papers'
+# tables; literature, not measured here (docs/protocols.md gives each row's source).
 BENCHMARKS: tuple[str, ...] = ("VOC-20", "Context-59", "COCO-Obj", "COCO-Stuff", "ADE")
 PUBLISHED_MIOU: dict[str, tuple[float, ...]] = {
     "maskclip": (74.9, 26.4, 20.6, 16.7, 11.9),
@@ -66,6 +66,7 @@ def check_dense(path: str) -> None:
 
 
 def check_baseline(name: str) -> None:
+    """One line naming the baseline when it is not one of `BASELINES` (a library call can pass anything)."""
     check_choice(name, BASELINES, "baseline")
 
 
