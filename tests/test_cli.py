@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from clipzss.cli import main
+from conftest import TINY_CLIP
 
 
 def test_help_lists_commands() -> None:
@@ -105,6 +106,75 @@ def test_predict_with_maskclip_baseline_on_real_photo(shared_data: Path, tmp_pat
     assert code == 0
     assert Image.open(tmp_path / f"{photo.stem}_mask.png").size == Image.open(photo).size
     assert (tmp_path / f"{photo.stem}_overlay.png").is_file()
+
+
+@pytest.fixture
+def tiny_cli_teacher(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--baseline builds the tiny random CLIP (TINY_CLIP) through build_teacher, as it builds real weights."""
+    import dataclasses
+
+    from clipzss.cli import _common
+
+    given = _common.teacher_config
+
+    def tiny(base, args):
+        cfg = given(base, args)
+        return dataclasses.replace(cfg, model_overrides=TINY_CLIP, cache_dir=str(tmp_path / "text"))
+
+    monkeypatch.setattr(_common, "teacher_config", tiny)
+
+
+@pytest.mark.parametrize("recipe", ["maskclip", "clearclip", "sclip", "naclip"])
+def test_predict_with_every_baseline_on_real_photo(
+    recipe: str, shared_data: Path, tmp_path: Path, tiny_cli_teacher: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each recipe with its own input handling (its windows and short side, no --mode) on a real photo."""
+    from clipzss import predict
+
+    photo = sorted((shared_data / "voc-sample" / "VOC2012" / "JPEGImages").glob("*.jpg"))[0]
+    seen = []
+    encode = predict.CLIPTeacher.encode_image
+
+    def spy(self, images, size=None, dense=None):
+        seen.append((dense, tuple(images.shape[-2:])))
+        return encode(self, images, size, dense)
+
+    monkeypatch.setattr(predict.CLIPTeacher, "encode_image", spy)
+    argv = [
+        "predict",
+        str(photo),
+        "--baseline",
+        recipe,
+        "--teacher-weights",
+        "none",
+        "--classes",
+        "person,sofa",
+    ]
+    assert main([*argv, "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / f"{photo.stem}_mask.png").size == Image.open(photo).size
+    assert {dense for dense, _ in seen} == {recipe}
+    crop = {"maskclip": 512, "clearclip": 448, "sclip": 224, "naclip": 224}[recipe]
+    assert max(max(shape) for _, shape in seen) == crop  # the recipe's released window
+
+
+def test_eval_baseline_uses_the_recipes_input_handling(
+    shared_data: Path, tmp_path: Path, tiny_cli_teacher: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clipzss import evaluate
+
+    used = []
+    real = evaluate.evaluate
+
+    def spy(logits_fn, dataset, cfg, **kwargs):
+        used.append(cfg)
+        return real(logits_fn, dataset, cfg, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate", spy)
+    argv = ["eval", "--baseline", "sclip", "--teacher-weights", "none", "--dataset", "folder"]
+    argv += ["--data-root", str(shared_data / "camvid"), "--max-images", "1", "--workers", "0"]
+    assert main([*argv, "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    assert (used[0].mode, used[0].short_side, used[0].crop_size, used[0].stride) == ("slide", 336, 224, 112)
+    assert (tmp_path / "eval" / "metrics.json").is_file()
 
 
 def test_eval_on_camvid_reports_seen_unseen_hiou(

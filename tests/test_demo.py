@@ -28,7 +28,8 @@ from clipzss.demo import (
     open_bounded,
     segment,
 )
-from clipzss.predict import MaskCLIPSegmenter, PrecomputedText, Segmenter
+from clipzss.predict import MaskCLIPSegmenter, PrecomputedText, Segmenter, TrainingFreeSegmenter
+from clipzss.recipes import baseline_eval_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # pandas deprecations inside gradio
 
@@ -159,7 +160,7 @@ def test_demo_in_a_real_browser(segmenter: Segmenter, browser_page: object, tmp_
         assert "duplicate class names: road" in message and "Traceback" not in page.inner_text("body")
 
         # The comparison tab: student and MaskCLIP side by side, each with its time.
-        page.get_by_role("tab", name="Compare with MaskCLIP").click()
+        page.get_by_role("tab", name="Compare with a baseline").click()
         page.locator("#cmp-image input[type=file]").set_input_files(str(upload))
         page.locator("#cmp-classes textarea").fill("road, car")
         page.locator("#compare").click()
@@ -185,6 +186,28 @@ def test_comparison_baseline_reuses_the_students_clip(segmenter: Segmenter) -> N
     text_only = PrecomputedText.from_teacher(segmenter.text_encoder, ["road", "car"])
     student_only = Segmenter(segmenter.student, text_only, segmenter.config, "cpu")
     assert comparison_baseline(student_only) is None  # no CLIP image encoder to compare with
+
+
+@pytest.mark.parametrize("recipe", ["clearclip", "sclip", "naclip"])
+def test_comparison_tab_picks_a_recipe(segmenter: Segmenter, tmp_path: Path, recipe: str) -> None:
+    import gradio as gr
+
+    app = build_app(segmenter, comparison_baseline(segmenter), example_dir=tmp_path / "examples")
+    pickers = [b for b in app.blocks.values() if isinstance(b, gr.Dropdown) and b.elem_id == "cmp-baseline"]
+    assert [choice[0] for choice in pickers[0].choices] == ["maskclip", "clearclip", "sclip", "naclip"]
+    on_compare = next(f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == "on_compare")
+    photo = str(_photo(tmp_path / "c.png", 40, 30))
+    *results, title, status = on_compare(photo, "road, car", recipe)
+    assert status == "" and results[3].size == (40, 30), status
+    assert TrainingFreeSegmenter(segmenter.text_encoder, recipe=recipe).title in title
+    baseline = comparison_baseline(segmenter, recipe)
+    assert baseline.recipe == recipe and baseline.teacher is segmenter.text_encoder
+    assert baseline.eval_cfg == baseline_eval_config(
+        recipe, segmenter.eval_cfg
+    )  # the recipe's input handling
+    assert baseline.eval_cfg.label_candidates == segmenter.eval_cfg.label_candidates
+    *_, status = on_compare(photo, "road, car", "gem")  # not offered by the page: one line, no traceback
+    assert "baseline=&#x27;gem&#x27; is not one of maskclip, clearclip, sclip, naclip" in status
 
 
 def test_baseline_only_page_builds_without_a_comparison(segmenter: Segmenter, tmp_path: Path) -> None:

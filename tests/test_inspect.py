@@ -183,6 +183,47 @@ def test_cli_writes_report_and_overlays(tmp_path: Path, capsys: pytest.CaptureFi
     assert "λ = 0.9" in (out / "report.md").read_text()
 
 
+def test_cli_compares_dense_paths_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images = _folder_dataset(tmp_path / "data")
+    config = _tiny_config(tmp_path / "cfg.yaml", tmp_path / "cache")
+    base = [
+        "inspect-pseudo-labels",
+        str(images),
+        "--config",
+        str(config),
+        "--unseen",
+        "road,car",
+        "--device",
+        "cpu",
+    ]
+    out = tmp_path / "all"
+    assert main([*base, "--dense", "value,clearclip,naclip", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("purity"))
+    assert header.split() == ["purity", "value", "clearclip", "naclip"]  # the paths are the columns
+    assert all(f"\n{m}" in printed for m in ("NMI", "coverage", "regions/image"))
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["dense"]) == ["value", "clearclip", "naclip"]
+    assert report["quality"] == report["dense"]["value"]
+    assert len(list(out.glob("im0_*_clusters.png"))) == 3  # one panel per path
+    assert "| purity | value | clearclip | naclip |" in (out / "report.md").read_text()
+    # Each column is what that path alone gives.
+    assert main([*base, "--dense", "naclip", "--out", str(tmp_path / "one")]) == 0
+    alone = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert alone["quality"] == report["dense"]["naclip"] and "dense" not in alone
+    assert "(dense: naclip)" in alone["settings"]
+    capsys.readouterr()
+    assert main([*base, "--dense", "value,gem", "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        "teacher.dense='gem' is not one of value, maskclip, clearclip, sclip, naclip"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(ValueError, match="--dense needs the CLIP teacher"):
+        inspect_pseudo_labels(
+            [Image.new("RGB", (32, 32))], _StripesTeacher(), MethodConfig(), dense=["value"]
+        )
+
+
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect-pseudo-labels", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err

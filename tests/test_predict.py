@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from clipzss.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from clipzss.config import Config
+from clipzss.config import Config, EvalConfig
 from clipzss.inference import preprocess
 from clipzss.names import parse_class_names
-from clipzss.predict import MaskCLIPSegmenter, PrecomputedText, Segmenter
+from clipzss.predict import MaskCLIPSegmenter, PrecomputedText, Segmenter, TrainingFreeSegmenter
+from clipzss.recipes import baseline_eval_config
 from clipzss.student import build_student
 from clipzss.teacher import build_teacher
 from clipzss.visualize import colorize, overlay, palette
@@ -60,17 +62,44 @@ def test_prediction_is_argmax_of_upsampled_logits(segmenter: Segmenter) -> None:
 
 
 def test_maskclip_baseline_uses_maskclips_released_dense_path(tiny_teacher_cfg) -> None:
-    teacher = build_teacher(tiny_teacher_cfg, device="cpu")  # teacher.dense = "value" for pseudo labels
+    teacher = build_teacher(tiny_teacher_cfg, device="cpu")  # teacher.dense = "clearclip" for pseudo labels
     baseline = MaskCLIPSegmenter(teacher)
     images = torch.randn(1, 3, 48, 72)
     text = baseline.text_classifier(NAMES)
     logits = baseline.logits(images, text)
     _, dense = teacher.encode_image(images, size=(48, 72), dense="maskclip")
     torch.testing.assert_close(logits, baseline.alpha * torch.einsum("bchw,kc->bkhw", dense, text))
-    _, value = teacher.encode_image(images, size=(48, 72))
+    _, value = teacher.encode_image(images, size=(48, 72), dense="value")
     assert not torch.allclose(logits, baseline.alpha * torch.einsum("bchw,kc->bkhw", value, text), atol=1e-3)
     mask = baseline.predict(np.zeros((30, 40, 3), dtype=np.uint8), NAMES, mode="whole")
     assert mask.shape == (30, 40)
+    assert baseline.eval_cfg == EvalConfig()  # MaskCLIP keeps this project's protocol
+
+
+@pytest.mark.parametrize("recipe", ["clearclip", "sclip", "naclip"])
+def test_training_free_baseline_uses_the_recipes_tokens_and_input(tiny_teacher_cfg, recipe: str) -> None:
+    teacher = build_teacher(
+        dataclasses.replace(tiny_teacher_cfg, dense="value", naclip_std=2.0), device="cpu"
+    )
+    baseline = TrainingFreeSegmenter(teacher, recipe=recipe)
+    images = torch.randn(1, 3, 48, 72)
+    text = baseline.text_classifier(NAMES)
+    _, dense = teacher.encode_image(images, size=(48, 72), dense=recipe)  # σ: the teacher config's
+    torch.testing.assert_close(
+        baseline.logits(images, text), baseline.alpha * torch.einsum("bchw,kc->bkhw", dense, text)
+    )
+    assert baseline.eval_cfg == baseline_eval_config(recipe) != EvalConfig()
+    assert (baseline.eval_cfg.crop_size, baseline.eval_cfg.stride) == {
+        "clearclip": (448, 224),
+        "sclip": (224, 112),
+        "naclip": (224, 112),
+    }[recipe]
+    given = EvalConfig(mode="whole")
+    assert TrainingFreeSegmenter(teacher, given, recipe=recipe).eval_cfg is given  # an explicit protocol wins
+    with pytest.raises(
+        ValueError, match=r"^baseline='value' is not one of maskclip, clearclip, sclip, naclip$"
+    ):
+        TrainingFreeSegmenter(teacher, recipe="value")
 
 
 @pytest.mark.parametrize(

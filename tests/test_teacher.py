@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import math
 import re
 import socket
 from pathlib import Path
@@ -18,7 +20,17 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import save_file
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
-from clipzss.teacher import CLIPTeacher, Teacher, build_teacher, renormalize
+from clipzss.recipes import BASELINE_TITLES, DEFAULT_DENSE, PUBLISHED_MIOU, published_mean
+from clipzss.teacher import (
+    CLIPTeacher,
+    Teacher,
+    _dense_path,
+    _last_block,
+    _recipe_attention,
+    build_teacher,
+    neighbourhood_prior,
+    renormalize,
+)
 
 
 @pytest.fixture
@@ -82,7 +94,7 @@ def test_cls_equals_open_clip_encode_image(teacher: CLIPTeacher) -> None:
 
 def test_dense_equals_step_by_step_value_path(teacher: CLIPTeacher) -> None:
     images = student_images()
-    _, dense = teacher.encode_image(images)
+    _, dense = teacher.encode_image(images, dense="value")
     visual = teacher.model.visual
     with torch.no_grad():
         x = visual._embeds(teacher.to_clip_input(images))  # (B, 1 + 64, 64), open_clip's own embedding
@@ -125,7 +137,9 @@ def test_dense_maskclip_equals_maskclips_released_last_block(teacher: CLIPTeache
         v = F.layer_norm(v[:, 1:], (width,), visual.ln_post.weight, visual.ln_post.bias, visual.ln_post.eps)
         expected = F.normalize(v @ visual.proj, dim=-1).reshape(2, 8, 8, 32).permute(0, 3, 1, 2)
     torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(dense, teacher.encode_image(images)[1], atol=1e-3)  # not the value path
+    assert not torch.allclose(
+        dense, teacher.encode_image(images, dense="value")[1], atol=1e-3
+    )  # not the value path
     # The config chooses the default path; the argument overrides it.
     as_config = build_teacher(dataclasses.replace(teacher.cfg, dense="maskclip"), device="cpu")
     torch.testing.assert_close(as_config.encode_image(images)[1], dense)
@@ -133,9 +147,195 @@ def test_dense_maskclip_equals_maskclips_released_last_block(teacher: CLIPTeache
 
 def test_unknown_dense_path_is_one_line(tiny_teacher_cfg: TeacherConfig) -> None:
     with pytest.raises(
-        ValueError, match=re.escape("teacher.dense='clearclip' is not one of value, maskclip")
+        ValueError,
+        match=re.escape("teacher.dense='gem' is not one of value, maskclip, clearclip, sclip, naclip"),
     ):
-        build_teacher(dataclasses.replace(tiny_teacher_cfg, dense="clearclip"), device="cpu")
+        build_teacher(dataclasses.replace(tiny_teacher_cfg, dense="gem"), device="cpu")
+
+
+@pytest.mark.parametrize("std", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_naclip_std_is_one_line(tiny_teacher_cfg: TeacherConfig, std: float) -> None:
+    with pytest.raises(ValueError, match=r"^teacher.naclip_std=.* must be a positive number"):
+        build_teacher(dataclasses.replace(tiny_teacher_cfg, naclip_std=std), device="cpu")
+
+
+# ---------------------------------------------------------------------- the recipes' released last blocks
+# Literal re-implementations of each recipe's released code, in its own (L, N, D) layout: ClearCLIP
+# (mc-lan/ClearCLIP, open_clip/transformer.py: VisionTransformer.forward with ignore_residual=True and
+# custom_attn), SCLIP (wangf3014/SCLIP, clip/model.py: VisionTransformer.forward with csa=True and custom_attn)
+# and NACLIP (sinahmr/NACLIP, clip/model.py: arch="reduced", attn_strategy="naclip", gaussian_window,
+# get_attention_addition, custom_attn).
+
+
+def released_gaussian_window(dim1: int, dim2: int, std: float = 1.0) -> torch.Tensor:
+    constant = 1 / (std * math.sqrt(2))
+    ks = list()
+    for dim in [dim1, dim2]:
+        start = -(dim - 1) / 2.0
+        k = torch.linspace(
+            start=start * constant, end=(start + (dim - 1)) * constant, steps=dim, dtype=torch.float
+        )
+        ks.append(k)
+    dist_square_to_mu = (torch.stack(torch.meshgrid(*ks, indexing="ij")) ** 2).sum(0)
+    return torch.exp(-dist_square_to_mu)
+
+
+def released_attention_addition(dim1: int, dim2: int, window: torch.Tensor) -> torch.Tensor:
+    m = torch.einsum("ij,kl->ijkl", torch.eye(dim1), torch.eye(dim2))
+    m = m.permute((0, 3, 1, 2)).contiguous()  # m[ijkl] = 1 iff (i, j) == (k, l)
+    out = F.conv2d(
+        m.view(-1, dim1, dim2).unsqueeze(1), window.unsqueeze(0).unsqueeze(1), padding="same"
+    ).squeeze(1)
+    out = out.view(dim1 * dim2, dim1 * dim2)
+    v_adjusted = torch.vstack([torch.zeros((1, dim1 * dim2)), out])
+    return torch.hstack([torch.zeros((dim1 * dim2 + 1, 1)), v_adjusted])
+
+
+def released_custom_attn(attn_layer, x, model_type, n_patches=None, gaussian_std=5.0):
+    num_heads = attn_layer.num_heads
+    _, bsz, embed_dim = x.size()
+    head_dim = embed_dim // num_heads
+    scale = head_dim**-0.5
+
+    q, k, v = F.linear(x, attn_layer.in_proj_weight, attn_layer.in_proj_bias).chunk(3, dim=-1)
+    q = q.contiguous().view(-1, bsz * num_heads, head_dim).transpose(0, 1)
+    k = k.contiguous().view(-1, bsz * num_heads, head_dim).transpose(0, 1)
+    v = v.contiguous().view(-1, bsz * num_heads, head_dim).transpose(0, 1)
+
+    if model_type == "ClearCLIP":
+        qq_attn = torch.bmm(q, q.transpose(1, 2)) * scale
+        attn_weights = F.softmax(qq_attn, dim=-1)
+    elif model_type == "SCLIP":  # csa=True
+        q_attn = torch.bmm(q, q.transpose(1, 2)) * scale
+        k_attn = torch.bmm(k, k.transpose(1, 2)) * scale
+        attn_weights = F.softmax(q_attn, dim=-1) + F.softmax(k_attn, dim=-1)
+    elif model_type == "NACLIP":  # attn_strategy="naclip"
+        window_size = [side * 2 - 1 for side in n_patches]
+        window = released_gaussian_window(*window_size, std=gaussian_std)
+        addition = released_attention_addition(*n_patches, window).unsqueeze(0).to(x.dtype).to(x.device)
+        attn_weights = torch.bmm(k, k.transpose(1, 2)) * scale
+        omega = addition
+        attn_weights += omega
+        attn_weights = F.softmax(attn_weights, dim=-1)
+
+    attn_output = torch.bmm(attn_weights, v)
+    attn_output = attn_output.transpose(0, 1).contiguous().view(-1, bsz, embed_dim)
+    attn_output = attn_layer.out_proj(attn_output)
+    return attn_output
+
+
+def released_last_block(blk, x, model_type, n_patches=None, gaussian_std=5.0):
+    """(N, L, D) input of the last block → what each released forward makes of it, still (N, L, D)."""
+    x = x.permute(1, 0, 2)  # NLD -> LND
+    if model_type in ("ClearCLIP", "NACLIP"):  # ignore_residual=True / arch="reduced"
+        x = released_custom_attn(blk.attn, blk.ln_1(x), model_type, n_patches, gaussian_std)
+    else:  # SCLIP
+        x = x + released_custom_attn(blk.attn, blk.ln_1(x), model_type)
+        x = x + blk.mlp(blk.ln_2(x))
+    return x.permute(1, 0, 2)  # LND -> NLD
+
+
+def released_patch_features(visual, x):
+    """ln_post, proj, the patch tokens, normalised as the segmentors do: (N, h·w, C)."""
+    image_features = visual.ln_post(x) @ visual.proj
+    image_features = image_features[:, 1:]
+    return image_features / image_features.norm(dim=-1, keepdim=True)
+
+
+RELEASED = {"clearclip": "ClearCLIP", "sclip": "SCLIP", "naclip": "NACLIP"}
+
+
+@pytest.mark.parametrize("mode", ["clearclip", "sclip", "naclip"])
+def test_dense_recipe_equals_its_released_last_block_step_by_step_fp64(
+    teacher: CLIPTeacher, mode: str
+) -> None:
+    visual = copy.deepcopy(teacher.model.visual).double()
+    last = visual.transformer.resblocks[-1]
+    grid = (6, 5)  # not square: rows and columns must not be swapped
+    x = torch.randn(
+        2, 1 + grid[0] * grid[1], 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+    std = 1.5  # small enough for the prior to matter on a 6x5 grid
+    with torch.no_grad():
+        normed = last.ln_1(x)
+        # Step 1: the attention as the recipe replaces it, through out_proj.
+        ours = _recipe_attention(last, normed, mode, grid, std)
+        theirs = released_custom_attn(last.attn, normed.transpose(0, 1), RELEASED[mode], grid, std).transpose(
+            0, 1
+        )
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+        # Step 2: the whole block (residual and FFN where the recipe keeps them).
+        _, tokens = _last_block(last, x, mode, grid, std)
+        block = released_last_block(last, x, RELEASED[mode], grid, std)
+        torch.testing.assert_close(tokens, block, atol=1e-6, rtol=0)
+        # Step 3: the final tokens.
+        final = F.normalize(visual.ln_post(tokens[:, 1:]) @ visual.proj, dim=-1)
+        torch.testing.assert_close(final, released_patch_features(visual, block), atol=1e-6, rtol=0)
+        # The recipes differ from one another and from the value path.
+        others = [m for m in ("value", "maskclip", "clearclip", "sclip", "naclip") if m != mode]
+        for other in others:
+            assert not torch.allclose(_dense_path(last, x, other, None, grid, std), tokens, atol=1e-4), other
+    if mode == "naclip":
+        prior = neighbourhood_prior(grid, std)
+        window = released_gaussian_window(2 * grid[0] - 1, 2 * grid[1] - 1, std=std)
+        torch.testing.assert_close(
+            prior, released_attention_addition(*grid, window).double(), atol=1e-6, rtol=0
+        )
+
+
+@pytest.mark.parametrize("mode", ["clearclip", "sclip", "naclip"])
+def test_dense_recipe_through_encode_image(teacher: CLIPTeacher, mode: str) -> None:
+    """The teacher passes the recipe its own grid (not square here) and σ: its tokens equal the released block's."""
+    images = student_images(height=48, width=64)
+    captured = {}
+    hook = teacher.model.visual.transformer.resblocks[-2].register_forward_hook(
+        lambda module, args, output: captured.setdefault("x", output)
+    )
+    try:
+        _, dense = teacher.encode_image(images, size=(48, 64), dense=mode)
+    finally:
+        hook.remove()
+    visual = teacher.model.visual
+    with torch.no_grad():
+        block = released_last_block(
+            visual.transformer.resblocks[-1], captured["x"], RELEASED[mode], (6, 8), 5.0
+        )
+        expected = released_patch_features(visual, block).reshape(2, 6, 8, 32).permute(0, 3, 1, 2)
+    torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["value", "maskclip", "clearclip", "sclip", "naclip"])
+def test_every_dense_path_is_normalised_on_the_expected_grid(
+    tiny_teacher_cfg: TeacherConfig, mode: str
+) -> None:
+    teacher = build_teacher(dataclasses.replace(tiny_teacher_cfg, dense=mode), device="cpu")
+    cls, dense = teacher.encode_image(student_images(height=40, width=72), size=(40, 72))
+    assert cls.shape == (2, 32) and dense.shape == (2, 32, 5, 9)
+    torch.testing.assert_close(dense.norm(dim=1), torch.ones(2, 5, 9))
+    assert torch.isfinite(dense).all()
+
+
+def test_naclip_std_is_the_configs(tiny_teacher_cfg: TeacherConfig) -> None:
+    images = student_images()
+    wide = build_teacher(dataclasses.replace(tiny_teacher_cfg, dense="naclip"), device="cpu")
+    narrow = build_teacher(
+        dataclasses.replace(tiny_teacher_cfg, dense="naclip", naclip_std=0.5), device="cpu"
+    )
+    assert TeacherConfig().naclip_std == 5.0  # NACLIP's released gaussian_std
+    assert not torch.allclose(wide.encode_image(images)[1], narrow.encode_image(images)[1], atol=1e-4)
+
+
+def test_default_dense_path_is_the_best_published_mean() -> None:
+    means = {recipe: published_mean(recipe) for recipe in PUBLISHED_MIOU}
+    assert means["clearclip"] == pytest.approx(38.08) and means["sclip"] == pytest.approx(37.76)
+    assert means["naclip"] == pytest.approx(37.76) and means["maskclip"] == pytest.approx(30.10)
+    assert TeacherConfig().dense == DEFAULT_DENSE == max(means, key=means.get) == "clearclip"
+    # docs/protocols.md shows the same figures and means.
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocols.md").read_text()
+    for recipe, title in BASELINE_TITLES.items():
+        figures = " | ".join(f"{v:.1f}" for v in PUBLISHED_MIOU[recipe])
+        row = next(line for line in doc.splitlines() if line.startswith(f"| {title} |"))
+        assert f"| {figures} |" in row and f"{means[recipe]:.2f}" in row, row
 
 
 def test_position_embedding_interpolation(teacher: CLIPTeacher) -> None:

@@ -36,7 +36,7 @@ from clipzss.predict import LRUCache, Segmenter
 from clipzss.prediction_files import output_names, prediction_folder, save_prediction
 from clipzss.runs import RUN_FILES, RunFolderError, RunLock
 from clipzss.training import TrainingInterrupted, train
-from clipzss.training_state import ResumeError, load_training_state
+from clipzss.training_state import ResumeError, check_resume_config, load_training_state
 from clipzss.visualize import colorize, overlay, palette
 from conftest import tiny_config, tiny_overrides
 
@@ -292,7 +292,9 @@ def test_long_strings_in_a_checkpoint_are_not_echoed(trained_checkpoint: Path, t
 def test_checkpoint_records_the_teacher_dense_path_and_old_files_read_as_value(
     trained_checkpoint: Path, tmp_path: Path
 ) -> None:
-    assert load_checkpoint(trained_checkpoint).config.teacher.dense == "value"
+    assert (
+        load_checkpoint(trained_checkpoint).config.teacher.dense == "clearclip"
+    )  # today's default, recorded
 
     def forget(cfg: dict) -> None:  # a checkpoint written before teacher.dense existed
         del cfg["teacher"]["dense"]
@@ -306,6 +308,24 @@ def test_checkpoint_records_the_teacher_dense_path_and_old_files_read_as_value(
     assert load_checkpoint(
         _rewrite(trained_checkpoint, tmp_path / "m.safetensors", maskclip)
     ).config.teacher.dense == ("maskclip")
+
+    def value(cfg: dict) -> None:  # written after teacher.dense existed, before its default changed
+        cfg["teacher"]["dense"] = "value"
+
+    assert load_checkpoint(
+        _rewrite(trained_checkpoint, tmp_path / "v.safetensors", value)
+    ).config.teacher.dense == ("value")
+
+
+def test_resuming_a_state_saved_without_teacher_dense_names_the_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny_config(tmp_path / "run", tmp_path / "cache")
+    old = cfg.to_dict()
+    del old["teacher"]["dense"]  # a training state saved before teacher.dense existed: it computed "value"
+    with caplog.at_level(logging.WARNING, logger="clipzss"):
+        check_resume_config({"config": old}, cfg, tmp_path)
+    assert "teacher.dense: 'value' → 'clearclip'" in caplog.text
 
 
 def test_checkpoint_cache_dir_never_chooses_where_predict_writes(

@@ -22,6 +22,7 @@ _EXPORTS = {
     "evaluate": "clipzss.evaluate",
     "Segmenter": "clipzss.predict",
     "MaskCLIPSegmenter": "clipzss.predict",
+    "TrainingFreeSegmenter": "clipzss.predict",
     "OnnxSegmenter": "clipzss.onnx_runner",
     "train": "clipzss.training",  # the module is not named train.py: it would shadow this function
 }

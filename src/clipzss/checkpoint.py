@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clipzss.config import Config, ConfigError
+from clipzss.config import Config, ConfigError, pin_saved_defaults
 from clipzss.files import atomic_write_all
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def validate_loaded_config(data: object, source: str = "checkpoint") -> Config:
     except RecursionError:
         raise CheckpointError(f"{source}: its config is nested too deeply to be a clipzss config") from None
     try:
-        config = Config.from_dict(data, source=source)
+        config = Config.from_dict(pin_saved_defaults(data), source=source)
     except ConfigError as err:
         raise CheckpointError(
             f"{source} holds a config this version of clipzss cannot read: {_clip(str(err), 300)}"

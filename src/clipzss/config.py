@@ -91,10 +91,15 @@ class TeacherConfig:
     # Keys passed to open_clip.create_model over the named config, e.g. a tiny vision_cfg for tests.
     model_overrides: dict[str, Any] = field(default_factory=dict)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
-    # The dense tokens of the last block: "value" = v-projection → out_proj only (no residual, no MLP; ClearCLIP,
-    # Lan et al., ECCV 2024, found dropping both better for dense prediction) | "maskclip" = MaskCLIP's released
-    # path (Zhou et al., ECCV 2022): residual and MLP kept. The MaskCLIP baseline always uses "maskclip".
-    dense: str = "value"
+    # The dense tokens of the last block, each as its released code computes it (docs/protocols.md):
+    # "clearclip" = q-q attention, no residual, no FFN (Lan et al., ECCV 2024) | "sclip" = softmax(qqᵀ) +
+    # softmax(kkᵀ) attention, residual and FFN kept (Wang et al., ECCV 2024) | "naclip" = k-k attention plus a
+    # Gaussian neighbourhood prior of std `naclip_std` patches, no residual, no FFN (Hajimiri et al., WACV 2025) |
+    # "maskclip" = value path, residual and FFN kept (Zhou et al., ECCV 2022) | "value" = value path alone, no
+    # residual, no FFN (the old default; a checkpoint without this field computed it). Default: the best mean
+    # published mIoU (clipzss.recipes), literature-based, not measured here.
+    dense: str = "clearclip"
+    naclip_std: float = 5.0  # NACLIP's released gaussian_std, in patches
     cache_dir: str | None = None  # text-embedding disk cache; None = $XDG_CACHE_HOME/clipzss/text
 
 
@@ -268,6 +273,25 @@ class Config:
 REMOVED_KEYS: dict[str, tuple[str, ...]] = {
     "eval": ("batch_size",),  # never used: evaluation always runs one image at a time
 }
+
+
+# Fields whose default changed after files were saved without them: a saved config (checkpoint, training state)
+# that lacks one was computed with this value, not today's default. Files people write keep today's defaults.
+SAVED_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("teacher", "dense"): "value",  # the only dense path before teacher.dense existed
+}
+
+
+def pin_saved_defaults(data: Any) -> Any:
+    """A saved config ``data`` with every `SAVED_DEFAULTS` field it lacks filled in (a shallow copy)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for (section, key), value in SAVED_DEFAULTS.items():
+        values = data.get(section, {})
+        if isinstance(values, dict) and key not in values:
+            data[section] = {**values, key: value}
+    return data
 
 
 def _drop_removed_keys(data: Any, source: str) -> Any:

@@ -1,8 +1,9 @@
-"""`clipzss demo`: a local web page (Gradio) to segment an image with any class names, and to compare with MaskCLIP.
+"""`clipzss demo`: a local web page (Gradio) to segment an image with any class names, and to compare with CLIP.
 
 The page has two tabs. *Segment*: upload or pick an image, type class names, get the overlay, a legend with each
-class's area, and the inference time. *Compare*: the trained student and the training-free MaskCLIP baseline (CLIP
-itself at inference) side by side on the same image and names, with their times. It binds 127.0.0.1 unless told
+class's area, and the inference time. *Compare*: the trained student and a training-free baseline picked on the
+page (MaskCLIP, ClearCLIP, SCLIP or NACLIP: CLIP itself at inference) side by side on the same image and names,
+with their times. It binds 127.0.0.1 unless told
 otherwise, bounds the upload size and the image's pixel count (checked from the header, before decoding), and
 answers bad input (empty or duplicate class names, too many names, unreadable or huge images) with a message on
 the page. The text classifiers it keeps in memory, one per class list asked for, are bounded (least recently used
@@ -28,7 +29,8 @@ from clipzss.config import TeacherConfig
 from clipzss.data import SYNTHETIC_CLASSES, SyntheticScenes
 from clipzss.inference import IMAGE_SUFFIXES, load_image
 from clipzss.names import parse_class_names
-from clipzss.predict import LRUCache, MaskCLIPSegmenter, Segmenter, ZeroShotSegmenter
+from clipzss.predict import LRUCache, Segmenter, TrainingFreeSegmenter, ZeroShotSegmenter
+from clipzss.recipes import BASELINES, baseline_eval_config
 from clipzss.teacher import CLIPTeacher, build_teacher
 from clipzss.visualize import blend, class_areas, palette
 
@@ -55,12 +57,13 @@ TEMPLATES: dict[str, tuple[str, ...] | None] = {
 def load_models(
     checkpoint: str | None, baseline: str | None, teacher_weights: str | None = None, device: str = "auto"
 ) -> tuple[ZeroShotSegmenter, ZeroShotSegmenter | None]:
-    """The model the page serves and, for a student whose text encoder is CLIP, MaskCLIP on that same CLIP."""
+    """The model the page serves and, for a student whose text encoder is CLIP, MaskCLIP on that same CLIP (the
+    comparison tab switches to the other recipes)."""
     if bool(checkpoint) == bool(baseline):
-        raise ValueError("give exactly one of --checkpoint CKPT or --baseline maskclip")
+        raise ValueError(f"give exactly one of --checkpoint CKPT or --baseline {'|'.join(BASELINES)}")
     if baseline:
         cfg = TeacherConfig() if teacher_weights is None else TeacherConfig(weights=teacher_weights)
-        return MaskCLIPSegmenter(build_teacher(cfg, device=device)), None
+        return TrainingFreeSegmenter(build_teacher(cfg, device=device), recipe=baseline), None
     if Path(checkpoint).exists():
         student = Segmenter.from_checkpoint(checkpoint, device=device, teacher_weights=teacher_weights)
     else:
@@ -68,12 +71,17 @@ def load_models(
     return student, comparison_baseline(student)
 
 
-def comparison_baseline(student: ZeroShotSegmenter) -> ZeroShotSegmenter | None:
-    """MaskCLIP on the student's own CLIP (same names, same inference settings), or None without a CLIP."""
+def comparison_baseline(student: ZeroShotSegmenter, recipe: str = "maskclip") -> ZeroShotSegmenter | None:
+    """A training-free recipe on the student's own CLIP, or None without a CLIP.
+
+    Same names and inference settings as the student, except the recipe's released input handling (short side,
+    windows; none for MaskCLIP): `clipzss.recipes.baseline_eval_config`.
+    """
     encoder = student.text_encoder
     if not isinstance(encoder, CLIPTeacher):
         return None
-    return MaskCLIPSegmenter(encoder, eval_cfg=student.eval_cfg, alpha=student.alpha)
+    eval_cfg = baseline_eval_config(recipe, student.eval_cfg)
+    return TrainingFreeSegmenter(encoder, eval_cfg=eval_cfg, alpha=student.alpha, recipe=recipe)
 
 
 def describe(model: ZeroShotSegmenter) -> str:
@@ -82,7 +90,9 @@ def describe(model: ZeroShotSegmenter) -> str:
         s = model.config.student
         step = model.meta.get("step")
         return f"clipzss student {s.arch}/{s.encoder}" + (f" (step {step})" if step else "")
-    return "MaskCLIP baseline (CLIP at inference)"
+    if isinstance(model, TrainingFreeSegmenter):
+        return f"{model.title} baseline (CLIP at inference)"
+    return "training-free baseline (CLIP at inference)"
 
 
 def bound_text_caches(models: Sequence[ZeroShotSegmenter | None], size: int) -> None:
@@ -279,6 +289,18 @@ def build_app(
     ]
     can_template = isinstance(model.text_encoder, CLIPTeacher)
     bound_text_caches([model, baseline], text_cache_size)
+    first_recipe = getattr(baseline, "recipe", BASELINES[0])
+    compared: dict[str, ZeroShotSegmenter] = {first_recipe: baseline} if baseline is not None else {}
+
+    def pick_baseline(recipe: str) -> ZeroShotSegmenter:
+        """The comparison tab's recipe on the student's CLIP, built once per recipe on first use."""
+        if recipe not in compared:
+            built = comparison_baseline(model, recipe)
+            if built is None:
+                raise ValueError(f"no {recipe} baseline: the model's text encoder is not CLIP")
+            bound_text_caches([built], text_cache_size)
+            compared[recipe] = built
+        return compared[recipe]
 
     def run_one(target: ZeroShotSegmenter, path: str | None, names_text: str, template: str) -> Segmentation:
         if not path:
@@ -297,14 +319,15 @@ def build_app(
             return None, "", "", _status("the model failed on this image (details in the server log)")
         return result.overlay, legend_html(result), timing_text(result, model), ""
 
-    def on_compare(path: str | None, names_text: str) -> tuple[Any, ...]:
+    def on_compare(path: str | None, names_text: str, recipe: str) -> tuple[Any, ...]:
         if baseline is None:
-            return None, "", "", None, "", "", _status("no baseline to compare with")
+            return None, "", "", None, "", "", "", _status("no baseline to compare with")
         try:
+            other = pick_baseline(recipe)
             ours = run_one(model, path, names_text, "the model's prompt ensemble")
-            theirs = run_one(baseline, path, names_text, "the model's prompt ensemble")
+            theirs = run_one(other, path, names_text, "the model's prompt ensemble")
         except (ValueError, FileNotFoundError) as err:
-            return None, "", "", None, "", "", _status(str(err))
+            return None, "", "", None, "", "", "", _status(str(err))
         except Exception:
             logger.exception("the comparison failed on %s", path)
             return (
@@ -312,6 +335,7 @@ def build_app(
                 "",
                 "",
                 None,
+                "",
                 "",
                 "",
                 _status("a model failed on this image (details in the server log)"),
@@ -322,7 +346,8 @@ def build_app(
             timing_text(ours, model),
             theirs.overlay,
             legend_html(theirs),
-            timing_text(theirs, baseline),
+            timing_text(theirs, other),
+            f"### {html.escape(describe(other))}",
             "",
         )
 
@@ -367,7 +392,7 @@ def build_app(
             gr.Examples(rows, inputs=[image, classes], label="examples")
             button.click(on_segment, [image, classes, template], [result_image, legend, timing, status])
             classes.submit(on_segment, [image, classes, template], [result_image, legend, timing, status])
-        with gr.Tab("Compare with MaskCLIP"):
+        with gr.Tab("Compare with a baseline"):
             if baseline is None:
                 gr.Markdown(
                     "The comparison needs a trained student whose text encoder is CLIP: start the demo with "
@@ -386,6 +411,13 @@ def build_app(
                     cmp_classes = gr.Textbox(
                         value=default_classes, label="class names (comma separated)", elem_id="cmp-classes"
                     )
+                    cmp_recipe = gr.Dropdown(
+                        list(BASELINES),
+                        value=first_recipe,
+                        label="training-free baseline (docs/protocols.md)",
+                        visible=baseline is not None,
+                        elem_id="cmp-baseline",
+                    )
                     cmp_button = gr.Button("Compare", variant="primary", elem_id="compare")
                     cmp_status = gr.HTML(elem_id="cmp-status")
             with gr.Row():
@@ -395,15 +427,27 @@ def build_app(
                         "student", "ours-image", "ours-legend", "ours-time"
                     )
                 with gr.Column():
-                    gr.Markdown("### MaskCLIP (CLIP image encoder at inference)")
+                    theirs_title = gr.Markdown(
+                        f"### {html.escape(describe(baseline))}" if baseline is not None else "",
+                        elem_id="theirs-title",
+                    )
                     theirs_image, theirs_legend, theirs_time = _result_view(
-                        "MaskCLIP", "theirs-image", "theirs-legend", "theirs-time"
+                        "baseline", "theirs-image", "theirs-legend", "theirs-time"
                     )
             gr.Examples(rows, inputs=[cmp_image, cmp_classes], label="examples")
             cmp_button.click(
                 on_compare,
-                [cmp_image, cmp_classes],
-                [ours_image, ours_legend, ours_time, theirs_image, theirs_legend, theirs_time, cmp_status],
+                [cmp_image, cmp_classes, cmp_recipe],
+                [
+                    ours_image,
+                    ours_legend,
+                    ours_time,
+                    theirs_image,
+                    theirs_legend,
+                    theirs_time,
+                    theirs_title,
+                    cmp_status,
+                ],
             )
     return app
 

@@ -16,6 +16,8 @@ every labelled pixel when no split is given) by
 
 Works with any :class:`~clipzss.teacher.Teacher` from Python (:func:`inspect_pseudo_labels`); the command builds the
 CLIP teacher from the config and ``--teacher-*`` options, or takes a world's teacher (``--world-teacher camvid``).
+With a CLIP teacher, several dense paths (``teacher.dense``: ClearCLIP, SCLIP, NACLIP, ...) are scored on the same
+images side by side (``--dense``): how a user with real weights checks the literature-based default.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from clipzss.data.readers import read_classes_txt
 from clipzss.data.splits import IGNORE_INDEX
 from clipzss.inference import IMAGE_SUFFIXES, preprocess
 from clipzss.pseudo_labels import center_tokens, cluster_regions, fuse_labels, training_windows, window_sizes
-from clipzss.teacher import Teacher
+from clipzss.recipes import check_dense
+from clipzss.teacher import CLIPTeacher, Teacher
 from clipzss.visualize import palette
 
 logger = logging.getLogger(__name__)
@@ -196,8 +199,12 @@ class InspectReport:
     overlays: list[Path] = field(default_factory=list)
     grid: tuple[int, int] = (0, 0)
     has_truth: bool = False
+    # Dense path → its quality per variant, when several paths were compared (``quality`` is the first one's).
+    by_dense: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def format_table(self) -> str:
+        if len(self.by_dense) > 1:
+            return self.format_comparison()
         head = f"{'variant':<32} {'purity':>7} {'NMI':>7} {'coverage':>9} {'regions/img':>12} {'classes/img':>12}"
         lines = [head, "-" * len(head)]
         for name, q in self.quality.items():
@@ -207,7 +214,31 @@ class InspectReport:
             )
         return "\n".join(lines)
 
+    def format_comparison(self) -> str:
+        """One block per measure, a row per variant, the dense paths side by side as columns."""
+        paths = list(self.by_dense)
+        width = max(len(name) for name in [*self.quality, "regions/image"])
+        blocks = []
+        for measure, digits in MEASURES:
+            head = f"{measure:<{width}}" + "".join(f" {p:>10}" for p in paths)
+            rows = [head, "-" * len(head)]
+            for variant in self.quality:
+                values = [self.by_dense[p][variant][measure] for p in paths]
+                rows.append(f"{variant:<{width}}" + "".join(f" {_fmt(v, digits):>10}" for v in values))
+            blocks.append("\n".join(rows))
+        return "\n\n".join(blocks)
+
     def to_markdown(self) -> str:
+        if len(self.by_dense) > 1:
+            paths = list(self.by_dense)
+            lines = []
+            for measure, digits in MEASURES:
+                lines += [f"| {measure} | " + " | ".join(paths) + " |", "|---" * (1 + len(paths)) + "|"]
+                for variant in self.quality:
+                    values = [_fmt(self.by_dense[p][variant][measure], digits) for p in paths]
+                    lines.append(f"| {variant} | " + " | ".join(values) + " |")
+                lines.append("")
+            return "\n".join(lines).rstrip()
         lines = [
             "| variant | purity | NMI | coverage | regions / image | classes / image |",
             "|---|---|---|---|---|---|",
@@ -240,8 +271,25 @@ class InspectReport:
                 for k, q in self.quality.items()
             },
         }
+        if len(self.by_dense) > 1:
+            payload["dense"] = {
+                path: {
+                    k: {m: (v if math.isfinite(v) else None) for m, v in q.items()}
+                    for k, q in quality.items()
+                }
+                for path, quality in self.by_dense.items()
+            }
         (out / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
         return [markdown, out / "report.json"]
+
+
+MEASURES: tuple[tuple[str, int], ...] = (
+    ("purity", 3),
+    ("NMI", 3),
+    ("coverage", 3),
+    ("regions/image", 1),
+    ("classes/image", 1),
+)
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -257,6 +305,7 @@ def inspect_pseudo_labels(
     out: str | Path | None = None,
     names: Sequence[str] | None = None,
     short_side: int | None = 512,
+    dense: Sequence[str] | None = None,
 ) -> InspectReport:
     """Cluster each image's teacher tokens as PLM does and score the variants against the ground truth.
 
@@ -269,7 +318,18 @@ def inspect_pseudo_labels(
         out: folder for ``<name>_clusters.png`` panels; None writes nothing.
         names: file stems for the panels (default image_000, ...).
         short_side: images are resized to this short side (at most) before the teacher, as at evaluation.
+        dense: dense paths of a CLIP teacher (``teacher.dense`` values) to compare on the same images; None = the
+            teacher's own. Each path gets its own scores (``by_dense``) and, with several, its own panels.
     """
+    paths: list[str | None] = [None]
+    if dense is not None:
+        paths = list(dict.fromkeys(dense))
+        if not paths:
+            raise ValueError("--dense: give at least one dense path")
+        for path in paths:
+            check_dense(path)
+        if not isinstance(teacher, CLIPTeacher):
+            raise ValueError(f"--dense needs the CLIP teacher; {type(teacher).__name__} has one dense path")
     masks = list(masks) if masks is not None else [None] * len(images)
     if len(masks) != len(images):
         raise ValueError(f"{len(images)} images but {len(masks)} masks")
@@ -277,7 +337,7 @@ def inspect_pseudo_labels(
     folder = Path(out) if out is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    quality: dict[str, QualityAccumulator] = {}
+    quality: dict[str | None, dict[str, QualityAccumulator]] = {path: {} for path in paths}
     overlays: list[Path] = []
     grid = (0, 0)
     for image, mask, name in zip(images, masks, names, strict=True):
@@ -288,27 +348,32 @@ def inspect_pseudo_labels(
             )
         short = min(short_side, min(size)) if short_side else None
         x = torch.from_numpy(preprocess(image, short))[None]  # (1, 3, H', W') normalised the student's way
-        _, dense = teacher.encode_image(x.to(_device_of(teacher)))  # (1, C, h, w)
-        dense = dense.float().cpu()
-        grid = tuple(dense.shape[-2:])
         truth = np.full(size, IGNORE_INDEX, dtype=np.int64) if mask is None else mask.astype(np.int64)
         if unseen is None:
             unlabelled = torch.ones(1, *size, dtype=torch.bool)
         else:
             unlabelled = torch.from_numpy(np.isin(truth, list(unseen)))[None]
         evaluated = np.where(unlabelled[0].numpy(), truth, IGNORE_INDEX)
-        maps: dict[str, np.ndarray] = {}
-        for variant, (windows, threshold) in clustering_variants(method, grid).items():
-            regions = pseudo_regions(dense, unlabelled, windows, threshold, method)[0].numpy()
-            quality.setdefault(variant, QualityAccumulator()).add(evaluated, regions)
-            maps[variant] = regions
-        if folder is not None:
-            path = folder / f"{name}_clusters.png"
-            _panel(image, maps, None if mask is None else evaluated).save(path)
-            overlays.append(path)
-    summary = {k: acc.summary() for k, acc in quality.items()}
+        for path in paths:
+            chosen = {} if path is None else {"dense": path}
+            _, tokens = teacher.encode_image(x.to(_device_of(teacher)), **chosen)  # (1, C, h, w)
+            tokens = tokens.float().cpu()
+            grid = tuple(tokens.shape[-2:])
+            maps: dict[str, np.ndarray] = {}
+            for variant, (windows, threshold) in clustering_variants(method, grid).items():
+                regions = pseudo_regions(tokens, unlabelled, windows, threshold, method)[0].numpy()
+                quality[path].setdefault(variant, QualityAccumulator()).add(evaluated, regions)
+                maps[variant] = regions
+            if folder is not None:
+                panel = folder / (
+                    f"{name}_clusters.png" if len(paths) == 1 else f"{name}_{path}_clusters.png"
+                )
+                _panel(image, maps, None if mask is None else evaluated).save(panel)
+                overlays.append(panel)
+    summaries = {path: {k: acc.summary() for k, acc in q.items()} for path, q in quality.items()}
     has_truth = any(m is not None for m in masks)
-    return InspectReport(summary, overlays, grid, has_truth)
+    by_dense = {str(path): q for path, q in summaries.items()} if dense is not None else {}
+    return InspectReport(summaries[paths[0]], overlays, grid, has_truth, by_dense)
 
 
 def _device_of(teacher: Any) -> torch.device:

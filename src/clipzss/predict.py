@@ -1,9 +1,10 @@
 """Zero-shot prediction: a student (or, as a baseline, CLIP itself) classifies pixels against text embeddings.
 
 `Segmenter` is the product of training: the student alone embeds the image and CLIP's *text* embeddings of any class
-names are its classifier, so inference costs what the closed-set network costs. `MaskCLIPSegmenter` is the
-training-free "CLIP at inference" reference (MaskCLIP's dense tokens against the same classifier), kept for speed
-and accuracy comparisons. Both share `predict` / `logits_fn`, so evaluation and the CLI treat them alike.
+names are its classifier, so inference costs what the closed-set network costs. `TrainingFreeSegmenter` is the
+training-free "CLIP at inference" reference (one recipe's dense tokens, MaskCLIP, ClearCLIP, SCLIP or NACLIP,
+against the same classifier), kept for speed and accuracy comparisons. Both share `predict` / `logits_fn`, so
+evaluation and the CLI treat them alike.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from clipzss.embeddings_file import read_text_embeddings, write_text_embeddings
 from clipzss.evaluate import infer_labels
 from clipzss.inference import ImageLike, as_rgb, preprocess
 from clipzss.names import parse_class_names
+from clipzss.recipes import BASELINE_TITLES, baseline_eval_config, check_baseline
 from clipzss.runtime import resolve_device
 from clipzss.sharing import SegmenterHubMixin
 from clipzss.student import Student, build_student
@@ -291,11 +293,13 @@ class Segmenter(ZeroShotSegmenter, SegmenterHubMixin):
         return self.student(images)
 
 
-class MaskCLIPSegmenter(ZeroShotSegmenter):
-    """Training-free baseline: MaskCLIP (Zhou et al., ECCV 2022) as released, its dense tokens against the text.
+class TrainingFreeSegmenter(ZeroShotSegmenter):
+    """Training-free baseline: one recipe's dense tokens (`clipzss.recipes.BASELINES`) against the text.
 
-    The tokens take MaskCLIP's released last-block path (residual and MLP kept, ``teacher.dense="maskclip"``)
-    whatever the teacher's own ``dense`` setting for pseudo labels; ``dense`` chooses another path.
+    The tokens take the recipe's released last block (``teacher.encode_image(dense=recipe)``) whatever the
+    teacher's own ``dense`` setting for pseudo labels, and NACLIP's σ is ``teacher.cfg.naclip_std``. Without an
+    ``eval_cfg`` the images are fed as the recipe's released code feeds them (short side, sliding windows:
+    `clipzss.recipes.baseline_eval_config`); MaskCLIP keeps this project's protocol.
     """
 
     def __init__(
@@ -303,15 +307,25 @@ class MaskCLIPSegmenter(ZeroShotSegmenter):
         teacher: CLIPTeacher,
         eval_cfg: EvalConfig | None = None,
         alpha: float = 1 / 0.07,
-        dense: str = "maskclip",
+        recipe: str = "maskclip",
     ) -> None:
-        super().__init__(teacher, alpha, eval_cfg or EvalConfig(), teacher.device)
+        check_baseline(recipe)
+        super().__init__(teacher, alpha, eval_cfg or baseline_eval_config(recipe), teacher.device)
         self.teacher = teacher
-        self.dense = dense
+        self.recipe = recipe
+
+    @property
+    def title(self) -> str:
+        """The recipe's name as its authors write it, e.g. "ClearCLIP"."""
+        return BASELINE_TITLES[self.recipe]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        # The image is encoded at its own size (positional embedding interpolated), as MaskCLIP does.
+        # The image (or window) is encoded at its own size, positional embedding interpolated, as the recipes do.
         patch = self.teacher.patch_size
         h, w = images.shape[-2:]
         size = (max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch))
-        return self.teacher.encode_image(images, size=size, dense=self.dense)[1]
+        return self.teacher.encode_image(images, size=size, dense=self.recipe)[1]
+
+
+# The name of the baseline class before the recipes other than MaskCLIP existed; it still builds MaskCLIP.
+MaskCLIPSegmenter = TrainingFreeSegmenter

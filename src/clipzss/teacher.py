@@ -1,4 +1,7 @@
-"""The frozen CLIP teacher: a CLS embedding and MaskCLIP-style dense tokens per image, and text embeddings per class.
+"""The frozen CLIP teacher: a CLS embedding and dense tokens per image, and text embeddings per class.
+
+The dense tokens come from CLIP's last block changed as one training-free recipe's released code changes it
+(``teacher.dense``: ClearCLIP, SCLIP, NACLIP, MaskCLIP, or the bare value path; `clipzss.recipes`).
 
 Training and evaluation depend only on the :class:`Teacher` protocol; :class:`CLIPTeacher` wraps an open_clip
 ViT built by :func:`build_teacher` from a :class:`~clipzss.config.TeacherConfig`. Weights come from a local file,
@@ -12,11 +15,13 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import typing
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +34,9 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from clipzss import hub
-from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig, check_choice
+from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
 from clipzss.names import parse_class_names
+from clipzss.recipes import DENSE_PATHS, check_dense
 from clipzss.text_cache import read_text_cache, text_cache_dir, write_text_cache
 
 logger = logging.getLogger(__name__)
@@ -111,13 +117,14 @@ def renormalize(
 
 
 class CLIPTeacher(FrozenModule):
-    """A frozen open_clip ViT: CLS + MaskCLIP dense tokens from one image pass, and cached text embeddings."""
+    """A frozen open_clip ViT: CLS + dense tokens (``cfg.dense``) from one image pass, and cached text embeddings."""
 
     def __init__(self, model: nn.Module, cfg: TeacherConfig, weights: _Weights) -> None:
         super().__init__()
         _check_visual_tower(getattr(model, "visual", None), cfg.model)
         _check_precision(cfg.precision)
         _check_dense(cfg.dense)
+        _check_naclip_std(cfg.naclip_std)
         self.model = model
         self.cfg = cfg
         self.weights = weights
@@ -206,7 +213,7 @@ class CLIPTeacher(FrozenModule):
             images: (B, 3, H, W) normalised with IMAGENET_MEAN/STD, as the student sees them.
             size: resize target: None = cfg.image_size square, an int = square, (h, w) as given (rounded to a
                 multiple of the patch size); the positional embedding is interpolated to the resulting grid.
-            dense: the dense path, "value" or "maskclip" (:func:`_dense_path`); None = ``cfg.dense``.
+            dense: the dense path, one of `clipzss.recipes.DENSE_PATHS` (:func:`_dense_path`); None = ``cfg.dense``.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"teacher images must be (B, 3, H, W), got shape {tuple(images.shape)}")
@@ -234,7 +241,8 @@ class CLIPTeacher(FrozenModule):
                 h = block(h)
             if not batch_first:
                 h = h.transpose(0, 1)  # (B, 1 + h·w, width)
-            cls, tokens = _last_block(blocks[-1], h, dense_mode)  # (B, width), (B, 1 + h·w, width)
+            # (B, width), (B, 1 + h·w, width)
+            cls, tokens = _last_block(blocks[-1], h, dense_mode, grid, self.cfg.naclip_std)
 
             cls = visual.ln_post(cls) @ visual.proj  # (B, C)
             patches = visual.ln_post(tokens[:, 1:]) @ visual.proj  # (B, h·w, C)
@@ -306,6 +314,7 @@ def build_teacher(cfg: TeacherConfig, device: str | torch.device | None = None) 
     """
     _check_precision(cfg.precision)
     _check_dense(cfg.dense)
+    _check_naclip_std(cfg.naclip_std)
     models = open_clip.list_models()
     if cfg.model not in models:
         close = difflib.get_close_matches(cfg.model, models, n=5, cutoff=0.5)
@@ -489,28 +498,90 @@ def _value_path(block: nn.Module, x: torch.Tensor, normed: torch.Tensor | None =
     return block.ls_1(attn.out_proj(value))
 
 
-def _dense_path(
-    block: nn.Module, x: torch.Tensor, mode: str, normed: torch.Tensor | None = None
+def _recipe_attention(
+    block: nn.Module, normed: torch.Tensor, mode: str, grid: tuple[int, int] | None, naclip_std: float
 ) -> torch.Tensor:
-    """The last block's dense tokens (B, 1 + N, width) for ``teacher.dense``.
+    """The last block's attention as a recipe replaces it: (B, 1 + N, width) → out_proj (→ layer scale).
 
-    "value": :func:`_value_path` alone (no residual, no MLP; ClearCLIP's finding). "maskclip": MaskCLIP's released
-    path, ``v = x + out_proj(v_proj(ln_1(x))); v = v + mlp(ln_2(v))`` (layer scales where the block has them).
+    Every token attends to every token (class token included) with the block's own projections and heads, scaled
+    by head_dim^-0.5 as CLIP's attention is. "clearclip": softmax(q qᵀ); "sclip": softmax(q qᵀ) + softmax(k kᵀ)
+    (two normalised maps summed, not renormalised); "naclip": softmax(k kᵀ + ω) with ω the Gaussian neighbourhood
+    prior (:func:`neighbourhood_prior`). Fused attention kernels keep the (T, T) maps out of memory.
+    """
+    attn = block.attn
+    q, k, v = F.linear(normed, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=attn.num_heads) for t in (q, k, v))
+    if mode == "clearclip":
+        mixed = F.scaled_dot_product_attention(q, q, v)
+    elif mode == "sclip":
+        mixed = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+    elif mode == "naclip":
+        if grid is None:
+            raise ValueError("the NACLIP path needs the token grid (h, w)")
+        prior = neighbourhood_prior(grid, naclip_std).to(device=k.device, dtype=k.dtype)
+        mixed = F.scaled_dot_product_attention(k, k, v, attn_mask=prior)
+    else:
+        raise ValueError(f"no attention recipe for teacher.dense='{mode}'")
+    return block.ls_1(attn.out_proj(rearrange(mixed, "b h t d -> b t (h d)")))
+
+
+@lru_cache(maxsize=16)
+def neighbourhood_prior(grid: tuple[int, int], std: float) -> torch.Tensor:
+    """NACLIP's additive attention prior (1 + h·w, 1 + h·w), float64 on the CPU: exp(-d² / 2σ²) between patches.
+
+    d is the distance of two patches on the grid, in patches; rows and columns of the class token are 0 (no
+    prior), as in NACLIP's released code. Cached: the grid is the same for every training step.
+    """
+    h, w = grid
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    rows, cols = rows.flatten(), cols.flatten()
+    squared = (rows[:, None] - rows[None]) ** 2 + (cols[:, None] - cols[None]) ** 2  # (h·w, h·w)
+    prior = torch.zeros(1 + h * w, 1 + h * w, dtype=torch.float64)
+    prior[1:, 1:] = torch.exp(-squared / (2 * std**2))
+    return prior
+
+
+def _dense_path(
+    block: nn.Module,
+    x: torch.Tensor,
+    mode: str,
+    normed: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
+    naclip_std: float = 5.0,
+) -> torch.Tensor:
+    """The last block's dense tokens (B, 1 + N, width) for ``teacher.dense``, as each recipe's released code.
+
+    "value": :func:`_value_path` alone. "maskclip": MaskCLIP, ``v = x + value; v + mlp(ln_2(v))``. "clearclip"
+    and "naclip": their attention (:func:`_recipe_attention`) alone, no residual and no MLP (ClearCLIP's
+    ``ignore_residual``, NACLIP's "reduced" block). "sclip": its attention with the residual and MLP kept.
+    Layer scales apply where the block has them (CLIP's ViTs have none). ``grid`` is the token grid (h, w).
     """
     _check_dense(mode)
-    value = _value_path(block, x, normed)
-    if mode == "value":
-        return value
-    v = x + value
+    normed = block.ln_1(x) if normed is None else normed
+    if mode in ("value", "maskclip"):
+        mixed = _value_path(block, x, normed)
+    else:
+        mixed = _recipe_attention(block, normed, mode, grid, naclip_std)
+    if mode in ("value", "clearclip", "naclip"):
+        return mixed
+    v = x + mixed
     return v + block.ls_2(block.mlp(block.ln_2(v)))
 
 
-def _last_block(block: nn.Module, x: torch.Tensor, dense: str = "value") -> tuple[torch.Tensor, torch.Tensor]:
+def _last_block(
+    block: nn.Module,
+    x: torch.Tensor,
+    dense: str = "value",
+    grid: tuple[int, int] | None = None,
+    naclip_std: float = 5.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The last block's outputs the teacher uses, for batch-first (B, 1 + N, width) input.
 
     Returns the class token's block output (B, width), computed with the class query alone: the patch tokens'
-    attention outputs are never used (the dense tokens take the value path), which saves most of the block,
-    about 1/12 of the tower. Equal to ``block(x)[:, 0]`` up to float rounding. And the dense tokens of every
+    own attention outputs are never used (the dense tokens take the ``dense`` path), which saves most of the
+    block, about 1/12 of the tower. Equal to ``block(x)[:, 0]`` up to float rounding. And the dense tokens of every
     token (B, 1 + N, width) by :func:`_dense_path`.
     """
     normed = block.ln_1(x)  # (B, 1 + N, width)
@@ -522,14 +593,19 @@ def _last_block(block: nn.Module, x: torch.Tensor, dense: str = "value") -> tupl
         attended = attended.transpose(0, 1)
     cls = x[:, :1] + block.ls_1(attended)
     cls = cls + block.ls_2(block.mlp(block.ln_2(cls)))
-    return cls[:, 0], _dense_path(block, x, dense, normed)
+    return cls[:, 0], _dense_path(block, x, dense, normed, grid, naclip_std)
 
 
-DENSE_MODES = ("value", "maskclip")
+DENSE_MODES = DENSE_PATHS
 
 
 def _check_dense(mode: str) -> None:
-    check_choice(mode, DENSE_MODES, "teacher.dense")
+    check_dense(mode)
+
+
+def _check_naclip_std(std: float) -> None:
+    if isinstance(std, bool) or not isinstance(std, int | float) or not math.isfinite(std) or std <= 0:
+        raise ValueError(f"teacher.naclip_std={std!r} must be a positive number of patches (NACLIP's is 5)")
 
 
 # ---------------------------------------------------------------------- text helpers

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from clipzss.checkpoint import CHECKPOINT_NAME, checkpoint_writes, write_failure
-from clipzss.config import Config
+from clipzss.config import Config, pin_saved_defaults
 from clipzss.files import atomic_write_all
 from clipzss.runs import changed_fields, describe_change, is_shape_field
 from clipzss.training_step import TrainParts
@@ -117,7 +117,7 @@ def check_resume_config(state: dict[str, Any], cfg: Config, resume: str | Path, 
         logger.warning("the training state in %s holds no config to compare with; resuming unchecked", resume)
         return
     new = cfg.to_dict()
-    changes = changed_fields(old, new)
+    changes = changed_fields(pin_saved_defaults(old), new)  # a state without teacher.dense computed "value"
     shape = [c for c in changes if is_shape_field(c[0])]
     old_layout, new_layout = _optimizer_layout(old.get("train", {})), _optimizer_layout(new["train"])
     if old_layout is not None and old_layout != new_layout:

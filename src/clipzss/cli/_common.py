@@ -56,24 +56,32 @@ def teacher_config(base: Any, args: argparse.Namespace) -> Any:
     return cfg
 
 
+def add_baseline_arg(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """--baseline {maskclip,clearclip,sclip,naclip}: CLIP itself, its last block changed as the recipe's code."""
+    from clipzss.recipes import BASELINES
+
+    parser.add_argument("--baseline", choices=BASELINES, default=None, help=help_text)
+
+
 def load_segmenter(args: argparse.Namespace) -> Any:
-    """A student Segmenter from --checkpoint, or the MaskCLIP baseline from --baseline."""
-    from clipzss.predict import MaskCLIPSegmenter, PrecomputedText, Segmenter
+    """A student Segmenter from --checkpoint, or a training-free baseline from --baseline."""
+    from clipzss.predict import PrecomputedText, Segmenter, TrainingFreeSegmenter
+    from clipzss.recipes import BASELINES
     from clipzss.runtime import resolve_device
     from clipzss.teacher import build_teacher
 
     device = resolve_device(args.device)
     text_file = getattr(args, "text_embeddings", None)
     if args.checkpoint and args.baseline:
-        raise ValueError("give either a checkpoint or --baseline maskclip, not both")
+        raise ValueError(f"give either a checkpoint or --baseline {args.baseline}, not both")
     if args.checkpoint:
         text = PrecomputedText.load(text_file) if text_file else None
         return Segmenter.from_checkpoint(
             args.checkpoint, device=device, teacher_weights=args.teacher_weights, text_encoder=text
         )
-    if args.baseline == "maskclip":
+    if args.baseline:
         teacher = build_teacher(teacher_config(None, args), device=device)
-        return MaskCLIPSegmenter(teacher)
+        return TrainingFreeSegmenter(teacher, recipe=args.baseline)
     raise ValueError(
-        "say which model to use: a checkpoint (run folder or .safetensors) or --baseline maskclip"
+        f"say which model to use: a checkpoint (run folder or .safetensors) or --baseline {'|'.join(BASELINES)}"
     )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from clipzss.cli._common import add_device_arg
+from clipzss.cli._common import add_baseline_arg, add_device_arg
 
-HELP = "open a local web demo: segment images with any class names, compare with MaskCLIP"
+HELP = "open a local web demo: segment images with any class names, compare with training-free CLIP"
 EPILOG = """examples:
   clipzss demo --checkpoint runs/quickstart
   clipzss demo --checkpoint runs/voc --teacher-weights ViT-B-16.safetensors --examples photos/
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", default=None, help="checkpoint file, run folder or hub id of a student"
     )
-    parser.add_argument("--baseline", choices=["maskclip"], default=None, help="serve CLIP itself (MaskCLIP)")
+    add_baseline_arg(parser, "serve CLIP itself, training-free, with this recipe")
     parser.add_argument("--teacher-weights", default=None, help="local CLIP weights for the text classifier")
     parser.add_argument("--examples", nargs="*", default=(), help="example images or folders of images")
     parser.add_argument(

@@ -5,19 +5,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipzss.cli._common import add_device_arg, add_label_candidates_arg, add_teacher_args, load_segmenter
+from clipzss.cli._common import (
+    add_baseline_arg,
+    add_device_arg,
+    add_label_candidates_arg,
+    add_teacher_args,
+    load_segmenter,
+)
 
-HELP = "evaluate a checkpoint (or the MaskCLIP baseline) on a dataset: pAcc, mIoU(S/U), hIoU"
+HELP = "evaluate a checkpoint (or a training-free baseline) on a dataset: pAcc, mIoU(S/U), hIoU"
 EPILOG = """examples:
   clipzss eval runs/voc --dataset voc --data-root /data/VOCdevkit/VOC2012 --split val
   clipzss eval runs/camvid/model.safetensors --dataset folder --data-root ../shared/data/camvid \\
       --unseen car,tree,pedestrian --seen-gamma 0.1
-  clipzss eval --baseline maskclip --teacher-weights ViT-B-16.safetensors --dataset folder --data-root DIR"""
+  clipzss eval --baseline clearclip --teacher-weights ViT-B-16.safetensors --dataset folder --data-root DIR"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", default=None, help="checkpoint file or run folder")
-    parser.add_argument("--baseline", choices=["maskclip"], default=None, help="evaluate CLIP itself instead")
+    add_baseline_arg(parser, "evaluate CLIP itself instead, training-free, with this recipe")
     parser.add_argument(
         "--dataset",
         default=None,
@@ -81,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         data = replace(data, unseen=parse_class_names(args.unseen) if args.unseen.strip() else [])
     if args.workers is not None:
         data = replace(data, num_workers=args.workers)
-    eval_cfg = cfg.eval
+    eval_cfg = segmenter.eval_cfg  # the checkpoint's, or the baseline recipe's input handling
     if args.mode:
         eval_cfg = replace(eval_cfg, mode=args.mode)
     if args.max_images:
@@ -114,13 +120,13 @@ def run(args: argparse.Namespace) -> int:
             / f"eval_{data.eval_dataset or data.dataset}_{args.split or data.val_split}"
         )
     else:
-        out = Path("outputs") / f"eval_maskclip_{data.dataset}"
+        out = Path("outputs") / f"eval_{args.baseline}_{data.dataset}"
     for path in result.save(out):
         print(f"wrote {path}")
     if args.report:
         from clipzss.report import write_report
 
-        source = Path(args.checkpoint).name if args.checkpoint else "MaskCLIP baseline"
+        source = Path(args.checkpoint).name if args.checkpoint else f"{segmenter.title} baseline"
         title = f"{source} on {data.eval_dataset or data.dataset} {args.split or data.val_split}"
         print(f"wrote {write_report(result, dataset, logits_fn, args.report, eval_cfg, title=title)}")
     return 0

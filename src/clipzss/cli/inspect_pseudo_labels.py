@@ -16,13 +16,16 @@ EPILOG = """examples:
   clipzss inspect-pseudo-labels data/camvid/val/images --teacher-weights ViT-B-16.safetensors \\
       --unseen car,tree,pedestrian --out out/
   clipzss inspect-pseudo-labels photo.jpg --teacher-weights ViT-B-16.safetensors method.fusion_threshold=0.9
+  clipzss inspect-pseudo-labels data/camvid/val/images --teacher-weights ViT-B-16.safetensors \\
+      --dense value,maskclip,clearclip,sclip,naclip --unseen car,tree,pedestrian --out out/
   clipzss inspect-pseudo-labels ../shared/data/camvid/val/images --world-teacher camvid --unseen car,tree,pedestrian \\
       --max-images 101 --out out/
 
 Masks are read from a masks/ folder beside images/ (the folder-dataset layout) or from --masks; class names from
 classes.txt in the dataset root or --classes-file. Settings come from an ordinary config (--config) with
 section.key=value overrides: method.window_divisors, method.fusion_threshold, method.kmeans_iters,
-method.min_region, teacher.image_size, eval.short_side."""
+method.min_region, teacher.image_size, teacher.dense, teacher.naclip_std, eval.short_side. --dense compares
+several dense paths on the same images, side by side (default: the config's teacher.dense alone)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=16, help="inspect at most N images (default 16)")
     add_teacher_args(parser)
     parser.add_argument("--image-size", type=int, default=None, help="teacher input size (default: config's)")
+    parser.add_argument(
+        "--dense",
+        default=None,
+        help="comma-separated teacher dense paths to compare side by side: value, maskclip, clearclip, sclip, "
+        "naclip (default: the config's teacher.dense)",
+    )
     parser.add_argument(
         "--world-teacher",
         choices=("camvid",),
@@ -78,6 +87,17 @@ def run(args: argparse.Namespace) -> int:
     paths, overrides = _split_inputs(args.inputs)
     if not paths:
         raise ValueError("give at least one image file or folder to inspect")
+    dense = None
+    if args.dense is not None:
+        from clipzss.recipes import check_dense
+
+        dense = [p.strip() for p in args.dense.split(",") if p.strip()]
+        if not dense:
+            raise ValueError("--dense: give at least one dense path, e.g. --dense value,clearclip")
+        for path in dense:
+            check_dense(path)  # before the teacher is built
+        if getattr(args, "world_teacher", None):
+            raise ValueError("--dense compares CLIP's dense paths: drop --world-teacher")
     cfg = load_config(args.config, overrides)
     teacher_cfg = teacher_config(cfg.teacher, args)
     if args.image_size:
@@ -116,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         [f.stem for f in files],
         short_side,
+        dense,
     )
     out = Path(args.out)
     scope = (
@@ -123,8 +144,11 @@ def run(args: argparse.Namespace) -> int:
         if unseen_ids is not None
         else "every labelled pixel (no --unseen: the whole image is treated as unlabelled)"
     )
+    compared = ", ".join(report.by_dense) if dense else getattr(getattr(teacher, "cfg", None), "dense", None)
     settings = (
-        f"teacher {getattr(teacher, 'identity', type(teacher).__name__)}, {report.grid[0]}x{report.grid[1]} tokens, "
+        f"teacher {getattr(teacher, 'identity', type(teacher).__name__)}"
+        + (f" (dense: {compared})" if compared else "")
+        + f", {report.grid[0]}x{report.grid[1]} tokens, "
         f"window divisors {tuple(cfg.method.window_divisors)}, λ = {cfg.method.fusion_threshold:g}, "
         f"{cfg.method.kmeans_iters} K-Means iterations, min_region {cfg.method.min_region:g}"
     )

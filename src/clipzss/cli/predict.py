@@ -6,12 +6,18 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from clipzss.cli._common import add_device_arg, add_label_candidates_arg, add_teacher_args, load_segmenter
+from clipzss.cli._common import (
+    add_baseline_arg,
+    add_device_arg,
+    add_label_candidates_arg,
+    add_teacher_args,
+    load_segmenter,
+)
 
 HELP = "segment images with any class names"
 EPILOG = """examples:
   clipzss predict photo.jpg --checkpoint runs/voc --classes "cat,dog,grass,sky"
-  clipzss predict a.jpg b.jpg --baseline maskclip --teacher-weights ViT-B-16.safetensors --classes "road,car,tree"
+  clipzss predict a.jpg b.jpg --baseline clearclip --teacher-weights ViT-B-16.safetensors --classes "road,car,tree"
   clipzss predict photo.jpg --checkpoint runs/voc --text-embeddings names.safetensors"""
 
 
@@ -21,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", default=None, help="checkpoint file or run folder of a trained student"
     )
-    parser.add_argument("--baseline", choices=["maskclip"], default=None, help="use CLIP itself (MaskCLIP)")
+    add_baseline_arg(
+        parser, "use CLIP itself, training-free, with this recipe's last block and input handling"
+    )
     parser.add_argument("--text-embeddings", default=None, help="file written by `clipzss embed-text`")
     parser.add_argument(
         "--onnx", default=None, help="run a model from `clipzss export` with onnxruntime alone"
