@@ -252,10 +252,25 @@ def test_bank_holds_at_most_its_fraction_of_the_training_set() -> None:
     assert bank_capacity(cfg, 100_000) == 1024
     assert bank_capacity(cfg) == 1024  # size unknown: the configured bank
     assert bank_capacity(dataclasses.replace(cfg, bank=False), 204) == 0
-    assert GLM(cfg, C, dataset_size=204).bank.size == 102
+    bank = GLM(cfg, C, dataset_size=204).bank
+    assert (bank.size, bank.capacity) == (1024, 102)  # the buffers keep their size: saved states load
+    for step in range(30):  # 240 images through a 102-entry FIFO: the newest 102 are the negatives
+        bank.enqueue(torch.full((8, C), float(step)), torch.arange(8) + 8 * step)
+    assert bank.negatives().shape == (102, C)
+    assert sorted(bank.negative_ids().tolist()) == list(range(240 - 102, 240))
     assert GLM(cfg, C, dataset_size=1).bank is None  # half an image: no bank at all
     with pytest.raises(ValueError, match=r"method\.bank_fraction"):
         GLM(dataclasses.replace(cfg, bank_fraction=1.5), C)
+
+
+def test_a_state_saved_with_a_larger_bank_loads_into_a_capped_one() -> None:
+    old = CLSBank(6, 2)
+    old.enqueue(torch.arange(12.0).view(6, 2), torch.arange(6))
+    capped = CLSBank(6, 2, capacity=4)
+    capped.load_state_dict(old.state_dict())
+    assert capped.negatives().shape == (4, 2)
+    capped.enqueue(torch.full((1, 2), -1.0), torch.tensor([9]))
+    assert capped.negatives().shape == (4, 2) and -1.0 in capped.negatives()
 
 
 def test_bank_remembers_ids_and_loads_a_state_saved_without_them() -> None:

@@ -61,14 +61,19 @@ class CLSBank(nn.Module):
     The queue, ids, write pointer and fill count are buffers, so the bank is saved in the training state (a state
     saved before ids existed loads with every id unknown). Host-side copies of the pointer and count keep
     ``enqueue``/``negatives`` free of host-device syncs; they are refreshed from the buffers after
-    ``load_state_dict``.
+    ``load_state_dict``. ``capacity`` (at most ``size``) is how many entries the FIFO uses: the buffers keep the
+    configured size, so a training state saved with another capacity (e.g. before the cap by dataset size) loads.
     """
 
-    def __init__(self, size: int, dim: int) -> None:
+    def __init__(self, size: int, dim: int, capacity: int | None = None) -> None:
         super().__init__()
-        if size < 1 or dim < 1:
-            raise ValueError(f"CLSBank needs size >= 1 and dim >= 1, got size={size}, dim={dim}")
-        self.size, self.dim = size, dim
+        capacity = size if capacity is None else capacity
+        if size < 1 or dim < 1 or not 1 <= capacity <= size:
+            raise ValueError(
+                f"CLSBank needs size >= 1, dim >= 1 and 1 <= capacity <= size, got size={size}, dim={dim}, "
+                f"capacity={capacity}"
+            )
+        self.size, self.dim, self.capacity = size, dim, capacity
         self.register_buffer("queue", torch.zeros(size, dim))
         self.register_buffer("ids", torch.full((size,), UNKNOWN_IMAGE, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
@@ -93,21 +98,19 @@ class CLSBank(nn.Module):
             raise ValueError(f"CLSBank.enqueue expects ({cls.shape[0]},) ids, got shape {tuple(ids.shape)}")
         cls = gather_batch(cls.detach().to(self.queue.dtype))
         ids = gather_batch(ids.to(self.ids.device, torch.long))
-        n = cls.shape[0]
-        if (
-            n >= self.size
-        ):  # only the newest `size` tokens survive; the oldest of them sits at the pointer (0)
-            self.queue.copy_(cls[-self.size :])
-            self.ids.copy_(ids[-self.size :])
+        n, cap = cls.shape[0], self.capacity
+        if n >= cap:  # only the newest `capacity` tokens survive; the oldest of them sits at the pointer (0)
+            self.queue[:cap] = cls[-cap:]
+            self.ids[:cap] = ids[-cap:]
             self._ptr = 0
         else:
-            first = min(n, self.size - self._ptr)
+            first = min(n, cap - self._ptr)
             self.queue[self._ptr : self._ptr + first] = cls[:first]
             self.queue[: n - first] = cls[first:]
             self.ids[self._ptr : self._ptr + first] = ids[:first]
             self.ids[: n - first] = ids[first:]
-            self._ptr = (self._ptr + n) % self.size
-        self._filled = min(self._filled + n, self.size)
+            self._ptr = (self._ptr + n) % cap
+        self._filled = min(self._filled + n, cap)
         self.ptr.fill_(self._ptr)
         self.filled.fill_(self._filled)
 
@@ -120,7 +123,7 @@ class CLSBank(nn.Module):
         return self.ids[: self._filled]
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}"
+        return f"size={self.size}, dim={self.dim}, capacity={self.capacity}"
 
 
 def _ids_of_old_states(module: CLSBank, state_dict: dict, prefix: str, *args: object) -> None:
@@ -130,14 +133,16 @@ def _ids_of_old_states(module: CLSBank, state_dict: dict, prefix: str, *args: ob
         state_dict[key] = torch.full_like(module.ids, UNKNOWN_IMAGE)
 
 
-def _refresh_bank_counters(module: nn.Module, incompatible_keys: object) -> None:
-    # One sync at load time, so that every later step needs none.
-    module._ptr = int(module.ptr)
-    module._filled = int(module.filled)
+def _refresh_bank_counters(module: CLSBank, incompatible_keys: object) -> None:
+    # One sync at load time, so that every later step needs none. A state saved with a larger capacity keeps the
+    # entries of its first `capacity` slots.
+    module._filled = min(int(module.filled), module.capacity)
+    module._ptr = int(module.ptr) % module.capacity
 
 
 def bank_capacity(cfg: MethodConfig, dataset_size: int | None = None) -> int:
-    """The bank's size: ``bank_size``, capped at ``bank_fraction`` of the training set when its size is known."""
+    """The entries the bank uses: ``bank_size``, capped at ``bank_fraction`` of the training set when its size is
+    known (0: no bank)."""
     if not cfg.bank or cfg.bank_size <= 0:
         return 0
     if dataset_size is None:
@@ -173,8 +178,8 @@ class GLM(nn.Module):
         self.embed_dim = embed_dim
         self.tau = cfg.tau
         self.normalize_keys = normalize_keys
-        size = bank_capacity(cfg, dataset_size)
-        self.bank = CLSBank(size, embed_dim) if size > 0 else None
+        capacity = bank_capacity(cfg, dataset_size)
+        self.bank = CLSBank(cfg.bank_size, embed_dim, capacity) if capacity > 0 else None
 
     def pool(
         self, R: torch.Tensor, S: torch.Tensor, valid: torch.Tensor | None = None
