@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from clipzss.config import MethodConfig
 from clipzss.data.readers import read_classes_txt
 from clipzss.data.splits import IGNORE_INDEX
-from clipzss.inference import IMAGE_SUFFIXES, preprocess
+from clipzss.inference import image_paths, preprocess
 from clipzss.pseudo_labels import center_tokens, cluster_regions, fuse_labels, training_windows, window_sizes
 from clipzss.teacher import Teacher
 from clipzss.visualize import palette
@@ -353,22 +353,9 @@ def _overlay(photo: Image.Image, ids: np.ndarray) -> Image.Image:
 
 
 def image_files(paths: Sequence[Path], limit: int) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not found:
-                raise FileNotFoundError(
-                    f"no images found in {path} (expected {', '.join('*' + s for s in IMAGE_SUFFIXES)})"
-                )
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"image or folder not found: {path}")
     if limit < 1:
         raise ValueError(f"--max-images must be at least 1, got {limit}")
-    return files[:limit]
+    return image_paths(paths)[:limit]
 
 
 def find_masks(files: Sequence[Path], masks_dir: str | None) -> list[Path | None]:

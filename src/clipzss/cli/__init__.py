@@ -63,6 +63,10 @@ def user_message(err: BaseException) -> str:
     process 0." followed by the worker's traceback; the line that matters (the file and what is wrong with it) is
     the original exception's message at the end of that traceback.
     """
+    if isinstance(err, OSError) and err.errno is not None and str(err).startswith("[Errno"):
+        from clipzss.files import os_error_message  # torch-free
+
+        return os_error_message(err)
     text = str(err).strip()
     if not text:
         return type(err).__name__
