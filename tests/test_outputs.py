@@ -70,7 +70,10 @@ def test_refuse_existing_counts_links_and_folders(tmp_path: Path) -> None:
 
 
 def test_export_never_replaces_an_existing_file_and_writes_atomically(
-    trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    trained_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pytest.importorskip("onnx")
     import torch
@@ -184,7 +187,10 @@ def test_a_second_class_list_never_replaces_masks_and_masks_record_their_classes
 
 
 def test_predict_without_out_picks_a_fresh_folder_on_every_run(
-    trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    trained_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     image = _photo(tmp_path / "x.jpg", 0)
@@ -279,3 +285,41 @@ def test_os_errors_say_what_where_and_what_to_do(
 def test_checkpoint_files_get_the_mode_of_every_other_file(trained_checkpoint: Path) -> None:
     for name in ("model.safetensors", "train_state.pt", "config.yaml"):
         assert os.stat(trained_checkpoint.parent / name).st_mode & 0o777 == FILE_MODE, name
+
+
+# --- eval and report -----------------------------------------------------------------------------------------------
+
+
+def test_eval_moves_on_from_its_default_folder_and_refuses_existing_files_before_evaluating(
+    trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clipzss.evaluate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(trained_checkpoint.read_bytes())
+    argv = ["eval", str(run), "--dataset", "synthetic", "--mode", "whole", "--max-images", "1"]
+    argv += ["--device", "cpu", "--workers", "0"]
+    assert main(argv) == 0
+    assert main([*argv, "--report"]) == 0  # the README's command, run again: a fresh folder, report included
+    folders = sorted(p.name for p in run.iterdir() if p.is_dir())
+    assert len(folders) == 2 and folders[1] == f"{folders[0]}-2", folders
+    assert (run / folders[1] / "report.md").is_file() and (run / folders[1] / "metrics.json").is_file()
+    metrics = (run / folders[0] / "metrics.json").read_bytes()
+    capsys.readouterr()
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("evaluated although the outputs would be refused")
+
+    monkeypatch.setattr(clipzss.evaluate, "evaluate", never)
+    assert main([*argv, "--out", str(run / folders[0])]) == 2
+    _, lines = _errors(capsys)
+    assert len(lines) == 1 and "metrics.json already exists" in lines[0], lines
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("my notes")
+    assert main([*argv, "--out", str(tmp_path / "new"), "--report", str(report)]) == 2
+    _, lines = _errors(capsys)
+    assert len(lines) == 1 and "report.md already exists" in lines[0], lines
+    assert (run / folders[0] / "metrics.json").read_bytes() == metrics
+    assert (report / "report.md").read_text() == "my notes"
