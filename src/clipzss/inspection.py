@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from clipzss.config import MethodConfig
 from clipzss.data.readers import read_classes_txt
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.files import atomic_write
 from clipzss.inference import image_paths, preprocess
 from clipzss.pseudo_labels import center_tokens, cluster_regions, fuse_labels, training_windows, window_sizes
 from clipzss.teacher import Teacher
@@ -226,11 +227,12 @@ class InspectReport:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         markdown = out / "report.md"
-        markdown.write_text(
+        text = (
             f"# Pseudo-label clusters\n\n{header}.\n\n{self.to_markdown()}\n\n"
             + "\n".join(f"- `{p.name}`" for p in self.overlays)
             + "\n"
         )
+        atomic_write(markdown, lambda tmp: tmp.write_text(text))
         payload = {
             "images": [str(f) for f in images],
             "settings": settings,
@@ -240,7 +242,7 @@ class InspectReport:
                 for k, q in self.quality.items()
             },
         }
-        (out / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
+        atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
         return [markdown, out / "report.json"]
 
 
@@ -304,7 +306,8 @@ def inspect_pseudo_labels(
             maps[variant] = regions
         if folder is not None:
             path = folder / f"{name}_clusters.png"
-            _panel(image, maps, None if mask is None else evaluated).save(path)
+            panel = _panel(image, maps, None if mask is None else evaluated)
+            atomic_write(path, lambda tmp, panel=panel: panel.save(tmp, "PNG"))
             overlays.append(path)
     summary = {k: acc.summary() for k, acc in quality.items()}
     has_truth = any(m is not None for m in masks)
