@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -291,7 +292,10 @@ def test_checkpoint_files_get_the_mode_of_every_other_file(trained_checkpoint: P
 
 
 def test_eval_moves_on_from_its_default_folder_and_refuses_existing_files_before_evaluating(
-    trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    trained_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import clipzss.evaluate
 
@@ -323,3 +327,65 @@ def test_eval_moves_on_from_its_default_folder_and_refuses_existing_files_before
     assert len(lines) == 1 and "report.md already exists" in lines[0], lines
     assert (run / folders[0] / "metrics.json").read_bytes() == metrics
     assert (report / "report.md").read_text() == "my notes"
+
+
+# --- 17. noise -----------------------------------------------------------------------------------------------------
+
+
+def test_the_cli_drops_third_party_noise_and_never_advises_unsafe_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickle
+
+    import torch
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    (tmp_path / "run").mkdir()
+    with (tmp_path / "run" / "train_state.pt").open(
+        "wb"
+    ) as handle:  # protocol 4: torch's weights-only warning
+        torch.save({"step": 1, "student": Exploit()}, handle, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    argv = ["train", "data.dataset=synthetic", "teacher.weights=none", "--resume", str(tmp_path / "run")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a warning that reached the user would fail the command
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "weights_only" not in err and "\x1b[" not in err and "will likely succeed" not in err, err
+    assert "cannot resume" in err and "never unpickles" in err and not (tmp_path / "pwned").exists()
+
+
+def test_open_clip_random_weights_notice_is_dropped_by_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    assert (
+        main(["predict", str(tmp_path / "missing.jpg"), "--classes", "a"]) == 2
+    )  # any command sets logging up
+    with caplog.at_level(logging.WARNING):
+        logging.warning("No pretrained weights loaded for model 'ViT-B-16'. Model initialized randomly.")
+        logging.getLogger("clipzss.teacher").warning("teacher 'ViT-B-16' has RANDOM weights")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["teacher 'ViT-B-16' has RANDOM weights"], messages  # our own, single warning stays
+
+
+def test_the_demo_prints_its_address_without_a_share_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    gr = pytest.importorskip("gradio")
+    import socket
+
+    from clipzss.demo import launch
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with gr.Blocks() as app:
+        gr.Markdown("hello")
+    url = launch(app, port=port, block=False, quiet=False)
+    try:
+        out = capsys.readouterr().out
+    finally:
+        app.close()
+    assert url in out and "share=True" not in out and "public link" not in out, out
