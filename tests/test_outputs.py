@@ -389,3 +389,26 @@ def test_the_demo_prints_its_address_without_a_share_hint(capsys: pytest.Capture
     finally:
         app.close()
     assert url in out and "share=True" not in out and "public link" not in out, out
+
+
+# --- 15. legend fonts ----------------------------------------------------------------------------------------------
+
+
+def test_legend_draws_cyrillic_and_hebrew_and_never_boxes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import clipzss.visualize as visualize
+
+    for name in ("собака", "כלב", "ñandú", "café"):
+        assert visualize.font_for(name, 12) is not None, name  # DejaVu Sans, shipped with matplotlib
+    latin_only = [p for p in visualize.font_candidates() if "DejaVu" in p]
+    monkeypatch.setattr(visualize, "font_candidates", lambda: latin_only)  # a machine without CJK fonts
+    monkeypatch.setattr(visualize, "_warned", set())
+    assert visualize.legend_label(3, "собака", 12)[0] == "собака"
+    with caplog.at_level("WARNING"):
+        assert visualize.legend_label(0, "猫", 12)[0] == "#0"
+        visualize.legend_label(0, "猫", 12)
+    warned = [r.getMessage() for r in caplog.records if "no font here has glyphs" in r.getMessage()]
+    assert len(warned) == 1 and "'猫'" in warned[0] and "fonts-noto-cjk" in warned[0]
+    image = visualize.overlay(Image.new("RGB", (40, 30)), np.zeros((30, 40), dtype=np.int64), ["猫"])
+    assert image.width > 40  # the legend is drawn, with the id in place of the name
