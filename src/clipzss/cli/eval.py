@@ -16,7 +16,7 @@ from clipzss.cli._common import (
 HELP = "evaluate a checkpoint (or the MaskCLIP baseline) on a dataset: pAcc, mIoU(S/U), hIoU"
 EPILOG = """examples:
   clipzss eval runs/voc --dataset voc --data-root /data/VOCdevkit/VOC2012 --split val
-  clipzss eval runs/camvid/model.safetensors --dataset folder --data-root ../shared/data/camvid \\
+  clipzss eval runs/camvid/model.safetensors --dataset folder --data-root /data/camvid \\
       --unseen car,tree,pedestrian --seen-gamma 0.1
   clipzss eval --baseline maskclip --teacher-weights ViT-B-16.safetensors --dataset folder --data-root DIR
 

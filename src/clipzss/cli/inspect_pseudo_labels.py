@@ -12,12 +12,12 @@ HELP = (
     "cluster images with the teacher's dense tokens (PLM pseudo labels): quality vs ground truth + overlays"
 )
 EPILOG = """examples:
-  clipzss inspect-pseudo-labels ../shared/data/camvid/val/images --teacher-weights none --out out/
+  clipzss inspect-pseudo-labels /data/camvid/val/images --teacher-weights none
   clipzss inspect-pseudo-labels data/camvid/val/images --teacher-weights ViT-B-16.safetensors \\
-      --unseen car,tree,pedestrian --out out/
+      --unseen car,tree,pedestrian
   clipzss inspect-pseudo-labels photo.jpg --teacher-weights ViT-B-16.safetensors method.fusion_threshold=0.9
-  clipzss inspect-pseudo-labels ../shared/data/camvid/val/images --world-teacher camvid --unseen car,tree,pedestrian \\
-      --max-images 101 --out out/
+  clipzss inspect-pseudo-labels /data/camvid/val/images --world-teacher camvid --unseen car,tree,pedestrian \\
+      --max-images 101
 
 Masks are read from a masks/ folder beside images/ (the folder-dataset layout) or from --masks; class names from
 classes.txt in the dataset root or --classes-file. Settings come from an ordinary config (--config) with
