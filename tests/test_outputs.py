@@ -67,6 +67,24 @@ def test_refuse_existing_counts_links_and_folders(tmp_path: Path) -> None:
     assert next_free_path(tmp_path / "fresh") == tmp_path / "fresh-2"
 
 
+def test_a_file_that_appears_during_the_command_is_never_replaced(tmp_path: Path) -> None:
+    from clipzss.files import OutputExistsError, atomic_write
+
+    target = tmp_path / "x_mask.png"
+
+    def write(tmp: Path) -> None:
+        tmp.write_text("ours")
+        target.write_text("another process's")  # between our check and our rename
+
+    with pytest.raises(OutputExistsError, match="appeared while this command ran"):
+        atomic_write(target, write, replace=False)
+    assert target.read_text() == "another process's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_mask.png"]  # no temporary left
+    atomic_write(tmp_path / "new.txt", lambda tmp: tmp.write_text("ours"), replace=False)
+    assert (tmp_path / "new.txt").read_text() == "ours"
+    assert os.stat(tmp_path / "new.txt").st_mode & 0o777 == FILE_MODE
+
+
 # --- 1. export -----------------------------------------------------------------------------------------------------
 
 

@@ -188,7 +188,7 @@ def export_onnx(
         if check:
             diff = _check(graph, tmp, multiple, side)
 
-    atomic_write(path, write)
+    atomic_write(path, write, replace=overwrite)
     logger.info("exported %s (%s)", path, output)
     return ExportInfo(path, names, multiple, diff)
 

@@ -21,12 +21,16 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder and rename, so a crash never leaves half a file."""
-    atomic_write_all([(path, write)])
+def atomic_write(path: Path, write: Callable[[Path], None], replace: bool = True) -> None:
+    """Write through a temporary file in the same folder and rename, so a crash never leaves half a file.
+
+    With ``replace=False`` a file that appeared at ``path`` meanwhile (another process) is never replaced: the
+    write fails with `OutputExistsError` instead.
+    """
+    atomic_write_all([(path, write)], replace=replace)
 
 
-def atomic_write_all(writes: Sequence[tuple[Path, Callable[[Path], None]]]) -> None:
+def atomic_write_all(writes: Sequence[tuple[Path, Callable[[Path], None]]], replace: bool = True) -> None:
     """Write every file to a temporary beside it (fsynced), then rename them all: a failure in any write leaves
     every previous file unchanged, and removes the temporaries written so far.
 
@@ -52,12 +56,33 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[Path], None]]]) -> N
                     err.filename = str(path)
                 raise
         for tmp, path in temporaries:
+            if not replace:
+                _place_new(tmp, path)
+                continue
             # os.replace swaps a symlink at `path` for the new file: never writes through it to its target.
             os.replace(tmp, path)
     except BaseException:
         for tmp, _ in temporaries:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Move `tmp` to `path` only if nothing is there: a hard link fails atomically on an existing name (a file
+    system without hard links falls back to a check, then a rename)."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise OutputExistsError(
+            f"{path} appeared while this command ran (another process?): it was left as it is; choose another "
+            "output, or pass --overwrite"
+        ) from None
+    except OSError:
+        if os.path.lexists(path):
+            raise OutputExistsError(f"{path} appeared while this command ran: it was left as it is") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 # tempfile.mkstemp's names: the prefix, 8 characters of its alphabet, the suffix.

@@ -76,8 +76,11 @@ class PrecomputedText:
             )
         return self.embeddings[[index[n] for n in class_names]]
 
-    def save(self, path: str | Path) -> None:
-        write_text_embeddings(path, self.class_names, self.embeddings.numpy(), self.identity)
+    def save(self, path: str | Path, overwrite: bool = True) -> None:
+        """Write the file `load` reads; ``overwrite=False`` never replaces an existing file."""
+        write_text_embeddings(
+            path, self.class_names, self.embeddings.numpy(), self.identity, replace=overwrite
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> PrecomputedText:

@@ -194,8 +194,12 @@ def save_prediction(
     mask_path, overlay_path = out / f"{name}_mask.png", out / f"{name}_overlay.png"
     info = PngImagePlugin.PngInfo()
     info.add_itxt(MASK_TEXT_KEY, mask_record(class_names, model, source), zip=True)
-    atomic_write(mask_path, lambda tmp: mask_image(mask, len(class_names)).save(tmp, "PNG", pnginfo=info))
-    atomic_write(overlay_path, lambda tmp: overlay(image, mask, class_names).save(tmp, "PNG"))
+    replace = getattr(out, "_overwrite", True)  # a planned folder replaces nothing it was not told to
+    mask_png = mask_image(mask, len(class_names))
+    atomic_write(mask_path, lambda tmp: mask_png.save(tmp, "PNG", pnginfo=info), replace=replace)
+    atomic_write(
+        overlay_path, lambda tmp: overlay(image, mask, class_names).save(tmp, "PNG"), replace=replace
+    )
     if isinstance(out, PredictionFolder):
         out.note_written(source if source is not None else stem, mask_path, overlay_path)
     ids, counts = np.unique(mask, return_counts=True)

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([args.out], args.overwrite)  # before CLIP is loaded: minutes of work never thrown away
     base = load_checkpoint(args.checkpoint).config.teacher if args.checkpoint else None
     teacher = build_teacher(teacher_config(base, args), device=resolve_device(args.device))
-    PrecomputedText.from_teacher(teacher, names, progress=not args.no_progress).save(args.out)
+    text = PrecomputedText.from_teacher(teacher, names, progress=not args.no_progress)
+    text.save(args.out, overwrite=args.overwrite)
     print(f"wrote {len(names)} text embeddings ({teacher.embed_dim}-d) to {args.out}")
     return 0
