@@ -328,6 +328,8 @@ def test_eval_moves_on_from_its_default_folder_and_refuses_existing_files_before
     assert len(folders) == 2 and folders[1] == f"{folders[0]}-2", folders
     assert (run / folders[1] / "report.md").is_file() and (run / folders[1] / "metrics.json").is_file()
     metrics = (run / folders[0] / "metrics.json").read_bytes()
+    made_by = json.loads(metrics)["made_by"]
+    assert made_by["model"] == str(run) and made_by["dataset"] == "synthetic"
     capsys.readouterr()
 
     def never(*args: object, **kwargs: object) -> None:

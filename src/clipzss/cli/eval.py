@@ -140,6 +140,12 @@ def run(args: argparse.Namespace) -> int:
         num_workers=data.num_workers,
     )
     print(result.format_table())
+    result.extra["made_by"] = {  # what made these numbers, recorded in metrics.json
+        "model": str(args.checkpoint) if args.checkpoint else f"baseline:{args.baseline}",
+        "dataset": data.eval_dataset or data.dataset,
+        "data_root": str(data.eval_root or data.root),
+        "split": args.split or data.val_split,
+    }
     for path in result.save(out):
         print(f"wrote {path}")
     if report_dir is not None:
