@@ -98,7 +98,9 @@ def test_export_never_replaces_an_existing_file_and_writes_atomically(
     import torch
 
     run = trained_checkpoint.parent
-    before = {name: (run / name).read_bytes() for name in ("model.safetensors", "config.yaml")}
+    before = {
+        name: (run / name).read_bytes() for name in ("model.safetensors", "config.yaml", "train_state.pt")
+    }
     for name in before:
         assert main(["export", str(run), "--onnx", str(run / name), "--no-check"]) == 2
         _, lines = _errors(capsys)
@@ -230,7 +232,8 @@ def test_an_unreadable_image_is_skipped_and_the_batch_goes_on(
     _photo(folder / "c.png", 2)
     (folder / "notes.txt").write_text("not an image suffix: left alone")
     out = tmp_path / "out"
-    assert main(_predict(trained_checkpoint, folder, out=out)) == 2  # a folder is its images
+    # A folder is its images; a file named again (here: also inside the folder) is segmented once.
+    assert main(_predict(trained_checkpoint, folder, folder / "a.jpg", out=out)) == 2
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("clipzss")]
     assert len(lines) == 1 and "cannot read image" in lines[0] and "b.jpg" in lines[0], captured.err

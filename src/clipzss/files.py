@@ -52,7 +52,9 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[Path], None]]], repl
                 with open(tmp, "rb") as handle:
                     os.fsync(handle.fileno())
             except OSError as err:
-                if err.filename is None and err.errno is not None and err.strerror:  # ENOSPC from write(): where
+                if (
+                    err.filename is None and err.errno is not None and err.strerror
+                ):  # ENOSPC from write(): where
                     err.filename = str(path)
                 raise
         for tmp, path in temporaries:

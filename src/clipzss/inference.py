@@ -60,7 +60,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def image_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """The images that command-line inputs name: a file is itself, a folder is its images (sorted, not recursive).
+    """The images that command-line inputs name: a file is itself, a folder is its images (sorted, not recursive);
+    a file named twice (or also inside a folder given) is listed once.
 
     Raises:
         FileNotFoundError: a path that does not exist, or a folder without images (the message names it).
@@ -78,7 +79,10 @@ def image_paths(paths: Sequence[str | Path]) -> list[Path]:
             files.append(path)
         else:
             raise FileNotFoundError(f"image not found: {path}")
-    return files
+    unique: dict[Path, Path] = {}
+    for file in files:
+        unique.setdefault(file.resolve(), file)
+    return list(unique.values())
 
 
 def load_image(source: str | Path | IO[bytes], exif_transpose: bool = True) -> Image.Image:
