@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         for path in images:
             try:
                 image = load_image(path)
-            except ValueError as err:  # one unreadable image never stops the batch
+            except (ValueError, FileNotFoundError) as err:  # one unreadable image never stops the batch
                 print(f"skipped {path}: {err}", file=sys.stderr)
                 failed.append(str(err))
                 continue
