@@ -84,9 +84,10 @@ def test_unreadable_images_are_named(name: str, content, predict, tmp_path: Path
     _user_error(predict(path), capsys, "cannot read image", name)
 
 
-def test_missing_image_and_folder_as_image(predict, tmp_path: Path, capsys) -> None:
+def test_missing_image_and_folder_without_images(predict, tmp_path: Path, capsys) -> None:
     _user_error(predict(tmp_path / "nope.jpg"), capsys, "image not found", "nope.jpg")
-    _user_error(predict(tmp_path), capsys, "image not found")
+    (tmp_path / "empty").mkdir()
+    _user_error(predict(tmp_path / "empty"), capsys, "no images found in", "empty")
 
 
 # --- odd but valid images ---------------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def test_unicode_and_very_long_class_lists(predict, tmp_path: Path) -> None:
     Image.new("RGB", (16, 12)).save(image)
     assert main(predict(image, "ñandú, 猫, café au lait, 🌳 tree")) == 0
     many = ",".join(f"class {i}" for i in range(300))  # more ids than a palette PNG holds
-    assert main(predict(image, many)) == 0
+    assert main([*predict(image, many), "--overwrite"]) == 0  # the same image again: replacing is asked for
     mask = np.asarray(Image.open(tmp_path / "out" / "a_mask.png"))
     assert mask.shape == (12, 16) and mask.max() < 300 and mask.dtype != np.uint8
 

@@ -468,13 +468,14 @@ def launch(
         logger.warning(
             "the demo is reachable from the network on %s:%d; anyone who can reach it can use it", host, port
         )
+    # Gradio's own banner suggests `share=True`, an option this demo deliberately lacks: we print the URL instead.
     _, url, _ = app.launch(
         server_name=host,
         server_port=port,
         share=False,
         max_file_size=max_file_size,
-        prevent_thread_lock=not block,
-        quiet=quiet,
+        prevent_thread_lock=True,
+        quiet=True,
         show_error=False,
         ssr_mode=False,
         mcp_server=False,
@@ -482,4 +483,8 @@ def launch(
         theme=gr.themes.Default(),
         css=CSS,
     )
+    if not quiet:
+        print(f"clipzss demo running on {url} (Ctrl-C stops it)", flush=True)
+    if block:
+        app.block_thread()
     return url

@@ -19,14 +19,23 @@ from clipzss.files import atomic_write
 
 
 def write_text_embeddings(
-    path: str | Path, class_names: Sequence[str], embeddings: np.ndarray, identity: str = ""
+    path: str | Path,
+    class_names: Sequence[str],
+    embeddings: np.ndarray,
+    identity: str = "",
+    replace: bool = True,
 ) -> None:
-    """Write (atomically) ``embeddings`` (K, C) for ``class_names`` (K names)."""
+    """Write (atomically) ``embeddings`` (K, C) for ``class_names`` (K names); with ``replace=False`` an existing
+    file is never replaced (`clipzss.files.OutputExistsError`)."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2 or embeddings.shape[0] != len(class_names):
         raise ValueError(f"{len(class_names)} class names but embeddings of shape {embeddings.shape}")
     meta = {"class_names": json.dumps(list(class_names)), "teacher": identity}
-    atomic_write(Path(path), lambda tmp: save_file({"embeddings": embeddings}, str(tmp), metadata=meta))
+    atomic_write(
+        Path(path),
+        lambda tmp: save_file({"embeddings": embeddings}, str(tmp), metadata=meta),
+        replace=replace,
+    )
 
 
 def read_text_embeddings(path: str | Path) -> tuple[list[str], np.ndarray, str]:

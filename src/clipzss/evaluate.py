@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from clipzss.config import EvalConfig, check_choice
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.files import atomic_write_all
 from clipzss.inference import check_mode, sliding_windows
 from clipzss.label_maps import (
     Plan,
@@ -102,6 +103,7 @@ def _mean(values: Tensor, ids: Sequence[int]) -> float:
 
 
 ABSENT_RULES = ("mmseg", "skip")  # EvalConfig.absent_classes
+RESULT_FILES = ("metrics.json", "per_class.csv")  # what `EvalResult.save` writes
 
 
 def compute_metrics(
@@ -359,14 +361,19 @@ class EvalResult:
                 "summary": self.calibrated.metrics,
                 "per_class": self.calibrated.per_class,
             }
-        json_path = out_dir / "metrics.json"
-        json_path.write_text(json.dumps(_nan_to_none(payload), indent=2, allow_nan=False) + "\n")
-        csv_path = out_dir / "per_class.csv"
-        with csv_path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["class_id", "name", "split", "IoU", "Acc"])
-            for i, row in enumerate(self.per_class):
-                writer.writerow([i, row["name"], row["split"], _csv_num(row["IoU"]), _csv_num(row["Acc"])])
+        json_path, csv_path = (out_dir / name for name in RESULT_FILES)
+        text = json.dumps(_nan_to_none(payload), indent=2, allow_nan=False) + "\n"
+
+        def write_csv(tmp: Path) -> None:
+            with tmp.open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["class_id", "name", "split", "IoU", "Acc"])
+                for i, row in enumerate(self.per_class):
+                    writer.writerow(
+                        [i, row["name"], row["split"], _csv_num(row["IoU"]), _csv_num(row["Acc"])]
+                    )
+
+        atomic_write_all([(json_path, lambda tmp: tmp.write_text(text)), (csv_path, write_csv)])
         return [json_path, csv_path]
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD
+from clipzss.files import atomic_write, refuse_existing
 from clipzss.names import parse_class_names
 from clipzss.onnx_runner import FORMAT, open_session
 from clipzss.predict import PrecomputedText, Segmenter
@@ -43,11 +44,13 @@ def export_checkpoint(
     teacher_weights: str | None = None,
     opset: int = DEFAULT_OPSET,
     check: bool = True,
+    overwrite: bool = False,
 ) -> ExportInfo:
     """Export a checkpoint (file, run folder or saved folder) to ONNX: with ``class_names`` (encoded by the
     checkpoint's CLIP, or taken from ``text_embeddings``) the classifier is baked in, else the graph returns
-    embeddings and CLIP is never loaded."""
+    embeddings and CLIP is never loaded. An existing ``onnx_path`` is refused unless ``overwrite``."""
     names = parse_class_names(class_names) if class_names is not None else None
+    refuse_existing([onnx_path], overwrite, option="--onnx")  # before any model is loaded
     if text_embeddings:
         text = PrecomputedText.load(text_embeddings)
         names = names or text.class_names
@@ -56,7 +59,7 @@ def export_checkpoint(
         segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu", teacher_weights=teacher_weights)
     else:
         segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu", text_encoder=_NoText())
-    return export_onnx(segmenter, onnx_path, names, opset=opset, check=check)
+    return export_onnx(segmenter, onnx_path, names, opset=opset, check=check, overwrite=overwrite)
 
 
 class _NoText:
@@ -105,16 +108,21 @@ def export_onnx(
     class_names: Sequence[str] | None = None,
     opset: int = DEFAULT_OPSET,
     check: bool = True,
+    overwrite: bool = False,
 ) -> ExportInfo:
     """Export ``segmenter``'s student (with ``class_names``' text classifier baked in when given) to ``path``.
 
+    The graph is written and checked in a temporary file beside ``path`` and renamed only once it passed, so a
+    failed export or a full disk never leaves a half file, nor touches an existing one. An existing ``path`` is
+    refused unless ``overwrite``.
+
     Raises:
         RuntimeError: the exported graph does not reproduce PyTorch at a second size (an architecture whose
-            sizes the tracer froze); the file is removed.
+            sizes the tracer froze); nothing is written.
     """
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    refuse_existing([path], overwrite, option="--onnx")
     student = segmenter.student
     names = list(class_names) if class_names is not None else None
     text = segmenter.text_classifier(names).cpu() if names is not None else None
@@ -123,63 +131,64 @@ def export_onnx(
     side = max(2 * multiple, student.min_size)
     example = torch.zeros(1, 3, side, side + multiple)
     output = "logits" if names is not None else "embeddings"
-    with warnings.catch_warnings():
-        # The TorchScript exporter announces its deprecation and the tracer warns about the smp decoder's shape
-        # checks; the size check below is what tells whether the graph stayed dynamic.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            graph,
-            (example,),
-            str(path),
-            input_names=["image"],
-            output_names=[output],
-            dynamic_axes={
-                "image": {0: "batch", 2: "height", 3: "width"},
-                output: {0: "batch", 2: "h", 3: "w"},
-            },
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
+    diff: float | None = None
+
+    def write(tmp: Path) -> None:
+        nonlocal diff
+        with warnings.catch_warnings():
+            # The TorchScript exporter announces its deprecation and the tracer warns about the smp decoder's shape
+            # checks; the size check below is what tells whether the graph stayed dynamic.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                graph,
+                (example,),
+                str(tmp),
+                input_names=["image"],
+                output_names=[output],
+                dynamic_axes={
+                    "image": {0: "batch", 2: "height", 3: "width"},
+                    output: {0: "batch", 2: "h", 3: "w"},
+                },
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        cfg = segmenter.config
+        meta = {
+            "clipzss_format": FORMAT,
+            "output": output,
+            "alpha": repr(float(segmenter.alpha)),
+            "mean": json.dumps(list(IMAGENET_MEAN)),
+            "std": json.dumps(list(IMAGENET_STD)),
+            "pad_multiple": str(multiple),
+            "min_size": str(int(student.min_size)),
+            "output_stride": str(int(student.output_stride)),
+            "embed_dim": str(int(student.embed_dim)),
+            "eval": json.dumps(
+                {
+                    "mode": cfg.eval.mode,
+                    "crop_size": cfg.eval.crop_size,
+                    "stride": cfg.eval.stride,
+                    "short_side": cfg.eval.short_side,
+                    "label_candidates": cfg.eval.label_candidates,
+                }
+            ),
+            "config": json.dumps(cfg.to_dict()),
+            "teacher": getattr(segmenter.text_encoder, "identity", "") or segmenter.meta.get("teacher", ""),
+        }
+        if names is not None:
+            meta["class_names"] = json.dumps(names)
+        model = onnx.load(str(tmp))
+        onnx.helper.set_model_props(model, meta)
+        model.doc_string = (
+            f"clipzss student {student.arch}/{student.encoder_name}: image (B,3,H,W) normalised, H and W multiples of "
+            f"{multiple} -> {output} (B,{'K' if names else 'C'},H/4,W/4)"
         )
-    cfg = segmenter.config
-    meta = {
-        "clipzss_format": FORMAT,
-        "output": output,
-        "alpha": repr(float(segmenter.alpha)),
-        "mean": json.dumps(list(IMAGENET_MEAN)),
-        "std": json.dumps(list(IMAGENET_STD)),
-        "pad_multiple": str(multiple),
-        "min_size": str(int(student.min_size)),
-        "output_stride": str(int(student.output_stride)),
-        "embed_dim": str(int(student.embed_dim)),
-        "eval": json.dumps(
-            {
-                "mode": cfg.eval.mode,
-                "crop_size": cfg.eval.crop_size,
-                "stride": cfg.eval.stride,
-                "short_side": cfg.eval.short_side,
-                "label_candidates": cfg.eval.label_candidates,
-            }
-        ),
-        "config": json.dumps(cfg.to_dict()),
-        "teacher": getattr(segmenter.text_encoder, "identity", "") or segmenter.meta.get("teacher", ""),
-    }
-    if names is not None:
-        meta["class_names"] = json.dumps(names)
-    model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, meta)
-    model.doc_string = (
-        f"clipzss student {student.arch}/{student.encoder_name}: image (B,3,H,W) normalised, H and W multiples of "
-        f"{multiple} -> {output} (B,{'K' if names else 'C'},H/4,W/4)"
-    )
-    onnx.save(model, str(path))
-    diff = None
-    if check:
-        try:
-            diff = _check(graph, path, multiple, side)
-        except RuntimeError:
-            path.unlink(missing_ok=True)
-            raise
+        onnx.save(model, str(tmp))
+        if check:
+            diff = _check(graph, tmp, multiple, side)
+
+    atomic_write(path, write, replace=overwrite)
     logger.info("exported %s (%s)", path, output)
     return ExportInfo(path, names, multiple, diff)
 

@@ -59,6 +59,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def image_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """The images that command-line inputs name: a file is itself, a folder is its images (sorted, not recursive);
+    a file named twice (or also inside a folder given) is listed once.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a folder without images (the message names it).
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise FileNotFoundError(
+                    f"no images found in {path} (expected {', '.join('*' + s for s in IMAGE_SUFFIXES)})"
+                )
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"image not found: {path}")
+    unique: dict[Path, Path] = {}
+    for file in files:
+        unique.setdefault(file.resolve(), file)
+    return list(unique.values())
+
+
 def load_image(source: str | Path | IO[bytes], exif_transpose: bool = True) -> Image.Image:
     """Open an image file as 8-bit RGB, upright according to its EXIF orientation.
 

@@ -37,7 +37,8 @@ from PIL import Image, ImageDraw, ImageFont
 from clipzss.config import MethodConfig
 from clipzss.data.readers import read_classes_txt
 from clipzss.data.splits import IGNORE_INDEX
-from clipzss.inference import IMAGE_SUFFIXES, preprocess
+from clipzss.files import atomic_write
+from clipzss.inference import image_paths, preprocess
 from clipzss.pseudo_labels import center_tokens, cluster_regions, fuse_labels, training_windows, window_sizes
 from clipzss.recipes import check_dense
 from clipzss.teacher import CLIPTeacher, Teacher
@@ -257,11 +258,12 @@ class InspectReport:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         markdown = out / "report.md"
-        markdown.write_text(
+        text = (
             f"# Pseudo-label clusters\n\n{header}.\n\n{self.to_markdown()}\n\n"
             + "\n".join(f"- `{p.name}`" for p in self.overlays)
             + "\n"
         )
+        atomic_write(markdown, lambda tmp: tmp.write_text(text))
         payload = {
             "images": [str(f) for f in images],
             "settings": settings,
@@ -279,7 +281,7 @@ class InspectReport:
                 }
                 for path, quality in self.by_dense.items()
             }
-        (out / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
+        atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
         return [markdown, out / "report.json"]
 
 
@@ -365,11 +367,12 @@ def inspect_pseudo_labels(
                 quality[path].setdefault(variant, QualityAccumulator()).add(evaluated, regions)
                 maps[variant] = regions
             if folder is not None:
-                panel = folder / (
+                panel_path = folder / (
                     f"{name}_clusters.png" if len(paths) == 1 else f"{name}_{path}_clusters.png"
                 )
-                _panel(image, maps, None if mask is None else evaluated).save(panel)
-                overlays.append(panel)
+                panel = _panel(image, maps, None if mask is None else evaluated)
+                atomic_write(panel_path, lambda tmp, panel=panel: panel.save(tmp, "PNG"))
+                overlays.append(panel_path)
     summaries = {path: {k: acc.summary() for k, acc in q.items()} for path, q in quality.items()}
     has_truth = any(m is not None for m in masks)
     by_dense = {str(path): q for path, q in summaries.items()} if dense is not None else {}
@@ -418,22 +421,9 @@ def _overlay(photo: Image.Image, ids: np.ndarray) -> Image.Image:
 
 
 def image_files(paths: Sequence[Path], limit: int) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not found:
-                raise FileNotFoundError(
-                    f"no images found in {path} (expected {', '.join('*' + s for s in IMAGE_SUFFIXES)})"
-                )
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"image or folder not found: {path}")
     if limit < 1:
         raise ValueError(f"--max-images must be at least 1, got {limit}")
-    return files[:limit]
+    return image_paths(paths)[:limit]
 
 
 def find_masks(files: Sequence[Path], masks_dir: str | None) -> list[Path | None]:

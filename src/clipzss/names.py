@@ -1,18 +1,44 @@
 """Class-name lists as users type them: one validation for every path (torch-free, so `predict --onnx` shares it).
 
-CLIP's tokenizer lowercases and collapses whitespace before it embeds a name, so ``Cat`` and ``cat`` get the same
-text embedding: two such names would be two classes that can never be told apart. They are refused like exact
-duplicates.
+CLIP's tokenizer cleans a name before it embeds it (ftfy's fixes, HTML entities decoded, lowercased, whitespace
+collapsed), so ``Cat`` and ``cat``, ``ｃａｔ`` (full-width) and ``cat``, ``café`` composed and decomposed, ``R&amp;D``
+and ``R&D`` get the same text embedding: two such names would be two classes that can never be told apart. They are
+refused like exact duplicates.
 """
 
 from __future__ import annotations
 
+import html
+import unicodedata
 from collections.abc import Sequence
+from pathlib import Path
+
+BOM = "\ufeff"
 
 
 def normalize_class_name(name: str) -> str:
-    """The name as CLIP's text encoder sees it: lowercased, whitespace collapsed (open_clip's ``clean='lower'``)."""
-    return " ".join(name.split()).lower()
+    """The name as CLIP's text encoder sees it: HTML entities decoded (twice, as open_clip does), NFKC (full-width
+    letters, composed accents), lowercased, whitespace collapsed (open_clip's ``clean='lower'``)."""
+    name = unicodedata.normalize("NFKC", html.unescape(html.unescape(name)))
+    return " ".join(name.replace(BOM, "").split()).lower()
+
+
+def read_names_file(path: str | Path) -> list[str]:
+    """Class names from a file, one a line (blank lines skipped, a UTF-8 byte-order mark dropped), checked by
+    `parse_class_names`; the way to give names that contain commas."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"class file not found: {path} (give a text file with one class name per line)"
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    names = [line for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"{path} holds no class names: give one name per line")
+    return parse_class_names(names)
 
 
 def parse_class_names(text: str | Sequence[str]) -> list[str]:
@@ -20,7 +46,8 @@ def parse_class_names(text: str | Sequence[str]) -> list[str]:
 
     Duplicates are judged after `normalize_class_name`; the message names every spelling of each duplicate.
     """
-    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else [str(n).strip() for n in text]
+    parts = text.split(",") if isinstance(text, str) else [str(n) for n in text]
+    names = [n.replace(BOM, "").strip() for n in parts]
     if not names or all(not n for n in names):
         raise ValueError("the class list is empty: give at least one class name, e.g. --classes 'cat,grass'")
     if any(not n for n in names):
@@ -39,7 +66,8 @@ def parse_class_names(text: str | Sequence[str]) -> list[str]:
     if dupes:
         groups = [" = ".join(spellings[key]) for key in dupes]
         why = (
-            " (the same name to CLIP, which ignores case and extra spaces)"
+            " (the same name to CLIP, which ignores case, extra spaces, full-width letters, accent encodings and "
+            "HTML entities)"
             if any(len(spellings[key]) > 1 for key in dupes)
             else ""
         )

@@ -53,9 +53,20 @@ class PrecomputedText:
         self.identity = identity
 
     @classmethod
-    def from_teacher(cls, teacher: Teacher, class_names: Sequence[str]) -> PrecomputedText:
+    def from_teacher(
+        cls, teacher: Teacher, class_names: Sequence[str], progress: bool = False, chunk: int = 256
+    ) -> PrecomputedText:
+        """Embed the names ``chunk`` at a time (each name's embedding is its own), with a progress bar when asked:
+        ten thousand names take minutes on a CPU."""
+        from tqdm.auto import tqdm
+
         names = parse_class_names(class_names)
-        return cls(names, teacher.text_embeddings(names).cpu(), getattr(teacher, "identity", ""))
+        parts = []
+        with tqdm(total=len(names), desc="embed-text", unit="name", disable=not progress) as bar:
+            for start in range(0, len(names), chunk):
+                parts.append(teacher.text_embeddings(names[start : start + chunk]).cpu())
+                bar.update(len(parts[-1]))
+        return cls(names, torch.cat(parts), getattr(teacher, "identity", ""))
 
     def text_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
         index = {name: i for i, name in enumerate(self.class_names)}
@@ -67,8 +78,11 @@ class PrecomputedText:
             )
         return self.embeddings[[index[n] for n in class_names]]
 
-    def save(self, path: str | Path) -> None:
-        write_text_embeddings(path, self.class_names, self.embeddings.numpy(), self.identity)
+    def save(self, path: str | Path, overwrite: bool = True) -> None:
+        """Write the file `load` reads; ``overwrite=False`` never replaces an existing file."""
+        write_text_embeddings(
+            path, self.class_names, self.embeddings.numpy(), self.identity, replace=overwrite
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> PrecomputedText:

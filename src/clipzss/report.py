@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, EvalConfig
-from clipzss.evaluate import EvalResult, infer_labels
+from clipzss.evaluate import RESULT_FILES, EvalResult, infer_labels
+from clipzss.files import atomic_write
 from clipzss.visualize import colorize, palette
 
 if TYPE_CHECKING:
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 SPLIT_COLOURS = {"seen": "#1f77b4", "unseen": "#e8590c", "other": "#8c8c8c"}
 FIGURE_NAMES = {"iou": "per_class_iou.png", "confusion": "confusion_matrix.png", "examples": "examples.png"}
+REPORT_NAME = "report.md"
+# Every file `write_report` may write, for the overwrite check a command makes before it evaluates.
+REPORT_FILES = (*RESULT_FILES, *FIGURE_NAMES.values(), REPORT_NAME)
 
 
 @dataclass(frozen=True)
@@ -383,12 +388,11 @@ def write_report(
         examples = collect_examples(dataset, logits_fn, eval_cfg, num_examples)
         figures["examples"] = examples_figure(examples, result.class_names, _splits(result))
     for key, fig in figures.items():
-        save_figure(fig, out / FIGURE_NAMES[key])
+        atomic_write(out / FIGURE_NAMES[key], partial(save_figure, fig))
     confusions = top_confusions(_confusion_matrix(result), result.class_names, 10)
-    report = out / "report.md"
-    report.write_text(
-        _markdown(result, confusions, {k: FIGURE_NAMES[k] for k in figures}, title, description)
-    )
+    report = out / REPORT_NAME
+    text = _markdown(result, confusions, {k: FIGURE_NAMES[k] for k in figures}, title, description)
+    atomic_write(report, lambda tmp: tmp.write_text(text))
     logger.info("report written to %s", report)
     return report
 

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clipzss.files import next_free_path
+
 logger = logging.getLogger(__name__)
 
 RUN_FILES = ("model.safetensors", "train_state.pt", "config.yaml")
@@ -212,13 +214,7 @@ def taken(folder: str | Path) -> bool:
 
 def next_free_folder(folder: str | Path) -> Path:
     """`folder` when it is not taken, else the first of ``folder-2``, ``folder-3``, ... that is not."""
-    folder = Path(folder)
-    if not taken(folder):
-        return folder
-    number = 2
-    while taken(folder.with_name(f"{folder.name}-{number}")):
-        number += 1
-    return folder.with_name(f"{folder.name}-{number}")
+    return next_free_path(folder, taken=taken)
 
 
 # --- what a resume may change ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ anything is built; `restore_training_state` loads a state into freshly built par
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,21 @@ def load_training_state(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise RuntimeError(
-            f"cannot resume from {path}: the file is truncated, corrupt or unsafe ({err})"
+            f"cannot resume from {path}: the file is truncated, corrupt or unsafe ({_load_failure(err)})"
         ) from None
+
+
+def _load_failure(err: Exception) -> str:
+    """Why torch refused the file, without its advice to load it with ``weights_only=False`` (which would run
+    whatever code the file holds) and without its terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    if "Weights only load failed" not in text:
+        return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(
+        r"Unsupported operand \d+", text
+    )
+    what = f" ({found.group(1) if found.lastindex else found.group(0)})" if found else ""
+    return f"not tensors and plain values alone{what}; clipzss never unpickles anything else"
 
 
 class ResumeError(ValueError):

@@ -2,15 +2,103 @@
 
 The demo, the reports and `clipzss predict` (torch or ONNX) draw with them, so a class has the same colour in every
 picture the package makes.
+
+Legend text is drawn in the first font that has a glyph for every character of the name: DejaVu Sans (shipped with
+matplotlib, a dependency: Latin, Greek, Cyrillic, Hebrew, Arabic, ...), then the CJK fonts a system may have
+(Debian's ``fonts-noto-cjk``, ``fonts-wqy-*``, ``fonts-droid-fallback``). A name no font covers is never drawn as
+boxes: its row shows the class id (``#3``) instead, and a warning names the name and the font package to install.
 """
 
 from __future__ import annotations
 
 import colorsys
+import functools
+import importlib.util
+import logging
+import unicodedata
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+logger = logging.getLogger(__name__)
+
+# Fonts tried for legend text, in order; missing files are skipped.
+SYSTEM_FONTS = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/opentype/noto/NotoSansCJKsc-Regular.otf",
+    "/usr/share/fonts/truetype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/usr/share/fonts/truetype/arphic/uming.ttc",
+)
+
+
+def _matplotlib_font() -> str | None:
+    """matplotlib's DejaVu Sans, found without importing matplotlib."""
+    spec = importlib.util.find_spec("matplotlib")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def font_candidates() -> list[str]:
+    """The legend's font files present here, in the order they are tried."""
+    found = [_matplotlib_font(), *SYSTEM_FONTS]
+    return list(dict.fromkeys(p for p in found if p and Path(p).is_file()))
+
+
+@functools.lru_cache(maxsize=16)
+def _coverage(path: str) -> frozenset[int]:
+    """The code points `path` has glyphs for (empty when the file cannot be read)."""
+    try:
+        from fontTools.ttLib import TTFont  # matplotlib's dependency
+
+        with TTFont(path, fontNumber=0, lazy=True) as font:
+            return frozenset(font.getBestCmap() or {})
+    except Exception:  # a font that cannot be read is skipped, never fatal for a picture
+        return frozenset()
+
+
+@functools.lru_cache(maxsize=64)
+def _truetype(path: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size)
+
+
+def font_for(text: str, size: int) -> ImageFont.FreeTypeFont | None:
+    """The first candidate font with a glyph for every visible character of ``text``; None when none has."""
+    needed = {ord(c) for c in text if not c.isspace() and unicodedata.category(c) not in ("Cf", "Mn")}
+    for path in font_candidates():
+        if needed <= _coverage(path):
+            return _truetype(path, size)
+    return None
+
+
+_warned: set[str] = set()
+
+
+def legend_label(
+    index: int, name: str, size: int
+) -> tuple[str, ImageFont.ImageFont | ImageFont.FreeTypeFont]:
+    """The text and font of a legend row: the name, or ``#index`` when no font here can draw it (warned once)."""
+    font = font_for(name, size)
+    if font is not None:
+        return name, font
+    if name not in _warned:
+        _warned.add(name)
+        logger.warning(
+            "no font here has glyphs for the class name %r: its legend row shows #%d instead (install a font "
+            "that covers it, e.g. Debian's fonts-noto-cjk for Chinese, Japanese and Korean)",
+            name,
+            index,
+        )
+    fallback = font_for(f"#{index}", size)
+    return f"#{index}", fallback if fallback is not None else ImageFont.load_default(size=size)
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -73,10 +161,10 @@ def overlay(
     shares = class_areas(mask, len(class_names))
     present = sorted(((i, float(s)) for i, s in enumerate(shares) if s > 0), key=lambda item: -item[1])
     font_size = max(12, image.height // 30)
-    font = ImageFont.load_default(size=font_size)
+    labels = {i: legend_label(i, class_names[i], font_size) for i, _ in present}
     row = font_size + 8
     width = max(
-        160, max((int(font.getlength(f"{class_names[i]} 100.0%")) for i, _ in present), default=0) + 40
+        160, max((int(font.getlength(f"{text} 100.0%")) for text, font in labels.values()), default=0) + 40
     )
     legend_h = max(image.height, row * len(present) + 16)
     canvas = Image.new("RGB", (image.width + width, legend_h), "white")
@@ -89,5 +177,6 @@ def overlay(
         draw.rectangle(
             [x, y, x + font_size, y + font_size], fill=tuple(int(c) for c in colours[i]), outline="black"
         )
-        draw.text((x + font_size + 8, y), f"{class_names[i]} {100 * share:.1f}%", fill="black", font=font)
+        text, font = labels[i]
+        draw.text((x + font_size + 8, y), f"{text} {100 * share:.1f}%", fill="black", font=font)
     return canvas

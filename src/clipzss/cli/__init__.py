@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 
 logger = logging.getLogger("clipzss")
@@ -63,6 +64,10 @@ def user_message(err: BaseException) -> str:
     process 0." followed by the worker's traceback; the line that matters (the file and what is wrong with it) is
     the original exception's message at the end of that traceback.
     """
+    if isinstance(err, OSError) and err.errno is not None and str(err).startswith("[Errno"):
+        from clipzss.files import os_error_message  # torch-free
+
+        return os_error_message(err)
     text = str(err).strip()
     if not text:
         return type(err).__name__
@@ -78,12 +83,27 @@ def user_message(err: BaseException) -> str:
     return lines[0]
 
 
+class _ThirdPartyNoise(logging.Filter):
+    """Drops other libraries' log lines that only confuse a user of the CLI: open_clip's "No pretrained weights
+    loaded" (we say loudly, once, when a teacher is random; and the CLI loads real weights after building)."""
+
+    NOISE = ("No pretrained weights loaded for model",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.NOISE))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; user errors print one line on stderr and return 2 (CLIPZSS_DEBUG=1 shows the traceback)."""
     args = build_parser().parse_args(argv)
     # Our own messages at INFO; third-party libraries (open_clip logs at INFO on the root logger) at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("clipzss").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # torch's weights-only unpickler warns about any pickle protocol but 2; the file is refused or read all the same.
+    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+    root = logging.getLogger()  # open_clip logs through the root logger
+    if not any(isinstance(f, _ThirdPartyNoise) for f in root.filters):
+        root.addFilter(_ThirdPartyNoise())
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError, KeyError) as err:

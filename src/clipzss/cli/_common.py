@@ -42,6 +42,33 @@ def add_label_candidates_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_classes_args(parser: argparse.ArgumentParser, what: str = "class names") -> None:
+    """--classes (comma-separated) and --classes-file (one a line: names with commas, long lists)."""
+    parser.add_argument("--classes", default=None, help=f'comma-separated {what}, e.g. "cat,dog,grass"')
+    parser.add_argument(
+        "--classes-file",
+        default=None,
+        help=f"a UTF-8 text file of {what}, one a line (names may hold commas)",
+    )
+
+
+def class_names_from_args(args: argparse.Namespace) -> list[str] | None:
+    """The names of --classes or --classes-file (None when neither is given), checked by one rule."""
+    from clipzss.names import parse_class_names, read_names_file
+
+    if args.classes is not None and args.classes_file is not None:
+        raise ValueError("give the class names with exactly one of --classes or --classes-file, not both")
+    if args.classes_file is not None:
+        return read_names_file(args.classes_file)
+    return parse_class_names(args.classes) if args.classes is not None else None
+
+
+def add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing output files (refused without it)"
+    )
+
+
 def teacher_config(base: Any, args: argparse.Namespace) -> Any:
     """``base`` (a TeacherConfig, or the defaults) with --teacher-model / --teacher-weights applied."""
     from dataclasses import replace

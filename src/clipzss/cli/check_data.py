@@ -7,7 +7,7 @@ import os
 
 HELP = "check a dataset before training: layout, pairing, counts, label values, sizes, per-class histogram"
 EPILOG = """examples:
-  clipzss check-data ../shared/data/camvid --unseen car,tree,pedestrian
+  clipzss check-data /data/camvid --unseen car,tree,pedestrian
   clipzss check-data /data/voc --dataset voc
   clipzss check-data /data/coco_stuff164k --split val --workers 16
 

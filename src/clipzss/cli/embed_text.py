@@ -3,43 +3,48 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from clipzss.cli._common import add_device_arg, add_teacher_args, teacher_config
+from clipzss.cli._common import (
+    add_classes_args,
+    add_device_arg,
+    add_overwrite_arg,
+    add_teacher_args,
+    class_names_from_args,
+    teacher_config,
+)
 
 HELP = "precompute CLIP text embeddings of class names to a file"
 EPILOG = """examples:
   clipzss embed-text --classes "cat,dog,grass" --out names.safetensors --teacher-weights ViT-B-16.safetensors
-  clipzss embed-text --classes-file classes.txt --out names.safetensors"""
+  clipzss embed-text --classes-file classes.txt --out names.safetensors
+
+An existing --out file is never replaced unless --overwrite is given."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--classes", default=None, help="comma-separated class names")
-    parser.add_argument("--classes-file", default=None, help="a file with one class name per line")
+    add_classes_args(parser)
     parser.add_argument("--out", required=True, help="output .safetensors file")
+    add_overwrite_arg(parser)
     parser.add_argument("--checkpoint", default=None, help="take the teacher config from this checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_teacher_args(parser)
     add_device_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from clipzss.checkpoint import load_checkpoint
-    from clipzss.names import parse_class_names
+    from clipzss.files import refuse_existing
     from clipzss.predict import PrecomputedText
     from clipzss.runtime import resolve_device
     from clipzss.teacher import build_teacher
 
-    if bool(args.classes) == bool(args.classes_file):
+    names = class_names_from_args(args)
+    if names is None:
         raise ValueError("give the class names with exactly one of --classes or --classes-file")
-    if args.classes_file:
-        path = Path(args.classes_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"class file not found: {path}")
-        names = parse_class_names([line for line in path.read_text().splitlines() if line.strip()])
-    else:
-        names = parse_class_names(args.classes)
+    refuse_existing([args.out], args.overwrite)  # before CLIP is loaded: minutes of work never thrown away
     base = load_checkpoint(args.checkpoint).config.teacher if args.checkpoint else None
     teacher = build_teacher(teacher_config(base, args), device=resolve_device(args.device))
-    PrecomputedText.from_teacher(teacher, names).save(args.out)
+    text = PrecomputedText.from_teacher(teacher, names, progress=not args.no_progress)
+    text.save(args.out, overwrite=args.overwrite)
     print(f"wrote {len(names)} text embeddings ({teacher.embed_dim}-d) to {args.out}")
     return 0

@@ -9,6 +9,7 @@ from clipzss.cli._common import (
     add_baseline_arg,
     add_device_arg,
     add_label_candidates_arg,
+    add_overwrite_arg,
     add_teacher_args,
     load_segmenter,
 )
@@ -16,9 +17,13 @@ from clipzss.cli._common import (
 HELP = "evaluate a checkpoint (or a training-free baseline) on a dataset: pAcc, mIoU(S/U), hIoU"
 EPILOG = """examples:
   clipzss eval runs/voc --dataset voc --data-root /data/VOCdevkit/VOC2012 --split val
-  clipzss eval runs/camvid/model.safetensors --dataset folder --data-root ../shared/data/camvid \\
+  clipzss eval runs/camvid/model.safetensors --dataset folder --data-root /data/camvid \\
       --unseen car,tree,pedestrian --seen-gamma 0.1
-  clipzss eval --baseline clearclip --teacher-weights ViT-B-16.safetensors --dataset folder --data-root DIR"""
+  clipzss eval --baseline clearclip --teacher-weights ViT-B-16.safetensors --dataset folder --data-root DIR
+
+Without --out, the metrics go to <run folder>/eval_<dataset>_<split> (outputs/eval_<baseline>_<dataset> for a
+baseline), or to the next free <that>-2, -3, ...; --report alone writes the report there too. Files already in a
+folder given with --out or --report are never replaced unless --overwrite is given (checked before evaluating)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,9 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="folder for metrics.json / per_class.csv")
     parser.add_argument(
         "--report",
+        nargs="?",
+        const="",
         default=None,
-        help="folder for a report: per-class IoU, confusion matrix, examples, report.md",
+        metavar="DIR",
+        help="also write a report (per-class IoU, confusion matrix, examples, report.md) to DIR "
+        "(default: the metrics' folder)",
     )
+    add_overwrite_arg(parser)
     parser.add_argument("--workers", type=int, default=None, help="data-loading workers")
     add_teacher_args(parser)
     add_device_arg(parser)
@@ -68,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from clipzss.checkpoint import resolve_checkpoint_path
     from clipzss.config import Config
     from clipzss.data import build_eval_dataset
-    from clipzss.evaluate import evaluate
+    from clipzss.evaluate import RESULT_FILES, evaluate
+    from clipzss.files import next_free_path, refuse_existing
     from clipzss.names import parse_class_names
     from clipzss.predict import Segmenter
 
@@ -101,6 +112,24 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(cfg, data=data, eval=eval_cfg)
     if not (data.eval_root or data.root) and (data.eval_dataset or data.dataset) != "synthetic":
         raise ValueError("say where the dataset is: --data-root DIR")
+    if args.out:
+        out = Path(args.out)
+    else:
+        if args.checkpoint:
+            default = (
+                resolve_checkpoint_path(args.checkpoint).parent
+                / f"eval_{data.eval_dataset or data.dataset}_{args.split or data.val_split}"
+            )
+        else:
+            default = Path("outputs") / f"eval_{args.baseline}_{data.dataset}"
+        out = next_free_path(default)  # a re-run writes beside the earlier results
+    report_dir = None if args.report is None else Path(args.report) if args.report else out
+    planned = [out / name for name in RESULT_FILES]
+    if report_dir is not None:
+        from clipzss.report import REPORT_FILES
+
+        planned += [report_dir / name for name in REPORT_FILES]
+    refuse_existing(dict.fromkeys(planned), args.overwrite)  # before hours of evaluation, not after
     dataset = build_eval_dataset(cfg, args.split)
     segmenter.eval_cfg = eval_cfg
     logits_fn = segmenter.logits_fn(dataset.class_names)
@@ -112,21 +141,18 @@ def run(args: argparse.Namespace) -> int:
         num_workers=data.num_workers,
     )
     print(result.format_table())
-    if args.out:
-        out = Path(args.out)
-    elif args.checkpoint:
-        out = (
-            resolve_checkpoint_path(args.checkpoint).parent
-            / f"eval_{data.eval_dataset or data.dataset}_{args.split or data.val_split}"
-        )
-    else:
-        out = Path("outputs") / f"eval_{args.baseline}_{data.dataset}"
+    result.extra["made_by"] = {  # what made these numbers, recorded in metrics.json
+        "model": str(args.checkpoint) if args.checkpoint else f"baseline:{args.baseline}",
+        "dataset": data.eval_dataset or data.dataset,
+        "data_root": str(data.eval_root or data.root),
+        "split": args.split or data.val_split,
+    }
     for path in result.save(out):
         print(f"wrote {path}")
-    if args.report:
+    if report_dir is not None:
         from clipzss.report import write_report
 
         source = Path(args.checkpoint).name if args.checkpoint else f"{segmenter.title} baseline"
         title = f"{source} on {data.eval_dataset or data.dataset} {args.split or data.val_split}"
-        print(f"wrote {write_report(result, dataset, logits_fn, args.report, eval_cfg, title=title)}")
+        print(f"wrote {write_report(result, dataset, logits_fn, report_dir, eval_cfg, title=title)}")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipzss.cli._common import add_classes_args, add_overwrite_arg, class_names_from_args
+
 HELP = "export a trained student to ONNX (embeddings, or logits for a fixed class list)"
 EPILOG = """examples:
   clipzss export runs/voc --onnx student.onnx
@@ -14,13 +16,15 @@ EPILOG = """examples:
 Without class names the graph returns normalised embeddings: `clipzss predict --onnx` then needs
 --text-embeddings (from `clipzss embed-text`). With them, the text classifier is baked in and CLIP is not needed
 at prediction time. Batch size and image size are dynamic; the export is checked against PyTorch before it is
-kept (--no-check skips that)."""
+kept (--no-check skips that). An existing --onnx file is never replaced unless --overwrite is given, and the
+file appears only once it is complete."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint file, run folder or save_pretrained folder")
     parser.add_argument("--onnx", required=True, help="output .onnx file")
-    parser.add_argument("--classes", default=None, help="comma-separated class names to bake in")
+    add_overwrite_arg(parser)
+    add_classes_args(parser, "class names to bake in")
     parser.add_argument(
         "--text-embeddings", default=None, help="bake in these embeddings (file from `clipzss embed-text`)"
     )
@@ -31,16 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipzss.export import export_checkpoint
-    from clipzss.names import parse_class_names
 
     info = export_checkpoint(
         args.checkpoint,
         args.onnx,
-        class_names=parse_class_names(args.classes) if args.classes is not None else None,
+        class_names=class_names_from_args(args),
         text_embeddings=args.text_embeddings,
         teacher_weights=args.teacher_weights,
         **({} if args.opset is None else {"opset": args.opset}),
         check=not args.no_check,
+        overwrite=args.overwrite,
     )
     what = f"logits for {len(info.class_names)} classes" if info.class_names else "normalised embeddings"
     checked = f", max |ONNX - PyTorch| {info.max_abs_diff:.2e}" if info.max_abs_diff is not None else ""

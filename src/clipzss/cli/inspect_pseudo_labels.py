@@ -6,20 +6,20 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipzss.cli._common import add_device_arg, add_teacher_args, teacher_config
+from clipzss.cli._common import add_device_arg, add_overwrite_arg, add_teacher_args, teacher_config
 
 HELP = (
     "cluster images with the teacher's dense tokens (PLM pseudo labels): quality vs ground truth + overlays"
 )
 EPILOG = """examples:
-  clipzss inspect-pseudo-labels ../shared/data/camvid/val/images --teacher-weights none --out out/
+  clipzss inspect-pseudo-labels /data/camvid/val/images --teacher-weights none
   clipzss inspect-pseudo-labels data/camvid/val/images --teacher-weights ViT-B-16.safetensors \\
-      --unseen car,tree,pedestrian --out out/
+      --unseen car,tree,pedestrian
   clipzss inspect-pseudo-labels photo.jpg --teacher-weights ViT-B-16.safetensors method.fusion_threshold=0.9
-  clipzss inspect-pseudo-labels data/camvid/val/images --teacher-weights ViT-B-16.safetensors \\
-      --dense value,maskclip,clearclip,sclip,naclip --unseen car,tree,pedestrian --out out/
-  clipzss inspect-pseudo-labels ../shared/data/camvid/val/images --world-teacher camvid --unseen car,tree,pedestrian \\
-      --max-images 101 --out out/
+  clipzss inspect-pseudo-labels /data/camvid/val/images --teacher-weights ViT-B-16.safetensors \\
+      --dense value,maskclip,clearclip,sclip,naclip --unseen car,tree,pedestrian
+  clipzss inspect-pseudo-labels /data/camvid/val/images --world-teacher camvid --unseen car,tree,pedestrian \\
+      --max-images 101
 
 Masks are read from a masks/ folder beside images/ (the folder-dataset layout) or from --masks; class names from
 classes.txt in the dataset root or --classes-file. Settings come from an ordinary config (--config) with
@@ -34,7 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         help="image files or folders, then optional section.key=value config overrides",
     )
-    parser.add_argument("--out", default="outputs/inspect", help="output folder (default: outputs/inspect)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: outputs/inspect, or the next free outputs/inspect-2 ...)",
+    )
+    add_overwrite_arg(parser)
     parser.add_argument("--config", default=None, help="YAML config (teacher and method sections are used)")
     parser.add_argument(
         "--masks", default=None, help="ground-truth masks folder (default: ../masks if present)"
@@ -79,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from clipzss.config import load_config
     from clipzss.data.masks import load_mask
     from clipzss.data.splits import make_split
+    from clipzss.files import next_free_path, refuse_existing
     from clipzss.inference import load_image
     from clipzss.inspection import class_names_near, find_masks, image_files, inspect_pseudo_labels
     from clipzss.runtime import resolve_device
@@ -104,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
         teacher_cfg = replace(teacher_cfg, image_size=args.image_size)
 
     files = image_files(paths, args.max_images)
+    out = Path(args.out) if args.out is not None else next_free_path("outputs/inspect")
+    planned = [out / "report.md", out / "report.json", *(out / f"{f.stem}_clusters.png" for f in files)]
+    refuse_existing(planned, args.overwrite)  # before the teacher runs
     mask_files = find_masks(files, args.masks)
     names = class_names_near(files, args.classes_file)
     unseen_ids = None
@@ -133,12 +142,11 @@ def run(args: argparse.Namespace) -> int:
         cfg.method,
         masks,
         unseen_ids,
-        args.out,
+        out,
         [f.stem for f in files],
         short_side,
         dense,
     )
-    out = Path(args.out)
     scope = (
         f"pixels of the unseen classes {args.unseen}"
         if unseen_ids is not None

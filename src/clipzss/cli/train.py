@@ -9,7 +9,7 @@ from pathlib import Path
 HELP = "train a student with the frozen CLIP teacher"
 EPILOG = """examples:
   clipzss train configs/voc_inductive.yaml data.root=/data/VOCdevkit/VOC2012
-  clipzss train configs/camvid.yaml data.root=../shared/data/camvid train.max_iters=200 teacher.weights=none
+  clipzss train configs/camvid.yaml data.root=/data/camvid train.max_iters=200 teacher.weights=none
   torchrun --nproc-per-node 4 -m clipzss train configs/coco_inductive.yaml data.root=/data/coco_stuff164k
   clipzss train runs/voc/config.yaml --resume runs/voc"""
 

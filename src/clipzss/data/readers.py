@@ -162,7 +162,9 @@ def read_classes_txt(path: Path, max_classes: int = IGNORE_INDEX) -> tuple[str, 
         raise FileNotFoundError(
             f"{path} not found: the folder dataset needs one class name per line (line i = id i)"
         )
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(
+        encoding="utf-8-sig"
+    ).splitlines()  # a byte-order mark is not part of line 1's name
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
