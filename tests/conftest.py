@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -162,3 +165,28 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("trained")
     return train(tiny_config(root / "run", root / "text_cache", max_iters=2))
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for gloo rendezvous and local servers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_gloo_ranks(worker: Callable[..., None], world: int = 2, timeout: float = 120) -> list[Any]:
+    """Run ``worker(rank, port, queue)`` in ``world`` spawned processes; each puts ``(rank, result)`` in the
+    queue (after ``dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", ...)``). Returns the
+    results in rank order once every process exited cleanly."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(rank, port, results)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout)
+    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+    return [result for _, result in sorted(results.get() for _ in range(world))]

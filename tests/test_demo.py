@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from clipzss.demo import (
 )
 from clipzss.predict import MaskCLIPSegmenter, PrecomputedText, Segmenter, TrainingFreeSegmenter
 from clipzss.recipes import baseline_eval_config
+from conftest import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # pandas deprecations inside gradio
 
@@ -117,17 +117,11 @@ def browser_page(tmp_path: Path) -> Iterator[object]:
             context.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_demo_in_a_real_browser(segmenter: Segmenter, browser_page: object, tmp_path: Path) -> None:
     page = browser_page
     upload = _photo(tmp_path / "upload.png", 96, 64, seed=1)
     app = build_app(segmenter, comparison_baseline(segmenter), example_dir=tmp_path / "examples")
-    url = launch(app, port=_free_port(), block=False, quiet=True)
+    url = launch(app, port=free_port(), block=False, quiet=True)
     requests: list[str] = []
     page.on("request", lambda request: requests.append(request.url))
     try:

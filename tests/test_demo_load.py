@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,16 +15,11 @@ from gradio_client import Client, handle_file
 
 from clipzss.demo import build_app, launch
 from clipzss.predict import Segmenter
+from conftest import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")
 
 CLASSES = "red horizontal stripes, plain grey, orange noise"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rss_mb() -> float:
@@ -44,7 +38,7 @@ def server(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     segmenter = Segmenter.from_checkpoint(trained_checkpoint, device="cpu")
     folder = tmp_path_factory.mktemp("demo")
     app = build_app(segmenter, None, example_dir=folder / "examples", max_pixels=200_000)
-    url = launch(app, port=_free_port(), max_file_size="300kb", block=False, quiet=True)
+    url = launch(app, port=free_port(), max_file_size="300kb", block=False, quiet=True)
     assert url.startswith("http://127.0.0.1:"), "the demo binds localhost by default"
     yield url, folder
     app.close()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import socket
+from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clipzss.config import MethodConfig
@@ -15,6 +14,7 @@ from clipzss.glm import GLM, CLSBank
 from clipzss.losses import info_nce
 from clipzss.regions import count_pseudo_slots, downsample_labels, region_means, teacher_pseudo_prototypes
 from clipzss.synthesizer import Synthesizer
+from conftest import run_gloo_ranks
 
 # --- CLS bank ---------------------------------------------------------------------------------------------------
 
@@ -71,13 +71,7 @@ def test_bank_gathers_every_rank_before_enqueueing(monkeypatch: pytest.MonkeyPat
     assert torch.equal(bank.negatives(), want)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bank_worker(rank: int, port: int, queue: mp.SimpleQueue) -> None:
+def _bank_worker(rank: int, port: int, queue: Any) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -89,16 +83,7 @@ def _bank_worker(rank: int, port: int, queue: mp.SimpleQueue) -> None:
 
 @pytest.mark.slow  # two spawned interpreters: ~10 s on 2 cores
 def test_bank_all_gathers_across_real_gloo_ranks() -> None:
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_bank_worker, args=(r, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert all(p.exitcode == 0 for p in procs)
-    banks = dict(results.get() for _ in range(2))
+    banks = run_gloo_ranks(_bank_worker)
     want = [[1.0, 1.0], [1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]  # rank order
     assert banks[0] == want and banks[1] == want
 

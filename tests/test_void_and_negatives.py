@@ -9,11 +9,10 @@ process holding the whole batch.
 from __future__ import annotations
 
 import dataclasses
-import socket
+from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clipzss.config import MethodConfig
@@ -28,6 +27,7 @@ from clipzss.pseudo_labels import (
     token_validity,
     window_seeds,
 )
+from conftest import run_gloo_ranks
 
 C = 8
 
@@ -294,12 +294,6 @@ def test_image_ids_are_stable_and_optional() -> None:
 # --- the same results on any number of processes (real gloo ranks) ------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     b = 8
@@ -338,29 +332,20 @@ def _results(batch: dict[str, torch.Tensor], part: slice) -> tuple[float, torch.
     return float(loss), fused
 
 
-def _layout_worker(rank: int, port: int, queue: mp.SimpleQueue) -> None:
+def _layout_worker(rank: int, port: int, queue: Any) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     loss, fused = _results(_batch(), slice(4 * rank, 4 * rank + 4))
-    queue.put((rank, loss, fused.tolist()))
+    queue.put((rank, (loss, fused.tolist())))
     dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two spawned interpreters: ~10 s on 2 cores
 def test_glm_loss_and_pseudo_labels_equal_across_rank_layouts() -> None:
     single_loss, single_fused = _results(_batch(), slice(0, 8))
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_layout_worker, args=(r, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert all(p.exitcode == 0 for p in procs)
-    got = dict((rank, (loss, fused)) for rank, loss, fused in (results.get() for _ in range(2)))
+    got = run_gloo_ranks(_layout_worker)
     # DDP averages the ranks' gradients: the mean of the ranks' losses is the single process's loss.
     assert (got[0][0] + got[1][0]) / 2 == pytest.approx(single_loss, rel=1e-5)
     fused = torch.cat([torch.tensor(got[0][1]), torch.tensor(got[1][1])])
