@@ -36,7 +36,7 @@ from clipzss.evaluate import evaluate
 from clipzss.files import atomic_write, remove_stale_temporaries
 from clipzss.glm import GLM
 from clipzss.predict import Segmenter
-from clipzss.runs import RunFolderError, RunLock, check_fresh
+from clipzss.runs import RunFolderError, RunLock, check_fresh, same_folder
 from clipzss.runtime import resolve_device
 from clipzss.student import build_student
 from clipzss.synthesizer import Synthesizer
@@ -341,6 +341,13 @@ def train(
     if state is not None:
         check_resume_config(state, cfg, resume, warn=info.main)
     out = Path(cfg.train.output_dir)
+    if resume is not None and info.main and not same_folder(out, resume_folder(resume)):
+        logger.warning(
+            "resuming %s into another folder, %s (train.output_dir); %s itself stays as it is",
+            resume,
+            out,
+            resume_folder(resume),
+        )
     with contextlib.ExitStack() as cleanup:  # on any exit: progress bar, TensorBoard writer, then the lock
         lock = _open_run_folder(out, info, resume, overwrite)
         if lock is not None:
