@@ -39,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         names = parse_class_names(args.classes)
     base = load_checkpoint(args.checkpoint).config.teacher if args.checkpoint else None
-    teacher = build_teacher(teacher_config(base, args), device=resolve_device(args.device))
+    # A checkpoint's own teacher settings never reach the network; weights named on the command line may.
+    download = base is None or bool(args.teacher_weights)
+    teacher = build_teacher(teacher_config(base, args), device=resolve_device(args.device), download=download)
     PrecomputedText.from_teacher(teacher, names).save(args.out)
     print(f"wrote {len(names)} text embeddings ({teacher.embed_dim}-d) to {args.out}")
     return 0
