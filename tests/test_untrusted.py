@@ -418,3 +418,20 @@ def test_onnx_class_lists_are_bounded_like_the_demos(
     _one_error_line(
         ["demo", "--baseline", "maskclip", "--max-classes", too_many], capsys, "more than clipzss handles"
     )
+
+
+def test_eval_options_are_bounded_like_the_config_fields_they_set(
+    trained_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-images -5 once evaluated all images but the last five, silently."""
+    argv = [
+        "eval",
+        str(trained_checkpoint),
+        "--dataset",
+        "synthetic",
+        "--device",
+        "cpu",
+        "--max-images",
+        "-5",
+    ]
+    _one_error_line(argv, capsys, "eval.max_images=-5 must be at least 0")

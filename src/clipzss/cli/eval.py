@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from clipzss.checkpoint import resolve_checkpoint_path
-    from clipzss.config import Config
+    from clipzss.config import Config, check_values
     from clipzss.data import build_eval_dataset
     from clipzss.evaluate import evaluate
     from clipzss.names import parse_class_names
@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if args.label_candidates is not None:
         eval_cfg = replace(eval_cfg, label_candidates=args.label_candidates)
     cfg = replace(cfg, data=data, eval=eval_cfg)
+    check_values(cfg)  # the options above set config fields: the same bounds as a config file's
     if not (data.eval_root or data.root) and (data.eval_dataset or data.dataset) != "synthetic":
         raise ValueError("say where the dataset is: --data-root DIR")
     dataset = build_eval_dataset(cfg, args.split)
