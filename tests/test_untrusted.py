@@ -435,3 +435,28 @@ def test_eval_options_are_bounded_like_the_config_fields_they_set(
         "-5",
     ]
     _one_error_line(argv, capsys, "eval.max_images=-5 must be at least 0")
+
+
+@pytest.mark.parametrize(
+    ("count", "bad", "needle"),
+    [(2, True, "NaN or infinite"), (100_000, False, "100,000 class names given"), (2, False, None)],
+)
+def test_text_embedding_files_are_checked_like_onnx_metadata(
+    count: int, bad: bool, needle: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file as save_numpy
+
+    embeddings = np.random.default_rng(0).standard_normal((count, 3)).astype(np.float32)
+    if bad:
+        embeddings[1, 2] = np.nan
+    text = tmp_path / "names.safetensors"
+    names = ["road", "sky"] if count == 2 else [f"class {i}" for i in range(count)]
+    save_numpy({"embeddings": embeddings}, str(text), metadata={"class_names": json.dumps(names)})
+    model = _onnx(tmp_path / "bare.onnx", output="embeddings", class_names=None)
+    argv = ["predict", str(_photo(tmp_path / "a.png")), "--onnx", str(model), "--text-embeddings", str(text)]
+    argv += ["--out", str(tmp_path / "o")]
+    if needle is None:
+        assert main(argv) == 0  # a sound file still works
+    else:
+        _one_error_line(argv, capsys, "names.safetensors", needle)
