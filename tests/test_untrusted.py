@@ -365,6 +365,8 @@ def test_a_well_formed_onnx_file_still_predicts(tmp_path: Path) -> None:
     model = OnnxSegmenter(_onnx(tmp_path / "m.onnx", class_names=json.dumps(["road", "sky", "tree"])))
     mask = model.predict(_photo(tmp_path / "a.png"), ["road", "sky"])
     assert mask.shape == (16, 24) and set(mask.ravel().tolist()) <= {0, 1}
+    sparse = OnnxSegmenter(_onnx(tmp_path / "s.onnx", eval=json.dumps({"mode": "slide", "short_side": 32})))
+    assert sparse.predict(_photo(tmp_path / "a.png"), mode="slide").shape == (16, 24)  # window defaults
 
 
 @pytest.mark.parametrize(

@@ -108,7 +108,10 @@ class _Metadata:
             raise ValueError(
                 str(err) if str(err).startswith(str(self.path)) else f"{self.path}: {err}"
             ) from None
-        return {key: getattr(checked, key) for key in data}
+        values = {key: getattr(checked, key) for key in data}
+        for key in ("crop_size", "stride"):  # the sliding window's, checked defaults where the file has none
+            values.setdefault(key, getattr(checked, key))
+        return values
 
     def class_names(self) -> list[str]:
         names = self._json("class_names")
