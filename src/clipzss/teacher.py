@@ -318,13 +318,14 @@ def build_teacher(
         close = difflib.get_close_matches(cfg.model, models, n=5, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
         raise ValueError(f"unknown teacher model '{cfg.model}'; {hint}")
-    if not download:
-        for field, name in hub_models(cfg):
-            raise ValueError(
-                f"teacher.model '{cfg.model}' takes its {field} from the Hugging Face hub model '{name}', and a "
-                "checkpoint's config never makes clipzss reach the network; give the text side yourself "
-                "(--text-embeddings from `clipzss embed-text`)"
-            )
+    needs_hub = hub_models(cfg) if not download else []
+    if needs_hub:
+        part, name = needs_hub[0]
+        raise ValueError(
+            f"teacher.model '{cfg.model}' takes its {part} from the Hugging Face hub model '{name}', and a "
+            "checkpoint's config never makes clipzss reach the network; give the text side yourself "
+            "(--text-embeddings from `clipzss embed-text`)"
+        )
     weights = resolve_weights(cfg, download=download)
     overrides = dict(cfg.model_overrides)
     if weights.kind == "none":
