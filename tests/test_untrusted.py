@@ -107,7 +107,7 @@ def test_unknown_options_after_overrides_show_the_commands_usage(capsys: pytest.
     [
         ("train.lr=inf", "train.lr=inf is not a finite number"),
         ("train.lr=nan", "train.lr=nan is not a finite number"),
-        ("train.lr=-1e-4", "train.lr=-0.0001 must be positive"),
+        ("train.lr=-1e-4", "train.lr=-0.0001 must be at least 0"),
         ("train.max_iters=-5", "train.max_iters=-5 must be at least 1"),
         ("train.max_iters=0", "train.max_iters=0 must be at least 1"),
         ("data.crop_size=0", "data.crop_size=0 is not an image size"),

@@ -324,19 +324,16 @@ def check_values(cfg: Config, source: str = "config") -> None:
         ("train.warmup_iters", train.warmup_iters, 0, "a number of steps"),
         ("train.weight_decay", train.weight_decay, 0, "a decay factor"),
         ("train.poly_power", train.poly_power, 0, "an exponent"),
+        ("train.lr", train.lr, 0, "a learning rate; 0 trains nothing, which diagnostics use"),
+        ("train.head_lr_mult", train.head_lr_mult, 0, "a factor of the learning rate"),
         ("train.min_lr", train.min_lr, 0, "a learning rate"),
         ("train.grad_clip", train.grad_clip, 0, "a gradient norm; 0 or null: no clipping"),
         ("eval.max_images", ev.max_images, 0, "a number of images"),
     ):
         if value is not None and value < minimum:
             raise ConfigValueError(f"{where}{key}={value} must be at least {minimum} ({what})")
-    for key, value in (
-        ("train.lr", train.lr),
-        ("train.head_lr_mult", train.head_lr_mult),
-        ("data.cat_max_ratio", data.cat_max_ratio),
-    ):
-        if value is not None and value <= 0:
-            raise ConfigValueError(f"{where}{key}={value} must be positive")
+    if data.cat_max_ratio <= 0:  # mmseg's crop rule: no crop has a class below 0% of its pixels
+        raise ConfigValueError(f"{where}data.cat_max_ratio={data.cat_max_ratio} must be positive")
     for name in ("log_interval", "eval_interval", "ckpt_interval"):
         value = getattr(train, name)
         if value < 0:
