@@ -320,6 +320,25 @@ def test_missing_and_corrupt_sources(tmp_path: Path, capsys: pytest.CaptureFixtu
         prep.prepare("voc", [broken, sbd], tmp_path / "out", verify=False, progress=False)
 
 
+def test_archive_cut_inside_a_member_is_one_line_with_no_verify(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Cut in the middle of a file's bytes, a tar is first noticed when that entry is read, after the listing."""
+    whole = _archive(tmp_path / "whole.tar", _voc_files())
+    jpeg = next(name for name in _voc_files() if name.endswith(".jpg"))
+    with tarfile.open(whole) as archive:
+        member = archive.getmember(jpeg)
+    cut = tmp_path / "VOCtrainval_11-May-2012.tar"
+    cut.write_bytes(whole.read_bytes()[: member.offset_data + member.size // 2])
+    sbd = _archive(tmp_path / "benchmark.tgz", _sbd_files())
+    assert _prepare("voc", "--src", str(cut), str(sbd), "--dst", str(tmp_path / "out"), "--no-verify") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        f"clipzss prepare-data: error: cannot read archive {cut} (corrupt or truncated"
+    ), err
+    assert not any("Traceback" in line or "ReadError" in line for line in err), err
+
+
 # ---------------------------------------------------------------------------------------------------- COCO-Stuff
 
 

@@ -350,3 +350,21 @@ def test_glm_loss_and_pseudo_labels_equal_across_rank_layouts() -> None:
     assert (got[0][0] + got[1][0]) / 2 == pytest.approx(single_loss, rel=1e-5)
     fused = torch.cat([torch.tensor(got[0][1]), torch.tensor(got[1][1])])
     assert torch.equal(fused, single_fused)
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("method.bank_fraction=1.5", "method.bank_fraction"),
+        ("method.center_scope=galaxy", "method.center_scope"),
+        ("method.prototype_gap=wide", "method.prototype_gap"),
+        ("method.distill_pixels=some", "method.distill_pixels"),
+        ("method.w_distill=-1", "method.w_distill"),
+        ("method.max_seen_share=2", "method.max_seen_share"),
+    ],
+)
+def test_new_method_values_are_refused_at_load_naming_the_field(override: str, field: str) -> None:
+    from clipzss.config import ConfigValueError, load_config
+
+    with pytest.raises(ConfigValueError, match=field.replace(".", r"\.")):
+        load_config(None, [override])

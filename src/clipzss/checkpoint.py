@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clipzss.config import Config, ConfigError, pin_saved_defaults
+from clipzss.config import Config, ConfigError, ConfigValueError, pin_saved_defaults
 from clipzss.files import atomic_write_all
 
 logger = logging.getLogger(__name__)
@@ -148,6 +147,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     except (json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path} holds a config that is not valid JSON: {_clip(str(err))}") from None
     config = validate_loaded_config(data, source=str(path))
+    check_finite_tensors(state_dict, str(path))
     meta = {k: v for k, v in metadata.items() if k not in ("format", "config")}
     return Checkpoint(state_dict=state_dict, config=config, meta=meta)
 
@@ -176,13 +176,33 @@ _NAME_FIELDS = (
 _FETCHING_KEYS = frozenset({"checkpoint_path", "cache_dir", "url", "file", "state_dict"})
 
 
+def check_finite_tensors(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor: a student with them labels every
+    pixel as one class (argmax over NaN scores) and looks confident doing it."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{source}: its weights {_quote(name)} hold {bad:,} non-finite values (NaN or infinity) of "
+                f"{tensor.numel():,}; the model that saved them had diverged"
+            )
+
+
+# A name that points a library at a hub repository or a folder instead of its own registry: timm's and open_clip's
+# "hf-hub:org/repo" (timm also "hf_hub:" and "local-dir:"), smp's "tu-" prefix before any of them, and URLs.
+_HUB_NAME = re.compile(r"^\s*(tu-)?\s*(hf[-_]hub|local-dir)\s*:|://", re.IGNORECASE)
+
+
 def validate_loaded_config(data: object, source: str = "checkpoint") -> Config:
     """The config stored in a checkpoint as a `Config`, refused with a one-line `CheckpointError` when unsafe.
 
-    Refused: strings longer than any real config holds (quoted by a short prefix only), an ``alpha`` that is not a
-    positive finite number, and override keys that would fetch pretrained weights from a network or unpickle
-    them. Ignored: ``teacher.cache_dir``, so a file never chooses where prediction writes; the user's own cache
-    (``$XDG_CACHE_HOME/clipzss/text``) is used instead.
+    Refused: strings longer than any real config holds (quoted by a short prefix only), values no run can use
+    (`clipzss.config.check_values`: sizes beyond `MAX_IMAGE_SIDE`, non-finite numbers, an ``alpha`` that is not
+    positive, ...), override keys that would fetch pretrained weights from a network or unpickle them, and any
+    string of the teacher or student that names a hub repository, a folder or a URL (``hf-hub:org/repo`` as a
+    timm tower, ``tu-hf-hub:...`` as an encoder): a checkpoint never makes clipzss reach the network (see also
+    `clipzss.teacher.build_teacher`'s ``download``). Ignored: ``teacher.cache_dir``, so a file never chooses where
+    prediction writes; the user's own cache (``$XDG_CACHE_HOME/clipzss/text``) is used instead.
     """
     if not isinstance(data, dict):
         raise CheckpointError(f"{source}: its config is not a mapping of sections")
@@ -192,6 +212,8 @@ def validate_loaded_config(data: object, source: str = "checkpoint") -> Config:
         raise CheckpointError(f"{source}: its config is nested too deeply to be a clipzss config") from None
     try:
         config = Config.from_dict(pin_saved_defaults(data), source=source)
+    except ConfigValueError as err:  # the message names the file and the field
+        raise CheckpointError(_clip(str(err), 300)) from None
     except ConfigError as err:
         raise CheckpointError(
             f"{source} holds a config this version of clipzss cannot read: {_clip(str(err), 300)}"
@@ -200,9 +222,6 @@ def validate_loaded_config(data: object, source: str = "checkpoint") -> Config:
         value = getattr(getattr(config, section), key)
         if isinstance(value, str) and len(value) > MAX_NAME:
             raise CheckpointError(f"{source}: {section}.{key} is not a name: {_quote(value)}")
-    alpha = config.method.alpha
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise CheckpointError(f"{source}: method.alpha must be a positive finite number, got {alpha!r}")
     for where, mapping in (
         ("teacher.model_overrides", config.teacher.model_overrides),
         ("student.arch_kwargs", config.student.arch_kwargs),
@@ -212,6 +231,15 @@ def validate_loaded_config(data: object, source: str = "checkpoint") -> Config:
             raise CheckpointError(
                 f"{source}: {key} would load pretrained weights from outside the checkpoint; refused "
                 "(a checkpoint holds every weight its student needs)"
+            )
+    for section in ("teacher", "student"):
+        found = _hub_name(data.get(section), section)
+        if found:
+            field, value = found
+            raise CheckpointError(
+                f"{source}: {field}={_quote(value)} names a model on the Hugging Face hub or elsewhere, which "
+                "would make clipzss reach the network; refused (a checkpoint's config names models of the "
+                "installed libraries only)"
             )
     if config.teacher.cache_dir is not None:
         logger.debug("%s: ignoring its teacher.cache_dir; text embeddings go to the user's cache", source)
@@ -250,6 +278,18 @@ def _fetching_key(value: object, where: str) -> str | None:
             found = _fetching_key(item, f"{where}[{index}]")
             if found:
                 return found
+    return None
+
+
+def _hub_name(value: object, where: str) -> tuple[str, str] | None:
+    """The first ``(dotted field, value)`` whose string value names a hub repository, a folder or a URL."""
+    if isinstance(value, str):
+        return (where, value) if _HUB_NAME.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _hub_name(item, f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]")
+        if found:
+            return found
     return None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -54,6 +55,17 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message names the key."""
+
+
+class ConfigValueError(ConfigError):
+    """A value of the right type that no run can use (out of range, not finite); the message names the field."""
+
+
+# The largest image side any size in a config may ask for (crops, resize targets, the teacher's input, the short
+# side at test time), in pixels. A 4096-pixel short side is a 4096 x 16384 input at most (0.8 GB as float32
+# before the network sees it), far beyond any benchmark protocol (512) and what one GPU holds in a ViT's
+# attention; values such as 200000 come from a typo or from someone else's file and would end in a MemoryError.
+MAX_IMAGE_SIDE = 4096
 
 
 @dataclass
@@ -262,7 +274,9 @@ class Config:
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
         """The config of a plain mapping (a YAML file, a checkpoint's saved config); unknown keys fail, except the
         `REMOVED_KEYS` that older versions wrote, which are dropped."""
-        return _build(cls, _drop_removed_keys(data or {}, source), source)
+        config = _build(cls, _drop_removed_keys(data or {}, source), source)
+        check_values(config, source)
+        return config
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -316,6 +330,101 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_to_plain(v) for v in value]
     return value
+
+
+def check_values(cfg: Config, source: str = "config") -> None:
+    """Refuse values that have the right type but that no run can use, in one line naming the field.
+
+    Run on every config read (`Config.from_dict`: files, overrides, checkpoints) and by `train` (a config built in
+    Python): every number finite, sizes within [1, `MAX_IMAGE_SIDE`], counts and rates of the right sign. A
+    NaN or infinite learning rate otherwise trains and saves non-finite weights, a negative step count claims a
+    checkpoint that was never written, and a size of 0 or 200000 fails deep inside torch or numpy.
+    """
+    where = "" if source in ("config", "defaults") else f"{source}: "
+    alpha = cfg.method.alpha  # the logit scale: NaN, infinite or negative turns every score into one class
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ConfigValueError(f"{where}method.alpha must be a positive finite number, got {alpha!r}")
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for item in dataclasses.fields(values):
+            _check_finite(getattr(values, item.name), f"{section.name}.{item.name}", where)
+    data, train, ev = cfg.data, cfg.train, cfg.eval
+    for key, value in (
+        ("data.crop_size", data.crop_size),
+        ("data.scale", data.scale),
+        ("teacher.image_size", cfg.teacher.image_size),
+        ("eval.crop_size", ev.crop_size),
+        ("eval.stride", ev.stride),
+    ):
+        check_side(value, key, where)
+    if ev.short_side:  # None or 0: images keep their size
+        check_side(ev.short_side, "eval.short_side", where)
+    low, high = data.ratio_range
+    if not 0 < low <= high:
+        raise ConfigValueError(
+            f"{where}data.ratio_range={[low, high]} must be two positive ratios, low to high"
+        )
+    for key, value, minimum, what in (
+        ("data.num_workers", data.num_workers, 0, "a number of processes"),
+        ("student.embed_dim", cfg.student.embed_dim, 1, "a number of channels"),
+        ("train.max_iters", train.max_iters, 1, "the number of training steps"),
+        ("train.batch_size", train.batch_size, 1, "a number of images"),
+        ("train.warmup_iters", train.warmup_iters, 0, "a number of steps"),
+        ("train.weight_decay", train.weight_decay, 0, "a decay factor"),
+        ("train.poly_power", train.poly_power, 0, "an exponent"),
+        ("train.lr", train.lr, 0, "a learning rate; 0 trains nothing, which diagnostics use"),
+        ("train.head_lr_mult", train.head_lr_mult, 0, "a factor of the learning rate"),
+        ("train.min_lr", train.min_lr, 0, "a learning rate"),
+        ("train.grad_clip", train.grad_clip, 0, "a gradient norm; 0 or null: no clipping"),
+        ("eval.max_images", ev.max_images, 0, "a number of images"),
+    ):
+        if value is not None and value < minimum:
+            raise ConfigValueError(f"{where}{key}={value} must be at least {minimum} ({what})")
+    method = cfg.method
+    for key, value, low, high in (
+        ("method.bank_fraction", method.bank_fraction, 0.0, 1.0),
+        ("method.max_seen_share", method.max_seen_share, 0.0, 1.0),
+        ("method.min_region", method.min_region, 0.0, 1.0),
+        ("method.w_distill", method.w_distill, 0.0, math.inf),
+        ("method.bank_size", method.bank_size, 0, math.inf),
+        ("method.kmeans_iters", method.kmeans_iters, 0, math.inf),
+    ):
+        if not low <= value <= high:
+            raise ConfigValueError(f"{where}{key}={value} must be in [{low}, {high}]")
+    for key, value, choices in (
+        ("method.center_scope", method.center_scope, CENTER_SCOPES),
+        ("method.prototype_gap", method.prototype_gap, PROTOTYPE_GAPS),
+        ("method.distill_pixels", method.distill_pixels, DISTILL_PIXELS),
+    ):
+        if value not in choices:
+            raise ConfigValueError(f"{where}{key}='{value}' is not one of {', '.join(choices)}")
+    if data.cat_max_ratio <= 0:  # mmseg's crop rule: no crop has a class below 0% of its pixels
+        raise ConfigValueError(f"{where}data.cat_max_ratio={data.cat_max_ratio} must be positive")
+    for name in ("log_interval", "eval_interval", "ckpt_interval"):
+        value = getattr(train, name)
+        if value < 0:
+            raise ConfigValueError(
+                f"{where}train.{name}={value} is negative: give a number of steps, or 0 for the last step only"
+            )
+
+
+def check_side(value: object, field: str, where: str = "") -> int:
+    """An image size in pixels from a config or a file's metadata: an integer in [1, `MAX_IMAGE_SIDE`]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigValueError(f"{where}{field}={value!r} is not a size in pixels")
+    if not 1 <= value <= MAX_IMAGE_SIDE:
+        raise ConfigValueError(
+            f"{where}{field}={value} is not an image size clipzss handles (1 to {MAX_IMAGE_SIDE} pixels)"
+        )
+    return value
+
+
+def _check_finite(value: object, field: str, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigValueError(f"{where}{field}={value} is not a finite number")
+    if isinstance(value, list | tuple):
+        for item in value:
+            _check_finite(item, field, where)
 
 
 def check_choice(value: str, choices: tuple[str, ...], field: str) -> None:

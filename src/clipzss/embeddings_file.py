@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from clipzss.files import atomic_write
+from clipzss.names import parse_class_names
 
 
 def write_text_embeddings(
@@ -55,6 +56,9 @@ def read_text_embeddings(path: str | Path) -> tuple[list[str], np.ndarray, str]:
             or embeddings.shape[0] != len(names)
         ):
             raise ValueError(f"{len(names)} names for embeddings of shape {embeddings.shape}")
+        names = parse_class_names(names)  # duplicates, and at most MAX_CLASS_NAMES
+        if not np.isfinite(embeddings).all():
+            raise ValueError("its embeddings hold NaN or infinite values")
     except Exception as err:
         raise ValueError(
             f"{path} is not a text-embedding file written by `clipzss embed-text` ({err})"

@@ -59,10 +59,17 @@ def reachable(url: str) -> tuple[bool, str]:
         return False, f"{host}:{port}: {err}"
 
 
-def fetch(repo_id: str, filenames: Sequence[str], revision: str | None = None) -> Path:
+class NotDownloaded(HubUnavailable):
+    """None of the files is cached, and the caller asked for the cache only (``download=False``)."""
+
+
+def fetch(repo_id: str, filenames: Sequence[str], revision: str | None = None, download: bool = True) -> Path:
     """The first of ``filenames`` in the hub repo: from the local cache when there, else downloaded.
 
+    ``download=False`` reads the cache only: a name that came from someone else's file never reaches the network.
+
     Raises:
+        NotDownloaded: none is cached and ``download`` is false.
         HubUnavailable: none is cached and the hub is switched off or unreachable.
         HubDownloadFailed: none is cached and the hub answered, but every download failed.
     """
@@ -70,6 +77,8 @@ def fetch(repo_id: str, filenames: Sequence[str], revision: str | None = None) -
         cached = huggingface_hub.try_to_load_from_cache(repo_id, name, revision=revision)
         if isinstance(cached, str) and os.path.isfile(cached):
             return Path(cached)
+    if not download:
+        raise NotDownloaded(f"{repo_id} is not in the local Hugging Face cache")
     if offline():
         raise HubUnavailable("HF_HUB_OFFLINE is set")
     ok, why = reachable(hf_constants.ENDPOINT)

@@ -15,6 +15,12 @@ from pathlib import Path
 
 BOM = "\ufeff"
 
+# The most class names one list may hold, on every path (predict, an ONNX file's baked-in names, an embeddings
+# file, the demo's --max-classes): each name is a text-encoder pass and a channel of every logit map, and the
+# largest benchmark vocabulary is ADE-847's 847 names. A list of 100,000 names from someone else's file would
+# otherwise take minutes before the first pixel.
+MAX_CLASS_NAMES = 4096
+
 
 def normalize_class_name(name: str) -> str:
     """The name as CLIP's text encoder sees it: HTML entities decoded (twice, as open_clip does), NFKC (full-width
@@ -48,6 +54,10 @@ def parse_class_names(text: str | Sequence[str]) -> list[str]:
     """
     parts = text.split(",") if isinstance(text, str) else [str(n) for n in text]
     names = [n.replace(BOM, "").strip() for n in parts]
+    if len(names) > MAX_CLASS_NAMES:
+        raise ValueError(
+            f"{len(names):,} class names given; clipzss handles at most {MAX_CLASS_NAMES:,} at once"
+        )
     if not names or all(not n for n in names):
         raise ValueError("the class list is empty: give at least one class name, e.g. --classes 'cat,grass'")
     if any(not n for n in names):

@@ -10,6 +10,7 @@ same bounded memory.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from clipzss.config import Config, ConfigError, check_choice, check_side
 from clipzss.embeddings_file import read_text_embeddings
 from clipzss.inference import ImageLike, as_rgb, check_mode, preprocess, sliding_windows
 from clipzss.label_maps import check_candidates, label_map, slide_labels, whole_plan
@@ -40,6 +42,87 @@ def open_session(path: str | Path, threads: int | None) -> Any:
         raise ValueError(f"{path} is not a loadable ONNX model: {str(err).splitlines()[0]}") from None
 
 
+OUTPUTS = ("logits", "embeddings")  # what `clipzss export` writes: with class names baked in, or without
+
+
+class _Metadata:
+    """An ONNX file's clipzss metadata, checked like a config: the file may come from anyone, so each value is
+    parsed and bounded here (with the config's own rules) and a bad one is one line naming the file and key."""
+
+    def __init__(self, meta: dict[str, str], path: Path) -> None:
+        self.meta, self.path = meta, path
+
+    def _raw(self, key: str, default: str | None = None) -> str:
+        if key not in self.meta:
+            if default is not None:
+                return default
+            raise ValueError(f"{self.path}: its clipzss metadata has no '{key}' (not a complete export)")
+        return self.meta[key]
+
+    def _json(self, key: str) -> Any:
+        try:
+            return json.loads(self._raw(key))
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError(f"{self.path}: metadata '{key}' is not valid JSON") from None
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        value = self._raw(key)
+        try:
+            check_choice(value, choices, key)
+        except ValueError as err:
+            raise ValueError(f"{self.path}: metadata {err}") from None
+        return value
+
+    def number(self, key: str) -> float:
+        try:
+            value = float(self._raw(key))
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{self.path}: metadata {key}={self._raw(key)[:40]!r} is not a positive number")
+        return value
+
+    def side(self, key: str, default: int | None = None) -> int:
+        raw = self._raw(key, None if default is None else str(default))
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(
+                f"{self.path}: metadata {key}={raw[:40]!r} is not a whole number of pixels"
+            ) from None
+        if default is not None and value == default:
+            return value
+        try:
+            return check_side(value, key)
+        except ConfigError as err:
+            raise ValueError(f"{self.path}: metadata {err}") from None
+
+    def eval(self) -> dict[str, Any]:
+        """The export's test-time settings (mode, windows, short side), refused as a config's would be."""
+        data = self._json("eval")
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.path}: metadata 'eval' is not a mapping of settings")
+        try:
+            checked = Config.from_dict({"eval": data}, source=f"{self.path}: metadata").eval
+        except ConfigError as err:
+            raise ValueError(
+                str(err) if str(err).startswith(str(self.path)) else f"{self.path}: {err}"
+            ) from None
+        values = {key: getattr(checked, key) for key in data}
+        for key in ("crop_size", "stride"):  # the sliding window's, checked defaults where the file has none
+            values.setdefault(key, getattr(checked, key))
+        return values
+
+    def class_names(self) -> list[str]:
+        names = self._json("class_names")
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"{self.path}: metadata 'class_names' is not a list of names")
+        try:
+            return parse_class_names(names)
+        except ValueError as err:
+            raise ValueError(f"{self.path}: metadata 'class_names': {err}") from None
+
+
 class OnnxSegmenter:
     """Runs an exported student with onnxruntime: ``OnnxSegmenter("m.onnx").predict("photo.jpg")``.
 
@@ -58,15 +141,21 @@ class OnnxSegmenter:
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("clipzss_format") != FORMAT:
             raise ValueError(f"{self.path} is an ONNX model but not one exported by `clipzss export`")
-        self.output = meta["output"]
-        self.alpha = float(meta["alpha"])
-        self.pad_multiple = int(meta["pad_multiple"])
-        self.min_size = int(meta.get("min_size", "0"))
-        self.output_stride = int(meta["output_stride"])
-        self.eval = json.loads(meta["eval"])
+        inputs = [node.name for node in self.session.get_inputs()]
+        if inputs != ["image"]:
+            raise ValueError(
+                f"{self.path}: the graph's inputs are {inputs[:4]}, not the one 'image' of an export"
+            )
+        checked = _Metadata(meta, self.path)
+        self.output = checked.choice("output", OUTPUTS)
+        self.alpha = checked.number("alpha")
+        self.pad_multiple = checked.side("pad_multiple")
+        self.min_size = checked.side("min_size", default=0)
+        self.output_stride = checked.side("output_stride")
+        self.eval = checked.eval()
         self.text: np.ndarray | None = None  # (K, C) for an embeddings-only graph
         if self.output == "logits":
-            self.class_names: list[str] = json.loads(meta["class_names"])
+            self.class_names: list[str] = checked.class_names()
         elif text_embeddings is not None:
             self.class_names, text, _ = read_text_embeddings(text_embeddings)
             self.text = text / np.linalg.norm(text, axis=1, keepdims=True).clip(1e-12)
@@ -92,12 +181,13 @@ class OnnxSegmenter:
                 "(--text-embeddings from `clipzss embed-text`) or export with --classes"
             )
         names = parse_class_names(class_names) if class_names else list(self.class_names)
-        missing = [n for n in names if n not in self.class_names]
+        index = {name: row for row, name in enumerate(self.class_names)}
+        missing = [n for n in names if n not in index]
         if missing:
             raise ValueError(
                 f"class names not in {self.path}: {', '.join(missing)} (it knows: {', '.join(self.class_names)})"
             )
-        return names, [self.class_names.index(n) for n in names]
+        return names, [index[n] for n in names]
 
     def logits(self, images: np.ndarray, class_names: Sequence[str] | None = None) -> np.ndarray:
         """(B, 3, H, W) normalised images → (B, K, ceil(H/4), ceil(W/4)) logits over ``class_names``."""

@@ -277,6 +277,8 @@ class Segmenter(ZeroShotSegmenter, SegmenterHubMixin):
         """Rebuild the student from a checkpoint; the text side comes from the checkpoint's CLIP config.
 
         ``teacher_weights`` points the text encoder at local CLIP weights when the checkpoint names a hub tag.
+        The checkpoint's own tag is read from the local Hugging Face cache only; a tag given as ``teacher_weights``
+        may be downloaded.
         """
         device = resolve_device(device)
         ckpt = load_checkpoint(path)
@@ -300,7 +302,8 @@ class Segmenter(ZeroShotSegmenter, SegmenterHubMixin):
         if text_encoder is None:
             if teacher_weights is not None:
                 cfg.teacher.weights = teacher_weights
-            text_encoder = build_teacher(cfg.teacher, device=device)
+            # The file's own teacher settings never reach the network; weights the caller names may.
+            text_encoder = build_teacher(cfg.teacher, device=device, download=teacher_weights is not None)
         return cls(student, text_encoder, cfg, device, meta=ckpt.meta)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

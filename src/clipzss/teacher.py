@@ -304,13 +304,20 @@ class CLIPTeacher(FrozenModule):
 
 
 # ---------------------------------------------------------------------- building
-def build_teacher(cfg: TeacherConfig, device: str | torch.device | None = None) -> CLIPTeacher:
+def build_teacher(
+    cfg: TeacherConfig, device: str | torch.device | None = None, *, download: bool = True
+) -> CLIPTeacher:
     """Build the frozen teacher from its config; never touches the network unless a tag must be downloaded.
 
+    ``download=False`` is for a config from someone else's file (a checkpoint's): a tag's weights come from the
+    local cache only, and a model whose text tower or tokenizer open_clip fetches from the hub is refused.
+
     Raises:
-        ValueError: unknown model, tag, precision or an unsupported vision tower.
+        ValueError: unknown model, tag, precision or an unsupported vision tower; with ``download=False``, a
+            model that needs the hub.
         FileNotFoundError: `cfg.weights` looks like a path that does not exist.
-        RuntimeError: a tag's weights are neither cached nor downloadable (offline).
+        RuntimeError: a tag's weights are neither cached nor downloadable (offline), or not cached and
+            ``download`` is false.
     """
     _check_precision(cfg.precision)
     _check_dense(cfg.dense)
@@ -320,7 +327,15 @@ def build_teacher(cfg: TeacherConfig, device: str | torch.device | None = None) 
         close = difflib.get_close_matches(cfg.model, models, n=5, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
         raise ValueError(f"unknown teacher model '{cfg.model}'; {hint}")
-    weights = resolve_weights(cfg)
+    needs_hub = hub_models(cfg) if not download else []
+    if needs_hub:
+        part, name = needs_hub[0]
+        raise ValueError(
+            f"teacher.model '{cfg.model}' takes its {part} from the Hugging Face hub model '{name}', and a "
+            "checkpoint's config never makes clipzss reach the network; give the text side yourself "
+            "(--text-embeddings from `clipzss embed-text`)"
+        )
+    weights = resolve_weights(cfg, download=download)
     overrides = dict(cfg.model_overrides)
     if weights.kind == "none":
         logger.warning(
@@ -387,8 +402,23 @@ def _unreadable_reason(err: Exception) -> str:
     return f"not a readable weights file ({type(err).__name__}: {_short(reason, 200)})"
 
 
-def resolve_weights(cfg: TeacherConfig) -> _Weights:
-    """Decide what `cfg.weights` means (random, local file, or open_clip tag) and locate the file to load."""
+def hub_models(cfg: TeacherConfig) -> list[tuple[str, str]]:
+    """``(field, hub model)`` for each part of the model that open_clip builds from a Hugging Face hub model (a
+    transformers text tower or tokenizer, e.g. roberta-ViT-B-32's 'roberta-base'), even with random weights."""
+    text = dict((open_clip.get_model_config(cfg.model) or {}).get("text_cfg") or {})
+    overrides = cfg.model_overrides.get("text_cfg")
+    if isinstance(overrides, dict):
+        text.update(overrides)
+    return [
+        (f"text_cfg.{key}", str(text[key])) for key in ("hf_model_name", "hf_tokenizer_name") if text.get(key)
+    ]
+
+
+def resolve_weights(cfg: TeacherConfig, download: bool = True) -> _Weights:
+    """Decide what `cfg.weights` means (random, local file, or open_clip tag) and locate the file to load.
+
+    ``download=False``: a tag's file from the local Hugging Face cache only (see `build_teacher`).
+    """
     spec = cfg.weights.strip()
     if spec.lower() == "none":
         return _Weights("none", None, f"none:seed={RANDOM_TEACHER_SEED}", f"none(seed={RANDOM_TEACHER_SEED})")
@@ -410,7 +440,7 @@ def resolve_weights(cfg: TeacherConfig) -> _Weights:
     pretrained = open_clip.get_pretrained_cfg(cfg.model, tag)
     return _Weights(
         "tag",
-        _tag_checkpoint(cfg.model, tag, pretrained),
+        _tag_checkpoint(cfg.model, tag, pretrained, download),
         f"tag:{tag}",
         tag,
         quick_gelu=bool(pretrained.get("quick_gelu", False)),
@@ -427,8 +457,9 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def _tag_checkpoint(model: str, tag: str, pretrained: dict[str, Any]) -> str:
-    """A local file for an open_clip tag: the Hugging Face cache first, a download only when the hub answers."""
+def _tag_checkpoint(model: str, tag: str, pretrained: dict[str, Any], download: bool = True) -> str:
+    """A local file for an open_clip tag: the Hugging Face cache first, a download only when the hub answers
+    (and ``download`` allows it)."""
     if pretrained.get("file"):
         return str(pretrained["file"])
     hub_entry = pretrained.get("hf_hub", "")
@@ -440,7 +471,13 @@ def _tag_checkpoint(model: str, tag: str, pretrained: dict[str, Any]) -> str:
     repo_id, filename = os.path.split(hub_entry)
     candidates = [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME] if not filename else _safe_first(filename)
     try:
-        path = hub.fetch(repo_id, candidates)
+        path = hub.fetch(repo_id, candidates, download=download)
+    except hub.NotDownloaded:
+        raise RuntimeError(
+            f"the checkpoint's teacher weights '{tag}' for {model} are not in the Hugging Face cache, and a "
+            f"checkpoint's config never makes clipzss download: pass --teacher-weights {tag} to download them "
+            "yourself (teacher_weights= in Python), or a local weights file"
+        ) from None
     except hub.HubUnavailable as err:
         raise RuntimeError(
             f"cannot load teacher weights '{tag}' for {model}: they are not in the Hugging Face cache and {err}; "

@@ -30,13 +30,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipzss.checkpoint import CHECKPOINT_NAME
-from clipzss.config import Config, TrainConfig
+from clipzss.config import Config, TrainConfig, check_values
 from clipzss.data import build_dataset, build_eval_dataset, seen_lookup
 from clipzss.evaluate import evaluate
 from clipzss.files import atomic_write, remove_stale_temporaries
 from clipzss.glm import GLM
 from clipzss.predict import Segmenter
-from clipzss.runs import RunFolderError, RunLock, check_fresh
+from clipzss.runs import RunFolderError, RunLock, check_fresh, same_folder
 from clipzss.runtime import resolve_device
 from clipzss.student import build_student
 from clipzss.synthesizer import Synthesizer
@@ -244,12 +244,7 @@ def due(done: int, interval: int, max_iters: int) -> bool:
 
 def check_schedule(t: TrainConfig) -> None:
     """Refuse negative intervals in one line naming the field (0 is allowed: at the last step only)."""
-    for name in ("log_interval", "eval_interval", "ckpt_interval"):
-        value = getattr(t, name)
-        if value < 0:
-            raise ValueError(
-                f"train.{name}={value} is negative: give a number of steps, or 0 for the last step only"
-            )
+    check_values(Config(train=t))
 
 
 # --- the run folder ---------------------------------------------------------------------------------------------
@@ -335,12 +330,19 @@ def train(
     ``eval_interval`` steps and after the last one; with ``eval_interval=0`` no evaluation set is built, and a
     ``val_set`` passed here is evaluated once, after the last step.
     """
-    check_schedule(cfg.train)
+    check_values(cfg)  # a config built in Python was never read through Config.from_dict
     state = load_training_state(Path(resume)) if resume is not None else None  # fail before building anything
     info, device = setup_distributed(cfg.train.device)
     if state is not None:
         check_resume_config(state, cfg, resume, warn=info.main)
     out = Path(cfg.train.output_dir)
+    if resume is not None and info.main and not same_folder(out, resume_folder(resume)):
+        logger.warning(
+            "resuming %s into another folder, %s (train.output_dir); %s itself stays as it is",
+            resume,
+            out,
+            resume_folder(resume),
+        )
     with contextlib.ExitStack() as cleanup:  # on any exit: progress bar, TensorBoard writer, then the lock
         lock = _open_run_folder(out, info, resume, overwrite)
         if lock is not None:

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
-        p.set_defaults(func=module.run)
+        p.set_defaults(func=module.run, command_parser=p)
     return parser
 
 
@@ -93,9 +93,26 @@ class _ThirdPartyNoise(logging.Filter):
         return not (isinstance(record.msg, str) and record.msg.startswith(self.NOISE))
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``section.key=value`` overrides accepted after options too.
+
+    argparse assigns a command's positionals once, where the first of them appears, so the overrides in
+    ``train CONFIG --resume RUN train.max_iters=30`` come back unrecognised; they join the others, in order. Any
+    other leftover is refused by the command's own parser, whose usage is the one that helps.
+    """
+    args, extras = build_parser().parse_known_args(argv)
+    if extras:
+        overrides = getattr(args, "overrides", None)
+        if isinstance(overrides, list) and not any(item.startswith("-") for item in extras):
+            overrides.extend(extras)
+        else:
+            args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; user errors print one line on stderr and return 2 (CLIPZSS_DEBUG=1 shows the traceback)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # Our own messages at INFO; third-party libraries (open_clip logs at INFO on the root logger) at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("clipzss").setLevel(logging.DEBUG if args.verbose else logging.INFO)

@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipzss.names import MAX_CLASS_NAMES
+
+    if args.max_classes is not None and args.max_classes > MAX_CLASS_NAMES:
+        raise ValueError(
+            f"--max-classes {args.max_classes} is more than clipzss handles at once ({MAX_CLASS_NAMES})"
+        )
     try:
         from clipzss import demo
     except ModuleNotFoundError as err:
@@ -58,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     text_cache_size = given(args.text_cache_size, demo.DEFAULT_TEXT_CACHE_SIZE)
     if max_classes < 1 or text_cache_size < 1:
         raise ValueError("--max-classes and --text-cache-size must be at least 1")
+
     primary, baseline = demo.load_models(args.checkpoint, args.baseline, args.teacher_weights, args.device)
     app = demo.build_app(
         primary,

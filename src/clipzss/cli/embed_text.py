@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give the class names with exactly one of --classes or --classes-file")
     refuse_existing([args.out], args.overwrite)  # before CLIP is loaded: minutes of work never thrown away
     base = load_checkpoint(args.checkpoint).config.teacher if args.checkpoint else None
-    teacher = build_teacher(teacher_config(base, args), device=resolve_device(args.device))
+    # A checkpoint's own teacher settings never reach the network; weights named on the command line may.
+    download = base is None or bool(args.teacher_weights)
+    teacher = build_teacher(teacher_config(base, args), device=resolve_device(args.device), download=download)
     text = PrecomputedText.from_teacher(teacher, names, progress=not args.no_progress)
     text.save(args.out, overwrite=args.overwrite)
     print(f"wrote {len(names)} text embeddings ({teacher.embed_dim}-d) to {args.out}")

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from clipzss.checkpoint import resolve_checkpoint_path
-    from clipzss.config import Config
+    from clipzss.config import Config, check_values
     from clipzss.data import build_eval_dataset
     from clipzss.evaluate import RESULT_FILES, evaluate
     from clipzss.files import next_free_path, refuse_existing
@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.label_candidates is not None:
         eval_cfg = replace(eval_cfg, label_candidates=args.label_candidates)
     cfg = replace(cfg, data=data, eval=eval_cfg)
+    check_values(cfg)  # the options above set config fields: the same bounds as a config file's
     if not (data.eval_root or data.root) and (data.eval_dataset or data.dataset) != "synthetic":
         raise ValueError("say where the dataset is: --data-root DIR")
     if args.out:

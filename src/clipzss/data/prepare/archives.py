@@ -47,6 +47,23 @@ def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return handle.read()
 
 
+def _unreadable(source: Path, err: BaseException) -> ValueError:
+    return ValueError(f"cannot read archive {source} (corrupt or truncated download?): {err}")
+
+
+def _guarded(read: Callable[..., bytes], source: Path) -> Callable[..., bytes]:
+    """``read`` with the archive's own errors as one line naming it: an entry's bytes are read by the caller,
+    after `iter_entries` has handed the entry out, where a truncated member is first noticed."""
+
+    def guarded(*args: Any) -> bytes:
+        try:
+            return read(*args)
+        except _ARCHIVE_ERRORS as err:
+            raise _unreadable(source, err) from None
+
+    return guarded
+
+
 def iter_entries(source: Path, wanted: re.Pattern[str]) -> Iterator[Entry]:
     """The files of a folder or archive whose posix path matches ``wanted``, in storage order.
 
@@ -73,15 +90,18 @@ def iter_entries(source: Path, wanted: re.Pattern[str]) -> Iterator[Entry]:
             with zipfile.ZipFile(source) as archive:
                 for info in archive.infolist():
                     if not info.is_dir() and wanted.search(info.filename):
-                        read = partial(archive.read, info)
-                        yield Entry(info.filename, info.file_size, read, True, None, archive.read)
+                        read = _guarded(partial(archive.read, info), source)
+                        yield Entry(
+                            info.filename, info.file_size, read, True, None, _guarded(archive.read, source)
+                        )
         else:
             with tarfile.open(source, "r|*") as archive:
                 for member in archive:
                     if member.isfile() and wanted.search(member.name):
-                        yield Entry(member.name, member.size, partial(_read_member, archive, member), True)
+                        read = _guarded(partial(_read_member, archive, member), source)
+                        yield Entry(member.name, member.size, read, True)
     except _ARCHIVE_ERRORS as err:
-        raise ValueError(f"cannot read archive {source} (corrupt or truncated download?): {err}") from None
+        raise _unreadable(source, err) from None
 
 
 def archive_names(path: Path, limit: int) -> list[str]:
@@ -98,7 +118,7 @@ def archive_names(path: Path, limit: int) -> list[str]:
                     break
         return names
     except _ARCHIVE_ERRORS as err:
-        raise ValueError(f"cannot read archive {path} (corrupt or truncated download?): {err}") from None
+        raise _unreadable(path, err) from None
 
 
 def open_image(data: bytes, what: str) -> Image.Image:
