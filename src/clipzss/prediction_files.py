@@ -144,7 +144,7 @@ def output_names(images: Sequence[str | Path]) -> list[str]:
 def prediction_folder(
     images: Sequence[str | Path], out: str | Path, overwrite: bool = False
 ) -> PredictionFolder:
-    """Create the output folder of `clipzss predict` (torch or ONNX) for these input images.
+    """Plan the output folder of `clipzss predict` (torch or ONNX) for these input images.
 
     The folder returned plans a distinct output name per input (`output_names`), so no result overwrites another,
     and refuses, before anything is computed, a planned file that already exists (unless ``overwrite``) or a path
@@ -161,8 +161,7 @@ def prediction_folder(
         )
     refuse_existing(planned, overwrite)
     _read_record(folder / RECORD_NAME, overwrite)  # a foreign predictions.json is refused now, not at the end
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return folder  # created with the first prediction: a model that fails to load leaves nothing behind
 
 
 def mask_record(class_names: Sequence[str], model: str = "", source: str | Path | None = None) -> str:
@@ -196,6 +195,7 @@ def save_prediction(
     info.add_itxt(MASK_TEXT_KEY, mask_record(class_names, model, source), zip=True)
     replace = getattr(out, "_overwrite", True)  # a planned folder replaces nothing it was not told to
     mask_png = mask_image(mask, len(class_names))
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write(mask_path, lambda tmp: mask_png.save(tmp, "PNG", pnginfo=info), replace=replace)
     atomic_write(
         overlay_path, lambda tmp: overlay(image, mask, class_names).save(tmp, "PNG"), replace=replace
