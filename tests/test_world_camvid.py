@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from clipzss.config import MethodConfig
+from clipzss.data import VOID_INDEX
 from clipzss.teacher import Teacher
 from clipzss.worlds import camvid as cw
 from conftest import CAMVID_CLASSES
@@ -42,22 +43,36 @@ class FakeEncoder:
         return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
 
-def fake_camvid(root: Path, per_sequence: int = 2, size: tuple[int, int] = (36, 48)) -> Path:
+# Two frames of each stretch the world tells apart, named as CamVid names them, in the folder CamVid keeps them in.
+FAKE_FRAMES = {
+    "train": (
+        "0001TP_006690",
+        "0001TP_006720",
+        "0006R0_f00930",
+        "0006R0_f00960",
+        "0016E5_00390",
+        "0016E5_00420",
+        "0016E5_04350",
+        "0016E5_04380",
+    ),
+    "val": ("0016E5_07959", "0016E5_07961"),
+}
+
+
+def fake_camvid(root: Path, size: tuple[int, int] = (36, 48)) -> Path:
     """A CamVid-shaped folder: classes.txt and train/val images of the three sequences, random masks."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
     (root / "classes.txt").write_text("\n".join(CAMVID_CLASSES) + "\n")
-    for split, sequences in (("train", ("0001TP", "0006R0", "0016E5")), ("val", ("0016E5",))):
+    for split, stems in FAKE_FRAMES.items():
         (root / split / "images").mkdir(parents=True)
         (root / split / "masks").mkdir(parents=True)
-        for seq in sequences:
-            for i in range(per_sequence):
-                stem = f"{seq}_{i:06d}"
-                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / "images" / f"{stem}.png")
-                mask = rng.integers(0, 11, size, dtype=np.uint8)
-                mask[0, 0] = 255
-                Image.fromarray(mask).save(root / split / "masks" / f"{stem}.png")
+        for stem in stems:
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / split / "images" / f"{stem}.png")
+            mask = rng.integers(0, 11, size, dtype=np.uint8)
+            mask[0, 0] = 255
+            Image.fromarray(mask).save(root / split / "masks" / f"{stem}.png")
     return root
 
 
@@ -112,10 +127,13 @@ def test_missing_data_is_one_clear_line(tmp_path: Path) -> None:
 def test_images_split_by_sequence_and_resized(tmp_path: Path) -> None:
     root = fake_camvid(tmp_path / "camvid")
     split = cw.split_sequences(root)
-    assert split["teacher"] and split["student"] and not set(split["teacher"]) & set(split["student"])
-    assert all(n.startswith(cw.TEACHER_SEQUENCES) for n in split["teacher"])
-    images = cw.CamVidImages(root, "train", cw.STUDENT_SEQUENCES, size=(12, 16), train=True)
-    assert len(images) == 2 and images.names == split["student"]
+    assert split == {
+        "teacher": ["0001TP_006690", "0001TP_006720", "0016E5_00390", "0016E5_00420"],
+        "student": ["0016E5_04350", "0016E5_04380", "0016E5_07959", "0016E5_07961"],  # both folders
+        "eval": ["0006R0_f00930", "0006R0_f00960"],
+    }
+    images = cw.CamVidImages(root, cw.FOLDERS, cw.STUDENT_SEQUENCES, size=(12, 16), train=True)
+    assert len(images) == 4 and images.names == split["student"]
     image, mask, _ = images.load(0)
     assert image.shape == (3, 12, 16) and image.dtype == torch.uint8 and mask.shape == (12, 16)
     assert set(torch.unique(mask).tolist()) <= set(range(11)) | {255}
@@ -123,6 +141,7 @@ def test_images_split_by_sequence_and_resized(tmp_path: Path) -> None:
     unseen = torch.tensor(images.unseen)
     assert sorted(images.class_names[i] for i in images.unseen) == sorted(cw.CAMVID_UNSEEN)
     assert not torch.isin(item["mask"], unseen).any()  # training hides car, tree, pedestrian
+    assert torch.equal(item["mask"] == VOID_INDEX, mask == 255)  # CamVid's void stays void, apart from unseen
     with pytest.raises(ValueError, match="overlap"):
         cw.split_sequences(root, cw.CamVidWorld(teacher_sequences=("0016E5",)))
 
@@ -192,8 +211,10 @@ def test_student_config_uses_method_defaults(tmp_path: Path) -> None:
 @pytest.mark.skipif(not REAL_ROOT.is_dir(), reason="CamVid is not in ../shared/data/camvid")
 def test_real_camvid_sequences_are_disjoint() -> None:
     split = cw.split_sequences(REAL_ROOT)
-    assert len(split["teacher"]) == 163 and len(split["student"]) == 204
-    assert not set(split["teacher"]) & set(split["student"])
+    assert (len(split["teacher"]), len(split["student"]), len(split["eval"])) == (130, 237, 101)
+    assert all(n.startswith("0006R0") for n in split["eval"])  # a sequence no one trains on
+    groups = [set(names) for names in split.values()]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
 
 
 def test_real_minilm_text_has_language_structure(tmp_path: Path) -> None:

@@ -296,7 +296,7 @@ def split_sequences(root: str | Path, world: CamVidWorld | None = None) -> dict[
     seen: dict[str, str] = {}
     for group, members in groups.items():
         for name in members:
-            if name in seen:
+            if seen.get(name, group) != group:
                 raise ValueError(
                     f"the {seen[name]} and {group} frames overlap (e.g. {name}): give disjoint prefixes"
                 )
