@@ -30,8 +30,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipzss.checkpoint import CHECKPOINT_NAME
-from clipzss.config import Config, TrainConfig
-from clipzss.data import build_dataset, build_eval_dataset, seen_lookup
+from clipzss.config import SETTINGS, Config, TrainConfig, check_choice
+from clipzss.data import Split, build_dataset, build_eval_dataset, seen_lookup
 from clipzss.evaluate import evaluate
 from clipzss.files import atomic_write, remove_stale_temporaries
 from clipzss.glm import GLM
@@ -50,6 +50,7 @@ from clipzss.training_state import (
     unwrap,
 )
 from clipzss.training_step import TrainParts, build_optimizer, grad_scaler, set_lr, train_step
+from clipzss.transductive import EMAStudent
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +253,21 @@ def check_schedule(t: TrainConfig) -> None:
             )
 
 
+def check_setting(cfg: Config, split: Split) -> None:
+    """One line when ``data.setting`` does not fit the training set's split (a set passed to `train` decides it)."""
+    check_choice(cfg.data.setting, SETTINGS, "data.setting")
+    if cfg.data.setting == "supervised" and split.unseen:
+        raise ValueError(
+            f"data.setting=supervised trains on every class's labels, but the training set holds out "
+            f"{len(split.unseen)} classes as unlabelled: build it with unseen=[]"
+        )
+    if cfg.data.setting == "transductive" and not split.unseen:
+        raise ValueError("data.setting=transductive needs target names: list them in data.unseen")
+    start = cfg.transductive.self_train_start
+    if start is not None and start < 0:
+        raise ValueError(f"transductive.self_train_start={start} is negative: give a number of steps, or null")
+
+
 # --- the run folder ---------------------------------------------------------------------------------------------
 
 
@@ -376,8 +392,12 @@ def _train(
         val_set = build_eval_dataset(cfg)
     split = train_set.split
     class_names = list(split.class_names)
+    check_setting(cfg, split)
     # Only the seen names are encoded: under the inductive protocol an unseen name is first read at test time.
     text_seen = teacher.text_embeddings([class_names[i] for i in split.seen]).to(device)  # (S, C)
+    text_target = None
+    if cfg.data.setting == "transductive":  # the target names, never their labels
+        text_target = teacher.text_embeddings([class_names[i] for i in split.unseen]).to(device)  # (T, C)
     if info.main:
         logger.info(
             "training on %d images: %d seen classes, %d unseen held out (%s)",
@@ -404,7 +424,12 @@ def _train(
         student = nn.parallel.DistributedDataParallel(student, device_ids=ids)
         if synth is not None:
             synth = nn.parallel.DistributedDataParallel(synth, device_ids=ids)
-    parts = TrainParts(cfg, teacher, student, glm, synth, text_seen, seen_lookup(split).to(device), device)
+    ema = None
+    if text_target is not None and cfg.transductive.self_train_start is not None:
+        ema = EMAStudent(unwrap(student), cfg.transductive.ema_decay).to(device)
+    parts = TrainParts(
+        cfg, teacher, student, glm, synth, text_seen, seen_lookup(split).to(device), device, text_target, ema
+    )
 
     scaler = grad_scaler(cfg, device)
     start = 0

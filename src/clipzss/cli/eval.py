@@ -105,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         device=segmenter.device,
         num_workers=data.num_workers,
     )
+    if isinstance(segmenter, Segmenter):  # a checkpoint saved before settings existed trained inductively
+        result.extra["setting"] = segmenter.config.data.setting
+        print(f"trained in the {result.extra['setting']} setting")
     print(result.format_table())
     if args.out:
         out = Path(args.out)
