@@ -217,7 +217,8 @@ class TransductiveConfig:
     # A teacher's named label is kept where its softmax probability over seen + target texts reaches this and the
     # winner is a target [ours, chosen, not measured].
     threshold: float = 0.5
-    clusters: str = "unnamed"  # CLUSTER_MODES: with method.pseudo_labels, how clusters and named labels combine
+    # With method.pseudo_labels, how PLM clusters and named labels share the unlabelled pixels (CLUSTER_MODES).
+    clusters: str = "unnamed"
     # Steps after which the EMA student names the unlabelled pixels instead of the teacher; None = never (no EMA).
     self_train_start: int | None = None
     # The EMA student's softmax (at method.alpha, the scale it is trained at) must reach this [ours, chosen].

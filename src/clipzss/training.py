@@ -265,7 +265,9 @@ def check_setting(cfg: Config, split: Split) -> None:
         raise ValueError("data.setting=transductive needs target names: list them in data.unseen")
     start = cfg.transductive.self_train_start
     if start is not None and start < 0:
-        raise ValueError(f"transductive.self_train_start={start} is negative: give a number of steps, or null")
+        raise ValueError(
+            f"transductive.self_train_start={start} is negative: give a number of steps, or null"
+        )
 
 
 # --- the run folder ---------------------------------------------------------------------------------------------
@@ -406,6 +408,10 @@ def _train(
             len(split.unseen),
             ", ".join(class_names[i] for i in split.unseen) or "none",
         )
+        if text_target is not None:
+            logger.info(
+                "transductive: the held-out names are targets of named pseudo labels, their labels unread"
+            )
 
     student = build_student(cfg.student).to(device)
     glm = (

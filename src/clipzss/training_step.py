@@ -217,7 +217,9 @@ def _named_labels(
     if parts.ema is not None and start is not None and parts.ema.done >= start:
         with autocast_context(cfg, parts.device):
             embeddings = parts.ema(images)  # (B, C, H/4, W/4)
-        return name_pixels(embeddings, parts.texts, labels, num_seen, cfg.method.alpha, t.self_threshold, valid)
+        return name_pixels(
+            embeddings, parts.texts, labels, num_seen, cfg.method.alpha, t.self_threshold, valid
+        )
     return name_pixels(dense, parts.texts, labels, num_seen, 1.0 / t.tau, t.threshold, valid)
 
 
