@@ -275,9 +275,17 @@ def test_bad_settings_are_refused_in_one_line_naming_the_field(tmp_path: Path) -
     with pytest.raises(ValueError, match=r"data.setting=transductive needs target names"):
         check_setting(cfg, build_dataset(cfg, "train", train=True).split)
     cfg.data.unseen = None
-    cfg.transductive.self_train_start = -1
-    with pytest.raises(ValueError, match=r"transductive.self_train_start=-1"):
-        check_setting(cfg, held_out.split)
+    for field, value in (
+        ("self_train_start", -1),
+        ("threshold", 1.5),
+        ("self_threshold", -0.1),
+        ("tau", 0.0),
+        ("ema_decay", 1.0),
+        ("clusters", "both"),
+    ):
+        bad = dataclasses.replace(cfg, transductive=dataclasses.replace(cfg.transductive, **{field: value}))
+        with pytest.raises(ValueError, match=rf"^transductive\.{field}="):
+            check_setting(bad, held_out.split)
 
 
 def test_supervised_trains_on_every_label_and_evaluates_over_the_split(tmp_path: Path) -> None:

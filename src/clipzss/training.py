@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipzss.checkpoint import CHECKPOINT_NAME
-from clipzss.config import SETTINGS, Config, TrainConfig, check_choice
+from clipzss.config import CLUSTER_MODES, SETTINGS, Config, TrainConfig, check_choice
 from clipzss.data import Split, build_dataset, build_eval_dataset, seen_lookup
 from clipzss.evaluate import evaluate
 from clipzss.files import atomic_write, remove_stale_temporaries
@@ -254,20 +254,33 @@ def check_schedule(t: TrainConfig) -> None:
 
 
 def check_setting(cfg: Config, split: Split) -> None:
-    """One line when ``data.setting`` does not fit the training set's split (a set passed to `train` decides it)."""
+    """One line naming the field when ``data.setting`` or the transductive section does not fit (a training set
+    passed to `train` decides the split)."""
     check_choice(cfg.data.setting, SETTINGS, "data.setting")
     if cfg.data.setting == "supervised" and split.unseen:
         raise ValueError(
             f"data.setting=supervised trains on every class's labels, but the training set holds out "
             f"{len(split.unseen)} classes as unlabelled: build it with unseen=[]"
         )
-    if cfg.data.setting == "transductive" and not split.unseen:
+    if cfg.data.setting != "transductive":
+        return
+    if not split.unseen:
         raise ValueError("data.setting=transductive needs target names: list them in data.unseen")
-    start = cfg.transductive.self_train_start
-    if start is not None and start < 0:
+    t = cfg.transductive
+    check_choice(t.clusters, CLUSTER_MODES, "transductive.clusters")
+    if not t.tau > 0:
+        raise ValueError(f"transductive.tau={t.tau} must be positive")
+    for name in ("threshold", "self_threshold"):
+        if not 0.0 <= getattr(t, name) <= 1.0:
+            raise ValueError(
+                f"transductive.{name}={getattr(t, name)} is a probability: give a value in [0, 1]"
+            )
+    if t.self_train_start is not None and t.self_train_start < 0:
         raise ValueError(
-            f"transductive.self_train_start={start} is negative: give a number of steps, or null"
+            f"transductive.self_train_start={t.self_train_start} is negative: give a number of steps, or null"
         )
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ValueError(f"transductive.ema_decay={t.ema_decay} must be in [0, 1)")
 
 
 # --- the run folder ---------------------------------------------------------------------------------------------
