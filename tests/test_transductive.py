@@ -280,7 +280,6 @@ def test_bad_settings_are_refused_in_one_line_naming_the_field(tmp_path: Path) -
         ("threshold", 1.5),
         ("self_threshold", -0.1),
         ("tau", 0.0),
-        ("ema_decay", 1.0),
         ("clusters", "both"),
     ):
         bad = dataclasses.replace(cfg, transductive=dataclasses.replace(cfg.transductive, **{field: value}))

@@ -255,7 +255,7 @@ def check_schedule(t: TrainConfig) -> None:
 
 def check_setting(cfg: Config, split: Split) -> None:
     """One line naming the field when ``data.setting`` or the transductive section does not fit (a training set
-    passed to `train` decides the split)."""
+    passed to `train` decides the split; `EMAStudent` checks its decay)."""
     check_choice(cfg.data.setting, SETTINGS, "data.setting")
     if cfg.data.setting == "supervised" and split.unseen:
         raise ValueError(
@@ -279,8 +279,6 @@ def check_setting(cfg: Config, split: Split) -> None:
         raise ValueError(
             f"transductive.self_train_start={t.self_train_start} is negative: give a number of steps, or null"
         )
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise ValueError(f"transductive.ema_decay={t.ema_decay} must be in [0, 1)")
 
 
 # --- the run folder ---------------------------------------------------------------------------------------------
