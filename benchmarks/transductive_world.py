@@ -61,6 +61,7 @@ def run(name: str, spec: dict[str, object], seed: int, iters: int, out: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
     parser.add_argument("--json", default=None, help="write the runs here")
@@ -75,7 +76,7 @@ def main() -> None:
         for name, spec in rows(args.iters).items():
             if args.rows and name not in args.rows:
                 continue
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 tic = time.perf_counter()
                 metrics = run(name, spec, seed, args.iters, Path(tmp))
                 seconds = time.perf_counter() - tic
