@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from clipzss.data import IGNORE_INDEX, seen_lookup
 from clipzss.data.transforms import build_transforms
+from clipzss.transductive import name_pixels
 from clipzss.worlds.students import student_config, teacher_metrics, train_and_evaluate
 from clipzss.worlds.synthetic import WorldConfig, WorldScenes, load_teacher, world_datasets
 
@@ -45,6 +47,42 @@ def rows(iters: int) -> dict[str, dict[str, object]]:
     }
 
 
+@torch.no_grad()
+def label_quality(
+    thresholds: tuple[float, ...] = (0.0, 0.5, 0.7, 0.9), images: int = 64
+) -> list[dict[str, float]]:
+    """The teacher's named labels on the unlabelled pixels of training scenes (whole images): the share named and
+    the share of those named with their true class, per `transductive.threshold` (at `transductive.tau`)."""
+    cfg, world = student_config("unused"), WorldConfig()
+    teacher = load_teacher(world)
+    scenes = WorldScenes(world, "train", images, transform=build_transforms(cfg.data, False, world.size))
+    items = [scenes[i] for i in range(images)]
+    truth = torch.stack([item["mask"] for item in items])  # (N, H, W) class ids, every class
+    valid = truth != IGNORE_INDEX
+    labels = torch.where(valid, seen_lookup(scenes.split)[truth.clamp(0, IGNORE_INDEX)], IGNORE_INDEX)
+    names, split = list(scenes.class_names), scenes.split
+    texts = teacher.text_embeddings([names[i] for i in (*split.seen, *split.unseen)])
+    _, dense = teacher.encode_image(torch.stack([item["image"] for item in items]))
+    num_seen = len(split.seen)
+    true_id = torch.full_like(truth, -1)
+    for t, c in enumerate(split.unseen):
+        true_id[truth == c] = num_seen + t
+    unlabelled = (labels == IGNORE_INDEX) & valid
+    rows = []
+    for threshold in thresholds:
+        tau = cfg.transductive.tau
+        named = name_pixels(dense, texts, labels, num_seen, 1 / tau, threshold, valid)
+        got = unlabelled & (named != IGNORE_INDEX)
+        rows.append(
+            {
+                "threshold": threshold,
+                "named": float(got.sum() / unlabelled.sum().clamp_min(1)),
+                "precision": float((got & (named == true_id)).sum() / got.sum().clamp_min(1)),
+            }
+        )
+    return rows
+
+
 def run(name: str, spec: dict[str, object], seed: int, iters: int, out: Path) -> dict[str, float]:
     cfg = student_config(out / f"{abs(hash(name)) % 10**8}_{seed}", seed=seed, iters=iters)
     spec = dict(spec)
@@ -61,7 +99,9 @@ def run(name: str, spec: dict[str, object], seed: int, iters: int, out: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1"
+    )
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
     parser.add_argument("--json", default=None, help="write the runs here")
@@ -72,6 +112,12 @@ def main() -> None:
     _, val_set = world_datasets(cfg)
     teacher = teacher_metrics(load_teacher(WorldConfig()), val_set, cfg.eval)
     print(f"{'teacher (zero-shot, every name)':<55}" + "  ".join(f"{k} {teacher[k]:6.2f}" for k in KEYS))
+    quality = label_quality()
+    for row in quality:
+        print(
+            f"teacher names at threshold {row['threshold']:.1f}: {100 * row['named']:.1f}% of unlabelled pixels, "
+            f"{100 * row['precision']:.1f}% of them right"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in rows(args.iters).items():
             if args.rows and name not in args.rows:
@@ -87,7 +133,9 @@ def main() -> None:
                     f"{name:<55}" + "  ".join(f"{k} {metrics[k]:6.2f}" for k in KEYS) + f"  ({seconds:.0f} s)"
                 )
     if args.json:
-        Path(args.json).write_text(json.dumps({"teacher": teacher, "runs": results}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"teacher": teacher, "label_quality": quality, "runs": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":
