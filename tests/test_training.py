@@ -366,6 +366,64 @@ def test_training_never_encodes_an_unseen_class_name(cfg: Config, monkeypatch: p
     assert prompts and not [p for p in prompts if any(name in p for name in unseen)]
 
 
+def test_transductive_training_encodes_target_names_but_reads_no_target_label(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transductive twin of the test above: the text encoder sees the seen and the target names, but a training
+    set whose target pixels keep their true ids gives the losses exactly what one with those pixels unlabelled
+    gives (the pseudo labels included: they are part of the labels the losses get)."""
+    import clipzss.training_step as training_step
+    from clipzss.data import IGNORE_INDEX, SyntheticScenes, build_transforms
+    from clipzss.teacher import CLIPTeacher
+
+    asked: list[str] = []
+    text_embeddings = CLIPTeacher.text_embeddings
+
+    def watch_names(self, class_names, templates=None):
+        asked.extend(class_names)
+        return text_embeddings(self, class_names, templates)
+
+    monkeypatch.setattr(CLIPTeacher, "text_embeddings", watch_names)
+    losses_seen: list[tuple[torch.Tensor, dict[str, float]]] = []
+    compute = training_step.compute_losses
+
+    def watch_losses(R, labels, *args, **kwargs):
+        out = compute(R, labels, *args, **kwargs)
+        losses_seen.append((labels.clone(), {k: float(v.detach()) for k, v in out.items()}))
+        return out
+
+    monkeypatch.setattr(training_step, "compute_losses", watch_losses)
+
+    class Sentinel(SyntheticScenes):
+        """Training masks that still hold the target ids (``hide``: as the dataset gives them, 255)."""
+
+        def __init__(self, hide: bool) -> None:
+            super().__init__(8, size=64, transform=build_transforms(cfg.data, train=True), train=False)
+            self.hide = hide
+
+        def __getitem__(self, index: int) -> dict:
+            item = super().__getitem__(index)
+            if self.hide:
+                item["mask"] = torch.where(
+                    torch.isin(item["mask"], torch.tensor(self.unseen)), IGNORE_INDEX, item["mask"]
+                )
+            return item
+
+    cfg = tiny_config(tmp_path / "run", tmp_path / "text_cache", max_iters=1)
+    cfg.data.setting = "transductive"
+    cfg.transductive.threshold = 0.0  # every unlabelled pixel the teacher calls a target is named
+    runs = []
+    for hide in (False, True):
+        cfg.train.output_dir = str(tmp_path / f"run_{hide}")
+        losses_seen.clear()
+        train(cfg, train_set=Sentinel(hide))
+        runs.append(list(losses_seen))
+    (labels_a, losses_a), (labels_b, losses_b) = runs[0][0], runs[1][0]
+    assert torch.equal(labels_a, labels_b) and losses_a == losses_b
+    split = Sentinel(False).split
+    assert set(asked) == set(split.class_names)  # seen and target names: their texts are allowed, and used
+
+
 def test_train_step_runs_each_stage_in_a_profiler_scope(cfg: Config) -> None:
     """The scopes benchmarks/bench_train_step.py reads, in the order the step runs them."""
     from torch.profiler import ProfilerActivity, profile

@@ -163,6 +163,8 @@ _NAME_FIELDS = (
     ("teacher", "precision"),
     ("teacher", "dense"),
     ("data", "dataset"),
+    ("data", "setting"),
+    ("transductive", "clusters"),
     ("eval", "mode"),
     ("eval", "absent_classes"),
     ("method", "bce"),

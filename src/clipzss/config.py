@@ -26,6 +26,12 @@ logger = logging.getLogger(__name__)
 CENTER_SCOPES: tuple[str, ...] = ("batch", "image")  # method.center_scope
 PROTOTYPE_GAPS: tuple[str, ...] = ("none", "shift")  # method.prototype_gap
 DISTILL_PIXELS: tuple[str, ...] = ("all", "unlabelled")  # method.distill_pixels
+# What training may read of the unseen classes (data.setting): nothing (their names are first read at test time),
+# their names but never their labels, or their labels too (the fully supervised upper bound).
+SETTINGS: tuple[str, ...] = ("inductive", "transductive", "supervised")
+# How named pseudo labels and PLM clusters share the unlabelled pixels (transductive.clusters): clusters keep only
+# the pixels the teacher cannot name, or a named label replaces the cluster id wherever it is confident.
+CLUSTER_MODES: tuple[str, ...] = ("unnamed", "replace")
 
 # ZegCLIP's 15-template ensemble (reference/paper.md §2).
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -82,6 +88,10 @@ class DataConfig:
     eval_dataset: str | None = None
     eval_root: str | None = None
     eval_unseen: list[str] | None = None
+    # inductive | transductive | supervised (SETTINGS). Transductive: the unseen names above are the targets,
+    # text-encoded for named pseudo labels (section `transductive`), their labels still never read; supervised: every
+    # class is labelled in training, evaluation still reports seen/unseen over the split above.
+    setting: str = "inductive"
     crop_size: int = 512
     scale: int = 512  # short side before the random ratio, mmseg's img_scale (2048, 512)
     ratio_range: tuple[float, float] = (0.5, 2.0)
@@ -211,6 +221,29 @@ class MethodConfig:
 
 
 @dataclass
+class TransductiveConfig:
+    """Named pseudo labels and self-training, read only under data.setting=transductive.
+
+    Unlabelled pixels (never void) get a target name where a classifier over the seen and target texts is confident:
+    the teacher's dense tokens until ``self_train_start`` steps are done, then an EMA copy of the student (mean
+    teacher), whose confident predictions refresh the labels for the rest of the run (MaskCLIP+'s self-training).
+    """
+
+    # Softmax temperature of the teacher's tokens against the texts: CLIP's own logit scale 100 [ours, as CLIP].
+    tau: float = 0.01
+    # A teacher's named label is kept where its softmax probability over seen + target texts reaches this and the
+    # winner is a target [ours, chosen, not measured].
+    threshold: float = 0.5
+    # With method.pseudo_labels, how PLM clusters and named labels share the unlabelled pixels (CLUSTER_MODES).
+    clusters: str = "unnamed"
+    # Steps after which the EMA student names the unlabelled pixels instead of the teacher; None = never (no EMA).
+    self_train_start: int | None = None
+    # The EMA student's softmax (at method.alpha, the scale it is trained at) must reach this [ours, chosen].
+    self_threshold: float = 0.5
+    ema_decay: float = 0.999  # the EMA copy's decay per step, as mean-teacher methods use [ours]
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, schedule, logging and checkpointing."""
 
@@ -264,6 +297,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    transductive: TransductiveConfig = field(default_factory=TransductiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -30,8 +30,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipzss.checkpoint import CHECKPOINT_NAME
-from clipzss.config import Config, TrainConfig, check_values
-from clipzss.data import build_dataset, build_eval_dataset, seen_lookup
+from clipzss.config import CLUSTER_MODES, SETTINGS, Config, TrainConfig, check_choice, check_values
+from clipzss.data import Split, build_dataset, build_eval_dataset, seen_lookup
 from clipzss.evaluate import evaluate
 from clipzss.files import atomic_write, remove_stale_temporaries
 from clipzss.glm import GLM
@@ -50,6 +50,7 @@ from clipzss.training_state import (
     unwrap,
 )
 from clipzss.training_step import TrainParts, build_optimizer, grad_scaler, set_lr, train_step
+from clipzss.transductive import EMAStudent
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,34 @@ def check_schedule(t: TrainConfig) -> None:
     check_values(Config(train=t))
 
 
+def check_setting(cfg: Config, split: Split) -> None:
+    """One line naming the field when ``data.setting`` or the transductive section does not fit (a training set
+    passed to `train` decides the split; `EMAStudent` checks its decay)."""
+    check_choice(cfg.data.setting, SETTINGS, "data.setting")
+    if cfg.data.setting == "supervised" and split.unseen:
+        raise ValueError(
+            f"data.setting=supervised trains on every class's labels, but the training set holds out "
+            f"{len(split.unseen)} classes as unlabelled: build it with unseen=[]"
+        )
+    if cfg.data.setting != "transductive":
+        return
+    if not split.unseen:
+        raise ValueError("data.setting=transductive needs target names: list them in data.unseen")
+    t = cfg.transductive
+    check_choice(t.clusters, CLUSTER_MODES, "transductive.clusters")
+    if not t.tau > 0:
+        raise ValueError(f"transductive.tau={t.tau} must be positive")
+    for name in ("threshold", "self_threshold"):
+        if not 0.0 <= getattr(t, name) <= 1.0:
+            raise ValueError(
+                f"transductive.{name}={getattr(t, name)} is a probability: give a value in [0, 1]"
+            )
+    if t.self_train_start is not None and t.self_train_start < 0:
+        raise ValueError(
+            f"transductive.self_train_start={t.self_train_start} is negative: give a number of steps, or null"
+        )
+
+
 # --- the run folder ---------------------------------------------------------------------------------------------
 
 
@@ -378,8 +407,12 @@ def _train(
         val_set = build_eval_dataset(cfg)
     split = train_set.split
     class_names = list(split.class_names)
+    check_setting(cfg, split)
     # Only the seen names are encoded: under the inductive protocol an unseen name is first read at test time.
     text_seen = teacher.text_embeddings([class_names[i] for i in split.seen]).to(device)  # (S, C)
+    text_target = None
+    if cfg.data.setting == "transductive":  # the target names, never their labels
+        text_target = teacher.text_embeddings([class_names[i] for i in split.unseen]).to(device)  # (T, C)
     if info.main:
         logger.info(
             "training on %d images: %d seen classes, %d unseen held out (%s)",
@@ -388,6 +421,10 @@ def _train(
             len(split.unseen),
             ", ".join(class_names[i] for i in split.unseen) or "none",
         )
+        if text_target is not None:
+            logger.info(
+                "transductive: the held-out names are targets of named pseudo labels, their labels unread"
+            )
 
     student = build_student(cfg.student).to(device)
     glm = (
@@ -406,7 +443,12 @@ def _train(
         student = nn.parallel.DistributedDataParallel(student, device_ids=ids)
         if synth is not None:
             synth = nn.parallel.DistributedDataParallel(synth, device_ids=ids)
-    parts = TrainParts(cfg, teacher, student, glm, synth, text_seen, seen_lookup(split).to(device), device)
+    ema = None
+    if text_target is not None and cfg.transductive.self_train_start is not None:
+        ema = EMAStudent(unwrap(student), cfg.transductive.ema_decay).to(device)
+    parts = TrainParts(
+        cfg, teacher, student, glm, synth, text_seen, seen_lookup(split).to(device), device, text_target, ema
+    )
 
     scaler = grad_scaler(cfg, device)
     start = 0

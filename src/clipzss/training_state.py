@@ -59,6 +59,7 @@ def save_training_state(
         "student": student.state_dict(),
         "synthesizer": unwrap(parts.synthesizer).state_dict() if parts.synthesizer is not None else None,
         "glm": parts.glm.state_dict() if parts.glm is not None else None,
+        "ema": parts.ema.state_dict() if parts.ema is not None else None,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "rng_torch": torch.get_rng_state(),
@@ -182,6 +183,7 @@ def restore_training_state(
     for what, module, saved in (
         ("synthesizer", unwrap(parts.synthesizer), state.get("synthesizer")),
         ("GLM", parts.glm, state.get("glm")),
+        ("EMA student", parts.ema, state.get("ema")),
     ):
         if (module is None) != (saved is None):
             had = "has" if saved is not None else "has no"
@@ -200,6 +202,8 @@ def restore_training_state(
         unwrap(parts.synthesizer).load_state_dict(state["synthesizer"])
     if parts.glm is not None:
         parts.glm.load_state_dict(state["glm"])
+    if parts.ema is not None:
+        parts.ema.load_state_dict(state["ema"])
     # load_state_dict takes the saved groups' hyper-parameters; the new config's lr and weight decay count.
     fresh = [{"base_lr": g["base_lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])

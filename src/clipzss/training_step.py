@@ -23,6 +23,7 @@ from clipzss.losses import compute_losses
 from clipzss.pseudo_labels import pseudo_labels
 from clipzss.student import Student
 from clipzss.teacher import Teacher
+from clipzss.transductive import EMAStudent, name_pixels, transductive_labels
 
 # --- the parts and the optimizer --------------------------------------------------------------------------------
 
@@ -39,6 +40,16 @@ class TrainParts:
     text_seen: torch.Tensor  # (S, C)
     label_lut: torch.Tensor  # (256,) class id → seen index, 255 otherwise
     device: torch.device
+    # data.setting=transductive: the target names' texts (T, C), the text classifier's rows after the seen ones
+    text_target: torch.Tensor | None = None
+    ema: EMAStudent | None = None  # the self-training student (transductive.self_train_start set)
+
+    @property
+    def texts(self) -> torch.Tensor:
+        """The text classifier of the losses: the seen texts, then the target texts when there are any."""
+        if self.text_target is None:
+            return self.text_seen
+        return torch.cat([self.text_seen, self.text_target.to(self.text_seen)])
 
 
 def build_optimizer(student: Student, extra: list[nn.Module], cfg: Config) -> torch.optim.Optimizer:
@@ -107,8 +118,8 @@ def grad_scaler(cfg: Config, device: torch.device) -> torch.amp.GradScaler:
 
 # --- the step ---------------------------------------------------------------------------------------------------
 
-# The profiler scopes of a step, in the order they run ("pseudo labels" only with method.pseudo_labels, "bank" only
-# with the GLM's bank).
+# The profiler scopes of a step, in the order they run ("pseudo labels" only with method.pseudo_labels or in the
+# transductive setting, whose named labels it includes; "bank" only with the GLM's bank).
 STEP_SCOPES = tuple(
     f"train_step: {stage}"
     for stage in (
@@ -148,14 +159,21 @@ def train_step(
         labels = parts.label_lut[masks.clamp(0, 255)]  # (B, H, W) seen index or 255
         labels = torch.where(valid, labels, IGNORE_INDEX)
         ids = image_ids(batch.get("name"), device)  # (B,) for GLM's honest negatives, or None
-    num_seen = parts.text_seen.shape[0]
+    texts = parts.texts  # (S [+ T], C)
+    num_known = texts.shape[0]  # the classes with a text: seen, and the targets in the transductive setting
     with torch.no_grad():
         with _scope("teacher"):
             cls, dense = parts.teacher.encode_image(images)  # (B, C), (B, C, h, w)
         num_pseudo = None
-        if cfg.method.pseudo_labels:
+        if parts.text_target is not None:
             with _scope("pseudo labels"):
-                labels, num_pseudo = pseudo_labels(dense, labels, num_seen, cfg.method, valid)
+                named = _named_labels(parts, images, dense, labels, valid)
+                labels, num_pseudo = transductive_labels(
+                    named, labels, dense, num_known, cfg.method, cfg.transductive, valid
+                )
+        elif cfg.method.pseudo_labels:
+            with _scope("pseudo labels"):
+                labels, num_pseudo = pseudo_labels(dense, labels, num_known, cfg.method, valid)
     with _scope("student forward"), autocast_context(cfg, device):
         embeddings = parts.student(images)  # (B, C, H/4, W/4)
     with _scope("losses"):
@@ -165,10 +183,10 @@ def train_step(
         losses = compute_losses(
             embeddings.float(),
             labels,
-            parts.text_seen,
+            texts,
             cls,
             dense,
-            num_seen,
+            num_known,
             cfg.method,
             parts.glm,
             parts.synthesizer,
@@ -177,10 +195,32 @@ def train_step(
             ids=ids,
         )
     apply_gradients(cfg, optimizer, scaler, losses["loss"])
+    if parts.ema is not None:
+        parts.ema.update(parts.student)
     if parts.glm is not None and cfg.method.bank:
         with _scope("bank"):  # after the update, so a batch is never its own negative
             parts.glm.update_bank(cls, ids)
     return losses
+
+
+def _named_labels(
+    parts: TrainParts,
+    images: torch.Tensor,
+    dense: torch.Tensor,
+    labels: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """Target names on the unlabelled pixels: the teacher's, or the EMA student's once self-training has begun."""
+    cfg, t = parts.cfg, parts.cfg.transductive
+    num_seen = parts.text_seen.shape[0]
+    start = t.self_train_start
+    if parts.ema is not None and start is not None and parts.ema.done >= start:
+        with autocast_context(cfg, parts.device):
+            embeddings = parts.ema(images)  # (B, C, H/4, W/4)
+        return name_pixels(
+            embeddings, parts.texts, labels, num_seen, cfg.method.alpha, t.self_threshold, valid
+        )
+    return name_pixels(dense, parts.texts, labels, num_seen, 1.0 / t.tau, t.threshold, valid)
 
 
 def apply_gradients(

@@ -141,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
         device=segmenter.device,
         num_workers=data.num_workers,
     )
+    if isinstance(segmenter, Segmenter):  # a checkpoint saved before settings existed trained inductively
+        result.extra["setting"] = segmenter.config.data.setting
+        print(f"trained in the {result.extra['setting']} setting")
     print(result.format_table())
     result.extra["made_by"] = {  # what made these numbers, recorded in metrics.json
         "model": str(args.checkpoint) if args.checkpoint else f"baseline:{args.baseline}",

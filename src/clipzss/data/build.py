@@ -8,7 +8,7 @@ import logging
 import zlib
 from pathlib import Path
 
-from clipzss.config import Config
+from clipzss.config import SETTINGS, Config, DataConfig, check_choice
 from clipzss.data.datasets import FileDataset, SegmentationDataset
 from clipzss.data.readers import READERS, normalize_dataset_name, read_listing
 from clipzss.data.scenes import SyntheticScenes
@@ -21,11 +21,19 @@ DATASET_NAMES: tuple[str, ...] = (*READERS, "synthetic")
 _SYNTHETIC_LENGTH = {True: 256, False: 32}
 
 
+def training_unseen(data: DataConfig) -> list[str] | None:
+    """The classes a training set holds out: the configured unseen ones, none under ``data.setting=supervised``
+    (every class labelled: the upper bound, still evaluated seen/unseen over the configured split)."""
+    check_choice(data.setting, SETTINGS, "data.setting")
+    return [] if data.setting == "supervised" else data.unseen
+
+
 def build_dataset(cfg: Config, split: str, train: bool) -> SegmentationDataset:
     """The dataset named by ``cfg.data.dataset`` for ``split``, with training or evaluation transforms.
 
-    The split comes from ``cfg.data.unseen`` (None = the dataset's standard split). Training items have unseen
-    classes set to 255; evaluation items keep every class and have the image resized to ``cfg.eval.short_side``.
+    The split comes from ``cfg.data.unseen`` (None = the dataset's standard split; for training, `training_unseen`).
+    Training items have unseen classes set to 255; evaluation items keep every class and have the image resized to
+    ``cfg.eval.short_side``.
 
     Raises:
         ValueError: an unknown dataset name, or training on an evaluation-only dataset.
@@ -35,12 +43,13 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegmentationDataset:
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset '{cfg.data.dataset}'; choose one of: {', '.join(DATASET_NAMES)}")
     transform = build_transforms(cfg.data, train, short_side=cfg.eval.short_side)
+    unseen = training_unseen(cfg.data) if train else cfg.data.unseen
     if name == "synthetic":
         # The split name picks the scenes, so train and val never share images.
         return SyntheticScenes(
             num_images=_SYNTHETIC_LENGTH[train],
             seed=zlib.crc32(split.encode()),
-            unseen=cfg.data.unseen,
+            unseen=unseen,
             transform=transform,
             train=train,
         )
@@ -57,9 +66,7 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegmentationDataset:
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist (data.root for dataset '{name}')")
     listing = read_listing(name, root, split)
-    data_split = make_split(
-        listing.class_names, cfg.data.unseen, dataset=name, max_classes=listing.ignore_index
-    )
+    data_split = make_split(listing.class_names, unseen, dataset=name, max_classes=listing.ignore_index)
     logger.info(
         "%s/%s: %d images, %d classes (%d unseen)",
         name,
