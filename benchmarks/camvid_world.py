@@ -257,7 +257,7 @@ def measure(args: argparse.Namespace, store: dict) -> None:
     unknown = [r for r in args.rows or [] if r not in table]
     if unknown:
         raise SystemExit(f"camvid_world: unknown rows {unknown}; the rows are: {list(table)}")
-    wanted = [r for r in table if not args.rows or r in args.rows]
+    wanted = list(args.rows) if args.rows else list(table)  # in the order given
     # The core rows on every seed first, then the others seed by seed, so a cut-short command leaves whole seeds.
     order = [(seed, r) for r in wanted if r in CORE_ROWS for seed in range(args.seeds)]
     order += [(seed, r) for seed in range(args.seeds) for r in wanted if r not in CORE_ROWS]
