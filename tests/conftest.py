@@ -190,3 +190,17 @@ def run_gloo_ranks(worker: Callable[..., None], world: int = 2, timeout: float =
         proc.join(timeout)
     assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
     return [result for _, result in sorted(results.get() for _ in range(world))]
+
+
+def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    """Run the CLI on ``argv``: it must exit 2 with exactly one ``clipzss ...`` line on stderr, no traceback, and
+    every needle in that line (returned)."""
+    from clipzss.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("clipzss")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -20,16 +20,7 @@ from safetensors.torch import load_file, save_file
 import clipzss.training
 from clipzss.cli import main
 from clipzss.training_state import load_training_state
-
-
-def _one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if line.startswith("clipzss")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+from conftest import one_error_line
 
 
 def _copy_run(trained_checkpoint: Path, tmp_path: Path) -> Path:
@@ -129,7 +120,7 @@ def test_training_values_no_run_can_use_are_refused_naming_the_key(
         *short,
         override,
     ]
-    _one_error_line(argv, capsys, needle)
+    one_error_line(argv, capsys, needle)
     assert not out.exists()
 
 
@@ -225,7 +216,7 @@ def test_checkpoint_teacher_with_a_hub_text_tower_is_refused(
         "--out",
         str(tmp_path / "o"),
     ]
-    _one_error_line(argv, capsys, "'roberta-base'", "never makes clipzss reach the network")
+    one_error_line(argv, capsys, "'roberta-base'", "never makes clipzss reach the network")
     assert connections == []
 
 
@@ -257,6 +248,10 @@ def _set(section: str, key: str, value: object):
     return edit
 
 
+def _predict_argv(image: Path, ckpt: Path, out: Path) -> list[str]:
+    return ["predict", str(image), "--checkpoint", str(ckpt), "--classes", "road,sky", "--out", str(out)]
+
+
 def _photo(path: Path) -> Path:
     import numpy as np
     from PIL import Image
@@ -285,17 +280,8 @@ def test_checkpoint_sizes_out_of_range_are_one_line(
 ) -> None:
     ckpt = _rewrite(trained_checkpoint, tmp_path / "size.safetensors", _set("eval", key, value))
     image = _photo(tmp_path / "a.png")
-    argv = [
-        "predict",
-        str(image),
-        "--checkpoint",
-        str(ckpt),
-        "--classes",
-        "road,sky",
-        "--out",
-        str(tmp_path / "o"),
-    ]
-    _one_error_line(argv, capsys, "size.safetensors", needle)
+    argv = _predict_argv(image, ckpt, tmp_path / "o")
+    one_error_line(argv, capsys, "size.safetensors", needle)
     assert not (tmp_path / "o").exists()
 
 
@@ -308,17 +294,8 @@ def test_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(
     tensors[name].view(-1)[:3] = float("nan")
     ckpt = _rewrite(trained_checkpoint, tmp_path / "nan.safetensors", lambda c: None, tensors)
     image = _photo(tmp_path / "a.png")
-    argv = [
-        "predict",
-        str(image),
-        "--checkpoint",
-        str(ckpt),
-        "--classes",
-        "road,sky",
-        "--out",
-        str(tmp_path / "o"),
-    ]
-    _one_error_line(argv, capsys, "nan.safetensors", repr(name), "3 non-finite values")
+    argv = _predict_argv(image, ckpt, tmp_path / "o")
+    one_error_line(argv, capsys, "nan.safetensors", repr(name), "3 non-finite values")
     assert not (tmp_path / "o").exists()
 
 
@@ -399,9 +376,7 @@ def test_odd_onnx_metadata_is_one_line_naming_the_file_and_key(
 ) -> None:
     path = _onnx(tmp_path / "odd.onnx", **changes)
     image = _photo(tmp_path / "a.png")
-    _one_error_line(
-        ["predict", str(image), "--onnx", str(path), "--out", str(tmp_path / "o")], capsys, needle
-    )
+    one_error_line(["predict", str(image), "--onnx", str(path), "--out", str(tmp_path / "o")], capsys, needle)
     assert not (tmp_path / "o").exists()
 
 
@@ -415,9 +390,9 @@ def test_onnx_class_lists_are_bounded_like_the_demos(
     path = _onnx(tmp_path / "many.onnx", class_names=json.dumps(names))
     image = _photo(tmp_path / "a.png")
     argv = ["predict", str(image), "--onnx", str(path), "--out", str(tmp_path / "o")]
-    _one_error_line(argv, capsys, "100,000 class names", f"at most {MAX_CLASS_NAMES:,}")
+    one_error_line(argv, capsys, "100,000 class names", f"at most {MAX_CLASS_NAMES:,}")
     too_many = str(MAX_CLASS_NAMES + 1)
-    _one_error_line(
+    one_error_line(
         ["demo", "--baseline", "maskclip", "--max-classes", too_many], capsys, "more than clipzss handles"
     )
 
@@ -436,7 +411,7 @@ def test_eval_options_are_bounded_like_the_config_fields_they_set(
         "--max-images",
         "-5",
     ]
-    _one_error_line(argv, capsys, "eval.max_images=-5 must be at least 0")
+    one_error_line(argv, capsys, "eval.max_images=-5 must be at least 0")
 
 
 @pytest.mark.parametrize(
@@ -461,4 +436,4 @@ def test_text_embedding_files_are_checked_like_onnx_metadata(
     if needle is None:
         assert main(argv) == 0  # a sound file still works
     else:
-        _one_error_line(argv, capsys, "names.safetensors", needle)
+        one_error_line(argv, capsys, "names.safetensors", needle)

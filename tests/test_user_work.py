@@ -38,7 +38,7 @@ from clipzss.runs import RUN_FILES, RunFolderError, RunLock
 from clipzss.training import TrainingInterrupted, train
 from clipzss.training_state import ResumeError, check_resume_config, load_training_state
 from clipzss.visualize import colorize, overlay, palette
-from conftest import tiny_config, tiny_overrides
+from conftest import one_error_line, tiny_config, tiny_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -51,16 +51,6 @@ def _user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # conftest keeps the text cache of every other test in a tmp folder; here the real default rule is under test.
     monkeypatch.setattr(clipzss.text_cache, "user_cache_dir", clipzss.files.user_cache_dir)
     return tmp_path / "xdg"
-
-
-def _one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if line.startswith("clipzss")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _photo(path: Path, seed: int, size: tuple[int, int] = (24, 16)) -> Path:
@@ -146,7 +136,7 @@ def test_bad_teacher_weights_are_one_line(
     else:
         weights.write_bytes(b"not weights at all " * 8)
     image = _photo(tmp_path / "a.png", 0)
-    line = _one_error_line(
+    line = one_error_line(
         [
             "predict",
             str(image),
@@ -196,7 +186,7 @@ def test_worker_errors_name_the_file(
     message = user_message(caught.value)
     assert message.startswith("cannot read image") and "broken.png" in message and "\n" not in message
     argv = ["eval", str(trained_checkpoint), "--dataset", "folder", "--data-root", str(root)]
-    _one_error_line([*argv, "--unseen", "car", "--workers", "1", "--device", "cpu"], capsys, "broken.png")
+    one_error_line([*argv, "--unseen", "car", "--workers", "1", "--device", "cpu"], capsys, "broken.png")
 
 
 # --- 9. colours beyond 256 classes -------------------------------------------------------------------------------
@@ -229,8 +219,8 @@ def test_names_equal_for_clip_are_refused_on_every_path(
     assert parse_class_names("cat,dog,cats") == ["cat", "dog", "cats"]
     image = _photo(tmp_path / "a.png", 0)
     base = ["predict", str(image), "--classes", "Cat,cat", "--out", str(tmp_path / "out")]
-    _one_error_line([*base, "--checkpoint", str(trained_checkpoint)], capsys, "Cat = cat")
-    _one_error_line([*base, "--onnx", str(tmp_path / "model.onnx")], capsys, "Cat = cat")
+    one_error_line([*base, "--checkpoint", str(trained_checkpoint)], capsys, "Cat = cat")
+    one_error_line([*base, "--onnx", str(tmp_path / "model.onnx")], capsys, "Cat = cat")
     code = "import sys; sys.modules['torch'] = None; from clipzss.names import parse_class_names"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0  # torch-free
 
@@ -353,7 +343,7 @@ def test_bad_alpha_in_a_checkpoint_is_refused(
     ckpt = _rewrite(trained_checkpoint, tmp_path / "alpha.safetensors", set_alpha)
     image = _photo(tmp_path / "a.png", 0)
     argv = ["predict", str(image), "--checkpoint", str(ckpt), "--classes", "a", "--out", str(tmp_path / "o")]
-    _one_error_line(argv, capsys, "method.alpha must be a positive finite number", "alpha.safetensors")
+    one_error_line(argv, capsys, "method.alpha must be a positive finite number", "alpha.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -406,7 +396,7 @@ def test_resume_that_changes_the_model_shape_is_refused_before_anything_is_writt
         "--resume",
         str(run),
     ]
-    line = _one_error_line(
+    line = one_error_line(
         changed, capsys, "cannot resume", "student.encoder: 'mit_b0' → 'mit_b1'", "method.bank_size: 8 → 16"
     )
     assert "train.lr" not in line and "state_dict" not in line  # only the fields that refuse, no tensor dump
@@ -433,7 +423,7 @@ def test_weights_that_do_not_fit_are_one_line_and_nothing_is_written(
     torch.save(state, run / "train_state.pt")
     before = _snapshot(run)
     argv = ["train", str(run / "config.yaml"), f"train.output_dir={run}", "student.encoder=mit_b1"]
-    _one_error_line(
+    one_error_line(
         [*argv, "--resume", str(run)], capsys, "its student weights do not fit", "of another shape"
     )
     assert _snapshot(run) == before and not (run / "train.lock").exists()
@@ -447,7 +437,7 @@ def test_resume_into_a_folder_that_holds_another_run_is_refused(
     other.mkdir()
     (other / "model.safetensors").write_bytes(b"another run")
     argv = ["train", str(source / "config.yaml"), f"train.output_dir={other}", "--resume", str(source)]
-    _one_error_line(argv, capsys, str(other), "holds another run", "--overwrite")
+    one_error_line(argv, capsys, str(other), "holds another run", "--overwrite")
     assert _snapshot(other) == {"model.safetensors": b"another run"}
 
 
@@ -504,7 +494,7 @@ def test_fresh_training_refuses_a_folder_that_holds_a_run_unless_told_to_overwri
         (run / name).write_bytes(b"the user's own run")
         argv = _train_argv(run, tmp_path / "cache")
         hint = f"--resume {run}" if name == "train_state.pt" else "no training state to resume"
-        _one_error_line(argv, capsys, str(run), "already holds a run", name, hint, "--overwrite")
+        one_error_line(argv, capsys, str(run), "already holds a run", name, hint, "--overwrite")
         assert _snapshot(run) == {name: b"the user's own run"}
         with pytest.raises(RunFolderError, match="already holds a run"):
             train(tiny_config(run, tmp_path / "cache"))
@@ -533,7 +523,7 @@ def test_a_second_training_into_a_busy_folder_fails_at_once_naming_the_pid(
     try:
         assert holder.stdout.readline().strip() == "held"
         tic = time.monotonic()
-        _one_error_line(_train_argv(run, tmp_path / "cache"), capsys, str(run), "in use", f"PID {holder.pid}")
+        one_error_line(_train_argv(run, tmp_path / "cache"), capsys, str(run), "in use", f"PID {holder.pid}")
         assert time.monotonic() - tic < 20, "refused before anything is built"
         with pytest.raises(RunFolderError, match=f"PID {holder.pid}"):
             train(tiny_config(run, tmp_path / "cache"))
@@ -626,7 +616,7 @@ def test_quickstart_moves_on_from_its_default_folder_and_refuses_a_taken_out(
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.yaml").write_text("a run")
-    _one_error_line(["quickstart", "--out", str(mine)], capsys, str(mine), "already holds a run", "--out")
+    one_error_line(["quickstart", "--out", str(mine)], capsys, str(mine), "already holds a run", "--out")
     assert _snapshot(mine) == {"config.yaml": b"a run"}
     assert (DEFAULT_OUT / "model.safetensors").read_bytes() == b"the first quick start"
 
@@ -765,7 +755,7 @@ def test_disk_full_during_training_is_one_line_from_the_cli(
 ) -> None:
     run = tmp_path / "run"
     _disk_full("torch", monkeypatch)
-    _one_error_line(
+    one_error_line(
         _train_argv(run, tmp_path / "cache"),
         capsys,
         str(run),
