@@ -110,7 +110,7 @@ def test_coco_stuff_mapping_has_171_targets_in_order() -> None:
     by_coco_id |= {41: "skateboard", 57: "carrot", 87: "scissors", 92: "banner", 182: "wood"}
     for coco_id, name in by_coco_id.items():
         assert COCO_STUFF_CLASSES[lut[coco_id - 1]] == name
-    # DESIGN.md §3: the standard unseen COCO-Stuff indices are the trainIds of those classes.
+    # The standard unseen COCO-Stuff indices (ZegCLIP's split) are the trainIds of those classes.
     assert [COCO_STUFF_CLASSES.index(n) for n in STANDARD_UNSEEN["coco-stuff"]][:7] == [
         19,
         23,

@@ -1,8 +1,8 @@
 """Nested dataclass configs, YAML load/save and ``section.key=value`` command-line overrides.
 
-Every choice of DESIGN.md §2 is a field here with its default, so any of them can be ablated from the command
-line. The resolved config is written to every run folder and stored beside every checkpoint: a checkpoint alone
-rebuilds its model.
+Every choice the paper (CLIP-ZSS, Chen et al., arXiv 2310.02296) leaves open is a field here with its default,
+so any of them can be ablated from the command line. The resolved config is written to every run folder and
+stored beside every checkpoint: a checkpoint alone rebuilds its model.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SETTINGS: tuple[str, ...] = ("inductive", "transductive", "supervised")
 # the pixels the teacher cannot name, or a named label replaces the cluster id wherever it is confident.
 CLUSTER_MODES: tuple[str, ...] = ("unnamed", "replace")
 
-# ZegCLIP's 15-template ensemble (reference/paper.md §2).
+# ZegCLIP's 15-template ensemble.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
     "a photo of a small {}.",
@@ -82,7 +82,8 @@ class DataConfig:
     root: str = ""
     train_split: str = "train"
     val_split: str = "val"
-    # Class names held out as unseen. None = the dataset's standard split (DESIGN.md §3); [] = fully supervised.
+    # Class names held out as unseen. None = the dataset's standard split (docs/protocols.md); [] = fully
+    # supervised.
     unseen: list[str] | None = None
     # Evaluation on another dataset (open-vocabulary transfer, e.g. train COCO-Stuff → evaluate VOC); None = the same.
     eval_dataset: str | None = None
@@ -138,7 +139,7 @@ class StudentConfig:
 
 @dataclass
 class MethodConfig:
-    """CLIP-ZSS modules, their switches (ablations) and their hyper-parameters (DESIGN.md §2)."""
+    """CLIP-ZSS modules, their switches (ablations) and their hyper-parameters."""
 
     glm: bool = True
     bank: bool = True
@@ -285,7 +286,7 @@ class EvalConfig:
     # ZegCLIP's inductive calibration: sigmoid scores of the seen classes lowered by this much before the argmax
     # (ZegCLIP uses 0.1). When > 0 the calibrated metrics are reported beside the plain ones, never instead.
     seen_gamma: float = 0.0
-    # 0: exact labels, the argmax of the upsampled scores. m > 0: approximate and faster (opt-in, issue 15): where a
+    # 0: exact labels, the argmax of the upsampled scores. m > 0: approximate and faster (opt-in): where a
     # region's labels are not settled exactly, only each low-resolution point's m best classes compete there
     # (`label_maps.label_map`; agreement and speed in benchmarks/README.md).
     label_candidates: int = 0

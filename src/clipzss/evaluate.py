@@ -1,9 +1,10 @@
 """Evaluation under the ZegCLIP generalised zero-shot protocol: joint argmax, one confusion matrix, split means.
 
-Every class, seen and unseen, competes in one argmax (a model is never told which classes are unseen); the per-class
-IoUs of the resulting confusion matrix are then averaged separately over the seen and the unseen ids, and hIoU is
-their harmonic mean (DESIGN.md §3). The matrix streams over the dataset and sums across processes, so the numbers
-do not depend on how many GPUs ran the evaluation. Model code is not imported here: callers pass a ``logits_fn``.
+Every class, seen and unseen, competes in one argmax (a model is never told which classes are unseen); the
+per-class IoUs of the resulting confusion matrix are then averaged separately over the seen and the unseen
+ids, and hIoU is their harmonic mean (docs/protocols.md). The matrix streams over the dataset and sums across
+processes, so the numbers do not depend on how many GPUs ran the evaluation. Model code is not imported here:
+callers pass a ``logits_fn``.
 """
 
 from __future__ import annotations

@@ -247,7 +247,7 @@ def band_plan(plan: Plan, band: Band) -> Plan:
 
 # At most this many bytes of logits per batch of windows beyond the first: with a large vocabulary (847 names:
 # 55 MB per 512² window) the windows then go one or two at a time, so a batch's logits and the network's
-# activations add little to the stored windows (issue 15: peak memory at 1024×2048).
+# activations add little to the stored windows (peak memory at 1024×2048: benchmarks/README.md).
 WINDOW_BATCH_BYTES = 64 << 20
 
 Window = tuple[int, int, int, int]

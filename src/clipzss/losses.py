@@ -1,6 +1,6 @@
 """CLIP-ZSS losses as pure functions: InfoNCE, logits over text + pseudo prototypes, NEL, CE and prototype BCE.
 
-`compute_losses` assembles one training step's terms after the student forward (DESIGN.md §1):
+`compute_losses` assembles one training step's terms after the student forward:
 ``loss = w_glm·L_global + w_nel·L_nel + w_ce·CE + w_bce·L_bce``. Nothing here reads tensor values on the host, so
 a step has no hidden host-device sync (the one exception, documented, is not passing ``max_pseudo``).
 """

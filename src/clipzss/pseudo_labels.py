@@ -1,10 +1,10 @@
 """PLM pseudo labels: multi-scale K-Means on the teacher's dense tokens, mask fusion, fused targets.
 
-The paper (reference/paper.md §4a) clusters CLIP's dense tokens with K-Means whose seeds are window averages at
-several sizes, fuses the resulting masks whose centres are similar ("each seed used once") and fills the ignored
-area of the ground truth with the fused regions. DESIGN.md §2 fixes what the paper leaves open; every function
-here is pure, batched over images on the input's device and free of host-device syncs unless stated, so the trainer
-can run it every step under ``torch.no_grad()``.
+The paper (CLIP-ZSS, Chen et al., arXiv 2310.02296) clusters CLIP's dense tokens with K-Means whose seeds are
+window averages at several sizes, fuses the resulting masks whose centres are similar ("each seed used once")
+and fills the ignored area of the ground truth with the fused regions. The ``MethodConfig`` defaults fix what
+the paper leaves open; every function here is pure, batched over images on the input's device and free of
+host-device syncs unless stated, so the trainer can run it every step under ``torch.no_grad()``.
 
 Pipeline (``pseudo_labels``): ``window_sizes`` → per scale ``window_seeds``, ``kmeans_sets`` → pool the centroids
 of all scales → ``fuse_centroids`` → ``assign_tokens`` (token region map) → ``fuse_labels`` (ground truth + regions).
@@ -634,7 +634,7 @@ def pseudo_labels(
     cfg: MethodConfig,
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trainer's entry point: fused labels F from teacher tokens and ground truth (DESIGN.md §1).
+    """The trainer's entry point: fused labels F from teacher tokens and ground truth.
 
     Honours ``cfg.pseudo_labels`` (off: the ground truth unchanged, zero pseudo regions), ``multi_scale``,
     ``mask_fusion``, ``kmeans_iters``, ``window_divisors``, ``fusion_threshold``, ``min_region`` and

@@ -1,7 +1,7 @@
 """The student: any segmentation-models-pytorch network that returns C-channel pixel embeddings at stride 4.
 
 smp models upsample their last map to full resolution. With ``classes = C = 512`` that map costs 1 GB per 512x512
-image, so every architecture is re-wired here to stop at stride 4 (DESIGN.md §2); the caller computes K-class
+image, so every architecture is re-wired here to stop at stride 4; the caller computes K-class
 logits there and upsamples those. How each architecture gets there is listed in ``SUPPORTED_ARCHS``.
 
 Weights (``StudentConfig.weights``): ``None`` (random), ``"imagenet"`` (or another smp tag such as ``"ssl"``; from

@@ -1,5 +1,5 @@
-"""The prototype synthesizer (DESIGN.md §1-2): a prototype per seen class and pseudo region of each image, from the
-teacher's region means corrected by a small transformer decoder.
+"""The prototype synthesizer: a prototype per seen class and pseudo region of each image, from the teacher's
+region means corrected by a small transformer decoder.
 
 Shapes: R (B, C, h, w) student embeddings at stride 4; S (B, C) teacher CLS and D (B, C, h', w') teacher dense
 tokens, both L2-normalised and without grad; F (B, H, W) fused labels; ``valid`` (B, H, W) bool marks the pixels

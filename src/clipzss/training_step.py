@@ -1,6 +1,6 @@
 """One CLIP-ZSS optimisation step: the parts it needs, the optimizer and its schedule, mixed precision, `train_step`.
 
-Per step (DESIGN.md §1): the frozen teacher gives CLS + dense tokens; pseudo labels fill the ignored pixels; the
+Per step: the frozen teacher gives CLS + dense tokens; pseudo labels fill the ignored pixels; the
 student embeds the crop; `compute_losses` adds GLM, NEL, CE and the synthesizer's BCE; the loss is back-propagated
 through the AMP scaler, the gradients clipped and the optimizer stepped; the teacher's CLS tokens join the GLM's
 bank. Each stage runs in a ``torch.profiler`` scope named in `STEP_SCOPES` (free when no profiler listens), so a

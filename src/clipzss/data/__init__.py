@@ -1,4 +1,4 @@
-"""Datasets, seen/unseen splits and transforms (DESIGN.md §3).
+"""Datasets, seen/unseen splits and transforms.
 
 Where each concept lives: :mod:`~clipzss.data.splits` (class lists, splits, the ignore values),
 :mod:`~clipzss.data.masks` (label files → class ids, palettes), :mod:`~clipzss.data.readers` (each layout's

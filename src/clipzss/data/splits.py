@@ -1,7 +1,7 @@
-"""Class lists of the benchmark datasets and seen/unseen splits (DESIGN.md §3).
+"""Class lists of the benchmark datasets and seen/unseen splits (docs/protocols.md lists both).
 
 The class orders are mmsegmentation's, so label files prepared for mmseg index them directly. The unseen lists are
-the standard inductive zero-shot splits (ZS3Net/ZegCLIP); reference/paper.md §6 gives their provenance.
+the standard inductive zero-shot splits (ZS3Net/ZegCLIP); docs/protocols.md tags each with its source.
 :func:`relabel_unseen` is the single place where unseen pixels become ``ignore`` (training only): the files on disk
 are never rewritten.
 """

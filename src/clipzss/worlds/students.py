@@ -40,8 +40,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "+ GLM": dict(glm=True, bank=True, pseudo_labels=False, synthesizer=False, nel=False),
     "+ GLM + PLM, CE only (− NEL)": dict(glm=True, bank=True, synthesizer=False, nel=False, **_MS),
     "default": {},
-    # Issue 13: NEL as ZegCLIP's code computes it (the default) against our earlier rule, and the losses at the
-    # logits' stride (the default) against full size; "previous default" is the issue-12 setting.
+    # NEL as ZegCLIP's code computes it (the default) against our earlier rule, and the losses at the logits'
+    # stride (the default) against full size; "previous default" is the earlier table's setting.
     "default, NEL over entries ×20": dict(nel_norm="entries", focal_weight=20.0),
     "previous default (NEL over entries ×20, losses at full size)": dict(
         nel_norm="entries", focal_weight=20.0, loss_resolution="full"
@@ -54,7 +54,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "default − seen-rim filter": dict(max_seen_share=1.0),
     "default − token centring (raw tokens, λ 0.85)": dict(center_tokens=False, fusion_threshold=0.85),
     "default + synthesizer (anchored)": dict(synthesizer=True),
-    # Rows of the issue-12 table, measured against the default with multi-scale seeding on.
+    # Rows of the earlier table (benchmarks/README.md), measured against the default with multi-scale seeding
+    # on.
     "default + multi-scale (ms)": dict(_MS),
     "ms + synthesizer (anchored)": dict(synthesizer=True, **_MS),
     "ms + synthesizer, old L_bce (1/τ, bias 0)": dict(
@@ -66,13 +67,14 @@ VARIANTS: dict[str, dict[str, object]] = {
     "ms − token centring (raw tokens, λ 0.85)": dict(center_tokens=False, fusion_threshold=0.85, **_MS),
 }
 # The table's rows under the names they were run with (benchmarks/evidence.py --relabel reads old JSON files).
-RENAMED: dict[str, str] = {}  # none since the issue-13 table, which re-ran every row under its name
+RENAMED: dict[str, str] = {}  # none since the current table, which re-ran every row under its name
 BASELINE, FULL = "seen-only baseline (CE)", "default"
 # The rows run in the other three worlds (text × gap), where a full table would cost 3x more CPU.
 KEY_VARIANTS: tuple[str, ...] = (BASELINE, FULL, "default, NEL over entries ×20")
 # The rows of the current table (benchmarks/README.md), default world; the others stay runnable by name.
-# The rows that the loss changes of issue 13 can move; the rows of the parts they do not touch (seen-rim filter, token
-# centring, synthesizer, multi-scale) are the issue-12 table's (benchmarks/README.md says which is which).
+# The rows that the loss changes (NEL as ZegCLIP computes it, losses at the logits' stride) can move; the rows
+# of the parts they do not touch (seen-rim filter, token centring, synthesizer, multi-scale) are the earlier
+# table's (benchmarks/README.md says which is which).
 TABLE_VARIANTS: tuple[str, ...] = (
     *KEY_VARIANTS,
     "previous default (NEL over entries ×20, losses at full size)",

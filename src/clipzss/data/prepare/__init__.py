@@ -1,5 +1,5 @@
 """The library of ``clipzss prepare-data``: the official downloads → the mmsegmentation layouts clipzss reads
-(DESIGN.md §3).
+(docs/protocols.md).
 
 Each preparer takes the archives as downloaded (tar/zip, read in place: only what is needed is extracted) or the
 folders they were extracted to, and writes:
