@@ -265,9 +265,14 @@ def measure(args: argparse.Namespace, store: dict) -> None:
     for seed, row in order:
         iters = args.iters * int(table[row].get("iters", 1))
         method = run_method(table[row]["switches"])
-        # A run is kept while its row, seed, schedule and every MethodConfig field are the same (resumable).
+        # A run is kept while its row, seed, schedule and every MethodConfig field it stored are the same
+        # (resumable). A field added later defaults to what the code did before it; one that does not bumps
+        # CODE_VERSION.
         if not any(
-            r["row"] == row and r["seed"] == seed and r["iters"] == iters and r.get("method") == method
+            r["row"] == row
+            and r["seed"] == seed
+            and r["iters"] == iters
+            and same_method(r.get("method"), method)
             for r in runs
         ):
             pending.append((row, table[row]["switches"], seed, iters))
@@ -312,6 +317,11 @@ def _worker_run(row: str, switches: dict, seed: int, iters: int, threads: int) -
     torch.set_num_threads(threads)
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     return student_run(row, switches, seed, iters, cw.load_teacher())
+
+
+def same_method(stored: dict[str, object] | None, method: dict[str, object]) -> bool:
+    """A stored run's MethodConfig equals ``method`` on every field the run stored."""
+    return stored is not None and all(method.get(key, value) == value for key, value in stored.items())
 
 
 def run_method(switches: dict[str, object]) -> dict[str, object]:

@@ -185,6 +185,18 @@ def test_void_pixels_reach_no_loss(switches: dict[str, object]) -> None:
         assert not torch.allclose(moved["nel"], compute_losses(**plain, cfg=cfg, glm=glm)["nel"])
 
 
+def test_zegclips_void_negatives_are_an_option() -> None:
+    cfg = MethodConfig(bank=False, glm=False, nel_void_negatives=True)
+    inputs = _loss_inputs()
+    plain = {k: v for k, v in inputs.items() if k != "valid"}
+    # With the option, NEL is ZegCLIP's criterion whatever the void mask says; CE still ignores void pixels.
+    torch.testing.assert_close(
+        compute_losses(**inputs, cfg=cfg)["nel"], compute_losses(**plain, cfg=cfg)["nel"]
+    )
+    skipped = compute_losses(**inputs, cfg=dataclasses.replace(cfg, nel_void_negatives=False))["nel"]
+    assert not torch.allclose(skipped, compute_losses(**inputs, cfg=cfg)["nel"])
+
+
 def test_distill_loss_hand_computed_and_token_selection() -> None:
     R = torch.zeros(1, 2, 2, 2)
     R[0, 0] = 1.0  # every student pixel points along e0

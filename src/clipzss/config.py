@@ -205,6 +205,9 @@ class MethodConfig:
     # non-ignored pixel × channel entries): within noise in three synthetic worlds, +2.9 unseen mIoU in the fourth,
     # but 2-2.5x less unseen mIoU in the CamVid world (real photographs, real text) [ours, benchmarks/README.md].
     nel_norm: str = "zegclip"
+    # ZegCLIP's criterion counts every 255 pixel as a negative of every class, void (VOC's boundary bands, padding)
+    # included; we leave void out (pixels that are no content teach nothing). True restores ZegCLIP exactly.
+    nel_void_negatives: bool = False
     focal_weight: float = 100.0
     dice_weight: float = 1.0
     # NEL and CE at the logits' stride (labels brought down by block majority): K-channel maps stay at 1/16 of the

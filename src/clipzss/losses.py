@@ -502,7 +502,7 @@ def compute_losses(
             valid = seen_ok if pseudo_valid is None else torch.cat([seen_ok, pseudo_valid], dim=1)  # (B, K)
             targets = restrict_targets(targets, valid)
             pixels = None
-            if image is not None:  # void pixels at the targets' resolution
+            if image is not None and not cfg.nel_void_negatives:  # void pixels at the targets' resolution
                 pixels = (
                     image
                     if cfg.loss_resolution == "full"
