@@ -85,6 +85,15 @@ def rows() -> dict[str, dict[str, object]]:
         "default + dense distillation (unlabelled pixels)": {
             "switches": dict(w_distill=1.0, distill_pixels="unlabelled")
         },
+        # The settings (data.setting): the unseen names known in training, or every class labelled. Self-training
+        # starts halfway, with an EMA horizon (1 / (1 - decay) = 50 steps) that fits a run of hundreds of steps.
+        "transductive (the teacher names unlabelled pixels)": {"switches": {}, "setting": "transductive"},
+        "transductive + EMA self-training from the half": {
+            "switches": {},
+            "setting": "transductive",
+            "transductive": {"self_train_start": "half", "ema_decay": 0.98},
+        },
+        "supervised (every class labelled; the upper bound)": {"switches": {}, "setting": "supervised"},
     }
 
 
@@ -170,17 +179,20 @@ def _overlay_choice(masks: list, stems: list[str], unseen: list[int], count: int
 
 
 def student_run(
-    row: str, switches: dict[str, object], seed: int, iters: int, teacher: CamVidTeacher
+    row: str, spec: dict[str, object], seed: int, iters: int, teacher: CamVidTeacher
 ) -> dict[str, object]:
-    """One student through ``clipzss.train`` and ``clipzss.evaluate`` on the evaluation frames; the MethodConfig is
-    stored."""
+    """One student through ``clipzss.train`` and ``clipzss.evaluate`` on the evaluation frames; the row's spec
+    (method switches, ``data.setting``, transductive fields) and the whole MethodConfig are stored."""
     from clipzss.evaluate import evaluate
     from clipzss.predict import Segmenter
     from clipzss.training import train
     from clipzss.worlds import camvid as cw
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = cw.camvid_student_config(tmp, switches, seed=seed, iters=iters, world=teacher.world)
+        cfg = cw.camvid_student_config(tmp, spec["switches"], seed=seed, iters=iters, world=teacher.world)
+        setting, fields = run_setting(spec, iters)
+        cfg.data = dataclasses.replace(cfg.data, setting=setting)
+        cfg.transductive = dataclasses.replace(cfg.transductive, **fields)
         train_set, val_set = cw.camvid_datasets(cfg, world=teacher.world)
         start = time.time()
         with contextlib.redirect_stderr(io.StringIO()):  # the progress bar
@@ -196,7 +208,9 @@ def student_run(
         "seconds": seconds,
         "metrics": flatten(result),
         "method": dataclasses.asdict(cfg.method),
-        "switches": switches,
+        "switches": spec["switches"],
+        "setting": setting,
+        "transductive": fields,
     }
 
 
@@ -265,6 +279,7 @@ def measure(args: argparse.Namespace, store: dict) -> None:
     for seed, row in order:
         iters = args.iters * int(table[row].get("iters", 1))
         method = run_method(table[row]["switches"])
+        setting = list(run_setting(table[row], iters))
         # A run is kept while its row, seed, schedule and every MethodConfig field it stored are the same
         # (resumable). A field added later defaults to what the code did before it; one that does not bumps
         # CODE_VERSION.
@@ -273,9 +288,10 @@ def measure(args: argparse.Namespace, store: dict) -> None:
             and r["seed"] == seed
             and r["iters"] == iters
             and same_method(r.get("method"), method)
+            and [r.get("setting", "inductive"), r.get("transductive", {})] == setting
             for r in runs
         ):
-            pending.append((row, table[row]["switches"], seed, iters))
+            pending.append((row, table[row], seed, iters))
     for result in _run_all(pending, args.jobs, args.threads, teacher):
         runs[:] = [r for r in runs if not (r["row"] == result["row"] and r["seed"] == result["seed"])]
         runs.append(result)
@@ -294,11 +310,11 @@ def measure(args: argparse.Namespace, store: dict) -> None:
 
 
 def _run_all(pending: list[tuple], jobs: int, threads: int, teacher: CamVidTeacher) -> Iterator[dict]:
-    """Each pending (row, switches, seed, iters) run, yielded as it finishes: in this process, or in ``jobs``
+    """Each pending (row, spec, seed, iters) run, yielded as it finishes: in this process, or in ``jobs``
     spawned processes (each loads the cached teacher and uses ``threads`` torch threads)."""
     if jobs <= 1:
-        for row, switches, seed, iters in pending:
-            yield student_run(row, switches, seed, iters, teacher)
+        for row, spec, seed, iters in pending:
+            yield student_run(row, spec, seed, iters, teacher)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -309,19 +325,25 @@ def _run_all(pending: list[tuple], jobs: int, threads: int, teacher: CamVidTeach
             yield future.result()
 
 
-def _worker_run(row: str, switches: dict, seed: int, iters: int, threads: int) -> dict:
+def _worker_run(row: str, spec: dict, seed: int, iters: int, threads: int) -> dict:
     import torch
 
     from clipzss.worlds import camvid as cw
 
     torch.set_num_threads(threads)
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
-    return student_run(row, switches, seed, iters, cw.load_teacher())
+    return student_run(row, spec, seed, iters, cw.load_teacher())
 
 
 def same_method(stored: dict[str, object] | None, method: dict[str, object]) -> bool:
     """A stored run's MethodConfig equals ``method`` on every field the run stored."""
     return stored is not None and all(method.get(key, value) == value for key, value in stored.items())
+
+
+def run_setting(spec: dict[str, object], iters: int) -> tuple[str, dict[str, object]]:
+    """A row's ``data.setting`` and transductive fields ("half" as a start step: half of the run's iterations)."""
+    fields = {k: iters // 2 if v == "half" else v for k, v in dict(spec.get("transductive", {})).items()}
+    return str(spec.get("setting", "inductive")), fields
 
 
 def run_method(switches: dict[str, object]) -> dict[str, object]:

@@ -534,7 +534,11 @@ def camvid_datasets(
     world: CamVidWorld | None = None,
     unseen: Sequence[str] | None = None,
 ) -> tuple[CamVidImages, CamVidImages]:
-    """The students' training frames (unseen → 255, the config's transforms) and the evaluation frames."""
+    """The students' training frames (unseen → 255, the config's transforms) and the evaluation frames.
+
+    Under ``data.setting=supervised`` the training frames keep every class's labels (the upper bound); the
+    evaluation frames keep the split either way.
+    """
     world = world or CamVidWorld()
     root = root or default_root()
     train_set = CamVidImages(
@@ -542,7 +546,7 @@ def camvid_datasets(
         FOLDERS,
         world.student_sequences,
         world.size,
-        unseen,
+        [] if cfg.data.setting == "supervised" else unseen,
         build_transforms(cfg.data, True),
         train=True,
     )
