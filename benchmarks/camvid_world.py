@@ -549,6 +549,12 @@ def targets(by_row: dict[str, list[dict]], teacher_u: float) -> list[str]:
     for row, runs in by_row.items():
         if row.startswith("default − "):
             u, sd = _mean_sd(runs, "mIoU(U)")
+            if len(runs) < 2:
+                diff = _paired(full, runs) - u
+                parts.append(
+                    f"{row[len('default − ') :]} {diff:+.1f} on seed {runs[0]['seed']} (one seed: open)"
+                )
+                continue
             margin = max(sd, fu_sd)
             ok = fu - u > margin
             parts.append(
@@ -569,18 +575,31 @@ def targets(by_row: dict[str, list[dict]], teacher_u: float) -> list[str]:
         )
     lines = ["**Targets.** " + " ".join(items), ""]
     deltas = sorted(
-        (_mean_sd(runs, "mIoU(U)")[0] - fu, row)
+        (_mean_sd(runs, "mIoU(U)")[0] - _paired(full, runs), row, len(runs))
         for row, runs in by_row.items()
         if row not in (DEFAULT_ROW, BASELINE_ROW, LONG_BASELINE_ROW)
     )
     if deltas:
         lines += [
-            "**Each row's mIoU(U) minus the default's** (a \"−\" row below zero: the part taken out helps the "
-            'unseen classes; above zero: the default is better without it; a "+" row below zero: adding the '
-            "part hurts): " + "; ".join(f"{row} {d:+.1f}" for d, row in deltas) + ".",
+            "**Each row's mIoU(U) minus the default's on the same seeds** (a \"−\" row below zero: the part taken "
+            'out helps the unseen classes; above zero: the default is better without it; a "+" row below zero: '
+            "adding the part hurts; rows with fewer than 3 seeds say how many): "
+            + "; ".join(f"{row} {d:+.1f}" + _seeds_note(n) for d, row, n in deltas)
+            + ".",
             "",
         ]
     return lines
+
+
+def _seeds_note(n: int) -> str:
+    return "" if n >= 3 else f" ({n} seed{'s' if n > 1 else ''})"
+
+
+def _paired(full: list[dict], runs: list[dict]) -> float:
+    """The default's mean mIoU(U) over the seeds ``runs`` has (all of its seeds when none is shared)."""
+    seeds = {r["seed"] for r in runs}
+    same = [r for r in full if r["seed"] in seeds] or full
+    return statistics.mean(r["metrics"]["mIoU(U)"] for r in same)
 
 
 NOTE = [
