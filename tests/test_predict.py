@@ -202,3 +202,11 @@ def test_overlay_has_legend_with_present_classes() -> None:
     assert tuple(colours[0]) in present and tuple(colours[2]) in present
     assert tuple(colours[1]) not in present, "absent classes are not listed"
     np.testing.assert_array_equal(np.asarray(colorize(mask, 3))[0, 0], colours[0])
+
+
+def test_a_text_encoder_of_another_width_is_one_clear_error(segmenter: Segmenter) -> None:
+    width = segmenter.config.student.embed_dim
+    other = PrecomputedText(["road", "sky"], F.normalize(torch.randn(2, width + 3), dim=-1))
+    segmenter.text_encoder = other
+    with pytest.raises(ValueError, match=rf"gives {width + 3}-d embeddings but this model's are {width}-d"):
+        segmenter.text_classifier(["road", "sky"])

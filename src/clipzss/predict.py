@@ -174,6 +174,7 @@ class ZeroShotSegmenter:
         self.device = device
         # (names, templates) -> (K, C) text classifier on the device, bounded (see TEXT_CACHE_SIZE).
         self._text_cache: LRUCache = LRUCache(TEXT_CACHE_SIZE)
+        self.embed_dim: int | None = None  # the dense embeddings' width, when known before the first image
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images → (B, C, h, w) dense embeddings."""
@@ -198,6 +199,13 @@ class ZeroShotSegmenter:
                 raise ValueError(
                     f"prompt templates cannot be changed with a {type(self.text_encoder).__name__} text encoder "
                     "(precomputed embeddings); load CLIP to use other templates"
+                )
+            if self.embed_dim is not None and text.shape[-1] != self.embed_dim:
+                raise ValueError(
+                    f"the text encoder ({getattr(self.text_encoder, 'identity', type(self.text_encoder).__name__)})"
+                    f" gives {text.shape[-1]}-d embeddings but this model's are {self.embed_dim}-d: it is not the "
+                    "text encoder the model was trained with; pass that one's weights (--teacher-weights) or its "
+                    "embeddings (--text-embeddings FILE, e.g. the world_text.safetensors beside a quick-start run)"
                 )
             self._text_cache[key] = text.to(self.device)
         return self._text_cache[key]
@@ -263,6 +271,7 @@ class Segmenter(ZeroShotSegmenter, SegmenterHubMixin):
         super().__init__(text_encoder, config.method.alpha, config.eval, device)
         self.student = student.to(device).eval()
         self.config = config
+        self.embed_dim = config.student.embed_dim
         # What the training run recorded beside the weights: step, teacher identity, class names, unseen names.
         self.meta = dict(meta or {})
 
