@@ -28,9 +28,10 @@ from PIL import Image
 
 from clipzss.config import Config, DataConfig, EvalConfig, StudentConfig
 from clipzss.data import build_eval_dataset
-from clipzss.evaluate import evaluate, infer_labels
-from clipzss.predict import Segmenter
-from clipzss.student import build_student
+from clipzss.evaluate import evaluate
+from clipzss.inference.windows import infer_labels
+from clipzss.models.segmenter import Segmenter
+from clipzss.models.student import build_student
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 

@@ -12,7 +12,7 @@ Candidates, timed interleaved in the same run for each image case:
 - ``MaskCLIP``, ``ClearCLIP``, ``SCLIP``, ``NACLIP``: ``TrainingFreeSegmenter.predict`` with an OpenCLIP ViT-B/16
   (random weights: the same computation as the real ones), the training-free "CLIP at inference" baselines the
   method is compared with (``--baselines``). Each is timed under the case's protocol below, like the student, not
-  under its released input handling (`clipzss.recipes.BASELINE_INPUT`), which would time other pixel counts.
+  under its released input handling (`clipzss.models.recipes.BASELINE_INPUT`), which would time other pixel counts.
 
 Image cases (ZegCLIP's protocol: slide 512 / 341): a 512×512 image in one pass; 512×1024 (H×W) slid at its own
 size; 1024×2048 (a Cityscapes-size frame) slid at full resolution (``short_side`` off), each the first CamVid val
@@ -45,11 +45,11 @@ from common import (
 
 from clipzss.config import Config, EvalConfig, StudentConfig, TeacherConfig
 from clipzss.data import DATASET_CLASSES
-from clipzss.inference import preprocess, sliding_windows
-from clipzss.predict import PrecomputedText, Segmenter, TrainingFreeSegmenter
-from clipzss.recipes import BASELINE_TITLES, BASELINES, check_baseline
-from clipzss.student import build_student
-from clipzss.teacher import build_teacher
+from clipzss.inference.preprocess import preprocess, sliding_windows
+from clipzss.models.recipes import BASELINE_TITLES, BASELINES, check_baseline
+from clipzss.models.segmenter import PrecomputedText, Segmenter, TrainingFreeSegmenter
+from clipzss.models.student import build_student
+from clipzss.models.teacher import build_teacher
 
 # (name, height, width, eval short side or None, mode)
 CASES = [

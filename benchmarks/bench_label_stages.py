@@ -18,13 +18,13 @@ from bench_labels import case_inputs, random_text
 from common import base_parser, compare, machine_info, markdown_table, report, setup
 from PIL import Image
 
-from clipzss import _label_kernels as kernels
 from clipzss.config import Config, EvalConfig, StudentConfig
-from clipzss.evaluate import window_logits
-from clipzss.inference import preprocess
-from clipzss.label_maps import UNIT_ROUNDOFF, _plan_tables
-from clipzss.predict import Segmenter, _classes_last_logits, pixel_norms
-from clipzss.student import build_student
+from clipzss.inference import _label_kernels as kernels
+from clipzss.inference.label_maps import UNIT_ROUNDOFF, _plan_tables
+from clipzss.inference.preprocess import preprocess
+from clipzss.inference.windows import window_logits
+from clipzss.models.segmenter import Segmenter, _classes_last_logits, pixel_norms
+from clipzss.models.student import build_student
 
 
 def label_kernels(plan, low: np.ndarray):

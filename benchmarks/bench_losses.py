@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from common import base_parser, compare, machine_info, markdown_table, peak_memory, report, setup, target
 
 from clipzss.config import MethodConfig
-from clipzss.glm import GLM
-from clipzss.losses import compute_losses
+from clipzss.method.glm import GLM
+from clipzss.method.losses import compute_losses
 
 
 def make_inputs(

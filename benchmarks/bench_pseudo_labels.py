@@ -8,7 +8,7 @@ layout of a few regions, every token its region's direction plus noise, so the c
 
 - ``sklearn loop``: for each image and each seed scale, ``KMeans(init=window seeds, n_init=1, max_iter=iters,
   algorithm="lloyd", tol=0)`` on the CPU, its thread pool limited to torch's thread count (the baseline);
-- ``batched euclidean``: ``clipzss.pseudo_labels.kmeans_sets(..., spherical=False)``, every scale over the whole
+- ``batched euclidean``: ``clipzss.method.pseudo_labels.kmeans_sets(..., spherical=False)``, every scale over the whole
   batch in one call, the same computation (its assignments are compared with scikit-learn's, token by token);
 - ``batched spherical + fusion``: the production path ``cluster_regions`` (cosine K-Means at every scale, mask
   fusion, token assignment), i.e. everything the trainer runs per step.
@@ -30,7 +30,7 @@ from einops import rearrange
 from threadpoolctl import threadpool_limits
 
 from clipzss.config import MethodConfig
-from clipzss.pseudo_labels import cluster_regions, kmeans_sets, window_seeds, window_sizes
+from clipzss.method.pseudo_labels import cluster_regions, kmeans_sets, window_seeds, window_sizes
 
 
 def token_maps(batch: int, dim: int, grid: int, regions: int = 8, noise: float = 1.0, seed: int = 0):

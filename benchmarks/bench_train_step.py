@@ -8,15 +8,15 @@ ignored, so the pseudo labels have area to fill), the same student and the same 
 grad-clip 1.0, the AMP scaler of ``train.amp``):
 
 - ``supervised``: student forward, CE over the seen text embeddings (``compute_losses`` with only ``ce`` on), then
-  ``clipzss.training_step.apply_gradients`` (backward, clip, optimiser step): the closed-set network trained with
+  ``clipzss.training.step.apply_gradients`` (backward, clip, optimiser step): the closed-set network trained with
   a text classifier;
-- ``clip-zss``: ``clipzss.training_step.train_step``, the function the training loop runs (frozen teacher, pseudo
+- ``clip-zss``: ``clipzss.training.step.train_step``, the function the training loop runs (frozen teacher, pseudo
   labels, student, GLM + bank, NEL + CE, backward, clip, step, bank update), with the method's default switches.
 
 The teacher is OpenCLIP ViT-B/16 with random weights (the same computation as the real ones) at the proportional
 size: ``teacher.image_size = 448 × crop / 512`` (448 at the paper's 512 crop, 224 at a 256 crop). The stage shares
 come from ``torch.profiler`` runs of the same ``train_step``, whose stages are profiler scopes
-(``clipzss.training_step.STEP_SCOPES``): on the CPU a stage's wall time, on CUDA the device time of the kernels
+(``clipzss.training.step.STEP_SCOPES``): on the CPU a stage's wall time, on CUDA the device time of the kernels
 launched while it ran (the backward's too, which autograd launches from its own thread). The ratio comes from
 unprofiled steps. Peak memory: CUDA max allocated, or CPU peak RSS above the level before the step.
 
@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from clipzss.config import Config, DataConfig, MethodConfig, StudentConfig, TeacherConfig, TrainConfig
-from clipzss.glm import GLM
-from clipzss.losses import compute_losses
-from clipzss.student import build_student
-from clipzss.synthesizer import Synthesizer
-from clipzss.teacher import build_teacher
-from clipzss.training_step import (
+from clipzss.method.glm import GLM
+from clipzss.method.losses import compute_losses
+from clipzss.method.synthesizer import Synthesizer
+from clipzss.models.student import build_student
+from clipzss.models.teacher import build_teacher
+from clipzss.training.step import (
     STEP_SCOPES,
     TrainParts,
     apply_gradients,

@@ -6,7 +6,7 @@ One command makes the table, the figures and the README block (needs the ``evide
 
 It loads (or trains once and caches) the MiniLM-aligned CamVid teacher, measures the teacher itself at inference on
 the evaluation frames (sequence 0006R0, which nobody trained on), trains students through the ordinary
-``clipzss.training.train`` with car, tree and pedestrian held out (one per row and seed, ``MethodConfig()`` as it is
+``clipzss.training.loop.train`` with car, tree and pedestrian held out (one per row and seed, ``MethodConfig()`` as it is
 when the command runs, plus the row's switches), evaluates each on the evaluation frames with all 11 names predicted
 jointly, runs the pseudo-label inspection (``clipzss.inspection.inspect_pseudo_labels``, the code of ``clipzss
 inspect-pseudo-labels``) with this teacher on the val/ images, writes three overlays to docs/images/ and rewrites the
@@ -130,7 +130,7 @@ def pseudo_label_report(teacher: CamVidTeacher, out_images: Path) -> dict[str, o
     from clipzss.config import MethodConfig
     from clipzss.data import make_split, read_listing
     from clipzss.data.datasets import load_mask
-    from clipzss.inference import load_image
+    from clipzss.images import load_image
     from clipzss.inspection import inspect_pseudo_labels
     from clipzss.worlds import camvid as cw
 
@@ -184,8 +184,8 @@ def student_run(
     """One student through ``clipzss.train`` and ``clipzss.evaluate`` on the evaluation frames; the row's spec
     (method switches, ``data.setting``, transductive fields) and the whole MethodConfig are stored."""
     from clipzss.evaluate import evaluate
-    from clipzss.predict import Segmenter
-    from clipzss.training import train
+    from clipzss.models.segmenter import Segmenter
+    from clipzss.training.loop import train
     from clipzss.worlds import camvid as cw
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,7 @@ One command reproduces the ablation tables, the prototype diagnostic and the pse
 
 Four worlds: structured or random text vectors, with or without a modality gap. The default world (structured text
 with a gap, the most CLIP-like) gets every ablation row; the other three get the key rows. Every student is trained
-by the ordinary ``clipzss.training.train`` with the aligned teacher and evaluated by ``clipzss.evaluate`` (all 16
+by the ordinary ``clipzss.training.loop.train`` with the aligned teacher and evaluated by ``clipzss.evaluate`` (all 16
 class names predicted jointly). The results go between the markers of benchmarks/README.md (text outside the
 markers, e.g. the findings, is kept).
 """
@@ -45,7 +45,7 @@ from evidence_tables import (
 from clipzss.config import MethodConfig
 from clipzss.data import relabel_unseen, seen_lookup
 from clipzss.inspection import QualityAccumulator, clustering_variants, pseudo_regions
-from clipzss.pseudo_labels import (
+from clipzss.method.pseudo_labels import (
     center_tokens,
     cluster_regions,
     fuse_labels,
@@ -351,7 +351,7 @@ def report(
         "",
         "Purity: share of pixels in their region's majority class. NMI: per image, pixel-weighted mean (a class split "
         "over several regions scores low). Coverage: share of ignored pixels that get a pseudo label. Computed with "
-        "`clipzss.inspection` (the functions behind `clipzss inspect-pseudo-labels`) on `clipzss.pseudo_labels`.",
+        "`clipzss.inspection` (the functions behind `clipzss inspect-pseudo-labels`) on `clipzss.method.pseudo_labels`.",
         "",
         "**Token centring** — NMI / purity of the fused regions (all scales) by fusion threshold λ, raw tokens vs "
         "tokens centred on their batch mean (batches of 8, as in training):",

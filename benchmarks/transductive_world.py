@@ -1,5 +1,5 @@
 """The settings in the synthetic world: inductive, transductive (teacher names, both cluster modes, self-training),
-supervised, and the teacher itself, through the ordinary ``clipzss.training.train`` (one row per setting and seed).
+supervised, and the teacher itself, through the ordinary ``clipzss.training.loop.train`` (one row per setting and seed).
 
     python benchmarks/transductive_world.py --seeds 1 --iters 300 --json benchmarks/transductive_runs.json
 
@@ -21,7 +21,7 @@ import torch
 
 from clipzss.data import IGNORE_INDEX, seen_lookup
 from clipzss.data.transforms import build_transforms
-from clipzss.transductive import name_pixels
+from clipzss.method.transductive import name_pixels
 from clipzss.worlds.students import student_config, teacher_metrics, train_and_evaluate
 from clipzss.worlds.synthetic import WorldConfig, WorldScenes, load_teacher, world_datasets
 

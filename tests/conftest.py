@@ -101,9 +101,9 @@ def _text_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _text_cache_in_tmp(_text_cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Teachers built with the default cache_dir write their text cache here, never into the user's ~/.cache."""
-    import clipzss.text_cache
+    import clipzss.models.text_cache
 
-    monkeypatch.setattr(clipzss.text_cache, "user_cache_dir", lambda name: _text_cache_root / name)
+    monkeypatch.setattr(clipzss.models.text_cache, "user_cache_dir", lambda name: _text_cache_root / name)
 
 
 def tiny_config(out: Path, cache_dir: Path, **train_kw: object) -> Config:
@@ -161,7 +161,7 @@ def tiny_overrides(cache_dir: Path, extra: dict[str, object]) -> list[str]:
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A student checkpoint saved by a (very short) real training run, shared by the CLI and predict tests."""
-    from clipzss.training import train
+    from clipzss.training.loop import train
 
     root = tmp_path_factory.mktemp("trained")
     return train(tiny_config(root / "run", root / "text_cache", max_iters=2))

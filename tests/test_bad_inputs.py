@@ -16,7 +16,7 @@ from PIL import Image
 from clipzss.cli import main
 from clipzss.config import ConfigError, load_config
 from clipzss.data import make_split
-from clipzss.predict import Segmenter
+from clipzss.models.segmenter import Segmenter
 
 
 def _user_error(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str:

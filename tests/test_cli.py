@@ -129,7 +129,7 @@ def test_predict_with_every_baseline_on_real_photo(
     recipe: str, shared_data: Path, tmp_path: Path, tiny_cli_teacher: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each recipe with its own input handling (its windows and short side, no --mode) on a real photo."""
-    from clipzss import predict
+    from clipzss.models import segmenter as predict
 
     photo = sorted((shared_data / "voc-sample" / "VOC2012" / "JPEGImages").glob("*.jpg"))[0]
     seen = []

@@ -27,8 +27,8 @@ from clipzss.demo import (
     open_bounded,
     segment,
 )
-from clipzss.predict import MaskCLIPSegmenter, PrecomputedText, Segmenter, TrainingFreeSegmenter
-from clipzss.recipes import baseline_eval_config
+from clipzss.models.recipes import baseline_eval_config
+from clipzss.models.segmenter import MaskCLIPSegmenter, PrecomputedText, Segmenter, TrainingFreeSegmenter
 from conftest import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # pandas deprecations inside gradio

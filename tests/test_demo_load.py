@@ -14,7 +14,7 @@ pytest.importorskip("gradio")
 from gradio_client import Client, handle_file
 
 from clipzss.demo import build_app, launch
-from clipzss.predict import Segmenter
+from clipzss.models.segmenter import Segmenter
 from conftest import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")

@@ -18,19 +18,16 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clipzss.config import EvalConfig
-from clipzss.evaluate import (
-    ConfusionMatrix,
-    EvalResult,
-    compute_metrics,
-    evaluate,
+from clipzss.evaluate import ConfusionMatrix, EvalResult, compute_metrics, evaluate
+from clipzss.inference.label_maps import dense_scores, label_map
+from clipzss.inference.preprocess import sliding_windows
+from clipzss.inference.windows import (
     infer_labels,
     infer_logits,
     seen_calibrated,
     window_labels,
     window_logits,
 )
-from clipzss.inference import sliding_windows
-from clipzss.label_maps import dense_scores, label_map
 
 # ---------------------------------------------------------------------------------------------------------------
 # confusion matrix and metrics
@@ -463,7 +460,7 @@ def test_approximate_labels_are_opt_in_and_marked(tmp_path: Path, caplog: pytest
 
 def test_window_batches_shrink_to_the_logits_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     # A first window alone, then batches bounded by WINDOW_BATCH_BYTES; the logits do not depend on the batching.
-    import clipzss.label_maps as label_maps_module
+    import clipzss.inference.label_maps as label_maps_module
 
     fn = _stride4_fn(k=6)
     calls: list[int] = []

@@ -20,13 +20,13 @@ from sklearn.cluster import KMeans
 from torch import nn
 
 from clipzss.config import Config, EvalConfig, StudentConfig, TeacherConfig
-from clipzss.evaluate import infer_logits
-from clipzss.inference import preprocess, sliding_windows
-from clipzss.predict import PrecomputedText, Segmenter, _classes_last_logits, pixel_norms
-from clipzss.pseudo_labels import _cluster_sums, _lloyd, _lloyd_until_fixed, kmeans_sets, window_seeds
-from clipzss.student import build_student
-from clipzss.teacher import _last_block, _value_path, build_teacher
-from clipzss.training import FiniteWatch, NonFiniteLossError
+from clipzss.inference.preprocess import preprocess, sliding_windows
+from clipzss.inference.windows import infer_logits
+from clipzss.method.pseudo_labels import _cluster_sums, _lloyd, _lloyd_until_fixed, kmeans_sets, window_seeds
+from clipzss.models.segmenter import PrecomputedText, Segmenter, _classes_last_logits, pixel_norms
+from clipzss.models.student import build_student
+from clipzss.models.teacher import _last_block, _value_path, build_teacher
+from clipzss.training.loop import FiniteWatch, NonFiniteLossError
 
 # --- reference implementations ---------------------------------------------------------------------------------
 
@@ -127,7 +127,7 @@ def reference_point_stats(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
 
 @pytest.mark.parametrize("classes", [1, 2, 15, 16, 17, 20, 171, 847])  # below, at and past one step of lanes
 def test_lane_point_stats_equal_argmax_and_max(classes: int) -> None:
-    from clipzss import _label_kernels
+    from clipzss.inference import _label_kernels
 
     rng = np.random.default_rng(classes)
     flat = rng.standard_normal((2, 300, classes)).astype(np.float32)

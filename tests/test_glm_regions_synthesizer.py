@@ -10,10 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from clipzss.config import MethodConfig
-from clipzss.glm import GLM, CLSBank
-from clipzss.losses import info_nce
-from clipzss.regions import count_pseudo_slots, downsample_labels, region_means, teacher_pseudo_prototypes
-from clipzss.synthesizer import Synthesizer
+from clipzss.method.glm import GLM, CLSBank
+from clipzss.method.losses import info_nce
+from clipzss.method.regions import (
+    count_pseudo_slots,
+    downsample_labels,
+    region_means,
+    teacher_pseudo_prototypes,
+)
+from clipzss.method.synthesizer import Synthesizer
 from conftest import run_gloo_ranks
 
 # --- CLS bank ---------------------------------------------------------------------------------------------------
@@ -54,7 +59,7 @@ def test_bank_state_dict_round_trip_restores_pointer_and_fill() -> None:
 
 def test_bank_gathers_every_rank_before_enqueueing(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fake 2-rank world: rank 1's batch is all 9s; this rank's (rank 0) tokens come first, as all_gather orders."""
-    import clipzss.glm as glm
+    import clipzss.method.glm as glm
 
     def fake_all_gather(parts: list[torch.Tensor], tensor: torch.Tensor) -> None:
         parts[0].copy_(tensor)

@@ -14,7 +14,7 @@ import yaml
 
 from clipzss.config import Config
 from clipzss.evaluate import EvalResult
-from clipzss.predict import Segmenter
+from clipzss.models.segmenter import Segmenter
 
 
 def _refuse(*args: object, **kwargs: object) -> None:

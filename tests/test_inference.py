@@ -1,4 +1,4 @@
-"""The one inference rule (`clipzss.inference`): image loading, the mmseg test resize, preprocessing, and the
+"""The one inference rule (`clipzss.inference.preprocess`): image loading, the mmseg test resize, preprocessing, and the
 guarantee it exists for — `clipzss eval`, `clipzss predict` and `clipzss predict --onnx` see the same pixels."""
 
 from __future__ import annotations
@@ -17,16 +17,11 @@ from PIL import Image
 from clipzss.checkpoint import load_checkpoint, save_checkpoint
 from clipzss.cli import main
 from clipzss.data.transforms import pil_to_tensor
-from clipzss.evaluate import EvalResult, infer_logits
-from clipzss.inference import (
-    inference_size,
-    load_image,
-    normalize,
-    preprocess,
-    rescale_size,
-    to_rgb,
-)
-from clipzss.predict import Segmenter
+from clipzss.evaluate import EvalResult
+from clipzss.images import load_image, to_rgb
+from clipzss.inference.preprocess import inference_size, normalize, preprocess, rescale_size
+from clipzss.inference.windows import infer_logits
+from clipzss.models.segmenter import Segmenter
 
 # ---------------------------------------------------------------------------------------------------- loading
 

@@ -25,7 +25,7 @@ from clipzss.inspection import (
     pseudo_regions,
     purity,
 )
-from clipzss.pseudo_labels import pseudo_labels, training_windows
+from clipzss.method.pseudo_labels import pseudo_labels, training_windows
 from conftest import TINY_CLIP
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipzss.training_state import STATE_NAME
+from clipzss.training.state import STATE_NAME
 from conftest import tiny_overrides
 
 ITERS = 6
@@ -111,7 +111,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(straight, tmp_pa
 SITECUSTOMIZE = """
 import os
 if os.environ.get("RANK") == "1":  # make rank 1 crash on its second step
-    import clipzss.training as training
+    import clipzss.training.loop as training
     real_step = training.train_step
     calls = [0]
     def failing_step(*args, **kwargs):

@@ -1,4 +1,4 @@
-"""Labels straight from low-resolution logits (`clipzss.label_maps`) equal the dense reference's argmax exactly.
+"""Labels straight from low-resolution logits (`clipzss.inference.label_maps`) equal the dense reference's argmax exactly.
 
 The reference (`dense_scores`) is checked against torch's own bilinear kernels (its weights bitwise, its values to
 float rounding); the shortcut (`label_map`) is checked against the reference bit for bit on smooth, tied,
@@ -20,11 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import clipzss.label_maps as lm
+import clipzss.inference.label_maps as lm
 from clipzss.config import EvalConfig, StudentConfig
-from clipzss.evaluate import infer_labels, infer_logits, window_logits
-from clipzss.inference import preprocess, sliding_windows
-from clipzss.label_maps import (
+from clipzss.inference.label_maps import (
     AxisMap,
     dense_labels,
     dense_scores,
@@ -33,7 +31,9 @@ from clipzss.label_maps import (
     slide_plan,
     whole_plan,
 )
-from clipzss.student import build_student
+from clipzss.inference.preprocess import preprocess, sliding_windows
+from clipzss.inference.windows import infer_labels, infer_logits, window_logits
+from clipzss.models.student import build_student
 
 
 def smooth_logits(k: int, h: int, w: int, n: int = 1, cell: int = 6, scale: float = 3.0, seed: int = 0):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 from clipzss.config import MethodConfig
-from clipzss.glm import GLM
-from clipzss.losses import (
+from clipzss.method.glm import GLM
+from clipzss.method.losses import (
     NEG_LOGIT,
     build_logits,
     ce_loss,
@@ -27,8 +27,8 @@ from clipzss.losses import (
     restrict_targets,
     upsample_logits,
 )
-from clipzss.regions import downsample_labels, teacher_pseudo_prototypes
-from clipzss.synthesizer import Synthesizer
+from clipzss.method.regions import downsample_labels, teacher_pseudo_prototypes
+from clipzss.method.synthesizer import Synthesizer
 
 C = 16
 NUM_SEEN = 3

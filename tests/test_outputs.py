@@ -390,7 +390,7 @@ def test_open_clip_random_weights_notice_is_dropped_by_the_cli(
     )  # any command sets logging up
     with caplog.at_level(logging.WARNING):
         logging.warning("No pretrained weights loaded for model 'ViT-B-16'. Model initialized randomly.")
-        logging.getLogger("clipzss.teacher").warning("teacher 'ViT-B-16' has RANDOM weights")
+        logging.getLogger("clipzss.models.teacher").warning("teacher 'ViT-B-16' has RANDOM weights")
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["teacher 'ViT-B-16' has RANDOM weights"], messages  # our own, single warning stays
 

@@ -15,12 +15,12 @@ from safetensors.torch import save_file
 
 from clipzss.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from clipzss.config import Config, EvalConfig
-from clipzss.inference import preprocess
+from clipzss.inference.preprocess import preprocess
+from clipzss.models.recipes import baseline_eval_config
+from clipzss.models.segmenter import MaskCLIPSegmenter, PrecomputedText, Segmenter, TrainingFreeSegmenter
+from clipzss.models.student import build_student
+from clipzss.models.teacher import build_teacher
 from clipzss.names import parse_class_names
-from clipzss.predict import MaskCLIPSegmenter, PrecomputedText, Segmenter, TrainingFreeSegmenter
-from clipzss.recipes import baseline_eval_config
-from clipzss.student import build_student
-from clipzss.teacher import build_teacher
 from clipzss.visualize import colorize, overlay, palette
 
 NAMES = ["red horizontal stripes", "a cat", "grass"]

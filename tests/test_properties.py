@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipzss.evaluate import ConfusionMatrix, compute_metrics
-from clipzss.pseudo_labels import fuse_centroids, fuse_labels
+from clipzss.method.pseudo_labels import fuse_centroids, fuse_labels
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

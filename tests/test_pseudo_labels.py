@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 from clipzss.config import MethodConfig
-from clipzss.pseudo_labels import (
+from clipzss.method.pseudo_labels import (
     assign_tokens,
     center_tokens,
     fuse_centroids,

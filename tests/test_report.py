@@ -16,7 +16,7 @@ from clipzss.cli import build_parser, main
 from clipzss.config import DataConfig, EvalConfig
 from clipzss.data import SyntheticScenes, build_eval_dataset
 from clipzss.evaluate import EvalResult, evaluate
-from clipzss.predict import Segmenter
+from clipzss.models.segmenter import Segmenter
 from clipzss.report import (
     SPLIT_COLOURS,
     collect_examples,

@@ -13,9 +13,9 @@ from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
 from clipzss import hub
-from clipzss import student as student_module
 from clipzss.config import StudentConfig
-from clipzss.student import SUPPORTED_ARCHS, Student, build_student
+from clipzss.models import student as student_module
+from clipzss.models.student import SUPPORTED_ARCHS, Student, build_student
 
 EMBED = 24  # unlike any decoder width below, so hooks can tell embedding maps from decoder maps
 

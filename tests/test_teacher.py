@@ -20,8 +20,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import save_file
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
-from clipzss.recipes import BASELINE_TITLES, DEFAULT_DENSE, PUBLISHED_MIOU, published_mean
-from clipzss.teacher import (
+from clipzss.models.recipes import BASELINE_TITLES, DEFAULT_DENSE, PUBLISHED_MIOU, published_mean
+from clipzss.models.teacher import (
     CLIPTeacher,
     Teacher,
     _dense_path,
@@ -422,14 +422,14 @@ def test_corrupt_text_cache_is_rewritten(tiny_teacher_cfg: TeacherConfig, caplog
     emb = build_teacher(tiny_teacher_cfg, "cpu").text_embeddings(["cat"])
     (path,) = Path(tiny_teacher_cfg.cache_dir).glob("*.safetensors")
     path.write_bytes(b"not a safetensors file")
-    with caplog.at_level(logging.WARNING, logger="clipzss.text_cache"):
+    with caplog.at_level(logging.WARNING, logger="clipzss.models.text_cache"):
         again = build_teacher(tiny_teacher_cfg, "cpu").text_embeddings(["cat"])
     assert "corrupt" in caplog.text
     torch.testing.assert_close(again, emb)
     assert path.stat().st_size > 100
     third = build_teacher(tiny_teacher_cfg, "cpu")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="clipzss.text_cache"):
+    with caplog.at_level(logging.WARNING, logger="clipzss.models.text_cache"):
         torch.testing.assert_close(third.text_embeddings(["cat"]), emb)
     assert "corrupt" not in caplog.text
 
@@ -457,7 +457,7 @@ def test_templates_need_a_placeholder(teacher: CLIPTeacher) -> None:
 
 def test_random_weights_are_deterministic(tiny_teacher_cfg: TeacherConfig, caplog) -> None:
     torch.manual_seed(123)
-    with caplog.at_level(logging.WARNING, logger="clipzss.teacher"):
+    with caplog.at_level(logging.WARNING, logger="clipzss.models.teacher"):
         a = build_teacher(tiny_teacher_cfg, "cpu")
     after_build = torch.rand(3)
     torch.manual_seed(123)

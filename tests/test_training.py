@@ -13,10 +13,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from clipzss.config import Config, TrainConfig
-from clipzss.predict import Segmenter
-from clipzss.training import NonFiniteLossError, StreamSampler, check_schedule, due, train
-from clipzss.training_state import load_training_state
-from clipzss.training_step import TrainParts, lr_factor
+from clipzss.models.segmenter import Segmenter
+from clipzss.training.loop import NonFiniteLossError, StreamSampler, check_schedule, due, train
+from clipzss.training.state import load_training_state
+from clipzss.training.step import TrainParts, lr_factor
 from conftest import tiny_config, tiny_overrides
 
 
@@ -67,7 +67,7 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
         pass
 
     # Interrupt the second run right after its step-2 checkpoint, as a kill would.
-    import clipzss.training as training
+    import clipzss.training.loop as training
 
     original = training.save_training_state
 
@@ -90,7 +90,7 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
 
 
 def test_nan_loss_names_term_and_keeps_checkpoint(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipzss.training_step as training_step
+    import clipzss.training.step as training_step
 
     real = training_step.compute_losses
     calls = {"n": 0}
@@ -140,7 +140,7 @@ def test_eval_interval_zero_evaluates_a_given_val_set_once_at_the_end(
     cfg: Config, monkeypatch: pytest.MonkeyPatch, eval_interval: int, evaluated: list[int]
 ) -> None:
     """0 builds no evaluation set and evaluates a val_set passed to train after the last step only."""
-    import clipzss.training as training
+    import clipzss.training.loop as training
 
     steps: dict[str, list[int]] = {"eval": [], "save": []}
     real_save = training.save_training_state
@@ -201,7 +201,7 @@ def _ddp_worker(rank: int, cfg_dict: dict, port: int, out: str) -> None:
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    import clipzss.training as training
+    import clipzss.training.loop as training
 
     built = []
     real_build = training.build_student
@@ -268,10 +268,10 @@ def test_torchrun_launches_ddp_training(tmp_path: Path) -> None:
 
 def _parts(cfg: Config) -> TrainParts:
     from clipzss.data import build_dataset, seen_lookup
-    from clipzss.glm import GLM
-    from clipzss.student import build_student
-    from clipzss.synthesizer import Synthesizer
-    from clipzss.teacher import build_teacher
+    from clipzss.method.glm import GLM
+    from clipzss.method.synthesizer import Synthesizer
+    from clipzss.models.student import build_student
+    from clipzss.models.teacher import build_teacher
 
     teacher = build_teacher(cfg.teacher, device=torch.device("cpu"))
     split = build_dataset(cfg, "train", train=True).split
@@ -292,7 +292,7 @@ def test_crop_padding_never_gets_a_pseudo_label_and_reaches_the_losses_as_paddin
     cfg: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """PadTo marks padding -1; train_step turns it into ignored labels plus a ``valid`` mask (GLM, synthesizer)."""
-    import clipzss.training_step as training_step
+    import clipzss.training.step as training_step
 
     parts = _parts(cfg)
     seen: dict[str, torch.Tensor] = {}
@@ -318,8 +318,8 @@ def test_crop_padding_never_gets_a_pseudo_label_and_reaches_the_losses_as_paddin
 
 def test_compiled_student_saves_a_checkpoint_that_loads(cfg: Config) -> None:
     """torch.compile prefixes state-dict keys with ``_orig_mod.``; checkpoints must hold the plain module's keys."""
-    from clipzss.training_state import save_training_state
-    from clipzss.training_step import build_optimizer
+    from clipzss.training.state import save_training_state
+    from clipzss.training.step import build_optimizer
 
     parts = _parts(cfg)
     plain = parts.student
@@ -341,7 +341,7 @@ def test_training_never_encodes_an_unseen_class_name(cfg: Config, monkeypatch: p
     # Inductive protocol: an unseen name is first read at test time. Both the cached entry point and the text
     # tower's input (every prompt is tokenized before encode_text) are watched.
     from clipzss.data import build_dataset
-    from clipzss.teacher import CLIPTeacher
+    from clipzss.models.teacher import CLIPTeacher
 
     asked: list[str] = []
     prompts: list[str] = []
@@ -372,9 +372,9 @@ def test_transductive_training_encodes_target_names_but_reads_no_target_label(
     """The transductive twin of the test above: the text encoder sees the seen and the target names, but a training
     set whose target pixels keep their true ids gives the losses exactly what one with those pixels unlabelled
     gives (the pseudo labels included: they are part of the labels the losses get)."""
-    import clipzss.training_step as training_step
+    import clipzss.training.step as training_step
     from clipzss.data import IGNORE_INDEX, SyntheticScenes, build_transforms
-    from clipzss.teacher import CLIPTeacher
+    from clipzss.models.teacher import CLIPTeacher
 
     asked: list[str] = []
     text_embeddings = CLIPTeacher.text_embeddings
@@ -428,7 +428,7 @@ def test_train_step_runs_each_stage_in_a_profiler_scope(cfg: Config) -> None:
     """The scopes benchmarks/bench_train_step.py reads, in the order the step runs them."""
     from torch.profiler import ProfilerActivity, profile
 
-    import clipzss.training_step as training_step
+    import clipzss.training.step as training_step
 
     parts = _parts(cfg)
     optimizer = training_step.build_optimizer(parts.student, [parts.synthesizer], cfg)

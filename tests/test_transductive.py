@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-import clipzss.training_step as training_step
+import clipzss.training.step as training_step
 from clipzss.config import Config, MethodConfig, TransductiveConfig, load_config
 from clipzss.data import IGNORE_INDEX, VOID_INDEX, build_dataset, build_eval_dataset, seen_lookup
-from clipzss.training import check_setting, train
-from clipzss.training_state import load_training_state
-from clipzss.transductive import EMAStudent, name_pixels, transductive_labels
+from clipzss.method.transductive import EMAStudent, name_pixels, transductive_labels
+from clipzss.training.loop import check_setting, train
+from clipzss.training.state import load_training_state
 from conftest import tiny_config
 
 
@@ -94,8 +94,8 @@ def test_cluster_modes_unnamed_and_replace() -> None:
 
 
 def _parts(cfg: Config, ema_start: int | None = None) -> training_step.TrainParts:
-    from clipzss.student import build_student
-    from clipzss.teacher import build_teacher
+    from clipzss.models.student import build_student
+    from clipzss.models.teacher import build_teacher
 
     teacher = build_teacher(cfg.teacher, device=torch.device("cpu"))
     split = build_dataset(cfg, "train", train=True).split
@@ -229,7 +229,7 @@ def test_transductive_resume_with_the_ema_student_is_bit_exact(tmp_path: Path) -
     cut.train.max_iters, cut.train.ckpt_interval = 2, 1
     full = load_file(str(train(straight)))
 
-    import clipzss.training as training
+    import clipzss.training.loop as training
 
     original = training.save_training_state
 
@@ -312,8 +312,8 @@ def test_transductive_checkpoint_records_its_setting_predicts_and_evaluates(
 ) -> None:
     from clipzss.checkpoint import load_checkpoint
     from clipzss.cli import main
-    from clipzss.predict import Segmenter
-    from clipzss.student import build_student
+    from clipzss.models.segmenter import Segmenter
+    from clipzss.models.student import build_student
 
     saved = load_checkpoint(transductive_checkpoint)
     assert saved.config.data.setting == "transductive"

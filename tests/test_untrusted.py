@@ -17,9 +17,9 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import clipzss.training
+import clipzss.training.loop
 from clipzss.cli import main
-from clipzss.training_state import load_training_state
+from clipzss.training.state import load_training_state
 from conftest import one_error_line
 
 
@@ -72,7 +72,7 @@ def test_overrides_after_resume_are_overrides(tmp_path: Path, monkeypatch: pytes
         seen.update(cfg=cfg, resume=resume)
         return tmp_path / "model.safetensors"
 
-    monkeypatch.setattr(clipzss.training, "train", fake_train)
+    monkeypatch.setattr(clipzss.training.loop, "train", fake_train)
     run = tmp_path / "run"
     run.mkdir()
     argv = ["train", "train.lr=1e-4", "--resume", str(run), "train.max_iters=30", "eval.stride=100"]
@@ -133,7 +133,7 @@ def test_a_config_built_in_python_is_checked_by_train(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path / "run", tmp_path / "cache")
     cfg.train = dataclasses.replace(cfg.train, lr=float("inf"))
     with pytest.raises(ConfigValueError, match=r"train\.lr=inf is not a finite number"):
-        clipzss.training.train(cfg)
+        clipzss.training.loop.train(cfg)
     assert not (tmp_path / "run").exists()
 
 
@@ -190,7 +190,7 @@ def test_checkpoint_names_of_hub_models_are_refused(
     edit, field: str, trained_checkpoint: Path, tmp_path: Path, connections: list[object]
 ) -> None:
     from clipzss.checkpoint import CheckpointError
-    from clipzss.predict import Segmenter
+    from clipzss.models.segmenter import Segmenter
 
     ckpt = _rewrite(trained_checkpoint, tmp_path / "hub.safetensors", edit)
     with pytest.raises(CheckpointError, match=rf"{field}=.* names a model on the Hugging Face hub"):
@@ -225,7 +225,7 @@ def test_checkpoint_clip_tag_is_read_from_the_cache_only(
 ) -> None:
     """The user may download a tag (teacher_weights=); the checkpoint's own tag never starts a download."""
     import clipzss.hub
-    from clipzss.predict import Segmenter
+    from clipzss.models.segmenter import Segmenter
 
     monkeypatch.setattr(clipzss.hub.huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
     monkeypatch.setattr(clipzss.hub, "offline", lambda: False)
@@ -337,7 +337,7 @@ def _onnx(path: Path, **changes: str | None) -> Path:
 
 
 def test_a_well_formed_onnx_file_still_predicts(tmp_path: Path) -> None:
-    from clipzss.onnx_runner import OnnxSegmenter
+    from clipzss.inference.onnx_runner import OnnxSegmenter
 
     model = OnnxSegmenter(_onnx(tmp_path / "m.onnx", class_names=json.dumps(["road", "sky", "tree"])))
     mask = model.predict(_photo(tmp_path / "a.png"), ["road", "sky"])

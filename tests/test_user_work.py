@@ -31,12 +31,12 @@ from safetensors.torch import load_file, save_file
 from clipzss.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, validate_loaded_config
 from clipzss.cli import main, user_message
 from clipzss.config import load_config
+from clipzss.models.segmenter import LRUCache, Segmenter
 from clipzss.names import parse_class_names
-from clipzss.predict import LRUCache, Segmenter
 from clipzss.prediction_files import output_names, prediction_folder, save_prediction
 from clipzss.runs import RUN_FILES, RunFolderError, RunLock
-from clipzss.training import TrainingInterrupted, train
-from clipzss.training_state import ResumeError, check_resume_config, load_training_state
+from clipzss.training.loop import TrainingInterrupted, train
+from clipzss.training.state import ResumeError, check_resume_config, load_training_state
 from clipzss.visualize import colorize, overlay, palette
 from conftest import one_error_line, tiny_config, tiny_overrides
 
@@ -45,11 +45,11 @@ from conftest import one_error_line, tiny_config, tiny_overrides
 def _user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The user's default cache, inside the test's folder (checkpoints no longer choose it)."""
     import clipzss.files
-    import clipzss.text_cache
+    import clipzss.models.text_cache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     # conftest keeps the text cache of every other test in a tmp folder; here the real default rule is under test.
-    monkeypatch.setattr(clipzss.text_cache, "user_cache_dir", clipzss.files.user_cache_dir)
+    monkeypatch.setattr(clipzss.models.text_cache, "user_cache_dir", clipzss.files.user_cache_dir)
     return tmp_path / "xdg"
 
 
@@ -516,7 +516,7 @@ time.sleep(120)
 def test_a_second_training_into_a_busy_folder_fails_at_once_naming_the_pid(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
-    import clipzss.training as training
+    import clipzss.training.loop as training
 
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
@@ -561,7 +561,7 @@ def test_a_second_training_into_a_busy_folder_fails_at_once_naming_the_pid(
 def test_the_run_lock_is_released_however_training_ends(
     error: BaseException, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import clipzss.training as training
+    import clipzss.training.loop as training
 
     run = tmp_path / "run"
     held = []
@@ -581,7 +581,7 @@ def test_only_rank_zero_locks_and_every_rank_fails_with_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under torchrun rank 1 never touches the folder (even one rank 0 holds) and learns rank 0's outcome."""
-    import clipzss.training as training
+    import clipzss.training.loop as training
 
     run = tmp_path / "run"
     run.mkdir()
@@ -646,7 +646,7 @@ def test_stale_temporaries_are_removed_at_start_up_and_nothing_else(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import clipzss.training as training
+    import clipzss.training.loop as training
 
     run = _copy_run(trained_checkpoint, tmp_path) if resume else tmp_path / "run"
     run.mkdir(exist_ok=True)
@@ -720,7 +720,7 @@ def _disk_full(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_disk_full_at_a_save_is_one_line_and_keeps_the_last_good_checkpoint(
     kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import clipzss.training as training
+    import clipzss.training.loop as training
 
     cfg = tiny_config(tmp_path / "run", tmp_path / "cache")
     out = Path(cfg.train.output_dir)
@@ -770,7 +770,7 @@ def test_disk_full_during_training_is_one_line_from_the_cli(
 
 def test_unknown_model_override_is_one_line_naming_the_field(tmp_path: Path) -> None:
     from clipzss.config import TeacherConfig
-    from clipzss.teacher import build_teacher
+    from clipzss.models.teacher import build_teacher
     from conftest import TINY_CLIP
 
     cfg = TeacherConfig(weights="none", image_size=64, model_overrides={**TINY_CLIP, "not_a_keyword": 3})
@@ -782,7 +782,7 @@ def test_unknown_model_override_is_one_line_naming_the_field(tmp_path: Path) -> 
 @pytest.mark.parametrize("template", ["a {} {1}.", "a {name}.", "a {} }."])
 def test_prompt_template_that_cannot_be_filled_is_one_line(tmp_path: Path, template: str) -> None:
     from clipzss.config import TeacherConfig
-    from clipzss.teacher import build_teacher
+    from clipzss.models.teacher import build_teacher
     from conftest import TINY_CLIP
 
     cfg = TeacherConfig(
@@ -802,7 +802,7 @@ def test_text_cache_on_disk_keeps_a_bounded_number_of_class_lists(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every new class list typed into the demo writes one cache file; the oldest go beyond the bound."""
-    import clipzss.teacher as teacher_module
+    import clipzss.models.teacher as teacher_module
     from clipzss.config import TeacherConfig
     from conftest import TINY_CLIP
 

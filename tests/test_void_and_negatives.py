@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from clipzss.config import MethodConfig
-from clipzss.glm import GLM, UNKNOWN_IMAGE, CLSBank, bank_capacity, image_ids
-from clipzss.losses import compute_losses, distill_loss, gap_shifted, info_nce
-from clipzss.pseudo_labels import (
+from clipzss.method.glm import GLM, UNKNOWN_IMAGE, CLSBank, bank_capacity, image_ids
+from clipzss.method.losses import compute_losses, distill_loss, gap_shifted, info_nce
+from clipzss.method.pseudo_labels import (
     center_tokens,
     kmeans_sets,
     mean_token,

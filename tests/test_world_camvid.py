@@ -19,7 +19,7 @@ from PIL import Image
 
 from clipzss.config import MethodConfig
 from clipzss.data import VOID_INDEX
-from clipzss.teacher import Teacher
+from clipzss.models.teacher import Teacher
 from clipzss.worlds import camvid as cw
 from conftest import CAMVID_CLASSES
 

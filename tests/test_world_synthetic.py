@@ -1,6 +1,6 @@
 """The synthetic world of clipzss.worlds.synthetic, its aligned teacher, and the CI guard of the method.
 
-The guard trains two students through the ordinary `clipzss.training.train` (seen-only baseline vs. the default
+The guard trains two students through the ordinary `clipzss.training.loop.train` (seen-only baseline vs. the default
 method) and asserts that the default segments the unseen classes clearly better. The margin below was measured
 over seeds (benchmarks/README.md): keep it in step with those numbers.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipzss.teacher import Teacher
+from clipzss.models.teacher import Teacher
 from clipzss.worlds import students as ws
 from clipzss.worlds import synthetic as sw
 

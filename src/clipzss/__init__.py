@@ -13,18 +13,18 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Config": "clipzss.config",
     "load_config": "clipzss.config",
-    "build_teacher": "clipzss.teacher",
-    "CLIPTeacher": "clipzss.teacher",
-    "Teacher": "clipzss.teacher",
-    "build_student": "clipzss.student",
+    "build_teacher": "clipzss.models.teacher",
+    "CLIPTeacher": "clipzss.models.teacher",
+    "Teacher": "clipzss.models.teacher",
+    "build_student": "clipzss.models.student",
     "build_dataset": "clipzss.data",
     "make_split": "clipzss.data",
     "evaluate": "clipzss.evaluate",
-    "Segmenter": "clipzss.predict",
-    "MaskCLIPSegmenter": "clipzss.predict",
-    "TrainingFreeSegmenter": "clipzss.predict",
-    "OnnxSegmenter": "clipzss.onnx_runner",
-    "train": "clipzss.training",  # the module is not named train.py: it would shadow this function
+    "Segmenter": "clipzss.models.segmenter",
+    "MaskCLIPSegmenter": "clipzss.models.segmenter",
+    "TrainingFreeSegmenter": "clipzss.models.segmenter",
+    "OnnxSegmenter": "clipzss.inference.onnx_runner",
+    "train": "clipzss.training.loop",  # the module is not named train.py: it would shadow this function
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

@@ -203,7 +203,7 @@ def validate_loaded_config(data: object, source: str = "checkpoint") -> Config:
     positive, ...), override keys that would fetch pretrained weights from a network or unpickle them, and any
     string of the teacher or student that names a hub repository, a folder or a URL (``hf-hub:org/repo`` as a
     timm tower, ``tu-hf-hub:...`` as an encoder): a checkpoint never makes clipzss reach the network (see also
-    `clipzss.teacher.build_teacher`'s ``download``). Ignored: ``teacher.cache_dir``, so a file never chooses where
+    `clipzss.models.teacher.build_teacher`'s ``download``). Ignored: ``teacher.cache_dir``, so a file never chooses where
     prediction writes; the user's own cache (``$XDG_CACHE_HOME/clipzss/text``) is used instead.
     """
     if not isinstance(data, dict):

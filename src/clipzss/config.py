@@ -120,7 +120,7 @@ class TeacherConfig:
     # Gaussian neighbourhood prior of std `naclip_std` patches, no residual, no FFN (Hajimiri et al., WACV 2025) |
     # "maskclip" = value path, residual and FFN kept (Zhou et al., ECCV 2022) | "value" = value path alone, no
     # residual, no FFN (the old default; a checkpoint without this field computed it). Default: the best mean
-    # published mIoU (clipzss.recipes), literature-based, not measured here.
+    # published mIoU (clipzss.models.recipes), literature-based, not measured here.
     dense: str = "clearclip"
     naclip_std: float = 5.0  # NACLIP's released gaussian_std, in patches
     cache_dir: str | None = None  # text-embedding disk cache; None = $XDG_CACHE_HOME/clipzss/text

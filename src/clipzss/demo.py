@@ -27,11 +27,11 @@ from PIL import Image
 
 from clipzss.config import TeacherConfig
 from clipzss.data import SYNTHETIC_CLASSES, SyntheticScenes
-from clipzss.inference import IMAGE_SUFFIXES, load_image
+from clipzss.images import IMAGE_SUFFIXES, load_image
+from clipzss.models.recipes import BASELINES, baseline_eval_config
+from clipzss.models.segmenter import LRUCache, Segmenter, TrainingFreeSegmenter, ZeroShotSegmenter
+from clipzss.models.teacher import CLIPTeacher, build_teacher
 from clipzss.names import parse_class_names
-from clipzss.predict import LRUCache, Segmenter, TrainingFreeSegmenter, ZeroShotSegmenter
-from clipzss.recipes import BASELINES, baseline_eval_config
-from clipzss.teacher import CLIPTeacher, build_teacher
 from clipzss.visualize import blend, class_areas, palette
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def comparison_baseline(student: ZeroShotSegmenter, recipe: str = "maskclip") ->
     """A training-free recipe on the student's own CLIP, or None without a CLIP.
 
     Same names and inference settings as the student, except the recipe's released input handling (short side,
-    windows; none for MaskCLIP): `clipzss.recipes.baseline_eval_config`.
+    windows; none for MaskCLIP): `clipzss.models.recipes.baseline_eval_config`.
     """
     encoder = student.text_encoder
     if not isinstance(encoder, CLIPTeacher):

@@ -4,7 +4,7 @@ The graph takes (B, 3, H, W) images normalised with the ImageNet statistics, H a
 ``pad_multiple`` (recorded in the file), batch and size dynamic. It returns either L2-normalised embeddings
 (B, C, H/4, W/4), so any text classifier can be applied afterwards, or, with a class list baked in, the logits
 α·cos(embedding, text) (B, K, H/4, W/4). Everything a runner needs to reproduce `Segmenter.predict` (normalisation,
-padding, inference mode, class names, α) is stored in the model's metadata; `clipzss.onnx_runner.OnnxSegmenter`
+padding, inference mode, class names, α) is stored in the model's metadata; `clipzss.inference.onnx_runner.OnnxSegmenter`
 is that runner. Export uses torch's TorchScript-based exporter, which keeps the sizes dynamic for smp networks; each
 export is checked against PyTorch at two sizes before it is accepted.
 """
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD
 from clipzss.files import atomic_write, refuse_existing
+from clipzss.inference.onnx_runner import FORMAT, open_session
+from clipzss.models.segmenter import PrecomputedText, Segmenter
 from clipzss.names import parse_class_names
-from clipzss.onnx_runner import FORMAT, open_session
-from clipzss.predict import PrecomputedText, Segmenter
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Look at the teacher's pseudo-label clusters on real images, and measure them.
 
 The PLM pseudo labels of training (multi-scale K-Means on the teacher's dense tokens, mask fusion, regions below
-``min_region`` dropped) are computed here with the very functions of :mod:`clipzss.pseudo_labels`, per K-Means scale,
+``min_region`` dropped) are computed here with the very functions of :mod:`clipzss.method.pseudo_labels`, per K-Means scale,
 for all scales without fusion, and after fusion. Each image gets a panel of coloured cluster overlays. When ground-
 truth masks are present, each variant is scored on the *unlabelled* pixels (those of the ``--unseen`` classes, or
 every labelled pixel when no split is given) by
@@ -14,7 +14,7 @@ every labelled pixel when no split is given) by
 - **coverage**: the share of unlabelled pixels that receive a pseudo label (small regions are dropped);
 - **regions / image** against **classes / image**.
 
-Works with any :class:`~clipzss.teacher.Teacher` from Python (:func:`inspect_pseudo_labels`); the command builds the
+Works with any :class:`~clipzss.models.teacher.Teacher` from Python (:func:`inspect_pseudo_labels`); the command builds the
 CLIP teacher from the config and ``--teacher-*`` options, or takes a world's teacher (``--world-teacher camvid``).
 With a CLIP teacher, several dense paths (``teacher.dense``: ClearCLIP, SCLIP, NACLIP, ...) are scored on the same
 images side by side (``--dense``): how a user with real weights checks the literature-based default.
@@ -38,10 +38,17 @@ from clipzss.config import MethodConfig
 from clipzss.data.readers import read_classes_txt
 from clipzss.data.splits import IGNORE_INDEX
 from clipzss.files import atomic_write
-from clipzss.inference import image_paths, preprocess
-from clipzss.pseudo_labels import center_tokens, cluster_regions, fuse_labels, training_windows, window_sizes
-from clipzss.recipes import check_dense
-from clipzss.teacher import CLIPTeacher, Teacher
+from clipzss.images import image_paths
+from clipzss.inference.preprocess import preprocess
+from clipzss.method.pseudo_labels import (
+    center_tokens,
+    cluster_regions,
+    fuse_labels,
+    training_windows,
+    window_sizes,
+)
+from clipzss.models.recipes import check_dense
+from clipzss.models.teacher import CLIPTeacher, Teacher
 from clipzss.visualize import palette
 
 logger = logging.getLogger(__name__)

@@ -109,8 +109,8 @@ def _save_example(segmenter, val, out: Path) -> tuple[Path, Path]:
 def _world_quickstart(out: Path, iters: int | None, device: str) -> Path:
     """Student, teacher and seen-only reference in the synthetic world (no CLIP weights needed)."""
     from clipzss.evaluate import evaluate
-    from clipzss.predict import PrecomputedText, Segmenter
-    from clipzss.training import train
+    from clipzss.models.segmenter import PrecomputedText, Segmenter
+    from clipzss.training.loop import train
     from clipzss.worlds import students as ws
     from clipzss.worlds import synthetic as sw
 
@@ -197,8 +197,8 @@ def _clip_quickstart(out: Path, iters: int | None, teacher_weights: str, device:
     """The generated `synthetic` dataset with real CLIP as the teacher."""
     from clipzss.data import build_dataset
     from clipzss.evaluate import evaluate
-    from clipzss.predict import Segmenter
-    from clipzss.training import train
+    from clipzss.models.segmenter import Segmenter
+    from clipzss.training.loop import train
 
     cfg = quickstart_config(out, iters, teacher_weights, device)
     tic = time.perf_counter()

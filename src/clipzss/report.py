@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, EvalConfig
-from clipzss.evaluate import RESULT_FILES, EvalResult, infer_labels
+from clipzss.evaluate import RESULT_FILES, EvalResult
 from clipzss.files import atomic_write
+from clipzss.inference.windows import infer_labels
 from clipzss.visualize import colorize, palette
 
 if TYPE_CHECKING:

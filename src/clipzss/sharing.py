@@ -29,7 +29,7 @@ class SegmenterHubMixin(
     pipeline_tag="image-segmentation",
     tags=["clipzss", "zero-shot-segmentation", "open-vocabulary-segmentation", "clip"],
 ):
-    """Sharing for `clipzss.predict.Segmenter`: the checkpoint (safetensors weights with the config inside),
+    """Sharing for `clipzss.models.segmenter.Segmenter`: the checkpoint (safetensors weights with the config inside),
     ``config.json`` and a model card; a saved folder loads back without any network access."""
 
     config: Config

@@ -85,17 +85,17 @@ def teacher_config(base: Any, args: argparse.Namespace) -> Any:
 
 def add_baseline_arg(parser: argparse.ArgumentParser, help_text: str) -> None:
     """--baseline {maskclip,clearclip,sclip,naclip}: CLIP itself, its last block changed as the recipe's code."""
-    from clipzss.recipes import BASELINES
+    from clipzss.models.recipes import BASELINES
 
     parser.add_argument("--baseline", choices=BASELINES, default=None, help=help_text)
 
 
 def load_segmenter(args: argparse.Namespace) -> Any:
     """A student Segmenter from --checkpoint, or a training-free baseline from --baseline."""
-    from clipzss.predict import PrecomputedText, Segmenter, TrainingFreeSegmenter
-    from clipzss.recipes import BASELINES
+    from clipzss.models.recipes import BASELINES
+    from clipzss.models.segmenter import PrecomputedText, Segmenter, TrainingFreeSegmenter
+    from clipzss.models.teacher import build_teacher
     from clipzss.runtime import resolve_device
-    from clipzss.teacher import build_teacher
 
     device = resolve_device(args.device)
     text_file = getattr(args, "text_embeddings", None)

@@ -34,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from clipzss.checkpoint import load_checkpoint
     from clipzss.files import refuse_existing
-    from clipzss.predict import PrecomputedText
+    from clipzss.models.segmenter import PrecomputedText
+    from clipzss.models.teacher import build_teacher
     from clipzss.runtime import resolve_device
-    from clipzss.teacher import build_teacher
 
     names = class_names_from_args(args)
     if names is None:

@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from clipzss.data import build_eval_dataset
     from clipzss.evaluate import RESULT_FILES, evaluate
     from clipzss.files import next_free_path, refuse_existing
+    from clipzss.models.segmenter import Segmenter
     from clipzss.names import parse_class_names
-    from clipzss.predict import Segmenter
 
     segmenter = load_segmenter(args)
     cfg = segmenter.config if isinstance(segmenter, Segmenter) else Config()

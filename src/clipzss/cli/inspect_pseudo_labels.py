@@ -85,17 +85,17 @@ def run(args: argparse.Namespace) -> int:
     from clipzss.data.masks import load_mask
     from clipzss.data.splits import make_split
     from clipzss.files import next_free_path, refuse_existing
-    from clipzss.inference import load_image
+    from clipzss.images import load_image
     from clipzss.inspection import class_names_near, find_masks, image_files, inspect_pseudo_labels
+    from clipzss.models.teacher import build_teacher
     from clipzss.runtime import resolve_device
-    from clipzss.teacher import build_teacher
 
     paths, overrides = _split_inputs(args.inputs)
     if not paths:
         raise ValueError("give at least one image file or folder to inspect")
     dense = None
     if args.dense is not None:
-        from clipzss.recipes import check_dense
+        from clipzss.models.recipes import check_dense
 
         dense = [p.strip() for p in args.dense.split(",") if p.strip()]
         if not dense:

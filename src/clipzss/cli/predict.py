@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from clipzss.files import next_free_path
-    from clipzss.inference import image_paths, load_image
+    from clipzss.images import image_paths, load_image
     from clipzss.prediction_files import prediction_folder, save_prediction
 
     images = image_paths(args.images)  # before any model is loaded or any file written
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"writing to {out_dir}")
     if args.onnx:
         # onnxruntime, numpy and PIL alone: this branch never imports torch.
-        from clipzss.onnx_runner import OnnxSegmenter
+        from clipzss.inference.onnx_runner import OnnxSegmenter
 
         if args.checkpoint or args.baseline:
             raise ValueError("--onnx runs the exported model on its own: drop --checkpoint / --baseline")

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipzss.config import load_config
-    from clipzss.training import TrainingInterrupted, train
+    from clipzss.training.loop import TrainingInterrupted, train
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).is_file():
@@ -60,7 +60,7 @@ def _in_place(output_dir: str, resume: str) -> str:
     """The folder a resume writes to: the run's own, never the one its config names (the run may have moved, or
     come from someone else, and a config file never chooses where we write)."""
     from clipzss.runs import same_folder
-    from clipzss.training_state import resume_folder
+    from clipzss.training.state import resume_folder
 
     folder = resume_folder(resume)
     if not same_folder(output_dir, folder):

@@ -25,7 +25,7 @@ from clipzss.data.masks import Palette, class_ids, load_mask
 from clipzss.data.readers import Sample, read_classes_txt
 from clipzss.data.splits import IGNORE_INDEX, Split, training_mask
 from clipzss.data.transforms import EvalTransform, SegTransform, build_eval_transform, pil_to_tensor
-from clipzss.inference import to_rgb
+from clipzss.images import to_rgb
 
 # Still imported from here by modules outside clipzss.data (their new homes are clipzss.data.masks / .readers).
 __all__ = ["FileDataset", "SegmentationDataset", "load_mask", "read_classes_txt"]

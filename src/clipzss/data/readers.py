@@ -18,7 +18,7 @@ from pathlib import Path
 
 from clipzss.data.masks import PALETTE_FILE, Palette, read_palette
 from clipzss.data.splits import DATASET_CLASSES, IGNORE_INDEX, WIDE_IGNORE_INDEX, validate_class_names
-from clipzss.inference import IMAGE_SUFFIXES
+from clipzss.images import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ the method's situation but takes the images, labels and language from the real w
   segmentation. The teacher is cached as safetensors under ``$XDG_CACHE_HOME/clipzss/camvid_world``, keyed by
   every parameter, the teacher's image list and the text table.
 
-Students are ordinary ``clipzss.training.train`` runs with car, tree and pedestrian held out, evaluated on 0006R0
+Students are ordinary ``clipzss.training.loop.train`` runs with car, tree and pedestrian held out, evaluated on 0006R0
 with all 11 names predicted jointly (``benchmarks/camvid_world.py`` makes the table). The world's parameters were
 fixed before any student was trained and were not changed afterwards to favour the method.
 """
@@ -52,7 +52,7 @@ from clipzss.config import DEFAULT_TEMPLATES, Config, EvalConfig
 from clipzss.data import FileDataset, SegmentationDataset, make_split, read_listing
 from clipzss.data.transforms import SegTransform, build_train_transform, build_transforms
 from clipzss.files import atomic_write
-from clipzss.teacher import FrozenModule
+from clipzss.models.teacher import FrozenModule
 from clipzss.worlds.students import student_config
 from clipzss.worlds.synthetic import default_cache_dir, fit_teacher, gap_direction
 
@@ -358,7 +358,7 @@ class _TokenNet(nn.Module):
 class CamVidTeacher(FrozenModule):
     """The world's CLIP: stride-8 dense tokens aligned with MiniLM's class embeddings (all 11 classes).
 
-    Implements :class:`clipzss.teacher.Teacher`: ``embed_dim`` (384), ``encode_image(images)`` → (CLS (B, C),
+    Implements :class:`clipzss.models.teacher.Teacher`: ``embed_dim`` (384), ``encode_image(images)`` → (CLS (B, C),
     dense (B, C, H/8, W/8)), both L2-normalised, for images normalised with IMAGENET_MEAN/STD, and
     ``text_embeddings(names)`` → (K, C) from the text table. Frozen: gradients off and always in eval mode (its
     BatchNorm uses the statistics it learnt).

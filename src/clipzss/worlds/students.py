@@ -2,7 +2,7 @@
 
 Both worlds (:mod:`clipzss.worlds.synthetic`, :mod:`clipzss.worlds.camvid`) train their students with this recipe:
 `student_config` (an FPN-ResNet10t from scratch with the package's method defaults, or one of the ablation rows of
-`VARIANTS`), then the ordinary ``clipzss.training.train`` with the world's teacher and ``clipzss.evaluate``
+`VARIANTS`), then the ordinary ``clipzss.training.loop.train`` with the world's teacher and ``clipzss.evaluate``
 (`train_and_evaluate`). `teacher_metrics` scores the teacher itself (the world's "CLIP at inference" row) and
 `prototype_alignment` how close a run's pseudo prototypes come to the true text of the unseen classes.
 """
@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from clipzss.config import Config, EvalConfig
 from clipzss.data import SegmentationDataset, relabel_unseen, seen_lookup
 from clipzss.evaluate import evaluate
-from clipzss.predict import Segmenter, ZeroShotSegmenter
-from clipzss.pseudo_labels import pseudo_labels
-from clipzss.regions import teacher_pseudo_prototypes
-from clipzss.student import build_student
-from clipzss.synthesizer import Synthesizer
-from clipzss.teacher import Teacher
-from clipzss.training import train
-from clipzss.training_state import load_training_state
+from clipzss.method.pseudo_labels import pseudo_labels
+from clipzss.method.regions import teacher_pseudo_prototypes
+from clipzss.method.synthesizer import Synthesizer
+from clipzss.models.segmenter import Segmenter, ZeroShotSegmenter
+from clipzss.models.student import build_student
+from clipzss.models.teacher import Teacher
+from clipzss.training.loop import train
+from clipzss.training.state import load_training_state
 from clipzss.worlds.synthetic import WorldConfig, normalize_pixels
 
 # The ablation rows: MethodConfig fields changed from the package defaults (MethodConfig(): GLM + PLM + NEL + CE
@@ -140,7 +140,7 @@ def student_config(
 def train_and_evaluate(
     cfg: Config, teacher: Teacher, train_set: SegmentationDataset, val_set: SegmentationDataset
 ) -> dict[str, float]:
-    """``clipzss.training.train`` with the world's teacher, then ``clipzss.evaluate`` of the student on val_set."""
+    """``clipzss.training.loop.train`` with the world's teacher, then ``clipzss.evaluate`` of the student on val_set."""
     ckpt = train(cfg, teacher=teacher, train_set=train_set)
     segmenter = Segmenter.from_checkpoint(ckpt, device=cfg.train.device, text_encoder=teacher)
     result = evaluate(

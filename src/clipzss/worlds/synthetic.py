@@ -21,8 +21,8 @@ classes from the teacher" is tested here, where the truth is known:
   phase, position). A **modality gap** (``TeacherSpec.gap``): every image token is offset by one shared direction
   orthogonal to the class texts, as CLIP's image embeddings sit apart from its text embeddings (cosine of an image
   token to its own class text ≈ 0.29 with the default gap, 0.47 without). The CLS token is the normalised mean of
-  the dense tokens. It implements the :class:`clipzss.teacher.Teacher` protocol and is passed to the ordinary
-  ``clipzss.training.train``; :mod:`clipzss.worlds.students` holds the students' recipe and measurements.
+  the dense tokens. It implements the :class:`clipzss.models.teacher.Teacher` protocol and is passed to the ordinary
+  ``clipzss.training.loop.train``; :mod:`clipzss.worlds.students` holds the students' recipe and measurements.
 
 Teacher training is cached (safetensors under ``$XDG_CACHE_HOME/clipzss/synthetic_world``, keyed by every world and
 teacher parameter), so benchmarks and tests train it once. The world's parameters were fixed before any student was
@@ -51,7 +51,7 @@ from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, Config
 from clipzss.data import SegmentationDataset, make_split
 from clipzss.data.transforms import SegTransform, build_transforms
 from clipzss.files import atomic_write, user_cache_dir
-from clipzss.teacher import FrozenModule
+from clipzss.models.teacher import FrozenModule
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def _token_net(width: int, out_dim: int) -> nn.Sequential:
 class AlignedTeacher(FrozenModule):
     """The world's CLIP: dense tokens aligned with the class text vectors, for seen and unseen classes alike.
 
-    Implements :class:`clipzss.teacher.Teacher`: ``embed_dim``, ``encode_image(images)`` → (CLS (B, C), dense
+    Implements :class:`clipzss.models.teacher.Teacher`: ``embed_dim``, ``encode_image(images)`` → (CLS (B, C), dense
     (B, C, H/4, W/4)), both L2-normalised, for images normalised with IMAGENET_MEAN/STD, and
     ``text_embeddings(names)`` → (K, C). Frozen: gradients off and always in eval mode.
     """

@@ -1,7 +1,7 @@
-"""The CLIP-ZSS training loop: one readable `train(cfg)` around `train_step` (:mod:`clipzss.training_step`).
+"""The CLIP-ZSS training loop: one readable `train(cfg)` around `train_step` (:mod:`clipzss.training.step`).
 
 `train` opens and locks the run folder, builds the parts, then steps: it logs, saves checkpoints
-(:mod:`clipzss.training_state`) and evaluates on the schedule of `due`, and stops cleanly on SIGINT/SIGTERM or a
+(:mod:`clipzss.training.state`) and evaluates on the schedule of `due`, and stops cleanly on SIGINT/SIGTERM or a
 non-finite loss. Multi-GPU runs come from torchrun (DDP); resume is exact because the data stream, the
 augmentation seeds and every RNG are functions of (seed, step) or are restored from the training state.
 
@@ -34,14 +34,15 @@ from clipzss.config import CLUSTER_MODES, SETTINGS, Config, TrainConfig, check_c
 from clipzss.data import Split, build_dataset, build_eval_dataset, seen_lookup
 from clipzss.evaluate import evaluate
 from clipzss.files import atomic_write, remove_stale_temporaries
-from clipzss.glm import GLM
-from clipzss.predict import Segmenter
+from clipzss.method.glm import GLM
+from clipzss.method.synthesizer import Synthesizer
+from clipzss.method.transductive import EMAStudent
+from clipzss.models.segmenter import Segmenter
+from clipzss.models.student import build_student
+from clipzss.models.teacher import Teacher, build_teacher
 from clipzss.runs import RunFolderError, RunLock, check_fresh, same_folder
 from clipzss.runtime import resolve_device
-from clipzss.student import build_student
-from clipzss.synthesizer import Synthesizer
-from clipzss.teacher import Teacher, build_teacher
-from clipzss.training_state import (
+from clipzss.training.state import (
     check_resume_config,
     load_training_state,
     restore_training_state,
@@ -49,8 +50,7 @@ from clipzss.training_state import (
     save_training_state,
     unwrap,
 )
-from clipzss.training_step import TrainParts, build_optimizer, grad_scaler, set_lr, train_step
-from clipzss.transductive import EMAStudent
+from clipzss.training.step import TrainParts, build_optimizer, grad_scaler, set_lr, train_step
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The training-free recipes for CLIP's dense tokens: their names, published results and released input handling.
 
-Each recipe changes only CLIP's last vision block (`clipzss.teacher`); that change is what ``teacher.dense``
+Each recipe changes only CLIP's last vision block (`clipzss.models.teacher`); that change is what ``teacher.dense``
 selects for pseudo labels and what ``--baseline`` runs at inference. The released code of each recipe also
 chooses how images are fed (short side, sliding-window crop and stride): that belongs to the training-free
 baseline alone (:func:`baseline_eval_config`), never to the teacher used for training, which sees the training

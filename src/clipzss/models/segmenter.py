@@ -21,15 +21,16 @@ import torch.nn.functional as F
 
 from clipzss.checkpoint import CheckpointError, load_checkpoint
 from clipzss.config import Config, EvalConfig
-from clipzss.embeddings_file import read_text_embeddings, write_text_embeddings
-from clipzss.evaluate import infer_labels
-from clipzss.inference import ImageLike, as_rgb, preprocess
+from clipzss.images import ImageLike, as_rgb
+from clipzss.inference.embeddings_file import read_text_embeddings, write_text_embeddings
+from clipzss.inference.preprocess import preprocess
+from clipzss.inference.windows import infer_labels
+from clipzss.models.recipes import BASELINE_TITLES, baseline_eval_config, check_baseline
+from clipzss.models.student import Student, build_student
+from clipzss.models.teacher import CLIPTeacher, Teacher, build_teacher
 from clipzss.names import parse_class_names
-from clipzss.recipes import BASELINE_TITLES, baseline_eval_config, check_baseline
 from clipzss.runtime import resolve_device
 from clipzss.sharing import SegmenterHubMixin
-from clipzss.student import Student, build_student
-from clipzss.teacher import CLIPTeacher, Teacher, build_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +128,12 @@ def pixel_norms(flat: torch.Tensor) -> torch.Tensor:
     """(B, C, P) embeddings → (B, P) norms over C, clamped at 1e-12 as ``F.normalize`` does.
 
     On the CPU, torch's ``vector_norm(flat, dim=1)`` (a reduction over a strided dimension) costs about a tenth
-    of the whole SegFormer-B0 forward; the compiled loop (`clipzss._label_kernels.pixel_norms`) is one pass over
+    of the whole SegFormer-B0 forward; the compiled loop (`clipzss.inference._label_kernels.pixel_norms`) is one pass over
     the embeddings with the same float32 arithmetic.
     """
     if flat.device.type != "cpu" or flat.dtype != torch.float32:
         return torch.linalg.vector_norm(flat, dim=1).clamp_min_(1e-12)
-    from clipzss import _label_kernels
+    from clipzss.inference import _label_kernels
 
     out = torch.empty(flat.shape[0], flat.shape[2])
     _label_kernels.pixel_norms(flat.detach().contiguous().numpy(), out.numpy())
@@ -215,7 +216,7 @@ class ZeroShotSegmenter:
         """(B, K, h, w) logits at the embedding resolution: K-channel maps are upsampled, never C-channel ones.
 
         α·cos(R, T) as (K, C) @ (C, h·w) matmuls divided by ‖R‖ per pixel, never normalising the C-channel map
-        itself, and returned channels last in memory (the layout `clipzss.label_maps` reads). The values equal
+        itself, and returned channels last in memory (the layout `clipzss.inference.label_maps` reads). The values equal
         ``α·einsum(normalize(R), T)`` up to float rounding.
         """
         emb = self.embed(images.to(self.device)).float()  # (B, C, h, w)
@@ -320,12 +321,12 @@ class Segmenter(ZeroShotSegmenter, SegmenterHubMixin):
 
 
 class TrainingFreeSegmenter(ZeroShotSegmenter):
-    """Training-free baseline: one recipe's dense tokens (`clipzss.recipes.BASELINES`) against the text.
+    """Training-free baseline: one recipe's dense tokens (`clipzss.models.recipes.BASELINES`) against the text.
 
     The tokens take the recipe's released last block (``teacher.encode_image(dense=recipe)``) whatever the
     teacher's own ``dense`` setting for pseudo labels, and NACLIP's σ is ``teacher.cfg.naclip_std``. Without an
     ``eval_cfg`` the images are fed as the recipe's released code feeds them (short side, sliding windows:
-    `clipzss.recipes.baseline_eval_config`); MaskCLIP keeps this project's protocol.
+    `clipzss.models.recipes.baseline_eval_config`); MaskCLIP keeps this project's protocol.
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """The teacher's text-embedding cache on disk: one small safetensors file per (model, weights, templates, class list).
 
 The student's classifier is made of text embeddings, and recomputing 15 prompts × 171 classes at every evaluation is
-wasted work, so :class:`clipzss.teacher.CLIPTeacher` keeps them here (and in memory). A corrupt file is ignored
+wasted work, so :class:`clipzss.models.teacher.CLIPTeacher` keeps them here (and in memory). A corrupt file is ignored
 and recomputed, a failed write only warns, and the folder keeps a bounded number of files.
 """
 

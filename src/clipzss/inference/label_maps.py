@@ -9,7 +9,7 @@ on a CPU core, as much as the classifier matmul itself.
 Upsampling, averaging and resizing are convex combinations of low-resolution values, so a pixel's value for
 class k lies between the smallest and the largest low-resolution value of k that feeds it (and, where windows
 overlap, between the means of their bounds). `label_map` groups the output pixels into units (the pixels between
-the same low-resolution neighbours) and, in compiled loops (`clipzss._label_kernels`, numba):
+the same low-resolution neighbours) and, in compiled loops (`clipzss.inference._label_kernels`, numba):
 
 - labels a unit k* without computing anything at full resolution when every low-resolution point feeding it
   has k* on top, by a margin (top value minus second value) larger than any float rounding can close;
@@ -29,7 +29,7 @@ as the reference of an exact shortcut. numpy and torch give the same bits for th
 runner (numpy) and the torch paths share this module and its results.
 
 Layout: the logits of one image are ``(n_windows, h, w, K)``, channels last (what `ZeroShotSegmenter.logits`
-returns, permuted for free), windows in `clipzss.inference.sliding_windows` order.
+returns, permuted for free), windows in `clipzss.inference.preprocess.sliding_windows` order.
 """
 
 from __future__ import annotations
@@ -461,7 +461,7 @@ def dense_labels(plan: Plan, logits: Array, transform: Transform | None = None) 
 
 
 def _axis_tables(axis: Axis) -> tuple[Any, ...]:
-    """One axis of a plan as the kernels' arguments (`clipzss._label_kernels.label_units`).
+    """One axis of a plan as the kernels' arguments (`clipzss.inference._label_kernels.label_units`).
 
     Output indices are grouped into units: the pixels between the same two low-resolution points for a plain
     upsampling, else runs of about `UNIT_CANVAS` canvas pixels. Per unit: its output range, the canvas range it
@@ -555,7 +555,7 @@ def label_map_with_stats(
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     if transform is not None:
         return dense_labels(plan, logits, transform), {"dense": 1}
-    from clipzss import _label_kernels as kernels
+    from clipzss.inference import _label_kernels as kernels
 
     top = np.empty((n, h * w), dtype=np.int64)
     best = np.empty((n, h * w), dtype=np.float32)

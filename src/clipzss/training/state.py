@@ -20,7 +20,7 @@ from clipzss.checkpoint import CHECKPOINT_NAME, checkpoint_writes, write_failure
 from clipzss.config import Config, pin_saved_defaults
 from clipzss.files import atomic_write_all
 from clipzss.runs import changed_fields, describe_change, is_shape_field
-from clipzss.training_step import TrainParts
+from clipzss.training.step import TrainParts
 
 logger = logging.getLogger(__name__)
 

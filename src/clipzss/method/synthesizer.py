@@ -3,7 +3,7 @@ region means corrected by a small transformer decoder.
 
 Shapes: R (B, C, h, w) student embeddings at stride 4; S (B, C) teacher CLS and D (B, C, h', w') teacher dense
 tokens, both L2-normalised and without grad; F (B, H, W) fused labels; ``valid`` (B, H, W) bool marks the pixels
-that are image, not padding. Prototypes come out in the id-indexed slots of :mod:`clipzss.regions`.
+that are image, not padding. Prototypes come out in the id-indexed slots of :mod:`clipzss.method.regions`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipzss.config import MethodConfig
-from clipzss.regions import Regions, count_pseudo_slots, downsample_labels, region_means
+from clipzss.method.regions import Regions, count_pseudo_slots, downsample_labels, region_means
 
 
 class Synthesizer(nn.Module):

@@ -1,7 +1,7 @@
 """The frozen CLIP teacher: a CLS embedding and dense tokens per image, and text embeddings per class.
 
 The dense tokens come from CLIP's last block changed as one training-free recipe's released code changes it
-(``teacher.dense``: ClearCLIP, SCLIP, NACLIP, MaskCLIP, or the bare value path; `clipzss.recipes`).
+(``teacher.dense``: ClearCLIP, SCLIP, NACLIP, MaskCLIP, or the bare value path; `clipzss.models.recipes`).
 
 Training and evaluation depend only on the :class:`Teacher` protocol; :class:`CLIPTeacher` wraps an open_clip
 ViT built by :func:`build_teacher` from a :class:`~clipzss.config.TeacherConfig`. Weights come from a local file,
@@ -35,9 +35,9 @@ from torch import nn
 
 from clipzss import hub
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
+from clipzss.models.recipes import DENSE_PATHS, check_dense
+from clipzss.models.text_cache import read_text_cache, text_cache_dir, write_text_cache
 from clipzss.names import parse_class_names
-from clipzss.recipes import DENSE_PATHS, check_dense
-from clipzss.text_cache import read_text_cache, text_cache_dir, write_text_cache
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class CLIPTeacher(FrozenModule):
             images: (B, 3, H, W) normalised with IMAGENET_MEAN/STD, as the student sees them.
             size: resize target: None = cfg.image_size square, an int = square, (h, w) as given (rounded to a
                 multiple of the patch size); the positional embedding is interpolated to the resulting grid.
-            dense: the dense path, one of `clipzss.recipes.DENSE_PATHS` (:func:`_dense_path`); None = ``cfg.dense``.
+            dense: the dense path, one of `clipzss.models.recipes.DENSE_PATHS` (:func:`_dense_path`); None = ``cfg.dense``.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"teacher images must be (B, 3, H, W), got shape {tuple(images.shape)}")
@@ -256,7 +256,7 @@ class CLIPTeacher(FrozenModule):
     ) -> torch.Tensor:
         """(K, C) float32 normalised class embeddings: the prompt-template ensemble, averaged and renormalised.
 
-        Cached in memory and on disk (:mod:`clipzss.text_cache`, under cfg.cache_dir): the student's classifier is
+        Cached in memory and on disk (:mod:`clipzss.models.text_cache`, under cfg.cache_dir): the student's classifier is
         these rows, and recomputing 15 prompts × 171 classes at every evaluation is wasted work.
         """
         names = _check_class_names(class_names)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipzss.config import MethodConfig
-from clipzss.losses import info_nce
+from clipzss.method.losses import info_nce
 
 UNKNOWN_IMAGE = -1  # the id of a CLS token whose image is not known (never equal to any other id)
 

@@ -4,8 +4,8 @@ F (B, H, W) holds 0 .. S_n-1 for the seen classes, S_n .. S_n+P-1 for pseudo reg
 padding included). Regions are laid out in *slots indexed by label id*: slot k of every image holds region id k
 (seen class k for k < S_n, pseudo region k - S_n after that), padded when the id is absent. Shapes therefore
 depend only on host-side counts, never on tensor values, so nothing here forces a host-device sync (except
-`count_pseudo_slots`, which says so). The GLM (:mod:`clipzss.glm`), the synthesizer (:mod:`clipzss.synthesizer`)
-and the losses (:mod:`clipzss.losses`) all read regions through this module.
+`count_pseudo_slots`, which says so). The GLM (:mod:`clipzss.method.glm`), the synthesizer (:mod:`clipzss.method.synthesizer`)
+and the losses (:mod:`clipzss.method.losses`) all read regions through this module.
 """
 
 from __future__ import annotations

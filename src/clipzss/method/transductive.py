@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from clipzss.config import CLUSTER_MODES, MethodConfig, TransductiveConfig, check_choice
 from clipzss.data.splits import IGNORE_INDEX
-from clipzss.pseudo_labels import pseudo_labels, upsample_regions
+from clipzss.method.pseudo_labels import pseudo_labels, upsample_regions
 
 
 def name_pixels(

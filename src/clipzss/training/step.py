@@ -18,12 +18,12 @@ from torch.profiler import record_function
 
 from clipzss.config import Config
 from clipzss.data import IGNORE_INDEX, VOID_INDEX
-from clipzss.glm import GLM, image_ids
-from clipzss.losses import compute_losses
-from clipzss.pseudo_labels import pseudo_labels
-from clipzss.student import Student
-from clipzss.teacher import Teacher
-from clipzss.transductive import EMAStudent, name_pixels, transductive_labels
+from clipzss.method.glm import GLM, image_ids
+from clipzss.method.losses import compute_losses
+from clipzss.method.pseudo_labels import pseudo_labels
+from clipzss.method.transductive import EMAStudent, name_pixels, transductive_labels
+from clipzss.models.student import Student
+from clipzss.models.teacher import Teacher
 
 # --- the parts and the optimizer --------------------------------------------------------------------------------
 
@@ -148,7 +148,7 @@ def train_step(
     """One step on ``batch``: teacher, pseudo labels, student, losses, backward and update, the bank.
 
     Returns the losses, still on the device: nothing here reads a value on the host except the pseudo-region
-    count (see below), so the caller decides when to sync (`clipzss.training.FiniteWatch`).
+    count (see below), so the caller decides when to sync (`clipzss.training.loop.FiniteWatch`).
     """
     cfg, device = parts.cfg, parts.device
     with _scope("inputs"):

@@ -16,8 +16,8 @@ from torchvision.ops import sigmoid_focal_loss
 
 from clipzss.config import DISTILL_PIXELS, PROTOTYPE_GAPS, MethodConfig, check_choice
 from clipzss.data.splits import IGNORE_INDEX
-from clipzss.pseudo_labels import mean_token, token_validity
-from clipzss.regions import Regions, count_pseudo_slots, downsample_labels, teacher_pseudo_prototypes
+from clipzss.method.pseudo_labels import mean_token, token_validity
+from clipzss.method.regions import Regions, count_pseudo_slots, downsample_labels, teacher_pseudo_prototypes
 
 # A finite "minus infinity" for padded pseudo channels: exp(-1e4) is exactly 0 in fp32/bf16 softmax, while -inf
 # would give NaN in a softmax or a loss if every channel of a row were padding. Representable in fp16 too.
@@ -254,7 +254,7 @@ def majority_labels(
 
     A block whose commonest id is ``ignore_index`` stays ignored; ties go to the smaller id (``torch.mode``). When
     the label size is not an exact multiple of ``size``, the cell centres are sampled instead
-    (:func:`clipzss.regions.downsample_labels`). Memory is that of the labels, whatever the number of classes.
+    (:func:`clipzss.method.regions.downsample_labels`). Memory is that of the labels, whatever the number of classes.
 
     Args:
         labels: (B, H, W) ids.
@@ -411,17 +411,17 @@ def compute_losses(
         teacher_dense: (B, C, h', w') teacher dense tokens, normalised.
         num_seen: S_n.
         cfg: the method config (switches, weights, scales).
-        glm: the :class:`clipzss.glm.GLM`, needed when cfg.glm: ``glm(R, teacher_cls, valid)`` → L_global.
-        synthesizer: the :class:`clipzss.synthesizer.Synthesizer` (possibly DDP-wrapped), needed when
+        glm: the :class:`clipzss.method.glm.GLM`, needed when cfg.glm: ``glm(R, teacher_cls, valid)`` → L_global.
+        synthesizer: the :class:`clipzss.method.synthesizer.Synthesizer` (possibly DDP-wrapped), needed when
             cfg.synthesizer: ``synthesizer(R, labels, teacher_cls, teacher_dense, num_seen, num_pseudo, valid)`` →
-            :class:`clipzss.regions.Regions`.
+            :class:`clipzss.method.regions.Regions`.
         max_pseudo: host-side upper bound on pseudo regions per image (e.g. int(num_pseudo.max()) from
             pseudo_labels). None reads it from ``labels``: one host-device sync per step.
         valid: (B, H, W) bool, False on void pixels (crop padding, the dataset's void): excluded from GLM's
             pooling, the synthesizer's keys, NEL (where ZegCLIP's rule would count them as negatives), the
             distillation and the centring of the gap correction (CE ignores them through ``labels``). None = every
             pixel is image.
-        ids: (B,) image identities for GLM's negatives (:func:`clipzss.glm.image_ids`), or None.
+        ids: (B,) image identities for GLM's negatives (:func:`clipzss.method.glm.image_ids`), or None.
     """
     if not (cfg.glm or cfg.synthesizer or cfg.nel or cfg.ce or cfg.w_distill > 0):
         raise ValueError("every loss is switched off (method.glm, synthesizer, nel and ce are all false)")

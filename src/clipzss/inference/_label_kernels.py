@@ -1,4 +1,4 @@
-"""Compiled loops of `clipzss.label_maps` (numba): the per-point statistics and the per-unit labelling, and the
+"""Compiled loops of `clipzss.inference.label_maps` (numba): the per-point statistics and the per-unit labelling, and the
 per-pixel embedding norms of the classifier that feeds them.
 
 Plain float32 arithmetic in the order of `label_maps.dense_scores` (no fast-math, so no fused multiply-adds):

@@ -1,7 +1,7 @@
 """The text-embedding file of `clipzss embed-text`: class names and their CLIP text embeddings, torch-free.
 
 One safetensors file: tensor ``embeddings`` (K, C) float32, metadata ``class_names`` (a JSON list) and ``teacher``
-(the CLIP identity that embedded them). `clipzss.predict.PrecomputedText` and the onnxruntime runner both read it
+(the CLIP identity that embedded them). `clipzss.models.segmenter.PrecomputedText` and the onnxruntime runner both read it
 here, so a file that one accepts the other accepts.
 """
 
