@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from clipzss.config import EvalConfig
 from clipzss.evaluate import ConfusionMatrix, EvalResult, compute_metrics, evaluate
+from clipzss.inference.inputs import sliding_windows
 from clipzss.inference.label_maps import dense_scores, label_map
-from clipzss.inference.preprocess import sliding_windows
 from clipzss.inference.windows import (
     infer_labels,
     infer_logits,

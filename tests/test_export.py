@@ -17,8 +17,8 @@ pytest.importorskip("onnxruntime")
 from clipzss.cli import build_parser, main
 from clipzss.export import export_onnx
 from clipzss.images import load_image
+from clipzss.inference.inputs import preprocess
 from clipzss.inference.onnx_runner import OnnxSegmenter
-from clipzss.inference.preprocess import preprocess
 from clipzss.models.segmenter import PrecomputedText, Segmenter
 from conftest import CAMVID_CLASSES
 
@@ -109,8 +109,8 @@ def test_onnx_slide_streams_rows_of_windows_with_the_full_plans_labels(
 ) -> None:
     # 5 rows of windows, at most 3 read per output row: the runner labels bands as rows come in
     # (label_maps.slide_labels); its labels must be those of every window's logits under the full plan.
+    from clipzss.inference.inputs import sliding_windows
     from clipzss.inference.label_maps import label_map, row_bands, slide_plan
-    from clipzss.inference.preprocess import sliding_windows
 
     rng = np.random.default_rng(3)
     image = Image.fromarray((rng.random((200, 60, 3)) * 255).astype(np.uint8))

@@ -20,7 +20,7 @@ from sklearn.cluster import KMeans
 from torch import nn
 
 from clipzss.config import Config, EvalConfig, StudentConfig, TeacherConfig
-from clipzss.inference.preprocess import preprocess, sliding_windows
+from clipzss.inference.inputs import preprocess, sliding_windows
 from clipzss.inference.windows import infer_logits
 from clipzss.method.pseudo_labels import _cluster_sums, _lloyd, _lloyd_until_fixed, kmeans_sets, window_seeds
 from clipzss.models.segmenter import PrecomputedText, Segmenter, _classes_last_logits, pixel_norms

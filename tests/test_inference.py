@@ -1,4 +1,4 @@
-"""The one inference rule (`clipzss.inference.preprocess`): image loading, the mmseg test resize, preprocessing, and the
+"""The one inference rule (`clipzss.inference.inputs`): image loading, the mmseg test resize, preprocessing, and the
 guarantee it exists for — `clipzss eval`, `clipzss predict` and `clipzss predict --onnx` see the same pixels."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from clipzss.cli import main
 from clipzss.data.transforms import pil_to_tensor
 from clipzss.evaluate import EvalResult
 from clipzss.images import load_image, to_rgb
-from clipzss.inference.preprocess import inference_size, normalize, preprocess, rescale_size
+from clipzss.inference.inputs import inference_size, normalize, preprocess, rescale_size
 from clipzss.inference.windows import infer_logits
 from clipzss.models.segmenter import Segmenter
 

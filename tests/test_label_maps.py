@@ -22,6 +22,7 @@ from PIL import Image
 
 import clipzss.inference.label_maps as lm
 from clipzss.config import EvalConfig, StudentConfig
+from clipzss.inference.inputs import preprocess, sliding_windows
 from clipzss.inference.label_maps import (
     AxisMap,
     dense_labels,
@@ -31,7 +32,6 @@ from clipzss.inference.label_maps import (
     slide_plan,
     whole_plan,
 )
-from clipzss.inference.preprocess import preprocess, sliding_windows
 from clipzss.inference.windows import infer_labels, infer_logits, window_logits
 from clipzss.models.student import build_student
 

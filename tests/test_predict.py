@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from clipzss.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from clipzss.config import Config, EvalConfig
-from clipzss.inference.preprocess import preprocess
+from clipzss.inference.inputs import preprocess
 from clipzss.models.recipes import baseline_eval_config
 from clipzss.models.segmenter import MaskCLIPSegmenter, PrecomputedText, Segmenter, TrainingFreeSegmenter
 from clipzss.models.student import build_student

@@ -8,7 +8,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from clipzss import _moved
+
 __version__ = "0.1.0"
+_moved.install()  # the flat layout's module paths (clipzss.predict, ...) import for one more release
 
 _EXPORTS = {
     "Config": "clipzss.config",

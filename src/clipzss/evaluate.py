@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from clipzss.config import EvalConfig, check_choice
 from clipzss.data.splits import IGNORE_INDEX
 from clipzss.files import atomic_write_all
+from clipzss.inference.inputs import check_mode
 from clipzss.inference.label_maps import check_candidates
-from clipzss.inference.preprocess import check_mode
 from clipzss.inference.windows import LogitsFn, seen_calibrated, window_labels
 
 logger = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from clipzss.data.readers import read_classes_txt
 from clipzss.data.splits import IGNORE_INDEX
 from clipzss.files import atomic_write
 from clipzss.images import image_paths
-from clipzss.inference.preprocess import preprocess
+from clipzss.inference.inputs import preprocess
 from clipzss.method.pseudo_labels import (
     center_tokens,
     cluster_regions,

@@ -8,7 +8,7 @@ Training (mmseg's ZegCLIP/SegFormer pipeline): random rescale with ``img_scale =
 ``ratio_range`` → random crop with the ``cat_max_ratio`` rule → horizontal flip → photometric distortion →
 normalise → pad to the crop size (image 0 after normalisation, i.e. the mean colour, as mmseg does; mask
 ``PAD_INDEX`` = -1, not 255, so the trainer can tell padding from unlabelled image content).
-Evaluation: `clipzss.inference.preprocess.preprocess` (the resize rule and normalisation every inference path shares); the
+Evaluation: `clipzss.inference.inputs.preprocess` (the resize rule and normalisation every inference path shares); the
 mask keeps its original resolution because the evaluator upsamples logits to it.
 """
 
@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as F
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from clipzss.data.splits import IGNORE_INDEX, PAD_INDEX
 from clipzss.images import to_rgb
-from clipzss.inference.preprocess import LONG_SIDE_FACTOR, preprocess, rescale_size
+from clipzss.inference.inputs import LONG_SIDE_FACTOR, preprocess, rescale_size
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def build_train_transform(
 
 
 class EvalTransform:
-    """The evaluation pipeline: `clipzss.inference.preprocess.preprocess` on the image (the rule every inference path uses),
+    """The evaluation pipeline: `clipzss.inference.inputs.preprocess` on the image (the rule every inference path uses),
     the mask untouched at its own resolution, so scores are computed where the labels are."""
 
     def __init__(self, short_side: int | None = 512) -> None:

@@ -29,18 +29,26 @@ as the reference of an exact shortcut. numpy and torch give the same bits for th
 runner (numpy) and the torch paths share this module and its results.
 
 Layout: the logits of one image are ``(n_windows, h, w, K)``, channels last (what `ZeroShotSegmenter.logits`
-returns, permuted for free), windows in `clipzss.inference.preprocess.sliding_windows` order.
+returns, permuted for free), windows in `clipzss.inference.inputs.sliding_windows` order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
+
+
+def _torch() -> Any:
+    """The torch module, for a tensor we were given: torch is loaded whenever a tensor exists, so this module never
+    imports it (the ONNX runner shares it; `make test`'s import contracts hold it to that)."""
+    return sys.modules["torch"]
+
 
 UNIT_ROUNDOFF = 2.0**-24  # float32
 # Float32 values per dense tile: bounds the dense path's memory (32 MB of scores, plus the canvas rows under them).
@@ -262,7 +270,7 @@ def _empty(like: Array, shape: tuple[int, ...], labels: bool = False) -> Array:
     """An uninitialised array of ``like``'s kind (and device): ``like``'s dtype, or int64 for labels."""
     if isinstance(like, np.ndarray):
         return np.empty(shape, dtype=np.int64 if labels else like.dtype)
-    import torch
+    torch = _torch()
 
     return torch.empty(shape, dtype=torch.int64 if labels else like.dtype, device=like.device)
 
@@ -376,7 +384,7 @@ def _backend_array(values: np.ndarray, like: Array) -> Array:
     """``values`` as an array of ``like``'s kind (numpy, or a torch tensor on its device)."""
     if isinstance(like, np.ndarray):
         return values
-    import torch
+    torch = _torch()
 
     return torch.as_tensor(values, device=like.device)
 
@@ -451,7 +459,7 @@ def dense_labels(plan: Plan, logits: Array, transform: Transform | None = None) 
         parts.append((transform(scores) if transform is not None else scores).argmax(-1))
     if isinstance(logits, np.ndarray):
         return np.concatenate(parts).astype(np.int64, copy=False)
-    import torch
+    torch = _torch()
 
     return torch.cat(parts).long()
 
@@ -541,7 +549,7 @@ def label_map_with_stats(
     if not isinstance(logits, np.ndarray):
         if logits.device.type != "cpu" or transform is not None:
             return dense_labels(plan, logits, transform), {"dense": 1}
-        import torch
+        torch = _torch()
 
         numpy_logits = logits.detach().float().contiguous().numpy()
         labels, stats = label_map_with_stats(plan, numpy_logits, candidates=candidates)

@@ -1,7 +1,7 @@
 """Run a student exported by `clipzss export` with onnxruntime, numpy and PIL alone (no torch).
 
 `OnnxSegmenter` pads and windows in numpy with the same preprocessing, windows and modes as the torch paths
-(`clipzss.inference.preprocess`), and runs and labels the windows with the same `clipzss.inference.label_maps` code (`slide_labels`,
+(`clipzss.inference.inputs`), and runs and labels the windows with the same `clipzss.inference.label_maps` code (`slide_labels`,
 `label_map`), so `clipzss predict --onnx` gives the masks `clipzss predict` gives (up to the float rounding of the
 two runtimes' networks) where torch is not installed, without a K-channel map at the image's size and with the
 same bounded memory.
@@ -22,8 +22,8 @@ from PIL import Image
 from clipzss.config import Config, ConfigError, check_choice, check_side
 from clipzss.images import ImageLike, as_rgb
 from clipzss.inference.embeddings_file import read_text_embeddings
+from clipzss.inference.inputs import check_mode, preprocess, sliding_windows
 from clipzss.inference.label_maps import check_candidates, label_map, slide_labels, whole_plan
-from clipzss.inference.preprocess import check_mode, preprocess, sliding_windows
 from clipzss.names import parse_class_names
 
 FORMAT = "clipzss-onnx-v1"
@@ -201,7 +201,7 @@ class OnnxSegmenter:
         return self.alpha * np.einsum("bchw,kc->bkhw", out, self.text[rows], optimize=True)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """RGB PIL → (1, 3, h, w) float32: `clipzss.inference.preprocess.preprocess`, as the checkpoint's evaluation did."""
+        """RGB PIL → (1, 3, h, w) float32: `clipzss.inference.inputs.preprocess`, as the checkpoint's evaluation did."""
         return preprocess(image, self.eval.get("short_side"))[None]
 
     def predict(

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from clipzss.config import EvalConfig
+from clipzss.inference.inputs import check_mode, sliding_windows
 from clipzss.inference.label_maps import (
     Plan,
     all_window_logits,
@@ -24,7 +25,6 @@ from clipzss.inference.label_maps import (
     slide_plan,
     whole_plan,
 )
-from clipzss.inference.preprocess import check_mode, sliding_windows
 
 LogitsFn = Callable[[Tensor], Tensor]
 
@@ -86,7 +86,7 @@ def infer_labels(
 
     Exactly ``infer_logits(...).argmax(1)`` (the mmseg pipeline: windows upsampled, averaged, resized to
     ``out_size``), computed by `clipzss.inference.label_maps.label_map` without the K×H×W scores. ``images`` come from
-    `clipzss.inference.preprocess.preprocess`; ``out_size`` is the original image's (or mask's) size; ``transform`` maps
+    `clipzss.inference.inputs.preprocess`; ``out_size`` is the original image's (or mask's) size; ``transform`` maps
     the scores before the argmax (seen-class calibration).
     """
     return window_labels(logits_fn, images, cfg, out_size, (transform,))[0][0]

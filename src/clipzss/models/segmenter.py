@@ -23,7 +23,7 @@ from clipzss.checkpoint import CheckpointError, load_checkpoint
 from clipzss.config import Config, EvalConfig
 from clipzss.images import ImageLike, as_rgb
 from clipzss.inference.embeddings_file import read_text_embeddings, write_text_embeddings
-from clipzss.inference.preprocess import preprocess
+from clipzss.inference.inputs import preprocess
 from clipzss.inference.windows import infer_labels
 from clipzss.models.recipes import BASELINE_TITLES, baseline_eval_config, check_baseline
 from clipzss.models.student import Student, build_student

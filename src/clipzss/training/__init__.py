@@ -1,5 +1,5 @@
-"""Training machinery: the loop (`loop.train`, DDP, checkpoints, evaluation), one optimisation step (`step`) and
-the state that resumes a run (`state`). The method itself lives in `clipzss.method`."""
+"""Training machinery: the loop (`loop.train`: run folder, DDP, checkpoints, evaluation), one optimisation step
+(`step`) and the state that resumes a run (`state`). The method itself lives in `clipzss.method`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from typing import Any
 
 
 def __getattr__(name: str) -> Any:
-    # `clipzss.training` was one module before the package: its public names stay reachable here.
-    from clipzss.training import loop
+    # `clipzss.training` was one module before it was a package: its names stay reachable (`train` is this
+    # package's entry point; the others warn).
+    from clipzss._moved import forward
 
-    if name.startswith("_") or not hasattr(loop, name):
-        raise AttributeError(f"module 'clipzss.training' has no attribute '{name}'")
-    return getattr(loop, name)
+    return forward(globals(), name, ("clipzss.training.loop",), public=frozenset({"train"}))
