@@ -45,7 +45,7 @@ from common import (
 
 from clipzss.config import Config, EvalConfig, StudentConfig, TeacherConfig
 from clipzss.data import DATASET_CLASSES
-from clipzss.inference.preprocess import preprocess, sliding_windows
+from clipzss.inference.inputs import preprocess, sliding_windows
 from clipzss.models.recipes import BASELINE_TITLES, BASELINES, check_baseline
 from clipzss.models.segmenter import PrecomputedText, Segmenter, TrainingFreeSegmenter
 from clipzss.models.student import build_student

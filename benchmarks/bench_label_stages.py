@@ -20,8 +20,8 @@ from PIL import Image
 
 from clipzss.config import Config, EvalConfig, StudentConfig
 from clipzss.inference import _label_kernels as kernels
+from clipzss.inference.inputs import preprocess
 from clipzss.inference.label_maps import UNIT_ROUNDOFF, _plan_tables
-from clipzss.inference.preprocess import preprocess
 from clipzss.inference.windows import window_logits
 from clipzss.models.segmenter import Segmenter, _classes_last_logits, pixel_norms
 from clipzss.models.student import build_student

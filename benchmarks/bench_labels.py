@@ -34,8 +34,8 @@ from common import base_parser, compare, machine_info, markdown_table, peak_memo
 from PIL import Image
 
 from clipzss.config import Config, EvalConfig, StudentConfig
+from clipzss.inference.inputs import preprocess, sliding_windows
 from clipzss.inference.label_maps import dense_labels, label_map, label_map_with_stats
-from clipzss.inference.preprocess import preprocess, sliding_windows
 from clipzss.inference.windows import window_logits
 from clipzss.models.segmenter import PrecomputedText, Segmenter
 from clipzss.models.student import build_student
