@@ -131,7 +131,7 @@ def tiny_config(out: Path, cache_dir: Path, **train_kw: object) -> Config:
         student=StudentConfig(
             arch="Segformer", encoder="mit_b0", weights=None, embed_dim=TINY_CLIP["embed_dim"]
         ),
-        method=MethodConfig(bank_size=8, synth_heads=2),
+        method=MethodConfig(bank=True, bank_size=8, synth_heads=2),  # the bank on: resume tests cover its state
         train=TrainConfig(**train),
         eval=EvalConfig(mode="whole", short_side=64, max_images=2),
     )
@@ -150,6 +150,7 @@ def tiny_overrides(cache_dir: Path, extra: dict[str, object]) -> list[str]:
         "student.encoder": "mit_b0",
         "student.weights": "null",
         "student.embed_dim": TINY_CLIP["embed_dim"],
+        "method.bank": True,
         "method.bank_size": 8,
         "method.synth_heads": 2,
         "train.device": "cpu",

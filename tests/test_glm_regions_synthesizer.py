@@ -144,7 +144,7 @@ def test_glm_loss_hand_computed() -> None:
 
 
 def test_glm_gradient_reaches_r_only_and_bank_adds_negatives() -> None:
-    cfg = MethodConfig(bank_size=4)
+    cfg = MethodConfig(bank=True, bank_size=4)
     glm = GLM(cfg, 8)
     R = torch.randn(2, 8, 3, 3, requires_grad=True)
     S = F.normalize(torch.randn(2, 8), dim=-1).requires_grad_()

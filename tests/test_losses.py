@@ -319,7 +319,7 @@ SWITCHES = ("glm", "synthesizer", "nel", "ce", "pseudo_labels")
 @pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=len(SWITCHES))))
 def test_compute_losses_returns_enabled_terms_and_backpropagates(flags: tuple[bool, ...]) -> None:
     on = dict(zip(SWITCHES, flags))
-    cfg = MethodConfig(**on, bank_size=4, synth_layers=1, synth_heads=2)
+    cfg = MethodConfig(**on, bank=True, w_distill=0.0, bank_size=4, synth_layers=1, synth_heads=2)
     inputs = _step_inputs(on["pseudo_labels"])
     glm = GLM(cfg, C)
     glm.update_bank(F.normalize(torch.randn(3, C), dim=-1))

@@ -221,7 +221,7 @@ def test_gap_shift_moves_prototypes_by_the_difference_of_the_means() -> None:
 
 
 def test_an_image_is_never_its_own_negative() -> None:
-    cfg = MethodConfig(bank_size=8, bank_fraction=1.0)
+    cfg = MethodConfig(bank=True, bank_size=8, bank_fraction=1.0)
     glm = GLM(cfg, C)
     R = torch.randn(3, C, 4, 4)
     S = F.normalize(torch.randn(3, C), dim=-1)
@@ -259,7 +259,7 @@ def test_a_repeated_image_in_the_batch_is_not_a_negative_of_itself() -> None:
 
 
 def test_bank_holds_at_most_its_fraction_of_the_training_set() -> None:
-    cfg = MethodConfig(bank_size=1024, bank_fraction=0.5)
+    cfg = MethodConfig(bank=True, bank_size=1024, bank_fraction=0.5)
     assert bank_capacity(cfg, 204) == 102
     assert bank_capacity(cfg, 100_000) == 1024
     assert bank_capacity(cfg) == 1024  # size unknown: the configured bank
@@ -328,7 +328,7 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _results(batch: dict[str, torch.Tensor], part: slice) -> tuple[float, torch.Tensor]:
-    cfg = MethodConfig(bank_size=8, bank_fraction=1.0, min_region=0.0)
+    cfg = MethodConfig(bank=True, bank_size=8, bank_fraction=1.0, min_region=0.0)
     glm = GLM(cfg, C)
     # The same five past entries in every process's bank (enqueue would all-gather them under DDP).
     glm.bank.load_state_dict(
