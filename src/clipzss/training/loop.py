@@ -387,7 +387,8 @@ def _build_run(
 ) -> _Run:
     """Build what `train` was not given (teacher, datasets), then the networks, the optimizer and the scaler.
 
-    The order is fixed: the global RNG is seeded first, so a fresh run's weights and a resumed run's are the same.
+    The global RNG is seeded first and everything is built in one fixed order, so the initial weights are a
+    function of the seed and the rank.
     """
     seed_everything(cfg.train.seed + info.rank)
     teacher = teacher or build_teacher(cfg.teacher, device=device)
