@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clipzss.config import (
     Config,
@@ -205,3 +208,63 @@ def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str], *needles
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def photo(path: Path, seed: int, size: tuple[int, int] = (24, 16)) -> Path:
+    """A random RGB picture of ``size`` (width, height) saved at ``path``: a user's image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def copy_run(trained_checkpoint: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's finished 2-step run (model, state at step 2, config.yaml)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_checkpoint.parent, run, ignore=shutil.ignore_patterns("tb"))
+    return run
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    """The files directly in ``run`` by name, with their bytes: what a refused command must leave as it was."""
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The user's default cache, inside the test's folder, found by the real rule (`clipzss.files.user_cache_dir`)
+    rather than the text-cache folder every other test uses."""
+    import clipzss.files
+    import clipzss.models.text_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(clipzss.models.text_cache, "user_cache_dir", clipzss.files.user_cache_dir)
+    return tmp_path / "xdg"
+
+
+def train_until_checkpoint(cfg: Config, step: int) -> None:
+    """Run `train` on ``cfg`` and cut it right after its checkpoint of ``step``, as a kill would: the run folder
+    then holds that checkpoint and nothing later."""
+    import clipzss.training.loop as training
+
+    class Cut(Exception):
+        pass
+
+    save = training.save_training_state
+
+    def save_then_cut(out: Path, saved: int, *args: Any, **kwargs: Any) -> Path:
+        path = save(out, saved, *args, **kwargs)
+        if saved == step:
+            raise Cut
+        return path
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Cut):
+        patch.setattr(training, "save_training_state", save_then_cut)
+        training.train(cfg)
+
+
+def assert_same_tensors(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
+    """The same names holding bitwise equal tensors (a resumed run against the uninterrupted one)."""
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name

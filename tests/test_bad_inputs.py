@@ -17,19 +17,7 @@ from clipzss.cli import main
 from clipzss.config import ConfigError, load_config
 from clipzss.data import make_split
 from clipzss.models.segmenter import Segmenter
-
-
-def _user_error(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    errors = [
-        line for line in err.splitlines() if line.startswith("clipzss")
-    ]  # progress bars also use stderr
-    assert len(errors) == 1 and "Traceback" not in err, err
-    err = errors[0]
-    for needle in needles:
-        assert needle in err, err
-    return err
+from conftest import one_error_line
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -81,13 +69,13 @@ def test_unreadable_images_are_named(name: str, content, predict, tmp_path: Path
     elif content == "bomb":
         content = _png_header_only(20000, 20000)
     path.write_bytes(content)
-    _user_error(predict(path), capsys, "cannot read image", name)
+    one_error_line(predict(path), capsys, "cannot read image", name)
 
 
 def test_missing_image_and_folder_without_images(predict, tmp_path: Path, capsys) -> None:
-    _user_error(predict(tmp_path / "nope.jpg"), capsys, "image not found", "nope.jpg")
+    one_error_line(predict(tmp_path / "nope.jpg"), capsys, "image not found", "nope.jpg")
     (tmp_path / "empty").mkdir()
-    _user_error(predict(tmp_path / "empty"), capsys, "no images found in", "empty")
+    one_error_line(predict(tmp_path / "empty"), capsys, "no images found in", "empty")
 
 
 # --- odd but valid images ---------------------------------------------------------------------------------------
@@ -147,7 +135,7 @@ def test_exif_rotated_photo_is_segmented_upright(predict, tmp_path: Path) -> Non
 def test_bad_class_lists(classes: str, needle: str, predict, tmp_path: Path, capsys) -> None:
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(image)
-    _user_error(predict(image, classes), capsys, needle)
+    one_error_line(predict(image, classes), capsys, needle)
 
 
 def test_unicode_and_very_long_class_lists(predict, tmp_path: Path) -> None:
@@ -174,8 +162,8 @@ def test_api_rejects_bad_arrays_and_names(trained_checkpoint: Path) -> None:
 
 
 def test_config_typos_suggest_the_right_key(capsys) -> None:
-    _user_error(["train", "train.max_iter=3"], capsys, "did you mean 'max_iters'")
-    _user_error(["train", "techer.weights=none"], capsys, "did you mean 'teacher'")
+    one_error_line(["train", "train.max_iter=3"], capsys, "did you mean 'max_iters'")
+    one_error_line(["train", "techer.weights=none"], capsys, "did you mean 'teacher'")
     with pytest.raises(ConfigError, match=r"method\.tau: expected a number"):
         load_config(None, ["method.tau=warm"])
 
@@ -213,19 +201,19 @@ def _eval(ckpt: Path, root: Path) -> list[str]:
 
 def test_empty_dataset_root(trained_checkpoint: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
-    _user_error(_eval(trained_checkpoint, tmp_path / "empty"), capsys, "empty")
+    one_error_line(_eval(trained_checkpoint, tmp_path / "empty"), capsys, "empty")
 
 
 def test_mask_of_wrong_size(trained_checkpoint: Path, tmp_path: Path, capsys) -> None:
     root = _folder(tmp_path / "d", mask=np.zeros((5, 5), dtype=np.uint8))
-    _user_error(_eval(trained_checkpoint, root), capsys, "a.png")
+    one_error_line(_eval(trained_checkpoint, root), capsys, "a.png")
 
 
 def test_mask_ids_beyond_the_class_list(trained_checkpoint: Path, tmp_path: Path, capsys) -> None:
     mask = np.zeros((12, 16), dtype=np.uint8)
     mask[0, 0] = 7
     root = _folder(tmp_path / "d", mask=mask)
-    _user_error(_eval(trained_checkpoint, root), capsys, "a.png", "7")
+    one_error_line(_eval(trained_checkpoint, root), capsys, "a.png", "7")
 
 
 def test_colour_mask_where_ids_are_expected(trained_checkpoint: Path, tmp_path: Path, capsys) -> None:
@@ -234,7 +222,7 @@ def test_colour_mask_where_ids_are_expected(trained_checkpoint: Path, tmp_path: 
     colour[..., 0] = 128
     colour[:6, :, 1] = 64
     Image.fromarray(colour).save(root / "val" / "masks" / "a.png")
-    _user_error(_eval(trained_checkpoint, root), capsys, "a.png")
+    one_error_line(_eval(trained_checkpoint, root), capsys, "a.png")
 
 
 # --- outputs and checkpoints ------------------------------------------------------------------------------------
@@ -245,7 +233,7 @@ def test_output_folder_that_cannot_be_created(trained_checkpoint: Path, tmp_path
     Image.new("RGB", (8, 8)).save(image)
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    _user_error(
+    one_error_line(
         [
             "predict",
             str(image),
@@ -268,7 +256,7 @@ def test_tampered_checkpoint_header(trained_checkpoint: Path, tmp_path: Path, ca
     bad.write_bytes(bytes(data))
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(image)
-    _user_error(
+    one_error_line(
         ["predict", str(image), "--checkpoint", str(bad), "--classes", "a"],
         capsys,
         "not a readable safetensors checkpoint",
@@ -277,7 +265,7 @@ def test_tampered_checkpoint_header(trained_checkpoint: Path, tmp_path: Path, ca
 
 
 def test_resume_without_state(tmp_path: Path, capsys) -> None:
-    _user_error(
+    one_error_line(
         ["train", "data.dataset=synthetic", "teacher.weights=none", "--resume", str(tmp_path)],
         capsys,
         "no training state to resume from",
@@ -294,7 +282,7 @@ def test_malicious_training_state_is_refused_and_never_runs(tmp_path: Path, caps
 
     (tmp_path / "run").mkdir()
     torch.save({"step": 1, "student": Exploit()}, tmp_path / "run" / "train_state.pt")
-    _user_error(
+    one_error_line(
         ["train", "data.dataset=synthetic", "teacher.weights=none", "--resume", str(tmp_path / "run")],
         capsys,
         "cannot resume",

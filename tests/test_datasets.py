@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from clipzss.cli import user_message
 from clipzss.config import Config, DataConfig, EvalConfig
 from clipzss.data.build import build_dataset
 from clipzss.data.datasets import FileDataset
@@ -20,6 +21,7 @@ from clipzss.data.readers import Sample, read_listing
 from clipzss.data.scenes import SYNTHETIC_CLASSES, SYNTHETIC_UNSEEN, SyntheticScenes
 from clipzss.data.splits import DATASET_CLASSES, VOID_INDEX, make_split
 from clipzss.data.transforms import build_eval_transform
+from conftest import one_error_line
 
 H, W = 6, 8
 
@@ -510,3 +512,33 @@ def test_wide_label_sets_use_65535_as_ignore(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="evaluation only"):
         FileDataset([], split, train=True, ignore_index=65535)
     assert class_ids(np.array([0, 1, 255]), 3, reduce_zero_label=True).tolist() == [255, 0, 255]
+
+
+def _folder_with_corrupt_image(root: Path) -> Path:
+    for sub in ("images", "masks"):
+        (root / "val" / sub).mkdir(parents=True)
+    (root / "classes.txt").write_text("road\ncar\nsky\n")
+    (root / "val" / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
+    Image.fromarray(np.zeros((12, 16), dtype=np.uint8)).save(root / "val" / "masks" / "broken.png")
+    return root
+
+
+@pytest.mark.usefixtures("user_cache")
+def test_worker_errors_name_the_file(
+    trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from clipzss.config import Config, DataConfig
+    from clipzss.data import build_eval_dataset
+
+    root = _folder_with_corrupt_image(tmp_path / "d")
+    dataset = build_eval_dataset(Config(data=DataConfig(dataset="folder", root=str(root), unseen=[])), "val")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1)
+    with pytest.raises(ValueError) as caught:
+        next(iter(loader))
+    assert str(caught.value).startswith(
+        "Caught ValueError in DataLoader worker process 0."
+    )  # torch's wrapping
+    message = user_message(caught.value)
+    assert message.startswith("cannot read image") and "broken.png" in message and "\n" not in message
+    argv = ["eval", str(trained_checkpoint), "--dataset", "folder", "--data-root", str(root)]
+    one_error_line([*argv, "--unseen", "car", "--workers", "1", "--device", "cpu"], capsys, "broken.png")

@@ -28,8 +28,14 @@ from clipzss.demo import (
     segment,
 )
 from clipzss.models.recipes import baseline_eval_config
-from clipzss.models.segmenter import MaskCLIPSegmenter, PrecomputedText, Segmenter, TrainingFreeSegmenter
-from conftest import free_port
+from clipzss.models.segmenter import (
+    LRUCache,
+    MaskCLIPSegmenter,
+    PrecomputedText,
+    Segmenter,
+    TrainingFreeSegmenter,
+)
+from conftest import free_port, photo
 
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # pandas deprecations inside gradio
 
@@ -215,3 +221,22 @@ def test_baseline_only_page_builds_without_a_comparison(segmenter: Segmenter, tm
     assert any("The comparison needs a trained student" in str(t) for t in texts)
     image = open_bounded(_photo(tmp_path / "b.png", 40, 30), max_pixels=10_000)
     assert segment(baseline, image, ["road", "car"]).overlay.size == (40, 30)
+
+
+@pytest.mark.usefixtures("user_cache")
+def test_demo_bounds_names_per_request_and_its_text_cache(trained_checkpoint: Path, tmp_path: Path) -> None:
+    pytest.importorskip("gradio")
+    from clipzss.demo import build_app
+
+    seg = Segmenter.from_checkpoint(trained_checkpoint, device="cpu")
+    app = build_app(seg, None, example_dir=tmp_path / "examples", max_classes=256, text_cache_size=2)
+    on_segment = next(f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == "on_segment")
+    image = str(photo(tmp_path / "a.png", 0))
+    *_, status = on_segment(image, ",".join(f"class {i}" for i in range(300)), "the model's prompt ensemble")
+    assert "300 class names given; this demo accepts at most 256 per request" in status
+    for i in range(5):
+        result, _, _, status = on_segment(image, f"road,sky{i}", "the model's prompt ensemble")
+        assert result is not None and status == ""
+    assert isinstance(seg._text_cache, LRUCache) and len(seg._text_cache) == 2
+    assert len(seg.text_encoder._text_cache) == 2  # the CLIP teacher's own copies too
+    assert list(seg._text_cache)[-1][0] == ("road", "sky4")  # the most recent list is kept

@@ -22,7 +22,14 @@ from torch import nn
 from clipzss.config import Config, EvalConfig, StudentConfig, TeacherConfig
 from clipzss.inference.inputs import preprocess, sliding_windows
 from clipzss.inference.windows import infer_logits
-from clipzss.method.pseudo_labels import _cluster_sums, _lloyd, _lloyd_until_fixed, kmeans_sets, window_seeds
+from clipzss.method.pseudo_labels import (
+    _cluster_sums,
+    _lloyd,
+    _lloyd_until_fixed,
+    _Points,
+    kmeans_sets,
+    window_seeds,
+)
 from clipzss.models.segmenter import PrecomputedText, Segmenter, _classes_last_logits, pixel_norms
 from clipzss.models.student import build_student
 from clipzss.models.teacher import _last_block, _value_path, build_teacher
@@ -289,8 +296,8 @@ def test_early_exit_equals_fixed_iterations() -> None:
     inits = [window_seeds(dense, w) for w in (5, 2)]
     centroids = F.normalize(torch.cat(inits, dim=1), dim=-1)
     sizes = [i.shape[1] for i in inits]
-    labels_fixed, centroids_fixed = _lloyd(x, centroids, 10, True, sizes)
-    labels_early, centroids_early = _lloyd_until_fixed(x, centroids, 10, True, sizes)
+    labels_fixed, centroids_fixed = _lloyd(_Points(x, True, sizes), centroids, 10)
+    labels_early, centroids_early = _lloyd_until_fixed(_Points(x, True, sizes), centroids, 10)
     assert torch.equal(labels_early, labels_fixed)
     torch.testing.assert_close(centroids_early, centroids_fixed, rtol=0, atol=1e-6)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,6 @@ UNUSED: dict[str, tuple[str, ...]] = {
     "PSPNet": ("model.encoder.layer3.", "model.encoder.layer4."),  # encoder_depth=3 keeps the deeper stages
     "DPT": ("model.encoder.model.norm.", "model.encoder.model.head."),  # the ViT's final norm and classifier
 }
-_BUILT: dict[str, Student] = {}
 
 
 def _cfg(arch: str, weights: str | None = None) -> StudentConfig:
@@ -50,12 +50,29 @@ def _cfg(arch: str, weights: str | None = None) -> StudentConfig:
     return StudentConfig(arch=arch, encoder=encoder, weights=weights, embed_dim=EMBED, arch_kwargs=kwargs)
 
 
-def _student(arch: str) -> Student:
-    """Built once per session: tests only run it (grads are zeroed by whoever makes them)."""
-    if arch not in _BUILT:
-        torch.manual_seed(0)
-        _BUILT[arch] = build_student(_cfg(arch))
-    return _BUILT[arch]
+@pytest.fixture(scope="module")
+def _built() -> dict[str, Student]:
+    """The module's students by architecture: building is the slow part, and tests only run them."""
+    return {}
+
+
+@pytest.fixture
+def students(_built: dict[str, Student]) -> Iterator[Callable[[str], Student]]:
+    """``students(arch)``: the module's student of ``arch``, built on first use; whatever mode a test puts it in
+    and whatever gradients it leaves, the next test gets it in training mode without gradients."""
+    used: list[Student] = []
+
+    def get(arch: str) -> Student:
+        if arch not in _built:
+            torch.manual_seed(0)
+            _built[arch] = build_student(_cfg(arch))
+        used.append(_built[arch])
+        return _built[arch]
+
+    yield get
+    for model in used:
+        model.train()
+        model.zero_grad(set_to_none=True)
 
 
 def test_every_supported_architecture_has_a_case() -> None:
@@ -63,8 +80,8 @@ def test_every_supported_architecture_has_a_case() -> None:
 
 
 @pytest.mark.parametrize("arch", list(CASES))
-def test_output_is_stride_4_and_never_finer(arch: str) -> None:
-    model = _student(arch).eval()
+def test_output_is_stride_4_and_never_finer(arch: str, students: Callable[[str], Student]) -> None:
+    model = students(arch).eval()
     finest = CASES[arch][2]
     seen: list[tuple[str, int, int, int]] = []
 
@@ -98,8 +115,10 @@ def test_output_is_stride_4_and_never_finer(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", list(CASES))
-def test_parameter_groups_cover_everything_once_and_all_get_gradients(arch: str) -> None:
-    model = _student(arch).train()
+def test_parameter_groups_cover_everything_once_and_all_get_gradients(
+    arch: str, students: Callable[[str], Student]
+) -> None:
+    model = students(arch).train()
     encoder_ids = [id(p) for p in model.encoder_parameters()]
     head_ids = [id(p) for p in model.head_parameters()]
     all_ids = [id(p) for p in model.parameters()]
@@ -123,8 +142,8 @@ def test_parameter_groups_cover_everything_once_and_all_get_gradients(arch: str)
     model.zero_grad(set_to_none=True)
 
 
-def test_odd_image_is_padded_bottom_right_with_zeros_and_cropped() -> None:
-    model = _student("Segformer").eval()
+def test_odd_image_is_padded_bottom_right_with_zeros_and_cropped(students: Callable[[str], Student]) -> None:
+    model = students("Segformer").eval()
     image = torch.randn(1, 3, 375, 500)
     with torch.no_grad():
         out = model(image)
@@ -157,8 +176,8 @@ def _assert_same_encoder(model: Student, expected: dict[str, torch.Tensor]) -> N
 
 
 @pytest.mark.parametrize("form", ["encoder.safetensors", "student.pt"])
-def test_local_weights_round_trip(tmp_path: Path, form: str) -> None:
-    source = _student("Segformer")
+def test_local_weights_round_trip(tmp_path: Path, form: str, students: Callable[[str], Student]) -> None:
+    source = students("Segformer")
     path = tmp_path / form
     if form.endswith(".safetensors"):
         save_file({k: v.contiguous() for k, v in source.model.encoder.state_dict().items()}, str(path))
@@ -185,8 +204,8 @@ def test_timm_checkpoint_loads_into_a_tu_encoder(tmp_path: Path) -> None:
     )
 
 
-def test_weights_that_do_not_fit_name_the_keys(tmp_path: Path) -> None:
-    state = dict(_student("Segformer").model.encoder.state_dict())
+def test_weights_that_do_not_fit_name_the_keys(tmp_path: Path, students: Callable[[str], Student]) -> None:
+    state = dict(students("Segformer").model.encoder.state_dict())
     state.pop("norm4.weight")
     state["extra.weight"] = torch.zeros(1)
     path = tmp_path / "broken.safetensors"
@@ -251,11 +270,11 @@ def _put_in_hf_cache(cache: Path, repo_id: str, revision: str, filename: str, st
 
 
 def test_imagenet_weights_come_from_the_local_cache_offline(
-    empty_hf_cache: Path, monkeypatch: pytest.MonkeyPatch
+    empty_hf_cache: Path, monkeypatch: pytest.MonkeyPatch, students: Callable[[str], Student]
 ) -> None:
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     settings = student_module.smp.encoders.encoders["mit_b0"]["pretrained_settings"]["imagenet"]
-    expected = _encoder_state(_student("Segformer"))
+    expected = _encoder_state(students("Segformer"))
     _put_in_hf_cache(empty_hf_cache, settings["repo_id"], settings["revision"], "model.safetensors", expected)
     _assert_same_encoder(build_student(_cfg("Segformer", weights="imagenet")), expected)
 
@@ -336,7 +355,9 @@ def test_fixed_size_timm_encoders_take_any_size() -> None:
     assert out.shape == (1, EMBED, 18, 12)
 
 
-def test_an_inference_build_probes_forward_only_and_freezes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_inference_build_probes_forward_only_and_freezes_nothing(
+    monkeypatch: pytest.MonkeyPatch, students: Callable[[str], Student]
+) -> None:
     """Segmenter.from_checkpoint and export build students that never train: no backward, nothing frozen."""
     calls = {"forward": 0}
     real_forward = Student.forward
@@ -357,7 +378,7 @@ def test_an_inference_build_probes_forward_only_and_freezes_nothing(monkeypatch:
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     monkeypatch.undo()
     trained = build_student(_cfg("Linknet"))  # a training build: the same tensors, the unused ones frozen
-    assert trained.unused_parameters == _student("Linknet").unused_parameters
+    assert trained.unused_parameters == students("Linknet").unused_parameters
     assert model.state_dict().keys() == trained.state_dict().keys()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from clipzss.models.segmenter import Segmenter
 from clipzss.training.loop import NonFiniteLossError, StreamSampler, check_schedule, due, train
 from clipzss.training.state import load_training_state
 from clipzss.training.step import TrainParts, lr_factor
-from conftest import tiny_config, tiny_overrides
+from conftest import assert_same_tensors, free_port, tiny_config, tiny_overrides, train_until_checkpoint
 
 
 @pytest.fixture
@@ -62,31 +61,9 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
     straight = tiny_config(tmp_path / "straight", tmp_path / "cache", max_iters=4)
     first = tiny_config(tmp_path / "split", tmp_path / "cache", max_iters=4, ckpt_interval=2)
     full = load_file(str(train(straight)))
-
-    class Stop(Exception):
-        pass
-
-    # Interrupt the second run right after its step-2 checkpoint, as a kill would.
-    import clipzss.training.loop as training
-
-    original = training.save_training_state
-
-    def save_then_stop(out, step, *args, **kwargs):
-        path = original(out, step, *args, **kwargs)
-        if step == 2:
-            raise Stop
-        return path
-
-    training.save_training_state = save_then_stop
-    try:
-        with pytest.raises(Stop):
-            train(first)
-    finally:
-        training.save_training_state = original
+    train_until_checkpoint(first, 2)  # cut right after the step-2 checkpoint, as a kill would
     resumed = load_file(str(train(first, resume=Path(first.train.output_dir))))
-    assert full.keys() == resumed.keys()
-    for name in full:
-        assert torch.equal(full[name], resumed[name]), name
+    assert_same_tensors(full, resumed)
 
 
 def test_nan_loss_names_term_and_keeps_checkpoint(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,12 +167,6 @@ def test_embed_dim_mismatch_is_explained(cfg: Config) -> None:
         train(cfg)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ddp_worker(rank: int, cfg_dict: dict, port: int, out: str) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -221,7 +192,7 @@ def _ddp_worker(rank: int, cfg_dict: dict, port: int, out: str) -> None:
 def test_ddp_two_ranks_end_identical(tmp_path: Path) -> None:
     """Two gloo processes (as torchrun starts them) train different shards and end with identical weights."""
     cfg = tiny_config(tmp_path / "ddp", tmp_path / "cache", max_iters=3, ckpt_interval=3)
-    mp.spawn(_ddp_worker, args=(cfg.to_dict(), _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(cfg.to_dict(), free_port(), str(tmp_path)), nprocs=2, join=True)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert a.keys() == b.keys()

@@ -18,7 +18,7 @@ from clipzss.data import IGNORE_INDEX, VOID_INDEX, build_dataset, build_eval_dat
 from clipzss.method.transductive import EMAStudent, name_pixels, transductive_labels
 from clipzss.training.loop import check_setting, train
 from clipzss.training.state import load_training_state
-from conftest import tiny_config
+from conftest import assert_same_tensors, tiny_config, train_until_checkpoint
 
 
 def transductive_config(tmp_path: Path, **transductive: object) -> Config:
@@ -228,28 +228,10 @@ def test_transductive_resume_with_the_ema_student_is_bit_exact(tmp_path: Path) -
     cut = transductive_config(tmp_path / "b", self_train_start=1, threshold=0.0, self_threshold=0.0)
     cut.train.max_iters, cut.train.ckpt_interval = 2, 1
     full = load_file(str(train(straight)))
-
-    import clipzss.training.loop as training
-
-    original = training.save_training_state
-
-    def save_then_stop(out, step, *args, **kwargs):
-        path = original(out, step, *args, **kwargs)
-        if step == 1:
-            raise _Captured
-        return path
-
-    training.save_training_state = save_then_stop
-    try:
-        with pytest.raises(_Captured):
-            train(cut)
-    finally:
-        training.save_training_state = original
+    train_until_checkpoint(cut, 1)
     assert load_training_state(Path(cut.train.output_dir))["ema"]["steps"] == 1
     resumed = load_file(str(train(cut, resume=Path(cut.train.output_dir))))
-    assert full.keys() == resumed.keys()
-    for name in full:
-        assert torch.equal(full[name], resumed[name]), name
+    assert_same_tensors(full, resumed)
     ema_full = load_training_state(Path(straight.train.output_dir))["ema"]
     ema_resumed = load_training_state(Path(cut.train.output_dir))["ema"]
     assert int(ema_full["steps"]) == 2

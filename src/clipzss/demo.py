@@ -282,75 +282,9 @@ def build_app(
     """
     meta = getattr(model, "meta", {})
     default_classes = default_classes or ", ".join(n for n in meta.get("class_names", "").split(",") if n)
-    example_dir = example_dir or Path(tempfile.mkdtemp(prefix="clipzss-demo-"))
-    generated = synthetic_examples(example_dir)
-    rows = [[str(p), default_classes] for p in examples] + [
-        [str(p), ", ".join(SYNTHETIC_CLASSES)] for p in generated
-    ]
-    can_template = isinstance(model.text_encoder, CLIPTeacher)
+    rows = _example_rows(examples, default_classes, example_dir)
     bound_text_caches([model, baseline], text_cache_size)
-    first_recipe = getattr(baseline, "recipe", BASELINES[0])
-    compared: dict[str, ZeroShotSegmenter] = {first_recipe: baseline} if baseline is not None else {}
-
-    def pick_baseline(recipe: str) -> ZeroShotSegmenter:
-        """The comparison tab's recipe on the student's CLIP, built once per recipe on first use."""
-        if recipe not in compared:
-            built = comparison_baseline(model, recipe)
-            if built is None:
-                raise ValueError(f"no {recipe} baseline: the model's text encoder is not CLIP")
-            bound_text_caches([built], text_cache_size)
-            compared[recipe] = built
-        return compared[recipe]
-
-    def run_one(target: ZeroShotSegmenter, path: str | None, names_text: str, template: str) -> Segmentation:
-        if not path:
-            raise ValueError("upload an image or pick an example first")
-        names = parse_class_names(names_text or "")
-        check_class_count(names, max_classes)
-        return segment(target, open_bounded(path, max_pixels), names, TEMPLATES.get(template))
-
-    def on_segment(path: str | None, names_text: str, template: str) -> tuple[Any, str, str, str]:
-        try:
-            result = run_one(model, path, names_text, template)
-        except (ValueError, FileNotFoundError) as err:
-            return None, "", "", _status(str(err))
-        except Exception:  # a message on the page, the traceback in the server log, never in the browser
-            logger.exception("the demo failed on %s", path)
-            return None, "", "", _status("the model failed on this image (details in the server log)")
-        return result.overlay, legend_html(result), timing_text(result, model), ""
-
-    def on_compare(path: str | None, names_text: str, recipe: str) -> tuple[Any, ...]:
-        if baseline is None:
-            return None, "", "", None, "", "", "", _status("no baseline to compare with")
-        try:
-            other = pick_baseline(recipe)
-            ours = run_one(model, path, names_text, "the model's prompt ensemble")
-            theirs = run_one(other, path, names_text, "the model's prompt ensemble")
-        except (ValueError, FileNotFoundError) as err:
-            return None, "", "", None, "", "", "", _status(str(err))
-        except Exception:
-            logger.exception("the comparison failed on %s", path)
-            return (
-                None,
-                "",
-                "",
-                None,
-                "",
-                "",
-                "",
-                _status("a model failed on this image (details in the server log)"),
-            )
-        return (
-            ours.overlay,
-            legend_html(ours),
-            timing_text(ours, model),
-            theirs.overlay,
-            legend_html(theirs),
-            timing_text(theirs, other),
-            f"### {html.escape(describe(other))}",
-            "",
-        )
-
+    page = _Requests(model, baseline, max_pixels, max_classes, text_cache_size)
     header = f"# clipzss: zero-shot segmentation\nServing **{html.escape(describe(model))}**. "
     header += "Type any class names, comma separated: the image is segmented into exactly those classes."
     with gr.Blocks(title="clipzss demo", analytics_enabled=False) as app:
@@ -362,94 +296,177 @@ def build_app(
                 "quality.</p>"
             )
         with gr.Tab("Segment"):
-            with gr.Row():
-                with gr.Column():
-                    image = gr.Image(
-                        type="filepath",
-                        image_mode=None,
-                        sources=["upload", "clipboard"],
-                        label="image",
-                        height=IMAGE_HEIGHT,
-                        elem_id="input-image",
-                    )
-                    classes = gr.Textbox(
-                        value=default_classes,
-                        label="class names (comma separated)",
-                        placeholder="road, car, tree, sky",
-                        elem_id="classes",
-                    )
-                    template = gr.Dropdown(
-                        list(TEMPLATES),
-                        value=next(iter(TEMPLATES)),
-                        label="prompt template",
-                        visible=can_template,
-                        elem_id="template",
-                    )
-                    button = gr.Button("Segment", variant="primary", elem_id="segment")
-                    status = gr.HTML(elem_id="status")
-                with gr.Column():
-                    result_image, legend, timing = _result_view("overlay", "overlay", "legend", "timing")
-            gr.Examples(rows, inputs=[image, classes], label="examples")
-            button.click(on_segment, [image, classes, template], [result_image, legend, timing, status])
-            classes.submit(on_segment, [image, classes, template], [result_image, legend, timing, status])
+            _segment_tab(page, rows, default_classes)
         with gr.Tab("Compare with a baseline"):
-            if baseline is None:
-                gr.Markdown(
-                    "The comparison needs a trained student whose text encoder is CLIP: start the demo with "
-                    "`--checkpoint CKPT` (and `--teacher-weights` when the checkpoint names a hub tag)."
-                )
-            with gr.Row():
-                with gr.Column():
-                    cmp_image = gr.Image(
-                        type="filepath",
-                        image_mode=None,
-                        label="image",
-                        height=IMAGE_HEIGHT,
-                        elem_id="cmp-image",
-                    )
-                with gr.Column():
-                    cmp_classes = gr.Textbox(
-                        value=default_classes, label="class names (comma separated)", elem_id="cmp-classes"
-                    )
-                    cmp_recipe = gr.Dropdown(
-                        list(BASELINES),
-                        value=first_recipe,
-                        label="training-free baseline (docs/protocols.md)",
-                        visible=baseline is not None,
-                        elem_id="cmp-baseline",
-                    )
-                    cmp_button = gr.Button("Compare", variant="primary", elem_id="compare")
-                    cmp_status = gr.HTML(elem_id="cmp-status")
-            with gr.Row():
-                with gr.Column():
-                    gr.Markdown(f"### {html.escape(describe(model))}")
-                    ours_image, ours_legend, ours_time = _result_view(
-                        "student", "ours-image", "ours-legend", "ours-time"
-                    )
-                with gr.Column():
-                    theirs_title = gr.Markdown(
-                        f"### {html.escape(describe(baseline))}" if baseline is not None else "",
-                        elem_id="theirs-title",
-                    )
-                    theirs_image, theirs_legend, theirs_time = _result_view(
-                        "baseline", "theirs-image", "theirs-legend", "theirs-time"
-                    )
-            gr.Examples(rows, inputs=[cmp_image, cmp_classes], label="examples")
-            cmp_button.click(
-                on_compare,
-                [cmp_image, cmp_classes, cmp_recipe],
-                [
-                    ours_image,
-                    ours_legend,
-                    ours_time,
-                    theirs_image,
-                    theirs_legend,
-                    theirs_time,
-                    theirs_title,
-                    cmp_status,
-                ],
-            )
+            _compare_tab(page, rows, default_classes)
     return app
+
+
+def _example_rows(
+    examples: Sequence[Path], default_classes: str, example_dir: Path | None
+) -> list[list[str]]:
+    """The examples' (image, class names) rows: the given images with the default classes, then two generated
+    scenes (written to ``example_dir``, a temporary folder by default) with the synthetic classes."""
+    generated = synthetic_examples(example_dir or Path(tempfile.mkdtemp(prefix="clipzss-demo-")))
+    return [[str(p), default_classes] for p in examples] + [
+        [str(p), ", ".join(SYNTHETIC_CLASSES)] for p in generated
+    ]
+
+
+class _Requests:
+    """What the page's buttons run: each request checked and bounded, and every failure a message on the page
+    (the traceback goes to the server log, never to the browser)."""
+
+    def __init__(
+        self,
+        model: ZeroShotSegmenter,
+        baseline: ZeroShotSegmenter | None,
+        max_pixels: int,
+        max_classes: int,
+        text_cache_size: int,
+    ) -> None:
+        self.model, self.baseline = model, baseline
+        self.max_pixels, self.max_classes, self.text_cache_size = max_pixels, max_classes, text_cache_size
+        self.first_recipe = getattr(baseline, "recipe", BASELINES[0])
+        # The comparison tab's baselines, one per recipe asked for, all on the student's CLIP.
+        self.compared: dict[str, ZeroShotSegmenter] = (
+            {self.first_recipe: baseline} if baseline is not None else {}
+        )
+
+    def pick_baseline(self, recipe: str) -> ZeroShotSegmenter:
+        """The comparison tab's recipe on the student's CLIP, built once per recipe on first use."""
+        if recipe not in self.compared:
+            built = comparison_baseline(self.model, recipe)
+            if built is None:
+                raise ValueError(f"no {recipe} baseline: the model's text encoder is not CLIP")
+            bound_text_caches([built], self.text_cache_size)
+            self.compared[recipe] = built
+        return self.compared[recipe]
+
+    def run_one(
+        self, target: ZeroShotSegmenter, path: str | None, names_text: str, template: str
+    ) -> Segmentation:
+        if not path:
+            raise ValueError("upload an image or pick an example first")
+        names = parse_class_names(names_text or "")
+        check_class_count(names, self.max_classes)
+        return segment(target, open_bounded(path, self.max_pixels), names, TEMPLATES.get(template))
+
+    def on_segment(self, path: str | None, names_text: str, template: str) -> tuple[Any, str, str, str]:
+        """The Segment tab: overlay, legend, timing and status."""
+        try:
+            result = self.run_one(self.model, path, names_text, template)
+        except (ValueError, FileNotFoundError) as err:
+            return None, "", "", _status(str(err))
+        except Exception:
+            logger.exception("the demo failed on %s", path)
+            return None, "", "", _status("the model failed on this image (details in the server log)")
+        return result.overlay, legend_html(result), timing_text(result, self.model), ""
+
+    def on_compare(self, path: str | None, names_text: str, recipe: str) -> tuple[Any, ...]:
+        """The Compare tab: the student's and the baseline's overlay, legend and timing, the baseline's title and
+        the status."""
+        if self.baseline is None:
+            return _compare_failure("no baseline to compare with")
+        try:
+            other = self.pick_baseline(recipe)
+            ours = self.run_one(self.model, path, names_text, "the model's prompt ensemble")
+            theirs = self.run_one(other, path, names_text, "the model's prompt ensemble")
+        except (ValueError, FileNotFoundError) as err:
+            return _compare_failure(str(err))
+        except Exception:
+            logger.exception("the comparison failed on %s", path)
+            return _compare_failure("a model failed on this image (details in the server log)")
+        return (
+            *_shown(ours, self.model),
+            *_shown(theirs, other),
+            f"### {html.escape(describe(other))}",
+            "",
+        )
+
+
+def _shown(result: Segmentation, model: ZeroShotSegmenter) -> tuple[Any, str, str]:
+    """One result's overlay, legend and timing line."""
+    return result.overlay, legend_html(result), timing_text(result, model)
+
+
+def _compare_failure(message: str) -> tuple[Any, ...]:
+    """The Compare tab's outputs when a comparison fails: both results empty, the title kept, the message shown."""
+    return None, "", "", None, "", "", "", _status(message)
+
+
+def _segment_tab(page: _Requests, rows: list[list[str]], default_classes: str) -> None:
+    """The Segment tab: an image, class names and (for a CLIP text encoder) a prompt template in; a result out."""
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(
+                type="filepath",
+                image_mode=None,
+                sources=["upload", "clipboard"],
+                label="image",
+                height=IMAGE_HEIGHT,
+                elem_id="input-image",
+            )
+            classes = gr.Textbox(
+                value=default_classes,
+                label="class names (comma separated)",
+                placeholder="road, car, tree, sky",
+                elem_id="classes",
+            )
+            template = gr.Dropdown(
+                list(TEMPLATES),
+                value=next(iter(TEMPLATES)),
+                label="prompt template",
+                visible=isinstance(page.model.text_encoder, CLIPTeacher),
+                elem_id="template",
+            )
+            button = gr.Button("Segment", variant="primary", elem_id="segment")
+            status = gr.HTML(elem_id="status")
+        with gr.Column():
+            result_image, legend, timing = _result_view("overlay", "overlay", "legend", "timing")
+    gr.Examples(rows, inputs=[image, classes], label="examples")
+    button.click(page.on_segment, [image, classes, template], [result_image, legend, timing, status])
+    classes.submit(page.on_segment, [image, classes, template], [result_image, legend, timing, status])
+
+
+def _compare_tab(page: _Requests, rows: list[list[str]], default_classes: str) -> None:
+    """The Compare tab: one image and class names in; the student's result and a baseline's side by side."""
+    baseline = page.baseline
+    if baseline is None:
+        gr.Markdown(
+            "The comparison needs a trained student whose text encoder is CLIP: start the demo with "
+            "`--checkpoint CKPT` (and `--teacher-weights` when the checkpoint names a hub tag)."
+        )
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(
+                type="filepath", image_mode=None, label="image", height=IMAGE_HEIGHT, elem_id="cmp-image"
+            )
+        with gr.Column():
+            classes = gr.Textbox(
+                value=default_classes, label="class names (comma separated)", elem_id="cmp-classes"
+            )
+            recipe = gr.Dropdown(
+                list(BASELINES),
+                value=page.first_recipe,
+                label="training-free baseline (docs/protocols.md)",
+                visible=baseline is not None,
+                elem_id="cmp-baseline",
+            )
+            button = gr.Button("Compare", variant="primary", elem_id="compare")
+            status = gr.HTML(elem_id="cmp-status")
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown(f"### {html.escape(describe(page.model))}")
+            ours = _result_view("student", "ours-image", "ours-legend", "ours-time")
+        with gr.Column():
+            title = gr.Markdown(
+                f"### {html.escape(describe(baseline))}" if baseline is not None else "",
+                elem_id="theirs-title",
+            )
+            theirs = _result_view("baseline", "theirs-image", "theirs-legend", "theirs-time")
+    gr.Examples(rows, inputs=[image, classes], label="examples")
+    button.click(page.on_compare, [image, classes, recipe], [*ours, *theirs, title, status])
 
 
 def launch(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -393,77 +393,128 @@ def check_data(
         except (FileNotFoundError, ValueError) as err:
             report.problem("layout", f"{split_name}: {err}")
             continue
-        if report.split is None:
-            try:
-                report.split = make_split(
-                    listing.class_names, unseen, dataset=name, max_classes=listing.ignore_index
-                )
-            except ValueError as err:
-                report.problem("layout", str(err))
-                return report
-            report.ignore_index = listing.ignore_index
-            report.reduce_zero_label = listing.reduce_zero_label
+        if report.split is None and not _take_classes(report, listing, unseen):
+            return report
         for message in listing.problems:
             report.problem("missing", message)
-
         samples = listing.samples[:max_images] if max_images else listing.samples
-        num_classes = len(listing.class_names)
-        offset = 1 if listing.reduce_zero_label else 0
-        raw_total = np.zeros(max(listing.ignore_index, num_classes + offset) + 1, dtype=np.int64)
-        present = np.zeros(num_classes, dtype=np.int64)
-        files_by_value: dict[int, str] = {}
-        files_with_value: Counter[int] = Counter()
-        rotated = 0
         check = partial(
             check_pair,
             palette=listing.palette,
             decode_images=decode_images,
             voc_colours=name in ("voc", "context"),
         )
-        chunk = 64 * max(1, workers)  # bounded work in flight: the split is streamed, never held
-        with (
-            ThreadPoolExecutor(max(1, workers)) as pool,
-            tqdm(total=len(samples), desc=f"check {split_name}", disable=not progress) as bar,
-        ):
-            for start in range(0, len(samples), chunk):
-                batch = samples[start : start + chunk]
-                for sample, result in zip(batch, pool.map(check, batch)):
-                    bar.update(1)
-                    for kind, message in result.problems:
-                        report.problem(kind, message)
-                    rotated += result.rotated
-                    if result.values is None:
-                        continue
-                    if result.values[-1] >= len(raw_total):
-                        raw_total = np.pad(raw_total, (0, int(result.values[-1]) + 1 - len(raw_total)))
-                    raw_total[result.values] += result.counts
-                    for value in result.values.tolist():
-                        files_by_value.setdefault(value, sample.mask.name)
-                    files_with_value.update(result.values.tolist())
-                    ids = result.values[(result.values >= offset) & (result.values < num_classes + offset)]
-                    present[ids - offset] += 1
-
-        examples = {v: f"{files_with_value[v]} file(s), e.g. {f}" for v, f in files_by_value.items()}
-        pixels, ignored = _classify_values(report, split_name, raw_total, examples, listing)
-        split_report = SplitReport(
-            split_name, len(listing.samples), len(samples), (), pixels, present, ignored, list(listing.notes)
-        )
-        if rotated:
-            split_report.notes.append(
-                f"{rotated} image(s) carry an EXIF rotation; they are read in whichever orientation fits the label"
-            )
-        report.splits.append(split_report)
-        if note := _count_note(name, split_name, listing, len(listing.samples)):
-            report.warnings.append(note)
-        orphans = _orphans(listing)
-        if orphans:
-            report.warnings.append(
-                f"{split_name}: {len(orphans)} label file(s) without an image, e.g. {orphans[0]} (ignored)"
-            )
-        if not listing.samples and not listing.problems:
-            report.problem("layout", f"{split_name}: no image/label pairs found")
+        tally = _scan_pairs(report, split_name, samples, check, _Tally.of(listing), workers, progress)
+        report.splits.append(_split_report(report, split_name, listing, len(samples), tally))
+        _listing_warnings(report, split_name, listing)
     _class_warnings(report)
     return report
+
+
+def _take_classes(report: DataReport, listing: Listing, unseen: Sequence[str] | None) -> bool:
+    """Set the report's class split from the first split listed; False (a layout problem) when it cannot be made."""
+    try:
+        report.split = make_split(
+            listing.class_names, unseen, dataset=report.dataset, max_classes=listing.ignore_index
+        )
+    except ValueError as err:
+        report.problem("layout", str(err))
+        return False
+    report.ignore_index = listing.ignore_index
+    report.reduce_zero_label = listing.reduce_zero_label
+    return True
+
+
+@dataclass
+class _Tally:
+    """A split's label files summed: pixels per raw value, files per class and per value, rotated images."""
+
+    raw_total: np.ndarray  # pixels per raw label value (grows with the largest value seen)
+    present: np.ndarray  # (K,) files containing each class
+    offset: int  # 1 under reduce-zero-label: raw value v is class v - 1
+    files_by_value: dict[int, str] = field(default_factory=dict)  # raw value → the first file holding it
+    files_with_value: Counter[int] = field(default_factory=Counter)
+    rotated: int = 0
+
+    @classmethod
+    def of(cls, listing: Listing) -> _Tally:
+        """An empty tally sized for the listing's classes and ignore value."""
+        num_classes = len(listing.class_names)
+        offset = 1 if listing.reduce_zero_label else 0
+        raw_total = np.zeros(max(listing.ignore_index, num_classes + offset) + 1, dtype=np.int64)
+        return cls(raw_total, np.zeros(num_classes, dtype=np.int64), offset)
+
+    def add(self, mask_name: str, result: PairResult) -> None:
+        self.rotated += result.rotated
+        if result.values is None:
+            return
+        if result.values[-1] >= len(self.raw_total):
+            self.raw_total = np.pad(self.raw_total, (0, int(result.values[-1]) + 1 - len(self.raw_total)))
+        self.raw_total[result.values] += result.counts
+        for value in result.values.tolist():
+            self.files_by_value.setdefault(value, mask_name)
+        self.files_with_value.update(result.values.tolist())
+        num_classes = len(self.present)
+        ids = result.values[(result.values >= self.offset) & (result.values < num_classes + self.offset)]
+        self.present[ids - self.offset] += 1
+
+    def examples(self) -> dict[int, str]:
+        """Raw value → "N file(s), e.g. name.png", for the report's messages."""
+        return {v: f"{self.files_with_value[v]} file(s), e.g. {f}" for v, f in self.files_by_value.items()}
+
+
+def _scan_pairs(
+    report: DataReport,
+    split_name: str,
+    samples: Sequence[Sample],
+    check: Callable[[Sample], PairResult],
+    tally: _Tally,
+    workers: int,
+    progress: bool,
+) -> _Tally:
+    """Check every pair on ``workers`` threads, streaming (bounded work in flight, the split never held); the
+    problems go to ``report``, the label values to ``tally``."""
+    chunk = 64 * max(1, workers)
+    with (
+        ThreadPoolExecutor(max(1, workers)) as pool,
+        tqdm(total=len(samples), desc=f"check {split_name}", disable=not progress) as bar,
+    ):
+        for start in range(0, len(samples), chunk):
+            batch = samples[start : start + chunk]
+            for sample, result in zip(batch, pool.map(check, batch)):
+                bar.update(1)
+                for kind, message in result.problems:
+                    report.problem(kind, message)
+                tally.add(sample.mask.name, result)
+    return tally
+
+
+def _split_report(
+    report: DataReport, split_name: str, listing: Listing, checked: int, tally: _Tally
+) -> SplitReport:
+    """The split's class histogram; its label values outside the class list go to ``report`` as problems."""
+    pixels, ignored = _classify_values(report, split_name, tally.raw_total, tally.examples(), listing)
+    split_report = SplitReport(
+        split_name, len(listing.samples), checked, (), pixels, tally.present, ignored, list(listing.notes)
+    )
+    if tally.rotated:
+        split_report.notes.append(
+            f"{tally.rotated} image(s) carry an EXIF rotation; they are read in whichever orientation fits the label"
+        )
+    return split_report
+
+
+def _listing_warnings(report: DataReport, split_name: str, listing: Listing) -> None:
+    """What the split's file list says besides its pairs: an unofficial size, orphan labels, no pairs at all."""
+    if note := _count_note(report.dataset, split_name, listing, len(listing.samples)):
+        report.warnings.append(note)
+    orphans = _orphans(listing)
+    if orphans:
+        report.warnings.append(
+            f"{split_name}: {len(orphans)} label file(s) without an image, e.g. {orphans[0]} (ignored)"
+        )
+    if not listing.samples and not listing.problems:
+        report.problem("layout", f"{split_name}: no image/label pairs found")
 
 
 def _listed(names: Sequence[str], limit: int = 10) -> str:

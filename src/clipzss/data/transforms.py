@@ -228,6 +228,7 @@ def build_train_transform(
     scale: int = 512,
     ratio_range: tuple[float, float] = (0.5, 2.0),
     cat_max_ratio: float = 0.75,
+    *,
     flip: bool = True,
     photometric: bool = True,
 ) -> SegTransform:

@@ -217,30 +217,39 @@ def _update(
     return torch.where(counts[..., None] > 0, means, centroids)
 
 
-def _lloyd(
-    x: torch.Tensor,
-    centroids: torch.Tensor,
-    iters: int,
-    spherical: bool,
-    sizes: Sequence[int],
-    weights: torch.Tensor | None = None,
-    alive: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+class _Points(NamedTuple):
+    """What every Lloyd iteration of a batched K-Means run reads: the points and how they are scored."""
+
+    x: torch.Tensor  # (B, N, C)
+    spherical: bool
+    sizes: Sequence[int]  # the number of centroids of each set
+    weights: torch.Tensor | None = None  # (B, N) int64 0/1: the points that count in means and counts
+    alive: torch.Tensor | None = None  # (B, M) bool: centroids that may win a point
+
+    def assign(self, centroids: torch.Tensor) -> torch.Tensor:
+        return _assign(self.x, centroids, self.spherical, self.sizes, self.alive)
+
+    def update(self, centroids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _update(self.x, centroids, labels, self.spherical, self.weights)
+
+    def images(self, keep: torch.Tensor) -> _Points:
+        """The same run restricted to the images ``keep`` selects."""
+        return self._replace(
+            x=self.x[keep],
+            weights=None if self.weights is None else self.weights[keep],
+            alive=None if self.alive is None else self.alive[keep],
+        )
+
+
+def _lloyd(points: _Points, centroids: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exactly ``iters`` updates, then the final assignment: no data-dependent control flow, no device sync."""
     for _ in range(iters):
-        labels = _assign(x, centroids, spherical, sizes, alive)
-        centroids = _update(x, centroids, labels, spherical, weights)
-    return _assign(x, centroids, spherical, sizes, alive), centroids
+        centroids = points.update(centroids, points.assign(centroids))
+    return points.assign(centroids), centroids
 
 
 def _lloyd_until_fixed(
-    x: torch.Tensor,
-    centroids: torch.Tensor,
-    iters: int,
-    spherical: bool,
-    sizes: Sequence[int],
-    weights: torch.Tensor | None = None,
-    alive: torch.Tensor | None = None,
+    points: _Points, centroids: torch.Tensor, iters: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``_lloyd`` with images dropped from the work as soon as their assignment stops changing.
 
@@ -248,25 +257,24 @@ def _lloyd_until_fixed(
     update would recompute them bit for bit, so its result is final. The same result as ``_lloyd`` for a host
     read per iteration, which only the CPU gets for free.
     """
-    labels = torch.empty(*x.shape[:2], len(sizes), dtype=torch.long)  # (B, N, S)
+    labels = torch.empty(*points.x.shape[:2], len(points.sizes), dtype=torch.long)  # (B, N, S)
     centroids = centroids.clone()
-    moving = torch.arange(x.shape[0])  # images whose assignment may still change
-    xs, cs, ws, al, previous = x, centroids, weights, alive, None
+    moving = torch.arange(points.x.shape[0])  # images whose assignment may still change
+    pts, cs, previous = points, centroids, None
     for _ in range(iters):
-        current = _assign(xs, cs, spherical, sizes, al)  # (b, N, S)
+        current = pts.assign(cs)  # (b, N, S)
         if previous is not None:
             changed = (current != previous).flatten(1).any(dim=1)  # (b,)
             if not bool(changed.all()):
                 labels[moving[~changed]] = current[~changed]
-                moving, xs, cs, current = moving[changed], xs[changed], cs[changed], current[changed]
-                ws = None if ws is None else ws[changed]
-                al = None if al is None else al[changed]
+                moving, cs, current = moving[changed], cs[changed], current[changed]
+                pts = pts.images(changed)
                 if moving.numel() == 0:
                     return labels, centroids
-        cs = _update(xs, cs, current, spherical, ws)
+        cs = pts.update(cs, current)
         centroids[moving] = cs
         previous = current
-    labels[moving] = _assign(xs, cs, spherical, sizes, al)
+    labels[moving] = pts.assign(cs)
     return labels, centroids
 
 
@@ -327,10 +335,8 @@ def kmeans_sets(
         alive = seed_alive(centroids)
     if spherical:
         centroids = F.normalize(centroids, dim=-1)
-    if x.device.type == "cpu":
-        labels, centroids = _lloyd_until_fixed(x, centroids, iters, spherical, sizes, weights, alive)
-    else:
-        labels, centroids = _lloyd(x, centroids, iters, spherical, sizes, weights, alive)
+    lloyd = _lloyd_until_fixed if x.device.type == "cpu" else _lloyd
+    labels, centroids = lloyd(_Points(x, spherical, sizes, weights, alive), centroids, iters)
     num_clusters = centroids.shape[1]
     counts = _bincount(labels.flatten(1), num_clusters, _set_weights(weights, labels))
     results, start = [], 0

@@ -4,11 +4,8 @@ smp models upsample their last map to full resolution. With ``classes = C = 512`
 image, so every architecture is re-wired here to stop at stride 4; the caller computes K-class
 logits there and upsamples those. How each architecture gets there is listed in ``SUPPORTED_ARCHS``.
 
-Weights (``StudentConfig.weights``): ``None`` (random), ``"imagenet"`` (or another smp tag such as ``"ssl"``; from
-the local Hugging Face cache, else the hub) or a local file holding the encoder's weights (``.safetensors`` or a
-torch file). A local file may be an encoder state dict (what smp downloads, or ``student.model.encoder.state_dict()``),
-a whole smp model / student state dict (its ``encoder.`` keys are used) or, for ``tu-`` encoders, a timm checkpoint
-(``model.safetensors`` / ``pytorch_model.bin`` of the timm model), loaded by timm's own pretrained loader.
+The encoder's starting weights (``StudentConfig.weights``: none, a hub tag or a local file) are resolved by
+:mod:`clipzss.models.student_weights` before the network is built.
 """
 
 from __future__ import annotations
@@ -17,8 +14,6 @@ import difflib
 import inspect
 import logging
 import math
-import urllib.parse
-from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -31,8 +26,8 @@ from segmentation_models_pytorch.decoders.dpt.decoder import DPTSegmentationHead
 from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDecoder
 from torch import nn
 
-from clipzss import hub
 from clipzss.config import StudentConfig
+from clipzss.models.student_weights import load_encoder_state, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +52,6 @@ _REJECTED_ARCHS: dict[str, str] = {
 }
 # smp arguments this module sets itself: the student always maps RGB to raw (not activated) embeddings.
 _RESERVED_KWARGS = ("encoder_name", "encoder_weights", "classes", "activation", "in_channels", "upsampling")
-_KEY_PREFIXES = ("", "encoder.", "model.encoder.", "module.", "module.encoder.", "module.model.encoder.")
 
 
 class Student(nn.Module):
@@ -188,50 +182,45 @@ def build_student(cfg: StudentConfig, *, for_training: bool = True) -> Student:
             downloadable (offline).
     """
     arch_cls = _resolve_arch(cfg.arch)
-    arch = arch_cls.__name__
     _check_encoder(cfg.encoder)
+    model = _weighted_network(arch_cls, cfg)
+    student = _stride4_student(model, arch_cls.__name__, cfg)
+    _probe(student, backward=for_training)
+    if for_training:
+        student.unused_parameters = _freeze_unused(student)
+    return student
+
+
+def _weighted_network(arch_cls: type[nn.Module], cfg: StudentConfig) -> nn.Module:
+    """The smp network ``cfg`` names, its encoder holding the weights ``cfg.weights`` names."""
     kwargs = _arch_kwargs(cfg, arch_cls)
-    is_timm = cfg.encoder.startswith("tu-")
+    weights = resolve_weights(cfg)
+    model = _create(arch_cls, cfg, kwargs, pretrained=weights.timm, timm_checkpoint=weights.timm_state)
+    if weights.encoder_state is None:
+        return model
+    loaded = load_encoder_state(model.encoder, weights.encoder_state, weights.where)
+    if not loaded and cfg.encoder.startswith("tu-"):
+        # Not the encoder's own keys: let timm load it as a checkpoint of the classification model.
+        try:
+            model = _create(arch_cls, cfg, kwargs, pretrained=True, timm_checkpoint=weights.encoder_state)
+        except ValueError as err:
+            raise ValueError(
+                f"{weights.where} is neither a state dict of encoder '{cfg.encoder}' nor a timm checkpoint of "
+                f"'{cfg.encoder[3:]}' ({err.__cause__ or err})"
+            ) from None
+    logger.info("student encoder %s: weights loaded from %s", cfg.encoder, weights.where)
+    return model
 
-    source = _weights_source(cfg.weights, cfg.encoder)
-    state_dict: dict[str, torch.Tensor] | None = None
-    timm_pretrained = False
-    if isinstance(source, Path):
-        state_dict = _read_state_dict(source)
-    elif source is not None and not is_timm:
-        state_dict = _read_state_dict(_smp_hub_file(cfg.encoder, source))
-    elif source is not None:
-        timm_sd = _timm_hub_state_dict(cfg.encoder[3:])
-        if timm_sd is not None:
-            kwargs["pretrained_cfg_overlay"] = {"state_dict": timm_sd}
-        timm_pretrained = True
 
-    model = _create(arch_cls, cfg, kwargs, pretrained=timm_pretrained)
-    if state_dict is not None:
-        where = str(source)
-        if not _load_encoder_state(model.encoder, state_dict, where) and is_timm:
-            # Not the encoder's own keys: let timm load it as a checkpoint of the classification model.
-            kwargs["pretrained_cfg_overlay"] = {"state_dict": state_dict}
-            try:
-                model = _create(arch_cls, cfg, kwargs, pretrained=True)
-            except ValueError as err:
-                raise ValueError(
-                    f"{where} is neither a state dict of encoder '{cfg.encoder}' nor a timm checkpoint of "
-                    f"'{cfg.encoder[3:]}' ({err.__cause__ or err})"
-                ) from None
-        logger.info("student encoder %s: weights loaded from %s", cfg.encoder, where)
-
+def _stride4_student(model: nn.Module, arch: str, cfg: StudentConfig) -> Student:
+    """Re-wire ``model`` to end at stride 4 (`SUPPORTED_ARCHS`) and wrap it with the input sizes it needs."""
     _make_stride4(model, arch, cfg.embed_dim)
     if isinstance(model.decoder, SegformerDecoder) and model.decoder.fuse_stage[0].kernel_size == (1, 1):
         model.decoder = _FusedSegformerDecoder(model.decoder)
     multiple = _pad_multiple(model, arch)
     # PAN's feature pyramid attention pools its coarsest map three more times: it needs 8 pixels there.
     min_size = 8 * int(model.encoder.output_stride) if arch == "PAN" else 0
-    student = Student(model, cfg.embed_dim, multiple, arch, cfg.encoder, min_size=min_size)
-    _probe(student, backward=for_training)
-    if for_training:
-        student.unused_parameters = _freeze_unused(student)
-    return student
+    return Student(model, cfg.embed_dim, multiple, arch, cfg.encoder, min_size=min_size)
 
 
 def _probe(student: Student, backward: bool) -> None:
@@ -349,8 +338,15 @@ def _arch_kwargs(cfg: StudentConfig, arch_cls: type[nn.Module]) -> dict[str, Any
 
 
 def _create(
-    arch_cls: type[nn.Module], cfg: StudentConfig, kwargs: dict[str, Any], pretrained: bool
+    arch_cls: type[nn.Module],
+    cfg: StudentConfig,
+    kwargs: dict[str, Any],
+    pretrained: bool = False,
+    timm_checkpoint: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
+    """The smp network; ``pretrained`` builds a ``tu-`` encoder by timm's loader, from ``timm_checkpoint`` if given."""
+    if timm_checkpoint is not None:
+        kwargs = {**kwargs, "pretrained_cfg_overlay": {"state_dict": timm_checkpoint}}
     try:
         return arch_cls(
             encoder_name=cfg.encoder,
@@ -412,130 +408,3 @@ def _pad_multiple(model: nn.Module, arch: str) -> int:
         # DPT resamples its ViT features to 1/4 ... 1/2**(n+1) and fuses them by x2 steps.
         multiple = max(multiple, 2 ** (len(model.encoder.output_strides) + 1))
     return multiple
-
-
-def _weights_source(weights: str | None, encoder: str) -> Path | str | None:
-    """None (random), a hub tag ('imagenet', 'ssl', ...) or an existing local file."""
-    if weights is None or weights.strip().lower() in ("", "none"):
-        return None
-    if encoder.startswith("tu-"):
-        if weights == "imagenet":
-            return weights
-    else:
-        tags = list(smp.encoders.encoders[encoder]["pretrained_settings"])
-        any_tag = {tag for entry in smp.encoders.encoders.values() for tag in entry["pretrained_settings"]}
-        if weights in tags:
-            return weights
-        if weights in any_tag and not Path(weights).is_file():
-            raise ValueError(
-                f"encoder '{encoder}' has no '{weights}' weights; its pretrained weights are: {', '.join(tags)}"
-            )
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"student weights file not found: {weights} (student.weights must be none, 'imagenet' or a local file)"
-        )
-    return path
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path), device="cpu")
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling and safetensors raise many types; all mean "not a weights file"
-        raise ValueError(f"cannot read student weights {path}: {err}") from err
-    for key in ("state_dict", "model"):  # common checkpoint wrappers
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"student weights {path} do not hold a state dict (a mapping of names to tensors)")
-    return data
-
-
-def _load_encoder_state(encoder: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> bool:
-    """Load an encoder (or whole-model) state dict strictly; False when no key is the encoder's at all."""
-    own = set(encoder.state_dict())
-    best, best_hits = {}, 0
-    for prefix in _KEY_PREFIXES:
-        sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        hits = len(own & sub.keys())
-        if hits > best_hits:
-            best, best_hits = sub, hits
-    if best_hits == 0 and isinstance(
-        encoder, smp.encoders.TimmUniversalEncoder | smp.encoders.TimmViTEncoder
-    ):
-        return False
-    if best_hits == 0:
-        best = state_dict
-    try:
-        encoder.load_state_dict(dict(best))  # smp encoders drop their classifier keys themselves
-    except RuntimeError as err:
-        missing = sorted(own - best.keys())
-        unexpected = sorted(best.keys() - own)
-        detail = "; ".join(
-            part
-            for part in (_keys("missing", missing), _keys("unexpected", unexpected), _size_mismatch(err))
-            if part
-        )
-        raise ValueError(f"student weights {where} do not fit the encoder: {detail}") from None
-    return True
-
-
-def _keys(kind: str, keys: list[str], show: int = 5) -> str:
-    if not keys:
-        return ""
-    more = f", ... ({len(keys) - show} more)" if len(keys) > show else ""
-    return f"{len(keys)} {kind} keys ({', '.join(keys[:show])}{more})"
-
-
-def _size_mismatch(err: RuntimeError) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
-    return lines[0] if lines else ""
-
-
-def _offline_error(what: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"cannot get {what}: not in the local Hugging Face cache and the hub is unreachable (offline); download the "
-        "encoder weights on a connected machine and set student.weights=/path/to/encoder_weights.safetensors"
-    )
-
-
-def _hub_download(repo_id: str, filenames: tuple[str, ...], revision: str | None, what: str) -> Path:
-    """The first of ``filenames`` in the repo: from the cache if there, else downloaded; fails fast offline."""
-    try:
-        return hub.fetch(repo_id, filenames, revision)
-    except hub.HubDownloadFailed as err:
-        raise FileNotFoundError(f"cannot download {what} from {repo_id}: {err}") from None
-    except hub.HubUnavailable:
-        raise _offline_error(what) from None
-
-
-def _smp_hub_file(encoder: str, tag: str) -> Path:
-    settings = smp.encoders.encoders[encoder]["pretrained_settings"][tag]
-    return _hub_download(
-        settings["repo_id"], ("model.safetensors",), settings["revision"], f"'{tag}' weights for {encoder}"
-    )
-
-
-def _timm_hub_state_dict(timm_name: str) -> dict[str, torch.Tensor] | None:
-    """timm's pretrained checkpoint for the name (and tag), or None when timm must fetch it from a URL itself."""
-    what = f"pretrained weights for tu-{timm_name}"
-    try:
-        cfg = timm.models.get_pretrained_cfg(timm_name)
-    except RuntimeError as err:
-        raise ValueError(f"no {what}: {err}") from None
-    if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise ValueError(f"timm has no {what}")
-    if cfg.hf_hub_id:
-        filenames = (
-            (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
-        )
-        return _read_state_dict(_hub_download(cfg.hf_hub_id, filenames, None, what))
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlsplit(cfg.url).path).name
-    if not cached.is_file() and (hub.offline() or not hub.reachable(cfg.url)[0]):
-        raise _offline_error(what)
-    return None

@@ -19,7 +19,7 @@ import math
 import os
 import typing
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +38,7 @@ from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
 from clipzss.models.recipes import DENSE_PATHS, check_dense
 from clipzss.models.text_cache import read_text_cache, text_cache_dir, write_text_cache
 from clipzss.names import parse_class_names
+from clipzss.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +337,6 @@ def build_teacher(
             "(--text-embeddings from `clipzss embed-text`)"
         )
     weights = resolve_weights(cfg, download=download)
-    overrides = dict(cfg.model_overrides)
     if weights.kind == "none":
         logger.warning(
             "teacher '%s' has RANDOM weights (teacher.weights=none, seed %d): zero-shot results with a random "
@@ -344,39 +344,49 @@ def build_teacher(
             cfg.model,
             RANDOM_TEACHER_SEED,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_TEACHER_SEED)
-            try:
-                model = open_clip.create_model(cfg.model, pretrained=None, **overrides)
-            except TypeError as err:
-                raise ValueError(
-                    f"teacher.model_overrides do not fit open_clip's '{cfg.model}': {_short(str(err))}"
-                ) from None
+    return CLIPTeacher(_create_clip(cfg, weights), cfg, weights).to(resolve_device(device))
+
+
+def _create_clip(cfg: TeacherConfig, weights: _Weights) -> nn.Module:
+    """open_clip's ``cfg.model`` with ``weights`` loaded, or initialised from `RANDOM_TEACHER_SEED` (leaving the
+    caller's RNG alone) when there are none; every way the build fails is one ValueError line."""
+    random_init = weights.kind == "none"
+    if random_init:
+        source: dict[str, Any] = {"pretrained": None}
     else:
+        source = {
+            "pretrained": weights.path,
+            "force_quick_gelu": weights.quick_gelu,
+            "force_preprocess_cfg": {"mean": weights.mean, "std": weights.std},
+        }
+    with _seeded(RANDOM_TEACHER_SEED) if random_init else nullcontext():
         try:
-            model = open_clip.create_model(
-                cfg.model,
-                pretrained=weights.path,
-                force_quick_gelu=weights.quick_gelu,
-                force_preprocess_cfg={"mean": weights.mean, "std": weights.std},
-                **overrides,
-            )
+            return open_clip.create_model(cfg.model, **source, **dict(cfg.model_overrides))
         except TypeError as err:  # an override keyword open_clip does not take
             raise ValueError(
                 f"teacher.model_overrides do not fit open_clip's '{cfg.model}': {_short(str(err))}"
             ) from None
         except (RuntimeError, KeyError) as err:
+            if random_init:
+                raise
             reason = " ".join(str(err).split())  # torch's load_state_dict message spans lines
             raise ValueError(
                 f"teacher weights {weights.path} do not fit model '{cfg.model}': {reason}"
             ) from err
         except Exception as err:  # unpickling, safetensors and truncated files raise many types: not weights
+            if random_init:
+                raise
             raise ValueError(
                 f"cannot read teacher weights {weights.path}: {_unreadable_reason(err)}"
             ) from None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return CLIPTeacher(model, cfg, weights).to(device)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """The CPU RNG seeded with ``seed`` inside, and as it was outside."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _short(text: str, limit: int = 300) -> str:

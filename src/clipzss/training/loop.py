@@ -306,37 +306,7 @@ def _open_run_folder(out: Path, info: DistInfo, resume: str | Path | None, overw
     return lock
 
 
-# --- the loop ---------------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _evaluate_student(
-    parts: TrainParts, val_set: Dataset, info: DistInfo, writer: Any = None, step: int = 0
-) -> dict[str, float]:
-    student = unwrap(parts.student)
-    segmenter = Segmenter(student, parts.teacher, parts.cfg, parts.device)
-    logits_fn = segmenter.logits_fn(val_set.class_names)
-    result = evaluate(
-        logits_fn,
-        val_set,
-        parts.cfg.eval,
-        device=parts.device,
-        num_workers=min(2, parts.cfg.data.num_workers),
-        progress=info.main,
-    )
-    if writer is not None:  # rank 0: the report's figures, drawn while the student is still in eval mode
-        from clipzss.report import log_to_tensorboard
-
-        log_to_tensorboard(
-            writer, result, step, dataset=val_set, logits_fn=logits_fn, eval_cfg=parts.cfg.eval
-        )
-    student.train()
-    return result.metrics
+# --- training ---------------------------------------------------------------------------------------------------
 
 
 def train(
@@ -372,29 +342,54 @@ def train(
             out,
             resume_folder(resume),
         )
-    with contextlib.ExitStack() as cleanup:  # on any exit: progress bar, TensorBoard writer, then the lock
-        lock = _open_run_folder(out, info, resume, overwrite)
+    lock = _open_run_folder(out, info, resume, overwrite)
+    try:
+        run = _build_run(cfg, info, device, teacher, train_set, val_set)
+        if state is not None:
+            run.start = restore_training_state(state, run.parts, run.optimizer, run.scaler, resume)
+            if info.main:
+                logger.info("resumed from %s at step %d", resume, run.start)
+        if cfg.train.batch_size % info.world_size:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is the global batch and must divide evenly over "
+                f"{info.world_size} processes"
+            )
+        if info.main:  # only now, with everything checked: a refused start leaves the folder as it was
+            atomic_write(out / "config.yaml", cfg.save)
+        return _loop(run, out, info)
+    finally:
         if lock is not None:
-            cleanup.callback(lock.release)
-        return _train(cfg, teacher, train_set, val_set, state, resume, info, device, out, cleanup)
+            lock.release()
 
 
-def _train(
+# --- building ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """One run, built and checked: what the loop steps, with what, from which step, and what it evaluates."""
+
+    parts: TrainParts
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_set: Dataset
+    val_set: Dataset | None
+    start: int = 0  # the first step: 0, or the step a resumed state stopped at
+
+
+def _build_run(
     cfg: Config,
+    info: DistInfo,
+    device: torch.device,
     teacher: Teacher | None,
     train_set: Dataset | None,
     val_set: Dataset | None,
-    state: dict[str, Any] | None,
-    resume: str | Path | None,
-    info: DistInfo,
-    device: torch.device,
-    out: Path,
-    cleanup: contextlib.ExitStack,
-) -> Path:
-    """The body of `train`, with the run folder checked and locked; `cleanup` closes what it opens."""
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
+) -> _Run:
+    """Build what `train` was not given (teacher, datasets), then the networks, the optimizer and the scaler.
 
+    The global RNG is seeded first and everything is built in one fixed order, so the initial weights are a
+    function of the seed and the rank.
+    """
     seed_everything(cfg.train.seed + info.rank)
     teacher = teacher or build_teacher(cfg.teacher, device=device)
     if teacher.embed_dim != cfg.student.embed_dim:
@@ -406,33 +401,67 @@ def _train(
     if val_set is None and cfg.train.eval_interval > 0:
         val_set = build_eval_dataset(cfg)
     split = train_set.split
-    class_names = list(split.class_names)
     check_setting(cfg, split)
-    # Only the seen names are encoded: under the inductive protocol an unseen name is first read at test time.
-    text_seen = teacher.text_embeddings([class_names[i] for i in split.seen]).to(device)  # (S, C)
-    text_target = None
-    if cfg.data.setting == "transductive":  # the target names, never their labels
-        text_target = teacher.text_embeddings([class_names[i] for i in split.unseen]).to(device)  # (T, C)
+    text_seen, text_target = _class_texts(cfg, teacher, split, device)
     if info.main:
-        logger.info(
-            "training on %d images: %d seen classes, %d unseen held out (%s)",
-            len(train_set),
-            len(split.seen),
-            len(split.unseen),
-            ", ".join(class_names[i] for i in split.unseen) or "none",
-        )
-        if text_target is not None:
-            logger.info(
-                "transductive: the held-out names are targets of named pseudo labels, their labels unread"
-            )
+        _log_classes(len(train_set), split, transductive=text_target is not None)
+    student, glm, synth, optimizer = _build_networks(cfg, teacher.embed_dim, len(train_set), info, device)
+    ema = None
+    if text_target is not None and cfg.transductive.self_train_start is not None:
+        ema = EMAStudent(unwrap(student), cfg.transductive.ema_decay).to(device)
+    parts = TrainParts(
+        cfg, teacher, student, glm, synth, text_seen, seen_lookup(split).to(device), device, text_target, ema
+    )
+    return _Run(parts, optimizer, grad_scaler(cfg, device), train_set, val_set)
 
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs, of which a run's initial weights are a function."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _class_texts(
+    cfg: Config, teacher: Teacher, split: Split, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The seen names' text embeddings (S, C) and, in the transductive setting, the target names' (T, C).
+
+    Only these names are encoded: under the inductive protocol an unseen name is first read at test time, and a
+    transductive target is a name whose labels stay unread.
+    """
+    names = split.class_names
+    text_seen = teacher.text_embeddings([names[i] for i in split.seen]).to(device)
+    if cfg.data.setting != "transductive":
+        return text_seen, None
+    return text_seen, teacher.text_embeddings([names[i] for i in split.unseen]).to(device)
+
+
+def _log_classes(size: int, split: Split, transductive: bool) -> None:
+    names = split.class_names
+    logger.info(
+        "training on %d images: %d seen classes, %d unseen held out (%s)",
+        size,
+        len(split.seen),
+        len(split.unseen),
+        ", ".join(names[i] for i in split.unseen) or "none",
+    )
+    if transductive:
+        logger.info(
+            "transductive: the held-out names are targets of named pseudo labels, their labels unread"
+        )
+
+
+def _build_networks(
+    cfg: Config, embed_dim: int, dataset_size: int, info: DistInfo, device: torch.device
+) -> tuple[nn.Module, GLM | None, nn.Module | None, torch.optim.Optimizer]:
+    """The student, the GLM bank and the synthesizer (each on ``device``), and the optimizer of their weights.
+
+    The optimizer is built on the plain modules; under DDP the student and the synthesizer are then wrapped.
+    """
     student = build_student(cfg.student).to(device)
-    glm = (
-        GLM(cfg.method, teacher.embed_dim, dataset_size=len(train_set)).to(device) if cfg.method.glm else None
-    )
-    synth = (
-        Synthesizer.from_config(cfg.method, teacher.embed_dim).to(device) if cfg.method.synthesizer else None
-    )
+    glm = GLM(cfg.method, embed_dim, dataset_size=dataset_size).to(device) if cfg.method.glm else None
+    synth = Synthesizer.from_config(cfg.method, embed_dim).to(device) if cfg.method.synthesizer else None
     if info.enabled and device.type == "cuda":  # batch statistics over all GPUs (SyncBatchNorm is CUDA-only)
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     if cfg.train.compile:
@@ -443,30 +472,18 @@ def _train(
         student = nn.parallel.DistributedDataParallel(student, device_ids=ids)
         if synth is not None:
             synth = nn.parallel.DistributedDataParallel(synth, device_ids=ids)
-    ema = None
-    if text_target is not None and cfg.transductive.self_train_start is not None:
-        ema = EMAStudent(unwrap(student), cfg.transductive.ema_decay).to(device)
-    parts = TrainParts(
-        cfg, teacher, student, glm, synth, text_seen, seen_lookup(split).to(device), device, text_target, ema
-    )
+    return student, glm, synth, optimizer
 
-    scaler = grad_scaler(cfg, device)
-    start = 0
-    if state is not None:
-        start = restore_training_state(state, parts, optimizer, scaler, resume)
-        if info.main:
-            logger.info("resumed from %s at step %d", resume, start)
-    if cfg.train.batch_size % info.world_size:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} is the global batch and must divide evenly over "
-            f"{info.world_size} processes"
-        )
-    if info.main:  # only now, with everything checked: a refused start leaves the folder as it was
-        atomic_write(out / "config.yaml", cfg.save)
+
+def _batches(run: _Run, info: DistInfo) -> DataLoader:
+    """This rank's share of the seeded stream, from the run's first step on."""
+    cfg, device = run.parts.cfg, run.parts.device
     per_rank = cfg.train.batch_size // info.world_size
-    sampler = StreamSampler(len(train_set), cfg.train.seed, info.rank, info.world_size, start * per_rank)
-    loader = DataLoader(
-        SeededDataset(train_set),
+    sampler = StreamSampler(
+        len(run.train_set), cfg.train.seed, info.rank, info.world_size, run.start * per_rank
+    )
+    return DataLoader(
+        SeededDataset(run.train_set),
         batch_size=per_rank,
         sampler=sampler,
         drop_last=True,
@@ -475,26 +492,44 @@ def _train(
         persistent_workers=cfg.data.num_workers > 0,
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
-    meta = {
+
+
+def _checkpoint_meta(teacher: Teacher, split: Split) -> dict[str, str]:
+    """What every checkpoint of the run records about its teacher and classes."""
+    names = split.class_names
+    return {
         "teacher": getattr(teacher, "identity", type(teacher).__name__),
-        "class_names": ",".join(class_names),
-        "unseen": ",".join(class_names[i] for i in split.unseen),
+        "class_names": ",".join(names),
+        "unseen": ",".join(names[i] for i in split.unseen),
     }
-    writer = SummaryWriter(str(out / "tb")) if info.main else None
-    if writer is not None:
-        cleanup.callback(writer.close)
-    student.train()
-    bar = tqdm(
-        total=cfg.train.max_iters, initial=start, disable=not info.main, desc="train", dynamic_ncols=True
-    )
-    cleanup.callback(bar.close)  # an error then starts on a line of its own
-    batches = iter(loader)
-    t = cfg.train
-    tic, logged = time.perf_counter(), start
+
+
+# --- the loop ---------------------------------------------------------------------------------------------------
+
+
+def _loop(run: _Run, out: Path, info: DistInfo) -> Path:
+    """Step from ``run.start`` to ``train.max_iters``; log, save and evaluate when `due`; stop on a signal."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    parts, optimizer, scaler, val_set = run.parts, run.optimizer, run.scaler, run.val_set
+    cfg, t = parts.cfg, parts.cfg.train
+    loader = _batches(run, info)
+    meta = _checkpoint_meta(parts.teacher, run.train_set.split)
     ckpt = out / CHECKPOINT_NAME
     watch = FiniteWatch()
-    with StopRequest() as stop:
-        for step in range(start, t.max_iters):
+    # On any exit, in this order: the signal handlers, the progress bar, the TensorBoard writer.
+    with contextlib.ExitStack() as opened:
+        writer = opened.enter_context(SummaryWriter(str(out / "tb"))) if info.main else None
+        parts.student.train()
+        bar = tqdm(
+            total=t.max_iters, initial=run.start, disable=not info.main, desc="train", dynamic_ncols=True
+        )
+        opened.enter_context(bar)  # an error then starts on a line of its own
+        batches = iter(loader)
+        speed = _Speed(run.start)
+        stop = opened.enter_context(StopRequest())
+        for step in range(run.start, t.max_iters):
             lr = set_lr(optimizer, step, cfg)
             losses = train_step(parts, next(batches), optimizer, scaler)
             watch.update(losses, step)
@@ -505,14 +540,7 @@ def _train(
             if logs or saves or evaluates:
                 watch.check(step)  # before anything logs, saves or evaluates what a bad step produced
             if writer is not None and logs:
-                scalars = {k: float(v.detach()) for k, v in losses.items()}
-                for name, value in scalars.items():
-                    writer.add_scalar(f"loss/{name}", value, done)
-                writer.add_scalar("lr", lr, done)
-                writer.add_scalar("it_per_s", (done - logged) / max(1e-9, time.perf_counter() - tic), done)
-                tic, logged = time.perf_counter(), done
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.2e}")
-                logger.debug("step %d %s", done, scalars)
+                _log_step(writer, bar, losses, lr, done, speed)
             if saves:
                 if info.main:
                     ckpt = save_training_state(out, done, parts, optimizer, meta, scaler)
@@ -521,21 +549,72 @@ def _train(
             if evaluates:
                 metrics = _evaluate_student(parts, val_set, info, writer, done)
                 if writer is not None:
-                    for name, value in metrics.items():
-                        if isinstance(value, float) and math.isfinite(value):
-                            writer.add_scalar(f"val/{name}", value, done)
-                    logger.info("step %d: %s", done, _summary(metrics))
-            if stop.requested(info, device) and done < t.max_iters:
+                    _log_metrics(writer, metrics, done)
+            if stop.requested(info, parts.device) and done < t.max_iters:
                 watch.check(step)
                 if info.main:
                     save_training_state(out, done, parts, optimizer, meta, scaler)
                 raise TrainingInterrupted(done, out, stop.signal_name or "signal")
-    bar.close()
-    if writer is not None:
-        writer.close()
     if info.enabled:
         dist.barrier()
     return ckpt
+
+
+def _evaluate_student(
+    parts: TrainParts, val_set: Dataset, info: DistInfo, writer: Any = None, step: int = 0
+) -> dict[str, float]:
+    student = unwrap(parts.student)
+    segmenter = Segmenter(student, parts.teacher, parts.cfg, parts.device)
+    logits_fn = segmenter.logits_fn(val_set.class_names)
+    result = evaluate(
+        logits_fn,
+        val_set,
+        parts.cfg.eval,
+        device=parts.device,
+        num_workers=min(2, parts.cfg.data.num_workers),
+        progress=info.main,
+    )
+    if writer is not None:  # rank 0: the report's figures, drawn while the student is still in eval mode
+        from clipzss.report import log_to_tensorboard
+
+        log_to_tensorboard(
+            writer, result, step, dataset=val_set, logits_fn=logits_fn, eval_cfg=parts.cfg.eval
+        )
+    student.train()
+    return result.metrics
+
+
+class _Speed:
+    """Steps per second since it was last read (the host waits for the device when it reads the losses)."""
+
+    def __init__(self, step: int) -> None:
+        self.tic, self.step = time.perf_counter(), step
+
+    def read(self, done: int) -> float:
+        rate = (done - self.step) / max(1e-9, time.perf_counter() - self.tic)
+        self.tic, self.step = time.perf_counter(), done
+        return rate
+
+
+def _log_step(
+    writer: Any, bar: Any, losses: dict[str, torch.Tensor], lr: float, done: int, speed: _Speed
+) -> None:
+    """The losses, learning rate and speed after step ``done``: to TensorBoard, the progress bar and the debug log."""
+    scalars = {k: float(v.detach()) for k, v in losses.items()}
+    for name, value in scalars.items():
+        writer.add_scalar(f"loss/{name}", value, done)
+    writer.add_scalar("lr", lr, done)
+    writer.add_scalar("it_per_s", speed.read(done), done)
+    bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.2e}")
+    logger.debug("step %d %s", done, scalars)
+
+
+def _log_metrics(writer: Any, metrics: dict[str, Any], done: int) -> None:
+    """An evaluation's finite numbers to TensorBoard, and its headline metrics to the log."""
+    for name, value in metrics.items():
+        if isinstance(value, float) and math.isfinite(value):
+            writer.add_scalar(f"val/{name}", value, done)
+    logger.info("step %d: %s", done, _summary(metrics))
 
 
 def _summary(metrics: dict[str, Any]) -> str:

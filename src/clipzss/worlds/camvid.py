@@ -40,6 +40,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ from torch import nn
 
 from clipzss.config import DEFAULT_TEMPLATES, Config, EvalConfig
 from clipzss.data import FileDataset, SegmentationDataset, make_split, read_listing
+from clipzss.data.splits import IGNORE_INDEX
 from clipzss.data.transforms import SegTransform, build_train_transform, build_transforms
 from clipzss.files import atomic_write
 from clipzss.models.teacher import FrozenModule
@@ -429,45 +431,84 @@ class CamVidTeacher(FrozenModule):
         return self.text(class_names).to(self.device)
 
 
-def train_teacher(teacher: CamVidTeacher, images: CamVidImages, log_every: int = 0) -> dict[str, float]:
+def train_teacher(teacher: CamVidTeacher, images: CamVidImages, *, log_every: int = 0) -> dict[str, float]:
     """Fit the teacher on ``images`` (all classes labelled): cross-entropy over cos(token, text_k)/τ.
 
     The token logits are upsampled bilinearly to the label crop, so thin and small classes (poles, pedestrians)
     are learnt too; crops come from the package's training transform (rescale 0.75–1.5, crop, flip, photometric).
-    Returns the pixel accuracy over the last 50 steps.
+    Returns the pixel accuracy over the last `ACCURACY_STEPS` steps.
     """
     spec = teacher.spec
     text = teacher.text(images.class_names)  # (K, C)
-    transform = build_train_transform(spec.crop, min(teacher.world.size), (0.75, 1.5), 0.75, True, True)
-    counts = {"correct": 0.0, "total": 0.0}
-
-    def losses() -> Iterator[torch.Tensor]:
-        rounds = spec.steps * spec.batch_size // len(images) + 1
-        order = torch.cat([torch.randperm(len(images)) for _ in range(rounds)])
-        for step in range(spec.steps):
-            batch = [
-                transform(*images.load(int(i))[:2])
-                for i in order[step * spec.batch_size : (step + 1) * spec.batch_size]
-            ]
-            x = torch.stack([b[0] for b in batch])  # (B, 3, crop, crop)
-            y = torch.stack([b[1] for b in batch])  # (B, crop, crop)
-            y = torch.where(y < 0, 255, y)  # padding (PAD_INDEX) is no label
-            tokens = teacher.semantic_tokens(x)
-            logits = torch.einsum("bchw,kc->bkhw", tokens, text) / spec.tau
-            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, y, ignore_index=255)
-            if step >= spec.steps - 50:
-                valid = y != 255
-                counts["correct"] += float(((logits.argmax(1) == y) & valid).sum())
-                counts["total"] += float(valid.sum())
-            if log_every and (step + 1) % log_every == 0:
-                logger.info("teacher step %d/%d loss %.3f", step + 1, spec.steps, loss.item())
-            yield loss
-
+    transform = build_train_transform(
+        crop_size=spec.crop,
+        scale=min(teacher.world.size),
+        ratio_range=(0.75, 1.5),
+        cat_max_ratio=0.75,
+        flip=True,
+        photometric=True,
+    )
+    accuracy = PixelAccuracy()
+    losses = partial(_teacher_losses, teacher, images, text, transform, accuracy, log_every)
     net = teacher.semantic
     optimizer = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     fit_teacher(net, optimizer, spec.steps, spec.lr, spec.seed, losses)
-    return {"pixel_accuracy": counts["correct"] / max(counts["total"], 1.0)}
+    return {"pixel_accuracy": accuracy.value}
+
+
+ACCURACY_STEPS = 50  # the teacher's last steps, whose crops give the pixel accuracy it reports
+
+
+@dataclass
+class PixelAccuracy:
+    """Correctly labelled pixels among the labelled ones, counted over the batches `add` is given."""
+
+    correct: float = 0.0
+    total: float = 0.0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        valid = labels != IGNORE_INDEX
+        self.correct += float(((logits.argmax(1) == labels) & valid).sum())
+        self.total += float(valid.sum())
+
+    @property
+    def value(self) -> float:
+        return self.correct / max(self.total, 1.0)
+
+
+def _teacher_losses(
+    teacher: CamVidTeacher,
+    images: CamVidImages,
+    text: torch.Tensor,
+    transform: SegTransform,
+    accuracy: PixelAccuracy,
+    log_every: int,
+) -> Iterator[torch.Tensor]:
+    """The teacher's ``spec.steps`` losses on batches of random crops; the last steps' pixels go to ``accuracy``.
+
+    Its random draws (the image order, the crops) start when the first loss is asked for: under `fit_teacher`'s
+    seed.
+    """
+    spec = teacher.spec
+    rounds = spec.steps * spec.batch_size // len(images) + 1
+    order = torch.cat([torch.randperm(len(images)) for _ in range(rounds)])
+    for step in range(spec.steps):
+        batch = [
+            transform(*images.load(int(i))[:2])
+            for i in order[step * spec.batch_size : (step + 1) * spec.batch_size]
+        ]
+        x = torch.stack([b[0] for b in batch])  # (B, 3, crop, crop)
+        y = torch.stack([b[1] for b in batch])  # (B, crop, crop)
+        y = torch.where(y < 0, IGNORE_INDEX, y)  # padding (PAD_INDEX) is no label
+        tokens = teacher.semantic_tokens(x)
+        logits = torch.einsum("bchw,kc->bkhw", tokens, text) / spec.tau
+        logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
+        if step >= spec.steps - ACCURACY_STEPS:
+            accuracy.add(logits, y)
+        if log_every and (step + 1) % log_every == 0:
+            logger.info("teacher step %d/%d loss %.3f", step + 1, spec.steps, loss.item())
+        yield loss
 
 
 def load_teacher(
