@@ -134,7 +134,8 @@ def tiny_config(out: Path, cache_dir: Path, **train_kw: object) -> Config:
         student=StudentConfig(
             arch="Segformer", encoder="mit_b0", weights=None, embed_dim=TINY_CLIP["embed_dim"]
         ),
-        method=MethodConfig(bank=True, bank_size=8, synth_heads=2),  # the bank on: resume tests cover its state
+        # The bank on (off by default): the resume tests then cover its state.
+        method=MethodConfig(bank=True, bank_size=8, synth_heads=2),
         train=TrainConfig(**train),
         eval=EvalConfig(mode="whole", short_side=64, max_images=2),
     )
