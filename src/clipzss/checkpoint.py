@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clipzss.config import Config, ConfigError, ConfigValueError, pin_saved_defaults
+from clipzss.errors import ClipzssError
 from clipzss.files import atomic_write_all
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ FORMAT = "clipzss-student-v1"
 CHECKPOINT_NAME = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ClipzssError, ValueError):
     """A checkpoint that is missing, truncated, tampered with or from an incompatible config."""
 
 
@@ -63,7 +64,7 @@ def save_checkpoint(
     return writes[0][0]
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(ClipzssError, RuntimeError):
     """A checkpoint could not be written (disk full, ...); the previous checkpoint is kept unchanged."""
 
 

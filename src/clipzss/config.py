@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from clipzss.errors import ClipzssError
+
 logger = logging.getLogger(__name__)
 
 # The choices of MethodConfig's string fields introduced with the void/honest-negatives work (their users check
@@ -59,7 +61,7 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-class ConfigError(ValueError):
+class ConfigError(ClipzssError, ValueError):
     """A config file or override that cannot be applied; the message names the key."""
 
 

@@ -16,10 +16,12 @@ from urllib.parse import urlparse
 import huggingface_hub
 from huggingface_hub import constants as hf_constants
 
+from clipzss.errors import ClipzssError
+
 PROBE_TIMEOUT_S = 3.0
 
 
-class HubUnavailable(RuntimeError):
+class HubUnavailable(ClipzssError, RuntimeError):
     """A file is not in the local cache and cannot be fetched; the message says why (offline, unreachable, ...)."""
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clipzss.errors import ClipzssError
 from clipzss.files import next_free_path
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ LOCK_NAME = "train.lock"
 UNREADABLE_LOCK_GRACE_S = 30.0
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(ClipzssError, RuntimeError):
     """A run folder that holds another run, or that another training is writing."""
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from clipzss import hub
 from clipzss.config import StudentConfig
+from clipzss.errors import OfflineError
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +185,8 @@ def build_student(cfg: StudentConfig, *, for_training: bool = True) -> Student:
 
     Raises:
         ValueError: unknown or unsupported architecture / encoder, bad ``arch_kwargs``, weights that do not fit.
-        FileNotFoundError: a weights file that does not exist, or hub weights that are neither cached nor
-            downloadable (offline).
+        FileNotFoundError: a weights file that does not exist.
+        OfflineError: hub weights that are neither cached nor downloadable (offline).
     """
     arch_cls = _resolve_arch(cfg.arch)
     arch = arch_cls.__name__
@@ -497,8 +498,8 @@ def _size_mismatch(err: RuntimeError) -> str:
     return lines[0] if lines else ""
 
 
-def _offline_error(what: str) -> FileNotFoundError:
-    return FileNotFoundError(
+def _offline_error(what: str) -> OfflineError:
+    return OfflineError(
         f"cannot get {what}: not in the local Hugging Face cache and the hub is unreachable (offline); download the "
         "encoder weights on a connected machine and set student.weights=/path/to/encoder_weights.safetensors"
     )

@@ -35,6 +35,7 @@ from torch import nn
 
 from clipzss import hub
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
+from clipzss.errors import OfflineError
 from clipzss.models.recipes import DENSE_PATHS, check_dense
 from clipzss.models.text_cache import read_text_cache, text_cache_dir, write_text_cache
 from clipzss.names import parse_class_names
@@ -316,7 +317,7 @@ def build_teacher(
         ValueError: unknown model, tag, precision or an unsupported vision tower; with ``download=False``, a
             model that needs the hub.
         FileNotFoundError: `cfg.weights` looks like a path that does not exist.
-        RuntimeError: a tag's weights are neither cached nor downloadable (offline), or not cached and
+        OfflineError: a tag's weights are neither cached nor downloadable (offline), or not cached and
             ``download`` is false.
     """
     _check_precision(cfg.precision)
@@ -473,13 +474,13 @@ def _tag_checkpoint(model: str, tag: str, pretrained: dict[str, Any], download: 
     try:
         path = hub.fetch(repo_id, candidates, download=download)
     except hub.NotDownloaded:
-        raise RuntimeError(
+        raise OfflineError(
             f"the checkpoint's teacher weights '{tag}' for {model} are not in the Hugging Face cache, and a "
             f"checkpoint's config never makes clipzss download: pass --teacher-weights {tag} to download them "
             "yourself (teacher_weights= in Python), or a local weights file"
         ) from None
     except hub.HubUnavailable as err:
-        raise RuntimeError(
+        raise OfflineError(
             f"cannot load teacher weights '{tag}' for {model}: they are not in the Hugging Face cache and {err}; "
             f"{_HOW_TO_GET_WEIGHTS}"
         ) from None

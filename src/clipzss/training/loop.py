@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from clipzss.checkpoint import CHECKPOINT_NAME
 from clipzss.config import CLUSTER_MODES, SETTINGS, Config, TrainConfig, check_choice, check_values
 from clipzss.data import Split, build_dataset, build_eval_dataset, seen_lookup
+from clipzss.errors import ClipzssError
 from clipzss.evaluate import evaluate
 from clipzss.files import atomic_write, remove_stale_temporaries
 from clipzss.method.glm import GLM
@@ -55,7 +56,7 @@ from clipzss.training.step import TrainParts, build_optimizer, grad_scaler, set_
 logger = logging.getLogger(__name__)
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(ClipzssError):
     """SIGINT/SIGTERM: a checkpoint was saved at ``step`` and ``--resume`` continues from it."""
 
     def __init__(self, step: int, out: Path, signal_name: str) -> None:
@@ -99,7 +100,7 @@ class StopRequest:
         return bool(flag.item())
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ClipzssError, RuntimeError):
     """A loss term became NaN/inf; training stops and the last good checkpoint is kept."""
 
 
