@@ -470,7 +470,7 @@ def _check_finite(value: object, field: str, where: str) -> None:
 def check_choice(value: str, choices: tuple[str, ...], field: str) -> None:
     """One-line error naming the config field when a string option is not one of its choices."""
     if value not in choices:
-        raise ValueError(f"{field}='{value}' is not one of {', '.join(choices)}")
+        raise ConfigValueError(f"{field}='{value}' is not one of {', '.join(choices)}")
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:

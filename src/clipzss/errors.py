@@ -21,3 +21,8 @@ class OfflineError(ClipzssError, FileNotFoundError, RuntimeError):
 
     A ``FileNotFoundError`` (the file is not here) and, as the teacher's error was before, a ``RuntimeError``.
     """
+
+
+class CannotRunError(ClipzssError, RuntimeError):
+    """What was asked cannot be done here: a missing optional package, an unreadable state, a model that the
+    exporter cannot trace."""

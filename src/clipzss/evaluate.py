@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from clipzss.config import EvalConfig, check_choice
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.errors import UsageError
 from clipzss.files import atomic_write_all
 from clipzss.inference.inputs import check_mode
 from clipzss.inference.label_maps import check_candidates
@@ -47,7 +48,7 @@ class ConfusionMatrix:
         self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str | None = None
     ):
         if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+            raise UsageError(f"num_classes must be at least 1, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -58,12 +59,12 @@ class ConfusionMatrix:
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Count one batch of predicted ids against ground-truth ids, both (B, H, W) integer tensors."""
         if pred.shape != target.shape:
-            raise ValueError(
+            raise UsageError(
                 f"pred shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}"
             )
         for name, tensor in (("pred", pred), ("target", target)):
             if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-                raise ValueError(f"{name} must hold integer class ids, got dtype {tensor.dtype} (logits?)")
+                raise UsageError(f"{name} must hold integer class ids, got dtype {tensor.dtype} (logits?)")
         device = self.matrix.device
         pred = pred.to(device).long().flatten()
         target = target.to(device).long().flatten()
@@ -74,7 +75,7 @@ class ConfusionMatrix:
             bad = (ids < 0) | (ids >= k)
             if bool(bad.any()):
                 value = int(ids[bad][0])
-                raise ValueError(
+                raise UsageError(
                     f"{name} holds class id {value}, outside [0, {k}) and not the ignore index {self.ignore_index}"
                 )
         counts = torch.bincount(target * k + pred, minlength=k * k)  # (K*K,)
@@ -127,15 +128,15 @@ def compute_metrics(
     matrix = torch.as_tensor(matrix)
     k = len(class_names)
     if matrix.shape != (k, k):
-        raise ValueError(f"confusion matrix shape {tuple(matrix.shape)} does not match {k} class names")
+        raise UsageError(f"confusion matrix shape {tuple(matrix.shape)} does not match {k} class names")
     seen, unseen = [int(i) for i in seen], [int(i) for i in unseen]
     for name, ids in (("seen", seen), ("unseen", unseen)):
         out = [i for i in ids if not 0 <= i < k]
         if out:
-            raise ValueError(f"{name} class id {out[0]} is outside [0, {k})")
+            raise UsageError(f"{name} class id {out[0]} is outside [0, {k})")
     both = sorted(set(seen) & set(unseen))
     if both:
-        raise ValueError(f"class '{class_names[both[0]]}' (id {both[0]}) is listed as both seen and unseen")
+        raise UsageError(f"class '{class_names[both[0]]}' (id {both[0]}) is listed as both seen and unseen")
 
     matrix = matrix.double()
     tp = matrix.diagonal()  # (K,)
@@ -289,7 +290,7 @@ def _nan_to_none(value: Any) -> Any:
 def _split_ids(dataset: Dataset) -> tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]:
     missing = [attr for attr in ("class_names", "seen", "unseen") if not hasattr(dataset, attr)]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"dataset {type(dataset).__name__} has no attribute '{missing[0]}' needed for evaluation"
         )
     return tuple(dataset.class_names), tuple(dataset.seen), tuple(dataset.unseen)
@@ -315,7 +316,7 @@ def evaluate(
     check_mode(cfg.mode)
     check_choice(cfg.absent_classes, ABSENT_RULES, "eval.absent_classes")  # before any image
     if not (math.isfinite(cfg.seen_gamma) and cfg.seen_gamma >= 0):
-        raise ValueError(f"eval.seen_gamma must be a number >= 0, got {cfg.seen_gamma!r}")
+        raise UsageError(f"eval.seen_gamma must be a number >= 0, got {cfg.seen_gamma!r}")
     m = check_candidates(cfg.label_candidates, "eval.label_candidates")
     if m:
         logger.warning(
@@ -356,7 +357,7 @@ def evaluate(
         # Labels straight from the low-resolution logits: no K-channel map at the mask's size is ever kept.
         labels, classes = window_labels(logits_fn, image, cfg, tuple(mask.shape[-2:]), transforms)
         if classes != len(class_names):
-            raise ValueError(
+            raise UsageError(
                 f"logits_fn returned {classes} channels for image '{item['name'][0]}' "
                 f"but the dataset has {len(class_names)} classes"
             )

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from clipzss.config import MethodConfig
 from clipzss.data.readers import read_classes_txt
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.errors import UsageError
 from clipzss.files import atomic_write
 from clipzss.images import image_paths
 from clipzss.inference.inputs import preprocess
@@ -334,14 +335,14 @@ def inspect_pseudo_labels(
     if dense is not None:
         paths = list(dict.fromkeys(dense))
         if not paths:
-            raise ValueError("--dense: give at least one dense path")
+            raise UsageError("--dense: give at least one dense path")
         for path in paths:
             check_dense(path)
         if not isinstance(teacher, CLIPTeacher):
-            raise ValueError(f"--dense needs the CLIP teacher; {type(teacher).__name__} has one dense path")
+            raise UsageError(f"--dense needs the CLIP teacher; {type(teacher).__name__} has one dense path")
     masks = list(masks) if masks is not None else [None] * len(images)
     if len(masks) != len(images):
-        raise ValueError(f"{len(images)} images but {len(masks)} masks")
+        raise UsageError(f"{len(images)} images but {len(masks)} masks")
     names = list(names) if names is not None else [f"image_{i:03d}" for i in range(len(images))]
     folder = Path(out) if out is not None else None
     if folder is not None:
@@ -352,7 +353,7 @@ def inspect_pseudo_labels(
     for image, mask, name in zip(images, masks, names, strict=True):
         size = (image.height, image.width)
         if mask is not None and tuple(mask.shape) != size:
-            raise ValueError(
+            raise UsageError(
                 f"mask of {name} is {mask.shape[0]}x{mask.shape[1]} but the image is {size[0]}x{size[1]} (H x W)"
             )
         short = min(short_side, min(size)) if short_side else None
@@ -429,7 +430,7 @@ def _overlay(photo: Image.Image, ids: np.ndarray) -> Image.Image:
 
 def image_files(paths: Sequence[Path], limit: int) -> list[Path]:
     if limit < 1:
-        raise ValueError(f"--max-images must be at least 1, got {limit}")
+        raise UsageError(f"--max-images must be at least 1, got {limit}")
     return image_paths(paths)[:limit]
 
 

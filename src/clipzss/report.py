@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, EvalConfig
+from clipzss.errors import UsageError
 from clipzss.evaluate import RESULT_FILES, EvalResult
 from clipzss.files import atomic_write
 from clipzss.inference.windows import infer_labels
@@ -64,7 +65,7 @@ class Example:
 
 def _confusion_matrix(result: EvalResult) -> np.ndarray:
     if result.confusion is None:
-        raise ValueError(
+        raise UsageError(
             "this EvalResult carries no confusion matrix; build it with EvalResult.from_matrix (as evaluate does)"
         )
     return np.asarray(result.confusion, dtype=np.int64)
@@ -268,7 +269,7 @@ def collect_examples(
 def examples_figure(examples: Sequence[Example], class_names: Sequence[str], splits: Sequence[str]) -> Figure:
     """Rows of image | ground truth | prediction with one legend of the classes that appear."""
     if not examples:
-        raise ValueError("no examples to draw")
+        raise UsageError("no examples to draw")
     k = len(class_names)
     aspect = examples[0].image.shape[0] / examples[0].image.shape[1]
     fig = _new_figure(10.5, 0.9 + len(examples) * 3.4 * aspect + 0.35 * math.ceil(k / 4))

@@ -13,6 +13,7 @@ from clipzss.cli._common import (
     add_teacher_args,
     load_segmenter,
 )
+from clipzss.errors import UsageError
 
 HELP = "evaluate a checkpoint (or a training-free baseline) on a dataset: pAcc, mIoU(S/U), hIoU"
 EPILOG = """examples:
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(cfg, data=data, eval=eval_cfg)
     check_values(cfg)  # the options above set config fields: the same bounds as a config file's
     if not (data.eval_root or data.root) and (data.eval_dataset or data.dataset) != "synthetic":
-        raise ValueError("say where the dataset is: --data-root DIR")
+        raise UsageError("say where the dataset is: --data-root DIR")
     if args.out:
         out = Path(args.out)
     else:

@@ -14,6 +14,7 @@ from clipzss.data.readers import READERS, normalize_dataset_name, read_listing
 from clipzss.data.scenes import SyntheticScenes
 from clipzss.data.splits import make_split
 from clipzss.data.transforms import build_transforms
+from clipzss.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegmentationDataset:
     """
     name = normalize_dataset_name(cfg.data.dataset)
     if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset '{cfg.data.dataset}'; choose one of: {', '.join(DATASET_NAMES)}")
+        raise UsageError(f"unknown dataset '{cfg.data.dataset}'; choose one of: {', '.join(DATASET_NAMES)}")
     transform = build_transforms(cfg.data, train, short_side=cfg.eval.short_side)
     unseen = training_unseen(cfg.data) if train else cfg.data.unseen
     if name == "synthetic":
@@ -55,7 +56,7 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegmentationDataset:
         )
     reader = READERS[name]
     if train and not reader.trainable:
-        raise ValueError(
+        raise UsageError(
             f"dataset '{name}' is evaluation-only (open-vocabulary transfer); train on another one"
         )
     if not cfg.data.root:

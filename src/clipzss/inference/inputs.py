@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD
+from clipzss.errors import UsageError
 
 # mmseg's test img_scale (2048, 512): the long side may reach 4× the short-side scale.
 LONG_SIDE_FACTOR = 4
@@ -81,7 +82,7 @@ def preprocess(image: Image.Image, short_side: int | None) -> np.ndarray:
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"unknown inference mode '{mode}'; choose one of: {', '.join(MODES)}")
+        raise UsageError(f"unknown inference mode '{mode}'; choose one of: {', '.join(MODES)}")
     return mode
 
 
@@ -100,7 +101,7 @@ def sliding_windows(
     """
     (crop_h, crop_w), (stride_h, stride_w) = _pair(crop_size), _pair(stride)
     if min(crop_h, crop_w, stride_h, stride_w) < 1:
-        raise ValueError(f"crop_size {crop_size} and stride {stride} must be positive")
+        raise UsageError(f"crop_size {crop_size} and stride {stride} must be positive")
     rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
     cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
     windows = []

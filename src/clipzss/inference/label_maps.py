@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from clipzss.errors import UsageError
+
 
 def _torch() -> Any:
     """The torch module, for a tensor we were given: torch is loaded whenever a tensor exists, so this module never
@@ -519,7 +521,7 @@ def _plan_tables(plan: Plan) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
 def check_candidates(value: Any, name: str = "candidates") -> int:
     """``value`` as `label_map`'s ``candidates`` (an integer >= 0), or one line naming ``name`` (a config field)."""
     if isinstance(value, bool) or not (isinstance(value, int | np.integer) and value >= 0):
-        raise ValueError(f"{name} must be an integer >= 0 (0: exact labels), got {value!r}")
+        raise UsageError(f"{name} must be an integer >= 0 (0: exact labels), got {value!r}")
     return int(value)
 
 

@@ -16,6 +16,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from clipzss.config import DISTILL_PIXELS, PROTOTYPE_GAPS, MethodConfig, check_choice
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.errors import UsageError
 from clipzss.method.pseudo_labels import mean_token, token_validity
 from clipzss.method.regions import Regions, count_pseudo_slots, downsample_labels, teacher_pseudo_prototypes
 
@@ -424,7 +425,7 @@ def compute_losses(
         ids: (B,) image identities for GLM's negatives (:func:`clipzss.method.glm.image_ids`), or None.
     """
     if not (cfg.glm or cfg.synthesizer or cfg.nel or cfg.ce or cfg.w_distill > 0):
-        raise ValueError("every loss is switched off (method.glm, synthesizer, nel and ce are all false)")
+        raise UsageError("every loss is switched off (method.glm, synthesizer, nel and ce are all false)")
     if cfg.glm and glm is None:
         raise ValueError("method.glm is on but no GLM module was given to compute_losses")
     if cfg.synthesizer and synthesizer is None:
@@ -457,7 +458,7 @@ def compute_losses(
         if cfg.pseudo_labels:
             num_pseudo = count_pseudo_slots(labels, num_seen) if max_pseudo is None else max_pseudo
         if num_seen + num_pseudo > IGNORE_INDEX:
-            raise ValueError(
+            raise UsageError(
                 f"{num_seen} seen + {num_pseudo} pseudo ids reach the ignore label {IGNORE_INDEX}; lower the number "
                 "of pseudo regions (method.min_region)"
             )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from clipzss.config import CLUSTER_MODES, MethodConfig, TransductiveConfig, check_choice
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.errors import UsageError
 from clipzss.method.pseudo_labels import pseudo_labels, upsample_regions
 
 
@@ -110,7 +111,7 @@ class EMAStudent(nn.Module):
     def __init__(self, student: nn.Module, decay: float) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"transductive.ema_decay={decay} must be in [0, 1)")
+            raise UsageError(f"transductive.ema_decay={decay} must be in [0, 1)")
         self.decay = decay
         self.model = copy.deepcopy(student).eval().requires_grad_(False)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from clipzss.checkpoint import CheckpointError, load_checkpoint
 from clipzss.config import Config, EvalConfig
+from clipzss.errors import UsageError
 from clipzss.images import ImageLike, as_rgb
 from clipzss.inference.embeddings_file import read_text_embeddings, write_text_embeddings
 from clipzss.inference.inputs import preprocess
@@ -45,7 +46,7 @@ class PrecomputedText:
 
     def __init__(self, class_names: Sequence[str], embeddings: torch.Tensor, identity: str = "") -> None:
         if embeddings.ndim != 2 or embeddings.shape[0] != len(class_names):
-            raise ValueError(
+            raise UsageError(
                 f"{len(class_names)} class names but embeddings of shape {tuple(embeddings.shape)}"
             )
         self.class_names = list(class_names)
@@ -73,7 +74,7 @@ class PrecomputedText:
         index = {name: i for i, name in enumerate(self.class_names)}
         missing = [n for n in class_names if n not in index]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"class names not in the text-embedding file: {', '.join(missing)} "
                 f"(it holds: {', '.join(self.class_names)})"
             )
@@ -96,7 +97,7 @@ class LRUCache(MutableMapping):
 
     def __init__(self, max_size: int = TEXT_CACHE_SIZE) -> None:
         if max_size < 1:
-            raise ValueError(f"a cache needs room for at least one entry, got max_size={max_size}")
+            raise UsageError(f"a cache needs room for at least one entry, got max_size={max_size}")
         self.max_size = max_size
         self._items: OrderedDict[Hashable, object] = OrderedDict()
 
@@ -197,12 +198,12 @@ class ZeroShotSegmenter:
             elif isinstance(self.text_encoder, CLIPTeacher):
                 text = self.text_encoder.text_embeddings(list(names), templates=list(templates))
             else:
-                raise ValueError(
+                raise UsageError(
                     f"prompt templates cannot be changed with a {type(self.text_encoder).__name__} text encoder "
                     "(precomputed embeddings); load CLIP to use other templates"
                 )
             if self.embed_dim is not None and text.shape[-1] != self.embed_dim:
-                raise ValueError(
+                raise UsageError(
                     f"the text encoder ({getattr(self.text_encoder, 'identity', type(self.text_encoder).__name__)})"
                     f" gives {text.shape[-1]}-d embeddings but this model's are {self.embed_dim}-d: it is not the "
                     "text encoder the model was trained with; pass that one's weights (--teacher-weights) or its "

@@ -33,7 +33,7 @@ from torch import nn
 
 from clipzss import hub
 from clipzss.config import StudentConfig
-from clipzss.errors import OfflineError
+from clipzss.errors import OfflineError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Student(nn.Module):
         if static and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             expected = (padded_h // 4, padded_w // 4)
             if tuple(out.shape[-2:]) != expected:
-                raise ValueError(
+                raise UsageError(
                     f"student {self.arch}/{self.encoder_name} returned a {tuple(out.shape[-2:])} map for a "
                     f"{tuple(x.shape[-2:])} input instead of {expected} (stride 4); its arch_kwargs change the "
                     "decoder's stride in a way this module does not handle"
@@ -216,7 +216,7 @@ def build_student(cfg: StudentConfig, *, for_training: bool = True) -> Student:
             try:
                 model = _create(arch_cls, cfg, kwargs, pretrained=True)
             except ValueError as err:
-                raise ValueError(
+                raise UsageError(
                     f"{where} is neither a state dict of encoder '{cfg.encoder}' nor a timm checkpoint of "
                     f"'{cfg.encoder[3:]}' ({err.__cause__ or err})"
                 ) from None
@@ -246,7 +246,7 @@ def _probe(student: Student, backward: bool) -> None:
             if backward:
                 out.sum().backward()
     except (RuntimeError, AssertionError) as err:  # e.g. a fixed-size ViT told dynamic_img_size=False
-        raise ValueError(
+        raise UsageError(
             f"student {student.arch}/{student.encoder_name} cannot run a {size}x{size} image: {err}"
         ) from err
     finally:
@@ -286,13 +286,13 @@ def _resolve_arch(name: str) -> type[nn.Module]:
     by_lower = {a.__name__.lower(): a for a in smp._MODEL_ARCHITECTURES}
     arch_cls = by_lower.get(name.lower())
     if arch_cls is None:
-        raise ValueError(
+        raise UsageError(
             f"unknown student architecture '{name}'; choose one of {', '.join(supported)}"
             + _did_you_mean(name, supported)
         )
     if arch_cls.__name__ not in SUPPORTED_ARCHS:
         reason = _REJECTED_ARCHS.get(arch_cls.__name__, "it has no stride-4 output")
-        raise ValueError(
+        raise UsageError(
             f"student architecture '{arch_cls.__name__}' is not supported: {reason}; "
             f"choose one of {', '.join(supported)}"
         )
@@ -304,15 +304,15 @@ def _check_encoder(name: str) -> None:
         if not timm.is_model(name[3:]):
             close = difflib.get_close_matches(name[3:], timm.list_models(), n=1)
             hint = f" (did you mean 'tu-{close[0]}'?)" if close else ""
-            raise ValueError(f"unknown timm encoder '{name}': '{name[3:]}' is not a timm model{hint}")
+            raise UsageError(f"unknown timm encoder '{name}': '{name[3:]}' is not a timm model{hint}")
         try:
             timm.models.get_pretrained_cfg(name[3:])
         except RuntimeError as err:  # a tag the architecture does not have, e.g. tu-convnext_atto.nope
-            raise ValueError(f"unknown timm encoder '{name}': {err}") from None
+            raise UsageError(f"unknown timm encoder '{name}': {err}") from None
         return
     names = smp.encoders.get_encoder_names()
     if name not in names:
-        raise ValueError(
+        raise UsageError(
             f"unknown student encoder '{name}'; choose one of {', '.join(names)}, or any timm model as "
             f"tu-<timm name> (e.g. tu-convnext_tiny)" + _did_you_mean(name, names)
         )
@@ -323,7 +323,7 @@ def _arch_kwargs(cfg: StudentConfig, arch_cls: type[nn.Module]) -> dict[str, Any
     kwargs = dict(cfg.arch_kwargs)
     for key in (*_RESERVED_KWARGS, "aux_params"):
         if key in kwargs:
-            raise ValueError(
+            raise UsageError(
                 f"student.arch_kwargs may not set '{key}': the student sets it itself "
                 "(encoder and weights have their own fields, the output is always embed_dim raw channels)"
             )
@@ -342,7 +342,7 @@ def _arch_kwargs(cfg: StudentConfig, arch_cls: type[nn.Module]) -> dict[str, Any
         ]
         for key in kwargs:
             if key not in valid:
-                raise ValueError(
+                raise UsageError(
                     f"unknown student.arch_kwargs key '{key}' for {arch} with an smp encoder; valid keys: "
                     f"{', '.join(valid)}" + _did_you_mean(key, valid)
                 )
@@ -362,7 +362,7 @@ def _create(
             **kwargs,
         )
     except (ValueError, KeyError, TypeError, RuntimeError, AssertionError) as err:
-        raise ValueError(
+        raise UsageError(
             f"cannot build student {arch_cls.__name__} with encoder '{cfg.encoder}' and arch_kwargs "
             f"{ {k: v for k, v in kwargs.items() if k != 'pretrained_cfg_overlay'} }: {err}"
         ) from err
@@ -376,13 +376,13 @@ def _make_stride4(model: nn.Module, arch: str, embed_dim: int) -> None:
     elif isinstance(head, DPTSegmentationHead):
         core, factor = head.head, head.upsampling_factor
     else:
-        raise ValueError(f"student {arch}: unexpected smp head {type(head).__name__}")
+        raise UsageError(f"student {arch}: unexpected smp head {type(head).__name__}")
     stride = int(factor)  # the decoder's output stride: smp heads upsample it to full resolution
     if stride == 1 and arch in _TRUNCATED_DECODERS:
         blocks = model.decoder.blocks
         keep = len(blocks) - 2  # the blocks after this one work at 1/2 and 1/1
         if keep < 1:
-            raise ValueError(f"student {arch} needs encoder_depth >= 3 to have a stride-4 decoder stage")
+            raise UsageError(f"student {arch} needs encoder_depth >= 3 to have a stride-4 decoder stage")
         model.decoder.blocks = blocks[:keep]
         channels = _last_conv_channels(blocks[keep - 1])
         kernel = core.kernel_size[0]
@@ -390,7 +390,7 @@ def _make_stride4(model: nn.Module, arch: str, embed_dim: int) -> None:
         initialize_head(core)
         stride = 4
     if stride not in (2, 4, 8, 16, 32):
-        raise ValueError(
+        raise UsageError(
             f"student {arch}: its decoder works at stride {stride}, which cannot be brought to 4"
         )
     model.segmentation_head = _Stride4Head(core, pool=max(4 // stride, 1), upsample=max(stride // 4, 1))
@@ -428,7 +428,7 @@ def _weights_source(weights: str | None, encoder: str) -> Path | str | None:
         if weights in tags:
             return weights
         if weights in any_tag and not Path(weights).is_file():
-            raise ValueError(
+            raise UsageError(
                 f"encoder '{encoder}' has no '{weights}' weights; its pretrained weights are: {', '.join(tags)}"
             )
     path = Path(weights).expanduser()
@@ -448,12 +448,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling and safetensors raise many types; all mean "not a weights file"
-        raise ValueError(f"cannot read student weights {path}: {err}") from err
+        raise UsageError(f"cannot read student weights {path}: {err}") from err
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"student weights {path} do not hold a state dict (a mapping of names to tensors)")
+        raise UsageError(f"student weights {path} do not hold a state dict (a mapping of names to tensors)")
     return data
 
 
@@ -482,7 +482,7 @@ def _load_encoder_state(encoder: nn.Module, state_dict: dict[str, torch.Tensor],
             for part in (_keys("missing", missing), _keys("unexpected", unexpected), _size_mismatch(err))
             if part
         )
-        raise ValueError(f"student weights {where} do not fit the encoder: {detail}") from None
+        raise UsageError(f"student weights {where} do not fit the encoder: {detail}") from None
     return True
 
 
@@ -528,9 +528,9 @@ def _timm_hub_state_dict(timm_name: str) -> dict[str, torch.Tensor] | None:
     try:
         cfg = timm.models.get_pretrained_cfg(timm_name)
     except RuntimeError as err:
-        raise ValueError(f"no {what}: {err}") from None
+        raise UsageError(f"no {what}: {err}") from None
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise ValueError(f"timm has no {what}")
+        raise UsageError(f"timm has no {what}")
     if cfg.hf_hub_id:
         filenames = (
             (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")

@@ -35,7 +35,7 @@ from torch import nn
 
 from clipzss import hub
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
-from clipzss.errors import OfflineError
+from clipzss.errors import OfflineError, UsageError
 from clipzss.models.recipes import DENSE_PATHS, check_dense
 from clipzss.models.text_cache import read_text_cache, text_cache_dir, write_text_cache
 from clipzss.names import parse_class_names
@@ -327,11 +327,11 @@ def build_teacher(
     if cfg.model not in models:
         close = difflib.get_close_matches(cfg.model, models, n=5, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
-        raise ValueError(f"unknown teacher model '{cfg.model}'; {hint}")
+        raise UsageError(f"unknown teacher model '{cfg.model}'; {hint}")
     needs_hub = hub_models(cfg) if not download else []
     if needs_hub:
         part, name = needs_hub[0]
-        raise ValueError(
+        raise UsageError(
             f"teacher.model '{cfg.model}' takes its {part} from the Hugging Face hub model '{name}', and a "
             "checkpoint's config never makes clipzss reach the network; give the text side yourself "
             "(--text-embeddings from `clipzss embed-text`)"
@@ -350,7 +350,7 @@ def build_teacher(
             try:
                 model = open_clip.create_model(cfg.model, pretrained=None, **overrides)
             except TypeError as err:
-                raise ValueError(
+                raise UsageError(
                     f"teacher.model_overrides do not fit open_clip's '{cfg.model}': {_short(str(err))}"
                 ) from None
     else:
@@ -363,16 +363,16 @@ def build_teacher(
                 **overrides,
             )
         except TypeError as err:  # an override keyword open_clip does not take
-            raise ValueError(
+            raise UsageError(
                 f"teacher.model_overrides do not fit open_clip's '{cfg.model}': {_short(str(err))}"
             ) from None
         except (RuntimeError, KeyError) as err:
             reason = " ".join(str(err).split())  # torch's load_state_dict message spans lines
-            raise ValueError(
+            raise UsageError(
                 f"teacher weights {weights.path} do not fit model '{cfg.model}': {reason}"
             ) from err
         except Exception as err:  # unpickling, safetensors and truncated files raise many types: not weights
-            raise ValueError(
+            raise UsageError(
                 f"cannot read teacher weights {weights.path}: {_unreadable_reason(err)}"
             ) from None
     if device is None:
@@ -434,7 +434,7 @@ def resolve_weights(cfg: TeacherConfig, download: bool = True) -> _Weights:
     tag = spec.lower().replace("-", "_")
     if tag not in tags:
         valid = ", ".join(tags) if tags else "none for this model"
-        raise ValueError(
+        raise UsageError(
             f"unknown teacher weights '{spec}' for {cfg.model}: not a file and not an open_clip tag "
             f"(valid tags: {valid}); {_HOW_TO_GET_WEIGHTS}"
         )
@@ -465,7 +465,7 @@ def _tag_checkpoint(model: str, tag: str, pretrained: dict[str, Any], download: 
         return str(pretrained["file"])
     hub_entry = pretrained.get("hf_hub", "")
     if not hub_entry:
-        raise ValueError(
+        raise UsageError(
             f"open_clip tag '{tag}' for {model} has no Hugging Face hub entry; {_HOW_TO_GET_WEIGHTS}"
         )
     # open_clip's convention: "org/repo/" = the default weights file, "org/repo/file.pt" = that file.
@@ -496,7 +496,7 @@ def _safe_first(filename: str) -> list[str]:
 
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown teacher precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown teacher precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
 
 
 def _check_visual_tower(visual: nn.Module | None, model_name: str) -> None:
@@ -643,34 +643,34 @@ def _check_dense(mode: str) -> None:
 
 def _check_naclip_std(std: float) -> None:
     if isinstance(std, bool) or not isinstance(std, int | float) or not math.isfinite(std) or std <= 0:
-        raise ValueError(f"teacher.naclip_std={std!r} must be a positive number of patches (NACLIP's is 5)")
+        raise UsageError(f"teacher.naclip_std={std!r} must be a positive number of patches (NACLIP's is 5)")
 
 
 # ---------------------------------------------------------------------- text helpers
 def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
     if isinstance(class_names, str):
-        raise ValueError(f"class_names must be a list of names, got the single string '{class_names}'")
+        raise UsageError(f"class_names must be a list of names, got the single string '{class_names}'")
     names = tuple(class_names)
     if not names:
-        raise ValueError("class_names is empty; give at least one class name")
+        raise UsageError("class_names is empty; give at least one class name")
     bad = [repr(n) for n in names if not isinstance(n, str) or not n.strip()]
     if bad:
-        raise ValueError(f"class names must be non-empty strings; got {', '.join(bad)}")
+        raise UsageError(f"class names must be non-empty strings; got {', '.join(bad)}")
     parse_class_names(names)  # duplicates, including names CLIP cannot tell apart ("Cat" and "cat")
     return names
 
 
 def _check_templates(templates: tuple[str, ...]) -> None:
     if not templates:
-        raise ValueError("no prompt templates given; each template needs a '{}' for the class name")
+        raise UsageError("no prompt templates given; each template needs a '{}' for the class name")
     bad = [t for t in templates if "{}" not in t]
     if bad:
-        raise ValueError(f"prompt templates without a '{{}}' for the class name: {bad}")
+        raise UsageError(f"prompt templates without a '{{}}' for the class name: {bad}")
     for template in templates:  # "{} {1}" or "{name}" would fail inside the text encoder with a traceback
         try:
             template.format("x")
         except (IndexError, KeyError, ValueError) as err:
-            raise ValueError(
+            raise UsageError(
                 f"prompt template {_short(template, 80)!r} cannot be filled with a class name ({err!r}); use a "
                 "single '{}' and write literal braces as '{{' and '}}'"
             ) from None

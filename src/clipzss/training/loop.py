@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from clipzss.checkpoint import CHECKPOINT_NAME
 from clipzss.config import CLUSTER_MODES, SETTINGS, Config, TrainConfig, check_choice, check_values
 from clipzss.data import Split, build_dataset, build_eval_dataset, seen_lookup
-from clipzss.errors import ClipzssError
+from clipzss.errors import ClipzssError, UsageError
 from clipzss.evaluate import evaluate
 from clipzss.files import atomic_write, remove_stale_temporaries
 from clipzss.method.glm import GLM
@@ -159,7 +159,7 @@ class StreamSampler(Sampler):
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
         if size < world_size:
-            raise ValueError(f"the training set has {size} images, fewer than the {world_size} processes")
+            raise UsageError(f"the training set has {size} images, fewer than the {world_size} processes")
         self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world_size, start
         self.per_rank = size // world_size
 
@@ -254,25 +254,25 @@ def check_setting(cfg: Config, split: Split) -> None:
     passed to `train` decides the split; `EMAStudent` checks its decay)."""
     check_choice(cfg.data.setting, SETTINGS, "data.setting")
     if cfg.data.setting == "supervised" and split.unseen:
-        raise ValueError(
+        raise UsageError(
             f"data.setting=supervised trains on every class's labels, but the training set holds out "
             f"{len(split.unseen)} classes as unlabelled: build it with unseen=[]"
         )
     if cfg.data.setting != "transductive":
         return
     if not split.unseen:
-        raise ValueError("data.setting=transductive needs target names: list them in data.unseen")
+        raise UsageError("data.setting=transductive needs target names: list them in data.unseen")
     t = cfg.transductive
     check_choice(t.clusters, CLUSTER_MODES, "transductive.clusters")
     if not t.tau > 0:
-        raise ValueError(f"transductive.tau={t.tau} must be positive")
+        raise UsageError(f"transductive.tau={t.tau} must be positive")
     for name in ("threshold", "self_threshold"):
         if not 0.0 <= getattr(t, name) <= 1.0:
-            raise ValueError(
+            raise UsageError(
                 f"transductive.{name}={getattr(t, name)} is a probability: give a value in [0, 1]"
             )
     if t.self_train_start is not None and t.self_train_start < 0:
-        raise ValueError(
+        raise UsageError(
             f"transductive.self_train_start={t.self_train_start} is negative: give a number of steps, or null"
         )
 
@@ -399,7 +399,7 @@ def _train(
     seed_everything(cfg.train.seed + info.rank)
     teacher = teacher or build_teacher(cfg.teacher, device=device)
     if teacher.embed_dim != cfg.student.embed_dim:
-        raise ValueError(
+        raise UsageError(
             f"student.embed_dim={cfg.student.embed_dim} but the teacher's embeddings have {teacher.embed_dim} "
             f"dimensions: set student.embed_dim={teacher.embed_dim}"
         )
@@ -458,7 +458,7 @@ def _train(
         if info.main:
             logger.info("resumed from %s at step %d", resume, start)
     if cfg.train.batch_size % info.world_size:
-        raise ValueError(
+        raise UsageError(
             f"train.batch_size={cfg.train.batch_size} is the global batch and must divide evenly over "
             f"{info.world_size} processes"
         )

@@ -18,6 +18,7 @@ from torch.profiler import record_function
 
 from clipzss.config import Config
 from clipzss.data import IGNORE_INDEX, VOID_INDEX
+from clipzss.errors import UsageError
 from clipzss.method.glm import GLM, image_ids
 from clipzss.method.losses import compute_losses
 from clipzss.method.pseudo_labels import pseudo_labels
@@ -102,7 +103,7 @@ def amp_mode(cfg: Config, device: torch.device) -> str:
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "off"
     if amp not in AMP_DTYPES:
-        raise ValueError(f"train.amp='{cfg.train.amp}' is not one of auto, {', '.join(AMP_DTYPES)}")
+        raise UsageError(f"train.amp='{cfg.train.amp}' is not one of auto, {', '.join(AMP_DTYPES)}")
     return amp
 
 
