@@ -179,7 +179,9 @@ def test_worker_errors_name_the_file(
     root = _folder_with_corrupt_image(tmp_path / "d")
     dataset = build_eval_dataset(Config(data=DataConfig(dataset="folder", root=str(root), unseen=[])), "val")
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1)
-    with pytest.raises(UsageError) as caught:  # torch re-raises the worker's error class, wrapping its message
+    with pytest.raises(
+        UsageError
+    ) as caught:  # torch re-raises the worker's error class, wrapping its message
         next(iter(loader))
     assert str(caught.value).startswith("Caught UsageError in DataLoader worker process 0.")
     message = user_message(caught.value)

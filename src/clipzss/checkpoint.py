@@ -200,7 +200,7 @@ def validate_loaded_config(data: object, source: str = "checkpoint") -> Config:
     """The config stored in a checkpoint as a `Config`, refused with a one-line `CheckpointError` when unsafe.
 
     Refused: strings longer than any real config holds (quoted by a short prefix only), values no run can use
-    (`clipzss.config.check_values`: sizes beyond `MAX_IMAGE_SIDE`, non-finite numbers, an ``alpha`` that is not
+    (`clipzss.config.Config.validate`: sizes beyond `MAX_IMAGE_SIDE`, non-finite numbers, an ``alpha`` that is not
     positive, ...), override keys that would fetch pretrained weights from a network or unpickle them, and any
     string of the teacher or student that names a hub repository, a folder or a URL (``hf-hub:org/repo`` as a
     timm tower, ``tu-hf-hub:...`` as an encoder): a checkpoint never makes clipzss reach the network (see also

@@ -25,11 +25,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from clipzss.config import EvalConfig, check_choice
+from clipzss.config import Config, EvalConfig, check_field
 from clipzss.data.splits import IGNORE_INDEX
 from clipzss.errors import UsageError
 from clipzss.files import atomic_write_all
-from clipzss.inference.inputs import check_mode
 from clipzss.inference.label_maps import check_candidates
 from clipzss.inference.windows import LogitsFn, seen_calibrated, window_labels
 
@@ -95,7 +94,6 @@ def _mean(values: Tensor, ids: Sequence[int]) -> float:
     return float(torch.nanmean(values[list(ids)]))
 
 
-ABSENT_RULES = ("mmseg", "skip")  # EvalConfig.absent_classes
 RESULT_FILES = ("metrics.json", "per_class.csv")  # what `EvalResult.save` writes
 
 
@@ -142,7 +140,7 @@ def compute_metrics(
     tp = matrix.diagonal()  # (K,)
     gt = matrix.sum(1)  # (K,)
     union = gt + matrix.sum(0) - tp
-    check_choice(absent, ABSENT_RULES, "eval.absent_classes")
+    check_field(absent, "eval.absent_classes")
     missing = gt == 0
     no_iou = union == 0 if absent == "mmseg" else missing
     iou = torch.where(no_iou, math.nan, tp / union.clamp_min(1)) * 100
@@ -313,10 +311,7 @@ def evaluate(
     ``indices[rank::world_size]`` (no padding duplicates) and the matrix is all-reduced, so every rank returns the
     same result.
     """
-    check_mode(cfg.mode)
-    check_choice(cfg.absent_classes, ABSENT_RULES, "eval.absent_classes")  # before any image
-    if not (math.isfinite(cfg.seen_gamma) and cfg.seen_gamma >= 0):
-        raise UsageError(f"eval.seen_gamma must be a number >= 0, got {cfg.seen_gamma!r}")
+    Config(eval=cfg).validate()  # before any image: an EvalConfig built in Python was never read from a file
     m = check_candidates(cfg.label_candidates, "eval.label_candidates")
     if m:
         logger.warning(

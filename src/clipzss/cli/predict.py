@@ -34,6 +34,8 @@ DEFAULT_OUT = "outputs/predict"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from clipzss.config import EvalConfig, choices
+
     parser.add_argument("images", nargs="+", help="image files, or folders of images")
     add_classes_args(parser)
     parser.add_argument(
@@ -46,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--onnx", default=None, help="run a model from `clipzss export` with onnxruntime alone"
     )
-    parser.add_argument("--mode", choices=["slide", "whole"], default=None, help="inference mode")
+    parser.add_argument("--mode", choices=choices(EvalConfig, "mode"), default=None, help="inference mode")
     add_label_candidates_arg(parser)
     parser.add_argument(
         "--out",

@@ -8,7 +8,7 @@ import logging
 import zlib
 from pathlib import Path
 
-from clipzss.config import SETTINGS, Config, DataConfig, check_choice
+from clipzss.config import Config, DataConfig, check_field
 from clipzss.data.datasets import FileDataset, SegmentationDataset
 from clipzss.data.readers import READERS, normalize_dataset_name, read_listing
 from clipzss.data.scenes import SyntheticScenes
@@ -25,7 +25,7 @@ _SYNTHETIC_LENGTH = {True: 256, False: 32}
 def training_unseen(data: DataConfig) -> list[str] | None:
     """The classes a training set holds out: the configured unseen ones, none under ``data.setting=supervised``
     (every class labelled: the upper bound, still evaluated seen/unseen over the configured split)."""
-    check_choice(data.setting, SETTINGS, "data.setting")
+    check_field(data.setting, "data.setting")
     return [] if data.setting == "supervised" else data.unseen
 
 

@@ -8,7 +8,7 @@ with the torch paths, and a mask from `clipzss predict` is the mask `clipzss eva
 - `preprocess`: resize with PIL's bilinear filter on the 8-bit image (mmseg resizes the 8-bit image too, with
   cv2's bilinear filter, which does not antialias when shrinking; PIL does), then normalise with ImageNet
   statistics;
-- `sliding_windows`: mmseg's slide grid; `MODES` are the two test modes (whole, slide).
+- `sliding_windows`: mmseg's slide grid (``eval.mode`` slide; whole runs the image at once).
 
 The torch side (running the network over the windows) is `clipzss.inference.windows`; the labels at the original
 size come from `clipzss.inference.label_maps` (torch and numpy alike).
@@ -26,7 +26,6 @@ from clipzss.errors import UsageError
 
 # mmseg's test img_scale (2048, 512): the long side may reach 4× the short-side scale.
 LONG_SIDE_FACTOR = 4
-MODES = ("slide", "whole")
 
 
 def rescale_size(height: int, width: int, short: float, long: float) -> tuple[int, int]:
@@ -78,12 +77,6 @@ def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
 def preprocess(image: Image.Image, short_side: int | None) -> np.ndarray:
     """RGB image → (3, h, w) float32 network input at `inference_size` (the one preprocessing of every path)."""
     return normalize(resize_image(image, inference_size(image.height, image.width, short_side)))
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise UsageError(f"unknown inference mode '{mode}'; choose one of: {', '.join(MODES)}")
-    return mode
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:

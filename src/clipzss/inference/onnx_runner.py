@@ -19,11 +19,11 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from clipzss.config import Config, ConfigError, check_choice, check_side
+from clipzss.config import Config, ConfigError, check_choice, check_field, check_side
 from clipzss.errors import UsageError
 from clipzss.images import ImageLike, as_rgb
 from clipzss.inference.embeddings_file import read_text_embeddings
-from clipzss.inference.inputs import check_mode, preprocess, sliding_windows
+from clipzss.inference.inputs import preprocess, sliding_windows
 from clipzss.inference.label_maps import check_candidates, label_map, slide_labels, whole_plan
 from clipzss.names import parse_class_names
 
@@ -224,7 +224,7 @@ class OnnxSegmenter:
         rgb = as_rgb(image)
         x = self.preprocess(rgb)  # (1, 3, h, w)
         out_size = (rgb.height, rgb.width)
-        if check_mode(mode or self.eval.get("mode", "whole")) == "whole":
+        if check_field(mode or self.eval.get("mode", "whole"), "eval.mode") == "whole":
             logits = self._logits(x, rows).transpose(0, 2, 3, 1)  # (1, h', w', K): one window
             return label_map(whole_plan(logits.shape[1:3], out_size), logits, candidates=candidates)
         h, w = x.shape[-2:]

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange, reduce
 
-from clipzss.config import CENTER_SCOPES, MethodConfig, check_choice
+from clipzss.config import MethodConfig, check_field
 from clipzss.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -489,7 +489,7 @@ def mean_token(dense: torch.Tensor, valid: torch.Tensor | None = None, scope: st
     global batch. The sums are float64, so the order of the additions hardly matters. An image (or batch) without a
     valid token has a zero mean. Under torch.distributed the batch scope is a collective: every rank must call it.
     """
-    check_choice(scope, CENTER_SCOPES, "method.center_scope")
+    check_field(scope, "method.center_scope")
     x = dense.double()
     weights = torch.ones_like(x[:, :1]) if valid is None else valid[:, None].double()  # (B, 1, h, w)
     dims = (0, 2, 3) if scope == "batch" else (2, 3)

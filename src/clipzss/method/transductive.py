@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clipzss.config import CLUSTER_MODES, MethodConfig, TransductiveConfig, check_choice
+from clipzss.config import MethodConfig, TransductiveConfig, check_field
 from clipzss.data.splits import IGNORE_INDEX
 from clipzss.errors import UsageError
 from clipzss.method.pseudo_labels import pseudo_labels, upsample_regions
@@ -94,7 +94,7 @@ def transductive_labels(
     Returns:
         fused (B, H, W) int64 and num_pseudo (B,) int64, the cluster slots of each image.
     """
-    check_choice(cfg.clusters, CLUSTER_MODES, "transductive.clusters")
+    check_field(cfg.clusters, "transductive.clusters")
     if cfg.clusters == "unnamed" or not method.pseudo_labels:
         return pseudo_labels(dense, named, num_known, method, valid)
     clustered, num_pseudo = pseudo_labels(dense, labels, num_known, method, valid)

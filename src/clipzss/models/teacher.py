@@ -34,7 +34,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from clipzss import hub
-from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
+from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig, check_field
 from clipzss.errors import OfflineError, UsageError
 from clipzss.models.recipes import DENSE_PATHS, check_dense
 from clipzss.models.text_cache import read_text_cache, text_cache_dir, write_text_cache
@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 # Seed of the random teacher (weights="none"): fixed so that every process builds the same weights, and so a
 # checkpoint trained against a random teacher stays reproducible.
 RANDOM_TEACHER_SEED = 0
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEXT_CHUNK = 256  # prompts per text-encoder batch
 # The disk cache keeps this many class lists (each a small file): every new list a demo user types adds one.
 TEXT_CACHE_FILES = 256
@@ -123,7 +122,7 @@ class CLIPTeacher(FrozenModule):
     def __init__(self, model: nn.Module, cfg: TeacherConfig, weights: _Weights) -> None:
         super().__init__()
         _check_visual_tower(getattr(model, "visual", None), cfg.model)
-        _check_precision(cfg.precision)
+        check_field(cfg.precision, "teacher.precision")
         _check_dense(cfg.dense)
         _check_naclip_std(cfg.naclip_std)
         self.model = model
@@ -320,7 +319,7 @@ def build_teacher(
         OfflineError: a tag's weights are neither cached nor downloadable (offline), or not cached and
             ``download`` is false.
     """
-    _check_precision(cfg.precision)
+    check_field(cfg.precision, "teacher.precision")
     _check_dense(cfg.dense)
     _check_naclip_std(cfg.naclip_std)
     models = open_clip.list_models()
@@ -492,11 +491,6 @@ def _safe_first(filename: str) -> list[str]:
     if filename.endswith((".bin", ".pth")):
         return [filename[:-4] + ".safetensors", filename]
     return [filename]
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown teacher precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
 
 
 def _check_visual_tower(visual: nn.Module | None, model_name: str) -> None:

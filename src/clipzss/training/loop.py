@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipzss.checkpoint import CHECKPOINT_NAME
-from clipzss.config import CLUSTER_MODES, SETTINGS, Config, TrainConfig, check_choice, check_values
+from clipzss.config import Config, TrainConfig, check_field
 from clipzss.data import Split, build_dataset, build_eval_dataset, seen_lookup
 from clipzss.errors import ClipzssError, UsageError
 from clipzss.evaluate import evaluate
@@ -246,13 +246,13 @@ def due(done: int, interval: int, max_iters: int) -> bool:
 
 def check_schedule(t: TrainConfig) -> None:
     """Refuse negative intervals in one line naming the field (0 is allowed: at the last step only)."""
-    check_values(Config(train=t))
+    Config(train=t).validate()
 
 
 def check_setting(cfg: Config, split: Split) -> None:
     """One line naming the field when ``data.setting`` or the transductive section does not fit (a training set
     passed to `train` decides the split; `EMAStudent` checks its decay)."""
-    check_choice(cfg.data.setting, SETTINGS, "data.setting")
+    check_field(cfg.data.setting, "data.setting")
     if cfg.data.setting == "supervised" and split.unseen:
         raise UsageError(
             f"data.setting=supervised trains on every class's labels, but the training set holds out "
@@ -263,7 +263,7 @@ def check_setting(cfg: Config, split: Split) -> None:
     if not split.unseen:
         raise UsageError("data.setting=transductive needs target names: list them in data.unseen")
     t = cfg.transductive
-    check_choice(t.clusters, CLUSTER_MODES, "transductive.clusters")
+    check_field(t.clusters, "transductive.clusters")
     if not t.tau > 0:
         raise UsageError(f"transductive.tau={t.tau} must be positive")
     for name in ("threshold", "self_threshold"):
@@ -360,7 +360,7 @@ def train(
     ``eval_interval`` steps and after the last one; with ``eval_interval=0`` no evaluation set is built, and a
     ``val_set`` passed here is evaluated once, after the last step.
     """
-    check_values(cfg)  # a config built in Python was never read through Config.from_dict
+    cfg.validate()  # a config built in Python was never read through Config.from_dict
     state = load_training_state(Path(resume)) if resume is not None else None  # fail before building anything
     info, device = setup_distributed(cfg.train.device)
     if state is not None:
