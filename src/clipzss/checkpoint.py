@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from clipzss.config import Config, ConfigError, ConfigValueError, pin_saved_defaults
 from clipzss.errors import ClipzssError
 from clipzss.files import atomic_write_all
+from clipzss.messages import shorten
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def write_failure(err: BaseException, folder: str | Path, what: str) -> Checkpoi
         why = "no space left on device"
     else:
         lines = str(err).strip().splitlines()
-        why = _clip(lines[0] if lines else type(err).__name__)
+        why = shorten(lines[0] if lines else type(err).__name__)
     return CheckpointWriteError(f"cannot save {what} in {folder}: {why}; {last_checkpoint(folder)}")
 
 
@@ -146,7 +147,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     try:
         data = json.loads(metadata["config"])
     except (json.JSONDecodeError, RecursionError) as err:
-        raise CheckpointError(f"{path} holds a config that is not valid JSON: {_clip(str(err))}") from None
+        raise CheckpointError(f"{path} holds a config that is not valid JSON: {shorten(str(err))}") from None
     config = validate_loaded_config(data, source=str(path))
     check_finite_tensors(state_dict, str(path))
     meta = {k: v for k, v in metadata.items() if k not in ("format", "config")}
@@ -216,10 +217,10 @@ def validate_loaded_config(data: object, source: str = "checkpoint") -> Config:
     try:
         config = Config.from_dict(pin_saved_defaults(data), source=source)
     except ConfigValueError as err:  # the message names the file and the field
-        raise CheckpointError(_clip(str(err), 300)) from None
+        raise CheckpointError(shorten(str(err), 300)) from None
     except ConfigError as err:
         raise CheckpointError(
-            f"{source} holds a config this version of clipzss cannot read: {_clip(str(err), 300)}"
+            f"{source} holds a config this version of clipzss cannot read: {shorten(str(err), 300)}"
         ) from None
     for section, key in _NAME_FIELDS:
         value = getattr(getattr(config, section), key)
@@ -299,8 +300,3 @@ def _hub_name(value: object, where: str) -> tuple[str, str] | None:
 def _quote(value: str) -> str:
     """A value from a file, quoted by its first `QUOTE` characters."""
     return repr(value) if len(value) <= QUOTE else f"{value[:QUOTE]!r}... ({len(value):,} characters)"
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -8,7 +8,6 @@ stored beside every checkpoint: a checkpoint alone rebuilds its model.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import logging
 import math
@@ -21,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from clipzss.errors import ClipzssError
+from clipzss.messages import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -496,9 +496,8 @@ def check_field(value: str, field: str) -> str:
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-    return ConfigError(f"unknown config key '{key}' in {where}{hint}")
+    hint = did_you_mean(key, valid) or f"valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}' in {where}; {hint}")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

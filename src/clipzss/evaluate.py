@@ -31,6 +31,7 @@ from clipzss.errors import UsageError
 from clipzss.files import atomic_write_all
 from clipzss.inference.label_maps import check_candidates
 from clipzss.inference.windows import LogitsFn, seen_calibrated, window_labels
+from clipzss.messages import fmt_number
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class EvalResult:
 
     def summary_line(self) -> str:
         line = "  ".join(
-            f"{key} {_fmt(self.metrics[key])}" for key in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU", "mIoU")
+            f"{key} {fmt_number(self.metrics[key])}" for key in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU", "mIoU")
         )
         if self.calibrated is not None:
             line += f"  |  calibrated (seen - {self.seen_gamma:g}): " + self.calibrated.summary_line()
@@ -231,7 +232,7 @@ class EvalResult:
         lines.append("-" * (width + 24))
         for row in self.per_class:
             lines.append(
-                f"{row['name']:<{width}}  {row['split']:<6}  {_fmt(row['IoU']):>6}  {_fmt(row['Acc']):>6}"
+                f"{row['name']:<{width}}  {row['split']:<6}  {fmt_number(row['IoU']):>6}  {fmt_number(row['Acc']):>6}"
             )
         return "\n".join(lines)
 
@@ -265,10 +266,6 @@ class EvalResult:
 
         atomic_write_all([(json_path, lambda tmp: tmp.write_text(text)), (csv_path, write_csv)])
         return [json_path, csv_path]
-
-
-def _fmt(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.2f}"
 
 
 def _csv_num(value: float) -> str:

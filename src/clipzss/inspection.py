@@ -41,6 +41,7 @@ from clipzss.errors import UsageError
 from clipzss.files import atomic_write
 from clipzss.images import image_paths
 from clipzss.inference.inputs import preprocess
+from clipzss.messages import fmt_number
 from clipzss.method.pseudo_labels import (
     center_tokens,
     cluster_regions,
@@ -218,8 +219,8 @@ class InspectReport:
         lines = [head, "-" * len(head)]
         for name, q in self.quality.items():
             lines.append(
-                f"{name:<32} {_fmt(q['purity']):>7} {_fmt(q['NMI']):>7} {_fmt(q['coverage']):>9} "
-                f"{_fmt(q['regions/image'], 1):>12} {_fmt(q['classes/image'], 1):>12}"
+                f"{name:<32} {fmt_number(q['purity'], 3):>7} {fmt_number(q['NMI'], 3):>7} {fmt_number(q['coverage'], 3):>9} "
+                f"{fmt_number(q['regions/image'], 1):>12} {fmt_number(q['classes/image'], 1):>12}"
             )
         return "\n".join(lines)
 
@@ -233,7 +234,7 @@ class InspectReport:
             rows = [head, "-" * len(head)]
             for variant in self.quality:
                 values = [self.by_dense[p][variant][measure] for p in paths]
-                rows.append(f"{variant:<{width}}" + "".join(f" {_fmt(v, digits):>10}" for v in values))
+                rows.append(f"{variant:<{width}}" + "".join(f" {fmt_number(v, digits):>10}" for v in values))
             blocks.append("\n".join(rows))
         return "\n\n".join(blocks)
 
@@ -244,7 +245,7 @@ class InspectReport:
             for measure, digits in MEASURES:
                 lines += [f"| {measure} | " + " | ".join(paths) + " |", "|---" * (1 + len(paths)) + "|"]
                 for variant in self.quality:
-                    values = [_fmt(self.by_dense[p][variant][measure], digits) for p in paths]
+                    values = [fmt_number(self.by_dense[p][variant][measure], digits) for p in paths]
                     lines.append(f"| {variant} | " + " | ".join(values) + " |")
                 lines.append("")
             return "\n".join(lines).rstrip()
@@ -254,8 +255,8 @@ class InspectReport:
         ]
         for name, q in self.quality.items():
             lines.append(
-                f"| {name} | {_fmt(q['purity'])} | {_fmt(q['NMI'])} | {_fmt(q['coverage'])} "
-                f"| {_fmt(q['regions/image'], 1)} | {_fmt(q['classes/image'], 1)} |"
+                f"| {name} | {fmt_number(q['purity'], 3)} | {fmt_number(q['NMI'], 3)} | {fmt_number(q['coverage'], 3)} "
+                f"| {fmt_number(q['regions/image'], 1)} | {fmt_number(q['classes/image'], 1)} |"
             )
         return "\n".join(lines)
 
@@ -300,10 +301,6 @@ MEASURES: tuple[tuple[str, int], ...] = (
     ("regions/image", 1),
     ("classes/image", 1),
 )
-
-
-def _fmt(value: float, digits: int = 3) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def inspect_pseudo_labels(

@@ -11,11 +11,11 @@ dataset with real CLIP as the teacher.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 from clipzss.config import Config
+from clipzss.messages import fmt_number
 
 DEFAULT_ITERS = 300
 DEFAULT_OUT = Path("runs/quickstart")  # `clipzss quickstart`'s --out default
@@ -188,7 +188,7 @@ def _world_quickstart(out: Path, iters: int | None, device: str) -> Path:
 def _table(rows: dict[str, dict]) -> list[str]:
     lines = ["| model | pAcc | mIoU(S) | mIoU(U) | hIoU |", "|---|---|---|---|---|"]
     for name, m in rows.items():
-        cells = " | ".join(_fmt(m.get(k)) for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU"))
+        cells = " | ".join(fmt_number(m.get(k), 1) for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU"))
         lines.append(f"| {name} | {cells} |")
     return lines
 
@@ -237,10 +237,6 @@ def _clip_quickstart(out: Path, iters: int | None, teacher_weights: str, device:
     return report
 
 
-def _fmt(value: object) -> str:
-    return f"{value:.1f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
-
-
 def _report(
     cfg: Config,
     metrics: dict,
@@ -261,8 +257,8 @@ def _report(
         "",
         "| pAcc | mIoU(S) | mIoU(U) | hIoU |",
         "|---|---|---|---|",
-        f"| {_fmt(metrics.get('pAcc'))} | {_fmt(metrics.get('mIoU(S)'))} | {_fmt(metrics.get('mIoU(U)'))} "
-        f"| {_fmt(metrics.get('hIoU'))} |",
+        f"| {fmt_number(metrics.get('pAcc'), 1)} | {fmt_number(metrics.get('mIoU(S)'), 1)} | {fmt_number(metrics.get('mIoU(U)'), 1)} "
+        f"| {fmt_number(metrics.get('hIoU'), 1)} |",
         "",
     ]
     lines += [

@@ -21,6 +21,7 @@ from typing import Any
 
 from clipzss.errors import ClipzssError
 from clipzss.files import next_free_path
+from clipzss.messages import shorten
 
 logger = logging.getLogger(__name__)
 
@@ -269,5 +270,4 @@ def describe_change(name: str, old: Any, new: Any) -> str:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shorten(json.dumps(value, default=str) if not isinstance(value, str) else repr(value), limit)

@@ -8,7 +8,6 @@ are never rewritten.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import torch
 
 from clipzss.data.ade847 import ADE847_CLASSES
 from clipzss.errors import UsageError
+from clipzss.messages import did_you_mean
 from clipzss.names import normalize_class_name, parse_class_names
 
 IGNORE_INDEX = 255
@@ -179,8 +179,8 @@ def make_split(
     unseen: list[int] = []
     for name in unseen_names:
         if not isinstance(name, str) or normalize_class_name(name) not in index:
-            close = difflib.get_close_matches(str(name), names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(str(name), names)
+            hint = f"; {hint}" if hint else ""
             raise UsageError(f"unseen class '{name}' is not in the class list{hint}")
         i = index[normalize_class_name(name)]
         if i in unseen:

@@ -13,7 +13,6 @@ a whole smp model / student state dict (its ``encoder.`` keys are used) or, for 
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import math
@@ -34,6 +33,7 @@ from torch import nn
 from clipzss import hub
 from clipzss.config import StudentConfig
 from clipzss.errors import OfflineError, UsageError
+from clipzss.messages import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +277,8 @@ def _freeze_unused(student: Student) -> tuple[str, ...]:
 
 
 def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    hint = did_you_mean(name, choices)
+    return f" ({hint})" if hint else ""
 
 
 def _resolve_arch(name: str) -> type[nn.Module]:
@@ -302,8 +302,7 @@ def _resolve_arch(name: str) -> type[nn.Module]:
 def _check_encoder(name: str) -> None:
     if name.startswith("tu-"):
         if not timm.is_model(name[3:]):
-            close = difflib.get_close_matches(name[3:], timm.list_models(), n=1)
-            hint = f" (did you mean 'tu-{close[0]}'?)" if close else ""
+            hint = _did_you_mean(name, [f"tu-{model}" for model in timm.list_models()])
             raise UsageError(f"unknown timm encoder '{name}': '{name[3:]}' is not a timm model{hint}")
         try:
             timm.models.get_pretrained_cfg(name[3:])

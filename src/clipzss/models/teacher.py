@@ -11,7 +11,6 @@ random init. Text embeddings are cached in memory and on disk because the studen
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ from torch import nn
 from clipzss import hub
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig, check_field
 from clipzss.errors import OfflineError, UsageError
+from clipzss.messages import did_you_mean, shorten
 from clipzss.models.recipes import DENSE_PATHS, check_dense
 from clipzss.models.text_cache import read_text_cache, text_cache_dir, write_text_cache
 from clipzss.names import parse_class_names
@@ -324,8 +324,7 @@ def build_teacher(
     _check_naclip_std(cfg.naclip_std)
     models = open_clip.list_models()
     if cfg.model not in models:
-        close = difflib.get_close_matches(cfg.model, models, n=5, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
+        hint = did_you_mean(cfg.model, models, n=5, cutoff=0.5) or "see open_clip.list_models()"
         raise UsageError(f"unknown teacher model '{cfg.model}'; {hint}")
     needs_hub = hub_models(cfg) if not download else []
     if needs_hub:
@@ -350,7 +349,7 @@ def build_teacher(
                 model = open_clip.create_model(cfg.model, pretrained=None, **overrides)
             except TypeError as err:
                 raise UsageError(
-                    f"teacher.model_overrides do not fit open_clip's '{cfg.model}': {_short(str(err))}"
+                    f"teacher.model_overrides do not fit open_clip's '{cfg.model}': {shorten(str(err), 300)}"
                 ) from None
     else:
         try:
@@ -363,7 +362,7 @@ def build_teacher(
             )
         except TypeError as err:  # an override keyword open_clip does not take
             raise UsageError(
-                f"teacher.model_overrides do not fit open_clip's '{cfg.model}': {_short(str(err))}"
+                f"teacher.model_overrides do not fit open_clip's '{cfg.model}': {shorten(str(err), 300)}"
             ) from None
         except (RuntimeError, KeyError) as err:
             reason = " ".join(str(err).split())  # torch's load_state_dict message spans lines
@@ -377,10 +376,6 @@ def build_teacher(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return CLIPTeacher(model, cfg, weights).to(device)
-
-
-def _short(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _unreadable_reason(err: Exception) -> str:
@@ -399,7 +394,7 @@ def _unreadable_reason(err: Exception) -> str:
     if isinstance(err, EOFError):
         return "the file is empty or truncated"
     reason = " ".join(str(err).split()) or type(err).__name__
-    return f"not a readable weights file ({type(err).__name__}: {_short(reason, 200)})"
+    return f"not a readable weights file ({type(err).__name__}: {shorten(reason)})"
 
 
 def hub_models(cfg: TeacherConfig) -> list[tuple[str, str]]:
@@ -665,7 +660,7 @@ def _check_templates(templates: tuple[str, ...]) -> None:
             template.format("x")
         except (IndexError, KeyError, ValueError) as err:
             raise UsageError(
-                f"prompt template {_short(template, 80)!r} cannot be filled with a class name ({err!r}); use a "
+                f"prompt template {shorten(template, 80)!r} cannot be filled with a class name ({err!r}); use a "
                 "single '{}' and write literal braces as '{{' and '}}'"
             ) from None
 
