@@ -1,7 +1,7 @@
 """Reaching the Hugging Face hub, in one place: the local cache first, a fast probe, then a download.
 
-The hub client retries an unreachable host for about 25 s per file; a 3 s socket probe before any download makes an
-offline machine fail at once, for the CLIP teacher and the student's encoder alike. Sharing a trained student
+The hub client retries an unreachable host for a long time per file; a short socket probe (`PROBE_TIMEOUT_S`) before
+any download makes an offline machine fail at once, for the CLIP teacher and the student's encoder alike. Sharing a trained student
 (`save_pretrained`, `from_pretrained`, the model card) is `clipzss.sharing`.
 """
 

@@ -63,9 +63,8 @@ _NORMALIZED = _normalize_plain(np.arange(256, dtype=np.uint8).reshape(1, 256, 1)
 def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
     """8-bit RGB (H, W, 3) → (3, H, W) float32 with ImageNet statistics, the students' input convention.
 
-    A lookup of each byte's value (`_normalize_plain` of 0..255): the same bits as the arithmetic, one pass
-    instead of four (2.5 vs 7.3 ms for a 512×683 image), which counts against the 5 % predict may cost beyond
-    the student.
+    A lookup of each byte's value (`_normalize_plain` of 0..255): the same bits as the arithmetic in one pass
+    instead of four, which counts against what predict may cost beyond the student (benchmarks/README.md).
     """
     x = np.asarray(image, dtype=np.uint8)
     out = np.empty((3, *x.shape[:2]), dtype=np.float32)

@@ -145,9 +145,8 @@ def _classes_last_logits(flat: torch.Tensor, weights: torch.Tensor, norm: torch.
     """(B, P, K) = (weights @ flat) / norm, on the CPU in blocks of pixels.
 
     Each block is a (K, C) @ (C, n) matmul whose (K, n) result is still in cache when one pass transposes and
-    divides it into the classes-last output. Measured on one core at 128² pixels, C = 512: faster than the
-    single (K, C) @ (C, P) matmul alone (23 / 58 / 346 ms against 26 / 79 / 360 at 20 / 171 / 847 classes),
-    where the one-matmul classes-last form plus its division took 32 / 104 / 469.
+    divides it into the classes-last output: faster than the single (K, C) @ (C, P) matmul alone, let alone the
+    one-matmul classes-last form plus its division (the measurements are in benchmarks/README.md).
     """
     batch, _, points = flat.shape
     classes = weights.shape[0]
