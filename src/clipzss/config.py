@@ -492,7 +492,12 @@ def check_field(value: str, field: str) -> str:
     """``value`` for the config field ``field`` ("section.name"), or one line naming the field when it is not one
     of the field's `choices`: for code given a choice outside a Config (a loss's mode, a recipe's name)."""
     section, _, name = field.partition(".")
-    return check_choice(value, choices(typing.get_type_hints(Config)[section], name), field)
+    return check_choice(value, choices(_sections()[section], name), field)
+
+
+@functools.cache
+def _sections() -> dict[str, type]:
+    return typing.get_type_hints(Config)
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
