@@ -105,9 +105,8 @@ class TeacherConfig:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     # Keys passed to open_clip.create_model over the named config, e.g. a tiny vision_cfg for tests.
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = (
-        "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
-    )
+    # auto: bf16 on CUDA, fp32 elsewhere.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # The dense tokens of the last block, each as its released code computes it (docs/protocols.md):
     # "clearclip" = q-q attention, no residual, no FFN (Lan et al., ECCV 2024) | "sclip" = softmax(qqᵀ) +
     # softmax(kkᵀ) attention, residual and FFN kept (Wang et al., ECCV 2024) | "naclip" = k-k attention plus a
@@ -255,9 +254,7 @@ class TrainConfig:
     poly_power: float = 0.9
     min_lr: float = 0.0
     grad_clip: float | None = 1.0
-    amp: Literal["auto", "bf16", "fp16", "off"] = (
-        "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
-    )
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -391,8 +388,9 @@ def _check_values(cfg: Config, where: str) -> None:
         for item in dataclasses.fields(values):
             key, value = f"{section.name}.{item.name}", getattr(values, item.name)
             _check_finite(value, key, where)
-            if item.name in _choice_fields(type(values)):
-                check_choice(value, choices(type(values), item.name), f"{where}{key}")
+            allowed = _choice_fields(type(values)).get(item.name)
+            if allowed:
+                check_choice(value, allowed, f"{where}{key}")
     data, train, ev = cfg.data, cfg.train, cfg.eval
     for key, value in (
         ("data.crop_size", data.crop_size),
