@@ -491,8 +491,8 @@ def _safe_first(filename: str) -> list[str]:
 def _check_visual_tower(visual: nn.Module | None, model_name: str) -> None:
     """The dense path needs the standard open_clip ViT: class-token pooling, nn.MultiheadAttention blocks."""
 
-    def unsupported(why: str) -> ValueError:
-        return ValueError(
+    def unsupported(why: str) -> UsageError:
+        return UsageError(
             f"teacher model '{model_name}' is not supported: {why}; use a standard open_clip ViT (e.g. ViT-B-16)"
         )
 

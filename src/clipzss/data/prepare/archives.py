@@ -48,8 +48,8 @@ def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return handle.read()
 
 
-def _unreadable(source: Path, err: BaseException) -> ValueError:
-    return ValueError(f"cannot read archive {source} (corrupt or truncated download?): {err}")
+def _unreadable(source: Path, err: BaseException) -> UsageError:
+    return UsageError(f"cannot read archive {source} (corrupt or truncated download?): {err}")
 
 
 def _guarded(read: Callable[..., bytes], source: Path) -> Callable[..., bytes]:
