@@ -529,15 +529,16 @@ def test_worker_errors_name_the_file(
 ) -> None:
     from clipzss.config import Config, DataConfig
     from clipzss.data import build_eval_dataset
+    from clipzss.errors import UsageError
 
     root = _folder_with_corrupt_image(tmp_path / "d")
     dataset = build_eval_dataset(Config(data=DataConfig(dataset="folder", root=str(root), unseen=[])), "val")
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1)
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(
+        UsageError
+    ) as caught:  # torch re-raises the worker's error class, wrapping its message
         next(iter(loader))
-    assert str(caught.value).startswith(
-        "Caught ValueError in DataLoader worker process 0."
-    )  # torch's wrapping
+    assert str(caught.value).startswith("Caught UsageError in DataLoader worker process 0.")
     message = user_message(caught.value)
     assert message.startswith("cannot read image") and "broken.png" in message and "\n" not in message
     argv = ["eval", str(trained_checkpoint), "--dataset", "folder", "--data-root", str(root)]

@@ -20,11 +20,15 @@ def test_quickstart_config_without_weights_is_the_world_student(tmp_path: Path) 
 def test_world_quickstart_reports_student_teacher_and_reference(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    report = run_quickstart(tmp_path / "qs", iters=2, device="cpu")
-    text = report.read_text()
+    result = run_quickstart(tmp_path / "qs", iters=2, device="cpu")
+    text = result.report.read_text()
     assert "synthetic stand-in" in text and "teacher at inference" in text and "seen labels only" in text
-    out = capsys.readouterr().out
-    assert "x the teacher's own mIoU(U)" in out
+    assert (
+        capsys.readouterr().out == ""
+    )  # the library prints nothing; `clipzss quickstart` prints the summary
+    summary = result.summary()
+    assert "x the teacher's own mIoU(U)" in summary and "teacher at inference" in summary
+    assert summary.splitlines()[-1] == f"  {tmp_path / 'qs' / 'tb'}" and result.report in result.outputs
     assert (tmp_path / "qs" / "model.safetensors").is_file()
     assert (tmp_path / "qs" / "seen_only_reference" / "model.safetensors").is_file()
     assert (tmp_path / "qs" / "world_text.safetensors").is_file()

@@ -19,7 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clipzss.config import Config, ConfigError, ConfigValueError, pin_saved_defaults
+from clipzss.errors import ClipzssError
 from clipzss.files import atomic_write_all
+from clipzss.messages import shorten
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ FORMAT = "clipzss-student-v1"
 CHECKPOINT_NAME = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ClipzssError, ValueError):
     """A checkpoint that is missing, truncated, tampered with or from an incompatible config."""
 
 
@@ -63,7 +65,7 @@ def save_checkpoint(
     return writes[0][0]
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(ClipzssError, RuntimeError):
     """A checkpoint could not be written (disk full, ...); the previous checkpoint is kept unchanged."""
 
 
@@ -108,7 +110,7 @@ def write_failure(err: BaseException, folder: str | Path, what: str) -> Checkpoi
         why = "no space left on device"
     else:
         lines = str(err).strip().splitlines()
-        why = _clip(lines[0] if lines else type(err).__name__)
+        why = shorten(lines[0] if lines else type(err).__name__)
     return CheckpointWriteError(f"cannot save {what} in {folder}: {why}; {last_checkpoint(folder)}")
 
 
@@ -145,7 +147,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     try:
         data = json.loads(metadata["config"])
     except (json.JSONDecodeError, RecursionError) as err:
-        raise CheckpointError(f"{path} holds a config that is not valid JSON: {_clip(str(err))}") from None
+        raise CheckpointError(f"{path} holds a config that is not valid JSON: {shorten(str(err))}") from None
     config = validate_loaded_config(data, source=str(path))
     check_finite_tensors(state_dict, str(path))
     meta = {k: v for k, v in metadata.items() if k not in ("format", "config")}
@@ -199,7 +201,7 @@ def validate_loaded_config(data: object, source: str = "checkpoint") -> Config:
     """The config stored in a checkpoint as a `Config`, refused with a one-line `CheckpointError` when unsafe.
 
     Refused: strings longer than any real config holds (quoted by a short prefix only), values no run can use
-    (`clipzss.config.check_values`: sizes beyond `MAX_IMAGE_SIDE`, non-finite numbers, an ``alpha`` that is not
+    (`clipzss.config.Config.validate`: sizes beyond `MAX_IMAGE_SIDE`, non-finite numbers, an ``alpha`` that is not
     positive, ...), override keys that would fetch pretrained weights from a network or unpickle them, and any
     string of the teacher or student that names a hub repository, a folder or a URL (``hf-hub:org/repo`` as a
     timm tower, ``tu-hf-hub:...`` as an encoder): a checkpoint never makes clipzss reach the network (see also
@@ -215,10 +217,10 @@ def validate_loaded_config(data: object, source: str = "checkpoint") -> Config:
     try:
         config = Config.from_dict(pin_saved_defaults(data), source=source)
     except ConfigValueError as err:  # the message names the file and the field
-        raise CheckpointError(_clip(str(err), 300)) from None
+        raise CheckpointError(shorten(str(err), 300)) from None
     except ConfigError as err:
         raise CheckpointError(
-            f"{source} holds a config this version of clipzss cannot read: {_clip(str(err), 300)}"
+            f"{source} holds a config this version of clipzss cannot read: {shorten(str(err), 300)}"
         ) from None
     for section, key in _NAME_FIELDS:
         value = getattr(getattr(config, section), key)
@@ -298,8 +300,3 @@ def _hub_name(value: object, where: str) -> tuple[str, str] | None:
 def _quote(value: str) -> str:
     """A value from a file, quoted by its first `QUOTE` characters."""
     return repr(value) if len(value) <= QUOTE else f"{value[:QUOTE]!r}... ({len(value):,} characters)"
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -8,30 +8,21 @@ stored beside every checkpoint: a checkpoint alone rebuilds its model.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import functools
 import logging
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-logger = logging.getLogger(__name__)
+from clipzss.errors import ClipzssError
+from clipzss.messages import did_you_mean
 
-# The choices of MethodConfig's string fields introduced with the void/honest-negatives work (their users check
-# them with `check_choice`; the older fields keep their constants beside their code).
-CENTER_SCOPES: tuple[str, ...] = ("batch", "image")  # method.center_scope
-PROTOTYPE_GAPS: tuple[str, ...] = ("none", "shift")  # method.prototype_gap
-DISTILL_PIXELS: tuple[str, ...] = ("all", "unlabelled")  # method.distill_pixels
-# What training may read of the unseen classes (data.setting): nothing (their names are first read at test time),
-# their names but never their labels, or their labels too (the fully supervised upper bound).
-SETTINGS: tuple[str, ...] = ("inductive", "transductive", "supervised")
-# How named pseudo labels and PLM clusters share the unlabelled pixels (transductive.clusters): clusters keep only
-# the pixels the teacher cannot name, or a named label replaces the cluster id wherever it is confident.
-CLUSTER_MODES: tuple[str, ...] = ("unnamed", "replace")
+logger = logging.getLogger(__name__)
 
 # ZegCLIP's 15-template ensemble.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -59,7 +50,7 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-class ConfigError(ValueError):
+class ConfigError(ClipzssError, ValueError):
     """A config file or override that cannot be applied; the message names the key."""
 
 
@@ -89,10 +80,11 @@ class DataConfig:
     eval_dataset: str | None = None
     eval_root: str | None = None
     eval_unseen: list[str] | None = None
-    # inductive | transductive | supervised (SETTINGS). Transductive: the unseen names above are the targets,
-    # text-encoded for named pseudo labels (section `transductive`), their labels still never read; supervised: every
-    # class is labelled in training, evaluation still reports seen/unseen over the split above.
-    setting: str = "inductive"
+    # What training may read of the unseen classes: nothing (inductive: their names are first read at test time),
+    # their names but never their labels (transductive: the unseen names above are the targets, text-encoded for
+    # named pseudo labels, section `transductive`), or their labels too (supervised, the upper bound: every class
+    # is labelled in training, evaluation still reports seen/unseen over the split above).
+    setting: Literal["inductive", "transductive", "supervised"] = "inductive"
     crop_size: int = 512
     scale: int = 512  # short side before the random ratio, mmseg's img_scale (2048, 512)
     ratio_range: tuple[float, float] = (0.5, 2.0)
@@ -113,7 +105,8 @@ class TeacherConfig:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     # Keys passed to open_clip.create_model over the named config, e.g. a tiny vision_cfg for tests.
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
+    # auto: bf16 on CUDA, fp32 elsewhere.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # The dense tokens of the last block, each as its released code computes it (docs/protocols.md):
     # "clearclip" = q-q attention, no residual, no FFN (Lan et al., ECCV 2024) | "sclip" = softmax(qqᵀ) +
     # softmax(kkᵀ) attention, residual and FFN kept (Wang et al., ECCV 2024) | "naclip" = k-k attention plus a
@@ -121,7 +114,7 @@ class TeacherConfig:
     # "maskclip" = value path, residual and FFN kept (Zhou et al., ECCV 2022) | "value" = value path alone, no
     # residual, no FFN (the old default; a checkpoint without this field computed it). Default: the best mean
     # published mIoU (clipzss.models.recipes), literature-based, not measured here.
-    dense: str = "clearclip"
+    dense: Literal["value", "maskclip", "clearclip", "sclip", "naclip"] = "clearclip"
     naclip_std: float = 5.0  # NACLIP's released gaussian_std, in patches
     cache_dir: str | None = None  # text-embedding disk cache; None = $XDG_CACHE_HOME/clipzss/text
 
@@ -171,7 +164,7 @@ class MethodConfig:
     # benchmarks/README.md "Token centring"]. center_tokens=false with fusion_threshold=0.85 is the old setting.
     center_tokens: bool = True
     # The centring mean: over the valid tokens of the whole global batch (all-reduced under DDP) or of each image.
-    center_scope: str = "batch"
+    center_scope: Literal["batch", "image"] = "batch"
     fusion_threshold: float = 0.7
     min_region: float = 0.01
     # A pseudo region more than this share of which is one seen class is that class's rim and stays ignored
@@ -181,7 +174,7 @@ class MethodConfig:
     max_seen_share: float = 1.0
     # Teacher-token pseudo prototypes: "none" = the region's mean token; "shift" = normalise(region mean - mean
     # image token of the batch + mean seen-text embedding), a parameter-free correction of the modality gap.
-    prototype_gap: str = "none"
+    prototype_gap: Literal["none", "shift"] = "none"
     # synthesizer: prototypes start at the teacher's mean token over each region; the decoder adds a correction.
     synth_layers: int = 2
     synth_heads: int = 8
@@ -193,7 +186,7 @@ class MethodConfig:
     # alone then ends at the own text (cos 1.0 for 15 and 156 random texts); learnt (bce_learnable) they drift to a
     # max-margin direction (cos 0.67-0.72), and the old fixed 1/tau with bias 0 ends at cos 0.25 / 0.08 [ours,
     # tests/test_losses.py]. The old behaviour: bce_scale=14.2857, bce_bias=0.
-    bce: str = "bce"
+    bce: Literal["bce", "softmax"] = "bce"
     bce_scale: float = 10.0
     bce_bias: float = -10.0
     bce_learnable: bool = False
@@ -207,7 +200,7 @@ class MethodConfig:
     # ZegCLIP's VOC/COCO zero-shot configs. nel_norm=entries focal_weight=20 is our earlier rule (mean over
     # non-ignored pixel × channel entries): within noise in three synthetic worlds, +2.9 unseen mIoU in the fourth,
     # but 2-2.5x less unseen mIoU in the CamVid world (real photographs, real text) [ours, benchmarks/README.md].
-    nel_norm: str = "zegclip"
+    nel_norm: Literal["zegclip", "entries"] = "zegclip"
     # ZegCLIP's criterion counts every 255 pixel as a negative of every class, void (VOC's boundary bands, padding)
     # included; we leave void out (pixels that are no content teach nothing). True restores ZegCLIP exactly.
     nel_void_negatives: bool = False
@@ -215,7 +208,7 @@ class MethodConfig:
     dice_weight: float = 1.0
     # NEL and CE at the logits' stride (labels brought down by block majority): K-channel maps stay at 1/16 of the
     # pixels; "full" upsamples the logits to the label size first (the paper's and ZegCLIP's way, 16x the memory).
-    loss_resolution: str = "logits"
+    loss_resolution: Literal["logits", "full"] = "logits"
     w_glm: float = 1.0
     w_nel: float = 1.0
     w_ce: float = 1.0
@@ -226,7 +219,7 @@ class MethodConfig:
     # On by default (weight 1, all pixels): +1.0 unseen mIoU on the CamVid proxy, never below the reference on a seed
     # (+1.6, +1.3, 0.0; benchmarks/README.md, "reference + dense distillation") [ours].
     w_distill: float = 1.0
-    distill_pixels: str = "all"
+    distill_pixels: Literal["all", "unlabelled"] = "all"
 
 
 @dataclass
@@ -243,8 +236,9 @@ class TransductiveConfig:
     # A teacher's named label is kept where its softmax probability over seen + target texts reaches this and the
     # winner is a target [ours, chosen, not measured].
     threshold: float = 0.5
-    # With method.pseudo_labels, how PLM clusters and named labels share the unlabelled pixels (CLUSTER_MODES).
-    clusters: str = "unnamed"
+    # With method.pseudo_labels, how PLM clusters and named labels share the unlabelled pixels: clusters keep only
+    # the pixels the teacher cannot name, or a named label replaces the cluster id wherever it is confident.
+    clusters: Literal["unnamed", "replace"] = "unnamed"
     # Steps after which the EMA student names the unlabelled pixels instead of the teacher; None = never (no EMA).
     self_train_start: int | None = None
     # The EMA student's softmax (at method.alpha, the scale it is trained at) must reach this [ours, chosen].
@@ -265,7 +259,7 @@ class TrainConfig:
     poly_power: float = 0.9
     min_lr: float = 0.0
     grad_clip: float | None = 1.0
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -282,7 +276,7 @@ class TrainConfig:
 class EvalConfig:
     """Test-time protocol: every class name predicted jointly (ZegCLIP), short-side resize, sliding window."""
 
-    mode: str = "slide"  # slide | whole
+    mode: Literal["slide", "whole"] = "slide"
     crop_size: int = 512
     stride: int = 341
     short_side: int = 512
@@ -290,7 +284,7 @@ class EvalConfig:
     # A class absent from an image set's ground truth: "mmseg" scores IoU 0 when it is predicted (NaN when it is
     # neither in the truth nor predicted) and averages with nanmean, as mmseg's and ZegCLIP's evaluation do;
     # "skip" leaves every absent class out of the means.
-    absent_classes: str = "mmseg"
+    absent_classes: Literal["mmseg", "skip"] = "mmseg"
     # ZegCLIP's inductive calibration: sigmoid scores of the seen classes lowered by this much before the argmax
     # (ZegCLIP uses 0.1). When > 0 the calibrated metrics are reported beside the plain ones, never instead.
     seen_gamma: float = 0.0
@@ -318,8 +312,19 @@ class Config:
         """The config of a plain mapping (a YAML file, a checkpoint's saved config); unknown keys fail, except the
         `REMOVED_KEYS` that older versions wrote, which are dropped."""
         config = _build(cls, _drop_removed_keys(data or {}, source), source)
-        check_values(config, source)
+        config.validate(source)
         return config
+
+    def validate(self, source: str = "config") -> None:
+        """Refuse values that have the right type but that no run can use, in one line naming the field.
+
+        Run on every config read (`from_dict`: files, overrides, checkpoints) and by `train` and `evaluate` (a
+        config built in Python): every choice one of its field's `Literal` values, every number finite, sizes
+        within [1, `MAX_IMAGE_SIDE`], counts and rates of the right sign. A NaN or infinite learning rate
+        otherwise trains and saves non-finite weights, a negative step count claims a checkpoint that was never
+        written, and a size of 0 or 200000 fails deep inside torch or numpy.
+        """
+        _check_values(self, "" if source in ("config", "defaults") else f"{source}: ")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -377,22 +382,22 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-def check_values(cfg: Config, source: str = "config") -> None:
-    """Refuse values that have the right type but that no run can use, in one line naming the field.
-
-    Run on every config read (`Config.from_dict`: files, overrides, checkpoints) and by `train` (a config built in
-    Python): every number finite, sizes within [1, `MAX_IMAGE_SIDE`], counts and rates of the right sign. A
-    NaN or infinite learning rate otherwise trains and saves non-finite weights, a negative step count claims a
-    checkpoint that was never written, and a size of 0 or 200000 fails deep inside torch or numpy.
-    """
-    where = "" if source in ("config", "defaults") else f"{source}: "
+def _check_values(cfg: Config, where: str) -> None:
+    """`Config.validate`, with ``where`` (empty, or "file: ") before each message."""
     alpha = cfg.method.alpha  # the logit scale: NaN, infinite or negative turns every score into one class
     if not math.isfinite(alpha) or alpha <= 0:
         raise ConfigValueError(f"{where}method.alpha must be a positive finite number, got {alpha!r}")
+    gamma = cfg.eval.seen_gamma  # how much the seen classes' scores are lowered
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise ConfigValueError(f"{where}eval.seen_gamma must be a number >= 0, got {gamma!r}")
     for section in dataclasses.fields(cfg):
         values = getattr(cfg, section.name)
         for item in dataclasses.fields(values):
-            _check_finite(getattr(values, item.name), f"{section.name}.{item.name}", where)
+            key, value = f"{section.name}.{item.name}", getattr(values, item.name)
+            _check_finite(value, key, where)
+            allowed = _choice_fields(type(values)).get(item.name)
+            if allowed:
+                check_choice(value, allowed, f"{where}{key}")
     data, train, ev = cfg.data, cfg.train, cfg.eval
     for key, value in (
         ("data.crop_size", data.crop_size),
@@ -436,13 +441,6 @@ def check_values(cfg: Config, source: str = "config") -> None:
     ):
         if not low <= value <= high:
             raise ConfigValueError(f"{where}{key}={value} must be in [{low}, {high}]")
-    for key, value, choices in (
-        ("method.center_scope", method.center_scope, CENTER_SCOPES),
-        ("method.prototype_gap", method.prototype_gap, PROTOTYPE_GAPS),
-        ("method.distill_pixels", method.distill_pixels, DISTILL_PIXELS),
-    ):
-        if value not in choices:
-            raise ConfigValueError(f"{where}{key}='{value}' is not one of {', '.join(choices)}")
     if data.cat_max_ratio <= 0:  # mmseg's crop rule: no crop has a class below 0% of its pixels
         raise ConfigValueError(f"{where}data.cat_max_ratio={data.cat_max_ratio} must be positive")
     for name in ("log_interval", "eval_interval", "ckpt_interval"):
@@ -472,16 +470,44 @@ def _check_finite(value: object, field: str, where: str) -> None:
             _check_finite(item, field, where)
 
 
-def check_choice(value: str, choices: tuple[str, ...], field: str) -> None:
-    """One-line error naming the config field when a string option is not one of its choices."""
-    if value not in choices:
-        raise ValueError(f"{field}='{value}' is not one of {', '.join(choices)}")
+def check_choice(value: str, allowed: tuple[str, ...], field: str) -> str:
+    """``value``, or a one-line error naming the field when it is not one of ``allowed`` (e.g. `choices`)."""
+    if value not in allowed:
+        raise ConfigValueError(f"{field}='{value}' is not one of {', '.join(allowed)}")
+    return value
+
+
+@functools.cache
+def _choice_fields(section: type) -> dict[str, tuple[str, ...]]:
+    """The `Literal`-typed fields of a config section and their values, in declaration order."""
+    hints = typing.get_type_hints(section)
+    return {name: typing.get_args(hint) for name, hint in hints.items() if typing.get_origin(hint) is Literal}
+
+
+def choices(section: type, name: str) -> tuple[str, ...]:
+    """The values a config field accepts, read from its `Literal` annotation: each set of choices is declared
+    once, on its field, and checks, constants and the CLI's ``choices=`` all read it here."""
+    try:
+        return _choice_fields(section)[name]
+    except KeyError:
+        raise TypeError(f"{section.__name__}.{name} is not a field with a fixed set of values") from None
+
+
+def check_field(value: str, field: str) -> str:
+    """``value`` for the config field ``field`` ("section.name"), or one line naming the field when it is not one
+    of the field's `choices`: for code given a choice outside a Config (a loss's mode, a recipe's name)."""
+    section, _, name = field.partition(".")
+    return check_choice(value, choices(_sections()[section], name), field)
+
+
+@functools.cache
+def _sections() -> dict[str, type]:
+    return typing.get_type_hints(Config)
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-    return ConfigError(f"unknown config key '{key}' in {where}{hint}")
+    hint = did_you_mean(key, valid) or f"valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}' in {where}; {hint}")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -490,6 +516,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     args = typing.get_args(annotation)
     if annotation is Any:
         return value
+    if (
+        origin is Literal
+    ):  # a string here; `Config.validate` names the field when it is not one of the choices
+        return _coerce(value, str, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -574,23 +604,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         source = str(path)
     data = {k: dict(v or {}) if isinstance(v, dict) else v for k, v in data.items()}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-4)")
-        section, _, name = key.strip().partition(".")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(
-                f"override '{item}': the value is not valid YAML (quote it, e.g. {key}='[\"a {{}}.\"]')"
-            ) from None
-        if isinstance(value, str) and _looks_like_float(value):
-            value = float(value)
-        data.setdefault(section, {})
-        if not isinstance(data[section], dict):
-            raise ConfigError(f"override '{item}': section '{section}' is not a mapping")
-        data[section][name] = value
+        key, value = parse_override(item)
+        _set(data, key, value, f"override '{item}'")
     return Config.from_dict(data, source)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"section.key=value"`` as ``("section.key", value)``, the value read as YAML (``1e-4`` as a number)."""
+    key, sep, raw = item.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(
+            f"override '{item}': the value is not valid YAML (quote it, e.g. {key}='[\"a {{}}.\"]')"
+        ) from None
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)
+    return key.strip(), value
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "config") -> Config:
+    """``cfg`` with each ``"section.key": value`` of ``overrides`` set, typed and checked as a file's values are.
+
+    The one way to change fields by name: `load_config`'s ``section.key=value`` strings and the options of a
+    command (``clipzss eval --mode whole`` is ``eval.mode: "whole"``) both end here.
+    """
+    data = cfg.to_dict()
+    for key, value in overrides.items():
+        _set(data, key, value, f"'{key}'")
+    return Config.from_dict(data, source)
+
+
+def _set(data: dict[str, Any], key: str, value: Any, what: str) -> None:
+    """``data[section][name] = value`` for ``key`` = "section.name"; unknown names fail later, in `_build`."""
+    section, _, name = key.partition(".")
+    data.setdefault(section, {})
+    if not isinstance(data[section], dict):
+        raise ConfigError(f"{what}: section '{section}' is not a mapping")
+    data[section][name] = value
 
 
 def _looks_like_float(text: str) -> bool:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from clipzss.config import TeacherConfig
 from clipzss.data import SYNTHETIC_CLASSES, SyntheticScenes
+from clipzss.errors import UsageError
 from clipzss.images import IMAGE_SUFFIXES, load_image
 from clipzss.models.recipes import BASELINES, baseline_eval_config
 from clipzss.models.segmenter import LRUCache, Segmenter, TrainingFreeSegmenter, ZeroShotSegmenter
@@ -60,7 +61,7 @@ def load_models(
     """The model the page serves and, for a student whose text encoder is CLIP, MaskCLIP on that same CLIP (the
     comparison tab switches to the other recipes)."""
     if bool(checkpoint) == bool(baseline):
-        raise ValueError(f"give exactly one of --checkpoint CKPT or --baseline {'|'.join(BASELINES)}")
+        raise UsageError(f"give exactly one of --checkpoint CKPT or --baseline {'|'.join(BASELINES)}")
     if baseline:
         cfg = TeacherConfig() if teacher_weights is None else TeacherConfig(weights=teacher_weights)
         return TrainingFreeSegmenter(build_teacher(cfg, device=device), recipe=baseline), None
@@ -118,7 +119,7 @@ def bound_text_caches(models: Sequence[ZeroShotSegmenter | None], size: int) -> 
 def check_class_count(names: Sequence[str], max_classes: int) -> None:
     """Refuse a request with more class names than the page allows (`--max-classes`)."""
     if len(names) > max_classes:
-        raise ValueError(
+        raise UsageError(
             f"{len(names)} class names given; this demo accepts at most {max_classes} per request "
             "(start it with --max-classes N for more)"
         )
@@ -150,9 +151,9 @@ def open_bounded(path: str | Path, max_pixels: int) -> Image.Image:
         with Image.open(path) as header:
             width, height = header.size
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read the uploaded file as an image ({err})") from None
+        raise UsageError(f"cannot read the uploaded file as an image ({err})") from None
     if width * height > max_pixels:
-        raise ValueError(
+        raise UsageError(
             f"the image is {width}×{height} ({width * height / 1e6:.1f} MP); this demo accepts up to "
             f"{max_pixels / 1e6:.1f} MP: resize it and try again"
         )
@@ -338,7 +339,7 @@ class _Requests:
         if recipe not in self.compared:
             built = comparison_baseline(self.model, recipe)
             if built is None:
-                raise ValueError(f"no {recipe} baseline: the model's text encoder is not CLIP")
+                raise UsageError(f"no {recipe} baseline: the model's text encoder is not CLIP")
             bound_text_caches([built], self.text_cache_size)
             self.compared[recipe] = built
         return self.compared[recipe]
@@ -347,7 +348,7 @@ class _Requests:
         self, target: ZeroShotSegmenter, path: str | None, names_text: str, template: str
     ) -> Segmentation:
         if not path:
-            raise ValueError("upload an image or pick an example first")
+            raise UsageError("upload an image or pick an example first")
         names = parse_class_names(names_text or "")
         check_class_count(names, self.max_classes)
         return segment(target, open_bounded(path, self.max_pixels), names, TEMPLATES.get(template))

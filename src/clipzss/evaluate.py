@@ -25,12 +25,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from clipzss.config import EvalConfig, check_choice
+from clipzss.config import Config, EvalConfig, check_field
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.errors import UsageError
 from clipzss.files import atomic_write_all
-from clipzss.inference.inputs import check_mode
 from clipzss.inference.label_maps import check_candidates
 from clipzss.inference.windows import LogitsFn, seen_calibrated, window_labels
+from clipzss.messages import fmt_number
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class ConfusionMatrix:
         self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str | None = None
     ):
         if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+            raise UsageError(f"num_classes must be at least 1, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -58,12 +59,12 @@ class ConfusionMatrix:
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Count one batch of predicted ids against ground-truth ids, both (B, H, W) integer tensors."""
         if pred.shape != target.shape:
-            raise ValueError(
+            raise UsageError(
                 f"pred shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}"
             )
         for name, tensor in (("pred", pred), ("target", target)):
             if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-                raise ValueError(f"{name} must hold integer class ids, got dtype {tensor.dtype} (logits?)")
+                raise UsageError(f"{name} must hold integer class ids, got dtype {tensor.dtype} (logits?)")
         device = self.matrix.device
         pred = pred.to(device).long().flatten()
         target = target.to(device).long().flatten()
@@ -74,7 +75,7 @@ class ConfusionMatrix:
             bad = (ids < 0) | (ids >= k)
             if bool(bad.any()):
                 value = int(ids[bad][0])
-                raise ValueError(
+                raise UsageError(
                     f"{name} holds class id {value}, outside [0, {k}) and not the ignore index {self.ignore_index}"
                 )
         counts = torch.bincount(target * k + pred, minlength=k * k)  # (K*K,)
@@ -94,7 +95,6 @@ def _mean(values: Tensor, ids: Sequence[int]) -> float:
     return float(torch.nanmean(values[list(ids)]))
 
 
-ABSENT_RULES = ("mmseg", "skip")  # EvalConfig.absent_classes
 RESULT_FILES = ("metrics.json", "per_class.csv")  # what `EvalResult.save` writes
 
 
@@ -127,21 +127,21 @@ def compute_metrics(
     matrix = torch.as_tensor(matrix)
     k = len(class_names)
     if matrix.shape != (k, k):
-        raise ValueError(f"confusion matrix shape {tuple(matrix.shape)} does not match {k} class names")
+        raise UsageError(f"confusion matrix shape {tuple(matrix.shape)} does not match {k} class names")
     seen, unseen = [int(i) for i in seen], [int(i) for i in unseen]
     for name, ids in (("seen", seen), ("unseen", unseen)):
         out = [i for i in ids if not 0 <= i < k]
         if out:
-            raise ValueError(f"{name} class id {out[0]} is outside [0, {k})")
+            raise UsageError(f"{name} class id {out[0]} is outside [0, {k})")
     both = sorted(set(seen) & set(unseen))
     if both:
-        raise ValueError(f"class '{class_names[both[0]]}' (id {both[0]}) is listed as both seen and unseen")
+        raise UsageError(f"class '{class_names[both[0]]}' (id {both[0]}) is listed as both seen and unseen")
 
     matrix = matrix.double()
     tp = matrix.diagonal()  # (K,)
     gt = matrix.sum(1)  # (K,)
     union = gt + matrix.sum(0) - tp
-    check_choice(absent, ABSENT_RULES, "eval.absent_classes")
+    check_field(absent, "eval.absent_classes")
     missing = gt == 0
     no_iou = union == 0 if absent == "mmseg" else missing
     iou = torch.where(no_iou, math.nan, tp / union.clamp_min(1)) * 100
@@ -214,7 +214,7 @@ class EvalResult:
 
     def summary_line(self) -> str:
         line = "  ".join(
-            f"{key} {_fmt(self.metrics[key])}" for key in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU", "mIoU")
+            f"{key} {fmt_number(self.metrics[key])}" for key in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU", "mIoU")
         )
         if self.calibrated is not None:
             line += f"  |  calibrated (seen - {self.seen_gamma:g}): " + self.calibrated.summary_line()
@@ -232,7 +232,7 @@ class EvalResult:
         lines.append("-" * (width + 24))
         for row in self.per_class:
             lines.append(
-                f"{row['name']:<{width}}  {row['split']:<6}  {_fmt(row['IoU']):>6}  {_fmt(row['Acc']):>6}"
+                f"{row['name']:<{width}}  {row['split']:<6}  {fmt_number(row['IoU']):>6}  {fmt_number(row['Acc']):>6}"
             )
         return "\n".join(lines)
 
@@ -268,10 +268,6 @@ class EvalResult:
         return [json_path, csv_path]
 
 
-def _fmt(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.2f}"
-
-
 def _csv_num(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.4f}"
 
@@ -289,7 +285,7 @@ def _nan_to_none(value: Any) -> Any:
 def _split_ids(dataset: Dataset) -> tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]:
     missing = [attr for attr in ("class_names", "seen", "unseen") if not hasattr(dataset, attr)]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"dataset {type(dataset).__name__} has no attribute '{missing[0]}' needed for evaluation"
         )
     return tuple(dataset.class_names), tuple(dataset.seen), tuple(dataset.unseen)
@@ -312,10 +308,7 @@ def evaluate(
     ``indices[rank::world_size]`` (no padding duplicates) and the matrix is all-reduced, so every rank returns the
     same result.
     """
-    check_mode(cfg.mode)
-    check_choice(cfg.absent_classes, ABSENT_RULES, "eval.absent_classes")  # before any image
-    if not (math.isfinite(cfg.seen_gamma) and cfg.seen_gamma >= 0):
-        raise ValueError(f"eval.seen_gamma must be a number >= 0, got {cfg.seen_gamma!r}")
+    Config(eval=cfg).validate()  # before any image: an EvalConfig built in Python was never read from a file
     m = check_candidates(cfg.label_candidates, "eval.label_candidates")
     if m:
         logger.warning(
@@ -356,7 +349,7 @@ def evaluate(
         # Labels straight from the low-resolution logits: no K-channel map at the mask's size is ever kept.
         labels, classes = window_labels(logits_fn, image, cfg, tuple(mask.shape[-2:]), transforms)
         if classes != len(class_names):
-            raise ValueError(
+            raise UsageError(
                 f"logits_fn returned {classes} channels for image '{item['name'][0]}' "
                 f"but the dataset has {len(class_names)} classes"
             )

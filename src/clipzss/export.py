@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD
+from clipzss.errors import CannotRunError, UsageError
 from clipzss.files import atomic_write, refuse_existing
 from clipzss.inference.onnx_runner import FORMAT, open_session
 from clipzss.models.segmenter import PrecomputedText, Segmenter
@@ -66,7 +67,7 @@ class _NoText:
     """Stands in for the text encoder when only the embeddings are exported: CLIP is never loaded."""
 
     def text_embeddings(self, class_names: Sequence[str]) -> Any:
-        raise ValueError("this export has no text classifier; give --classes or --text-embeddings")
+        raise UsageError("this export has no text classifier; give --classes or --text-embeddings")
 
 
 # --- export -----------------------------------------------------------------------------------------------------
@@ -205,11 +206,13 @@ def _check(graph: Any, path: Path, multiple: int, side: int, tolerance: float = 
             expected = graph(x).numpy()
         got = session.run(None, {"image": x.numpy()})[0]
         if got.shape != expected.shape:
-            raise RuntimeError(
+            raise CannotRunError(
                 f"the exported graph returned {got.shape} for an input of {shape} instead of {expected.shape}: "
                 "this architecture's sizes were frozen by the tracer, so it cannot be exported with dynamic sizes"
             )
         worst = max(worst, float(np.abs(got - expected).max()))
     if worst > tolerance:
-        raise RuntimeError(f"the exported graph differs from PyTorch by up to {worst:.2e} (> {tolerance:g})")
+        raise CannotRunError(
+            f"the exported graph differs from PyTorch by up to {worst:.2e} (> {tolerance:g})"
+        )
     return worst

@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from clipzss.errors import ClipzssError
+
 logger = logging.getLogger(__name__)
 
 # The mode a plain open() gives a new file. mkstemp creates its temporaries 0600; the file renamed into place gets
@@ -132,7 +134,7 @@ def user_cache_dir(name: str) -> Path:
 # --- outputs: never replace what this command did not create ------------------------------------------------------
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(ClipzssError, FileExistsError):
     """An output path that already holds something this command did not create (and --overwrite was not given)."""
 
 

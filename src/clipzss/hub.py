@@ -1,7 +1,7 @@
 """Reaching the Hugging Face hub, in one place: the local cache first, a fast probe, then a download.
 
-The hub client retries an unreachable host for about 25 s per file; a 3 s socket probe before any download makes an
-offline machine fail at once, for the CLIP teacher and the student's encoder alike. Sharing a trained student
+The hub client retries an unreachable host for a long time per file; a short socket probe (`PROBE_TIMEOUT_S`) before
+any download makes an offline machine fail at once, for the CLIP teacher and the student's encoder alike. Sharing a trained student
 (`save_pretrained`, `from_pretrained`, the model card) is `clipzss.sharing`.
 """
 
@@ -16,10 +16,12 @@ from urllib.parse import urlparse
 import huggingface_hub
 from huggingface_hub import constants as hf_constants
 
+from clipzss.errors import ClipzssError
+
 PROBE_TIMEOUT_S = 3.0
 
 
-class HubUnavailable(RuntimeError):
+class HubUnavailable(ClipzssError, RuntimeError):
     """A file is not in the local cache and cannot be fetched; the message says why (offline, unreachable, ...)."""
 
 

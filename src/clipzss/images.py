@@ -12,6 +12,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps
 
+from clipzss.errors import UsageError
+
 # Files taken as images wherever a folder is read: datasets, the demo's examples, the inspector.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -87,7 +89,7 @@ def load_image(source: str | Path | IO[bytes], exif_transpose: bool = True) -> I
                 image = ImageOps.exif_transpose(image)
             return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {source}: {err}") from None
+        raise UsageError(f"cannot read image {source}: {err}") from None
 
 
 def as_rgb(image: ImageLike) -> Image.Image:
@@ -98,7 +100,7 @@ def as_rgb(image: ImageLike) -> Image.Image:
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
-            raise ValueError(f"expected an (H, W, 3) image array, got shape {tuple(image.shape)}")
+            raise UsageError(f"expected an (H, W, 3) image array, got shape {tuple(image.shape)}")
         return Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8))
     if isinstance(image, Image.Image):
         return to_rgb(image)

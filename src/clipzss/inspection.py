@@ -37,9 +37,11 @@ from PIL import Image, ImageDraw, ImageFont
 from clipzss.config import MethodConfig
 from clipzss.data.readers import read_classes_txt
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.errors import UsageError
 from clipzss.files import atomic_write
 from clipzss.images import image_paths
 from clipzss.inference.inputs import preprocess
+from clipzss.messages import fmt_number
 from clipzss.method.pseudo_labels import (
     center_tokens,
     cluster_regions,
@@ -217,8 +219,8 @@ class InspectReport:
         lines = [head, "-" * len(head)]
         for name, q in self.quality.items():
             lines.append(
-                f"{name:<32} {_fmt(q['purity']):>7} {_fmt(q['NMI']):>7} {_fmt(q['coverage']):>9} "
-                f"{_fmt(q['regions/image'], 1):>12} {_fmt(q['classes/image'], 1):>12}"
+                f"{name:<32} {fmt_number(q['purity'], 3):>7} {fmt_number(q['NMI'], 3):>7} {fmt_number(q['coverage'], 3):>9} "
+                f"{fmt_number(q['regions/image'], 1):>12} {fmt_number(q['classes/image'], 1):>12}"
             )
         return "\n".join(lines)
 
@@ -232,7 +234,7 @@ class InspectReport:
             rows = [head, "-" * len(head)]
             for variant in self.quality:
                 values = [self.by_dense[p][variant][measure] for p in paths]
-                rows.append(f"{variant:<{width}}" + "".join(f" {_fmt(v, digits):>10}" for v in values))
+                rows.append(f"{variant:<{width}}" + "".join(f" {fmt_number(v, digits):>10}" for v in values))
             blocks.append("\n".join(rows))
         return "\n\n".join(blocks)
 
@@ -243,7 +245,7 @@ class InspectReport:
             for measure, digits in MEASURES:
                 lines += [f"| {measure} | " + " | ".join(paths) + " |", "|---" * (1 + len(paths)) + "|"]
                 for variant in self.quality:
-                    values = [_fmt(self.by_dense[p][variant][measure], digits) for p in paths]
+                    values = [fmt_number(self.by_dense[p][variant][measure], digits) for p in paths]
                     lines.append(f"| {variant} | " + " | ".join(values) + " |")
                 lines.append("")
             return "\n".join(lines).rstrip()
@@ -253,8 +255,8 @@ class InspectReport:
         ]
         for name, q in self.quality.items():
             lines.append(
-                f"| {name} | {_fmt(q['purity'])} | {_fmt(q['NMI'])} | {_fmt(q['coverage'])} "
-                f"| {_fmt(q['regions/image'], 1)} | {_fmt(q['classes/image'], 1)} |"
+                f"| {name} | {fmt_number(q['purity'], 3)} | {fmt_number(q['NMI'], 3)} | {fmt_number(q['coverage'], 3)} "
+                f"| {fmt_number(q['regions/image'], 1)} | {fmt_number(q['classes/image'], 1)} |"
             )
         return "\n".join(lines)
 
@@ -301,10 +303,6 @@ MEASURES: tuple[tuple[str, int], ...] = (
 )
 
 
-def _fmt(value: float, digits: int = 3) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
 def inspect_pseudo_labels(
     images: Sequence[Image.Image],
     teacher: Teacher,
@@ -334,14 +332,14 @@ def inspect_pseudo_labels(
     if dense is not None:
         paths = list(dict.fromkeys(dense))
         if not paths:
-            raise ValueError("--dense: give at least one dense path")
+            raise UsageError("--dense: give at least one dense path")
         for path in paths:
             check_dense(path)
         if not isinstance(teacher, CLIPTeacher):
-            raise ValueError(f"--dense needs the CLIP teacher; {type(teacher).__name__} has one dense path")
+            raise UsageError(f"--dense needs the CLIP teacher; {type(teacher).__name__} has one dense path")
     masks = list(masks) if masks is not None else [None] * len(images)
     if len(masks) != len(images):
-        raise ValueError(f"{len(images)} images but {len(masks)} masks")
+        raise UsageError(f"{len(images)} images but {len(masks)} masks")
     names = list(names) if names is not None else [f"image_{i:03d}" for i in range(len(images))]
     folder = Path(out) if out is not None else None
     if folder is not None:
@@ -352,7 +350,7 @@ def inspect_pseudo_labels(
     for image, mask, name in zip(images, masks, names, strict=True):
         size = (image.height, image.width)
         if mask is not None and tuple(mask.shape) != size:
-            raise ValueError(
+            raise UsageError(
                 f"mask of {name} is {mask.shape[0]}x{mask.shape[1]} but the image is {size[0]}x{size[1]} (H x W)"
             )
         short = min(short_side, min(size)) if short_side else None
@@ -429,7 +427,7 @@ def _overlay(photo: Image.Image, ids: np.ndarray) -> Image.Image:
 
 def image_files(paths: Sequence[Path], limit: int) -> list[Path]:
     if limit < 1:
-        raise ValueError(f"--max-images must be at least 1, got {limit}")
+        raise UsageError(f"--max-images must be at least 1, got {limit}")
     return image_paths(paths)[:limit]
 
 

@@ -13,6 +13,8 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
+from clipzss.errors import UsageError
+
 BOM = "\ufeff"
 
 # The most class names one list may hold, on every path (predict, an ONNX file's baked-in names, an embeddings
@@ -40,10 +42,10 @@ def read_names_file(path: str | Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+        raise UsageError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     names = [line for line in text.splitlines() if line.strip()]
     if not names:
-        raise ValueError(f"{path} holds no class names: give one name per line")
+        raise UsageError(f"{path} holds no class names: give one name per line")
     return parse_class_names(names)
 
 
@@ -55,14 +57,14 @@ def parse_class_names(text: str | Sequence[str]) -> list[str]:
     parts = text.split(",") if isinstance(text, str) else [str(n) for n in text]
     names = [n.replace(BOM, "").strip() for n in parts]
     if len(names) > MAX_CLASS_NAMES:
-        raise ValueError(
+        raise UsageError(
             f"{len(names):,} class names given; clipzss handles at most {MAX_CLASS_NAMES:,} at once"
         )
     if not names or all(not n for n in names):
-        raise ValueError("the class list is empty: give at least one class name, e.g. --classes 'cat,grass'")
+        raise UsageError("the class list is empty: give at least one class name, e.g. --classes 'cat,grass'")
     if any(not n for n in names):
         first = names.index("")
-        raise ValueError(
+        raise UsageError(
             f"the class list {_short_list(names)} contains an empty name at index {first} (a stray comma?)"
         )
     spellings: dict[str, list[str]] = {}
@@ -81,7 +83,7 @@ def parse_class_names(text: str | Sequence[str]) -> list[str]:
             if any(len(spellings[key]) > 1 for key in dupes)
             else ""
         )
-        raise ValueError(f"duplicate class names: {'; '.join(groups)}{why}")
+        raise UsageError(f"duplicate class names: {'; '.join(groups)}{why}")
     return names
 
 

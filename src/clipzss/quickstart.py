@@ -11,19 +11,53 @@ dataset with real CLIP as the teacher.
 
 from __future__ import annotations
 
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from clipzss.config import Config
+from clipzss.messages import fmt_number
 
 DEFAULT_ITERS = 300
 DEFAULT_OUT = Path("runs/quickstart")  # `clipzss quickstart`'s --out default
+WORLD_NOTE = (
+    "No CLIP weights given: training in the synthetic world, whose aligned teacher is a stand-in for CLIP "
+    "(it knows every class, seen and unseen). Set CLIPZSS_CLIP_WEIGHTS=/path/to/ViT-B-16 weights for real CLIP."
+)
+
+
+@dataclass(frozen=True)
+class QuickstartResult:
+    """What a quick start made, for the command line to show: the library computes, the CLI prints."""
+
+    out: Path
+    report: Path
+    train_s: float  # seconds of training, student and reference together
+    table: str  # the evaluation's table (`EvalResult.format_table`)
+    outputs: tuple[Path, ...]  # every file and folder written, in the order the summary lists them
+    comparison: tuple[str, ...] = ()  # synthetic world: a markdown table of student, teacher and reference
+    finding: str = ""  # synthetic world: the student's unseen mIoU against the teacher's, in one sentence
+
+    def summary(self) -> str:
+        """The text `clipzss quickstart` prints when done."""
+        parts = [self.table]
+        if self.comparison:
+            parts += ["", "\n".join(self.comparison)]
+        if self.finding:
+            parts.append(f"\n{self.finding}")
+        parts.append(f"\nquick start done in {self.train_s:.0f} s of training. Outputs in {self.out}/:")
+        parts += [f"  {path}" for path in self.outputs]
+        return "\n".join(parts)
+
+
+def uses_world(teacher_weights: str | None) -> bool:
+    """Whether the quick start runs in the synthetic world (no CLIP weights given)."""
+    return not teacher_weights or teacher_weights == "none"
 
 
 def output_folder(out: Path) -> Path:
     """The folder the quick start writes: `out` when it holds no run. The default folder moves on to the next
-    free one (runs/quickstart-2, -3, ...) and says so; any other folder that holds a run is refused."""
+    free one (runs/quickstart-2, -3, ...); any other folder that holds a run is refused."""
     from clipzss.runs import RunFolderError, next_free_folder, run_files, taken
 
     out = Path(out)
@@ -34,9 +68,7 @@ def output_folder(out: Path) -> Path:
         raise RunFolderError(
             f"{out} already holds a run ({held}): choose another --out, or remove that folder"
         )
-    chosen = next_free_folder(out)
-    print(f"{out} holds an earlier quick start: this one writes to {chosen}")
-    return chosen
+    return next_free_folder(out)
 
 
 def quickstart_config(
@@ -46,7 +78,7 @@ def quickstart_config(
 
     Without weights (``teacher_weights`` None or "none") the config of the synthetic world's student instead.
     """
-    if not teacher_weights or teacher_weights == "none":
+    if uses_world(teacher_weights):
         from clipzss.worlds import students as ws
 
         return ws.student_config(out, {}, iters=iters or ws.STUDENT_ITERS, device=device)
@@ -82,10 +114,10 @@ def quickstart_config(
 
 def run_quickstart(
     out: Path, iters: int | None = None, teacher_weights: str | None = None, device: str = "auto"
-) -> Path:
-    """Run the quick start and return the path of its report."""
+) -> QuickstartResult:
+    """Run the quick start (in the synthetic world without ``teacher_weights``); what it made, to show."""
     out = output_folder(out)
-    if not teacher_weights or teacher_weights == "none":
+    if uses_world(teacher_weights):
         return _world_quickstart(out, iters, device)
     return _clip_quickstart(out, iters, teacher_weights, device)
 
@@ -106,7 +138,7 @@ def _save_example(segmenter, val, out: Path) -> tuple[Path, Path]:
     return overlay_path, truth_path
 
 
-def _world_quickstart(out: Path, iters: int | None, device: str) -> Path:
+def _world_quickstart(out: Path, iters: int | None, device: str) -> QuickstartResult:
     """Student, teacher and seen-only reference in the synthetic world (no CLIP weights needed)."""
     from clipzss.evaluate import evaluate
     from clipzss.models.segmenter import PrecomputedText, Segmenter
@@ -114,11 +146,7 @@ def _world_quickstart(out: Path, iters: int | None, device: str) -> Path:
     from clipzss.worlds import students as ws
     from clipzss.worlds import synthetic as sw
 
-    print(
-        "No CLIP weights given: training in the synthetic world, whose aligned teacher is a stand-in for CLIP "
-        "(it knows every class, seen and unseen). Set CLIPZSS_CLIP_WEIGHTS=/path/to/ViT-B-16 weights for real CLIP."
-    )
-    teacher = sw.load_teacher()  # trained once (about 20 s) and cached
+    teacher = sw.load_teacher()  # trained once and cached
     cfg = quickstart_config(out, iters, None, device)
     train_set, val_set = sw.world_datasets(cfg)
     tic = time.perf_counter()
@@ -144,12 +172,9 @@ def _world_quickstart(out: Path, iters: int | None, device: str) -> Path:
         "student, seen labels only (reference)": reference,
     }
     table = _table(rows)
-    print(result.format_table())
-    print()
-    print("\n".join(table))
     ratio = result.metrics["mIoU(U)"] / max(teacher_row["mIoU(U)"], 1e-9)
-    print(
-        f"\nThe student segments the {len(val_set.unseen)} classes it never saw labelled at {ratio:.2f}x the "
+    finding = (
+        f"The student segments the {len(val_set.unseen)} classes it never saw labelled at {ratio:.2f}x the "
         "teacher's own mIoU(U); the seen-only student cannot name them."
     )
     text_path = out / "world_text.safetensors"
@@ -179,21 +204,19 @@ def _world_quickstart(out: Path, iters: int | None, device: str) -> Path:
         "",
     ]
     report.write_text("\n".join(lines))
-    print(f"\nquick start done in {train_s:.0f} s of training. Outputs in {out}/:")
-    for path in (ckpt, *metric_files, text_path, overlay_path, truth_path, report, out / "tb"):
-        print(f"  {path}")
-    return report
+    outputs = (ckpt, *metric_files, text_path, overlay_path, truth_path, report, out / "tb")
+    return QuickstartResult(out, report, train_s, result.format_table(), outputs, tuple(table), finding)
 
 
 def _table(rows: dict[str, dict]) -> list[str]:
     lines = ["| model | pAcc | mIoU(S) | mIoU(U) | hIoU |", "|---|---|---|---|---|"]
     for name, m in rows.items():
-        cells = " | ".join(_fmt(m.get(k)) for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU"))
+        cells = " | ".join(fmt_number(m.get(k), 1) for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU"))
         lines.append(f"| {name} | {cells} |")
     return lines
 
 
-def _clip_quickstart(out: Path, iters: int | None, teacher_weights: str, device: str) -> Path:
+def _clip_quickstart(out: Path, iters: int | None, teacher_weights: str, device: str) -> QuickstartResult:
     """The generated `synthetic` dataset with real CLIP as the teacher."""
     from clipzss.data import build_dataset
     from clipzss.evaluate import evaluate
@@ -216,7 +239,6 @@ def _clip_quickstart(out: Path, iters: int | None, teacher_weights: str, device:
         progress=False,
     )
     metric_files = result.save(out / "eval")
-    print(result.format_table())
     overlay_path, truth_path = _save_example(segmenter, val, out)
     report = out / "report.md"
     report.write_text(
@@ -231,14 +253,8 @@ def _clip_quickstart(out: Path, iters: int | None, teacher_weights: str, device:
             [val.class_names[i] for i in val.unseen],
         )
     )
-    print(f"\nquick start done in {train_s:.0f} s of training. Outputs in {out}/:")
-    for path in (ckpt, *metric_files, overlay_path, truth_path, report, out / "tb"):
-        print(f"  {path}")
-    return report
-
-
-def _fmt(value: object) -> str:
-    return f"{value:.1f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
+    outputs = (ckpt, *metric_files, overlay_path, truth_path, report, out / "tb")
+    return QuickstartResult(out, report, train_s, result.format_table(), outputs)
 
 
 def _report(
@@ -261,8 +277,8 @@ def _report(
         "",
         "| pAcc | mIoU(S) | mIoU(U) | hIoU |",
         "|---|---|---|---|",
-        f"| {_fmt(metrics.get('pAcc'))} | {_fmt(metrics.get('mIoU(S)'))} | {_fmt(metrics.get('mIoU(U)'))} "
-        f"| {_fmt(metrics.get('hIoU'))} |",
+        f"| {fmt_number(metrics.get('pAcc'), 1)} | {fmt_number(metrics.get('mIoU(S)'), 1)} | {fmt_number(metrics.get('mIoU(U)'), 1)} "
+        f"| {fmt_number(metrics.get('hIoU'), 1)} |",
         "",
     ]
     lines += [

@@ -20,9 +20,11 @@ import numpy as np
 import torch
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, EvalConfig
+from clipzss.errors import UsageError
 from clipzss.evaluate import RESULT_FILES, EvalResult
 from clipzss.files import atomic_write
 from clipzss.inference.windows import infer_labels
+from clipzss.messages import fmt_number
 from clipzss.visualize import colorize, palette
 
 if TYPE_CHECKING:
@@ -64,7 +66,7 @@ class Example:
 
 def _confusion_matrix(result: EvalResult) -> np.ndarray:
     if result.confusion is None:
-        raise ValueError(
+        raise UsageError(
             "this EvalResult carries no confusion matrix; build it with EvalResult.from_matrix (as evaluate does)"
         )
     return np.asarray(result.confusion, dtype=np.int64)
@@ -101,10 +103,6 @@ def _new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def _fmt(value: float) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
-
-
 def iou_figure(result: EvalResult, title: str | None = None) -> Figure:
     """Horizontal bars of per-class IoU, coloured seen / unseen, with the two split means as dashed lines."""
     names = list(result.class_names)
@@ -128,7 +126,7 @@ def iou_figure(result: EvalResult, title: str | None = None) -> Figure:
         if split in splits and not math.isnan(m[key]):
             ax.axvline(m[key], color=SPLIT_COLOURS[split], linestyle="--", linewidth=1.2)
     handles = [
-        _patch(SPLIT_COLOURS[split], f"{split} classes" + (f" (mean {_fmt(m[key])})" if key else ""))
+        _patch(SPLIT_COLOURS[split], f"{split} classes" + (f" (mean {fmt_number(m[key], 1)})" if key else ""))
         for split, key in (("seen", "mIoU(S)"), ("unseen", "mIoU(U)"), ("other", ""))
         if split in splits
     ]
@@ -143,7 +141,7 @@ def iou_figure(result: EvalResult, title: str | None = None) -> Figure:
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(
         title
-        or f"Per-class IoU: mIoU(S) {_fmt(m['mIoU(S)'])}, mIoU(U) {_fmt(m['mIoU(U)'])}, hIoU {_fmt(m['hIoU'])} "
+        or f"Per-class IoU: mIoU(S) {fmt_number(m['mIoU(S)'], 1)}, mIoU(U) {fmt_number(m['mIoU(U)'], 1)}, hIoU {fmt_number(m['hIoU'], 1)} "
         f"({result.num_images} images)",
         fontsize=10,
     )
@@ -268,7 +266,7 @@ def collect_examples(
 def examples_figure(examples: Sequence[Example], class_names: Sequence[str], splits: Sequence[str]) -> Figure:
     """Rows of image | ground truth | prediction with one legend of the classes that appear."""
     if not examples:
-        raise ValueError("no examples to draw")
+        raise UsageError("no examples to draw")
     k = len(class_names)
     aspect = examples[0].image.shape[0] / examples[0].image.shape[1]
     fig = _new_figure(10.5, 0.9 + len(examples) * 3.4 * aspect + 0.35 * math.ceil(k / 4))
@@ -280,7 +278,7 @@ def examples_figure(examples: Sequence[Example], class_names: Sequence[str], spl
         panels = (
             (ex.image, ex.name),
             (np.asarray(colorize(ex.truth, k)), "ground truth (black: ignored)"),
-            (np.asarray(colorize(ex.prediction, k)), f"prediction (pixel acc. {_fmt(acc)}%)"),
+            (np.asarray(colorize(ex.prediction, k)), f"prediction (pixel acc. {fmt_number(acc, 1)}%)"),
         )
         for ax, (picture, title) in zip(row, panels, strict=True):
             ax.imshow(picture, interpolation="nearest")
@@ -337,7 +335,7 @@ def _markdown(
         "",
         "| " + " | ".join(keys) + " |",
         "|" + "---|" * len(keys),
-        "| " + " | ".join(_fmt(m[key]) for key in keys) + " |",
+        "| " + " | ".join(fmt_number(m[key], 1) for key in keys) + " |",
         "",
         "## Per-class IoU",
         "",
@@ -359,7 +357,7 @@ def _markdown(
         lines += ["## Examples", "", f"![predictions next to the ground truth]({figures['examples']})", ""]
     lines += ["## Per class", "", "| class | split | IoU | Acc | pixels |", "|---|---|---|---|---|"]
     lines += [
-        f"| {row['name']} | {row['split']} | {_fmt(row['IoU'])} | {_fmt(row['Acc'])} | {int(pixels[i]):,} |"
+        f"| {row['name']} | {row['split']} | {fmt_number(row['IoU'], 1)} | {fmt_number(row['Acc'], 1)} | {int(pixels[i]):,} |"
         for i, row in enumerate(result.per_class)
     ]
     lines += ["", "Raw numbers: `metrics.json`, `per_class.csv`.", ""]

@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clipzss.errors import ClipzssError
 from clipzss.files import next_free_path
+from clipzss.messages import shorten
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ LOCK_NAME = "train.lock"
 UNREADABLE_LOCK_GRACE_S = 30.0
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(ClipzssError, RuntimeError):
     """A run folder that holds another run, or that another training is writing."""
 
 
@@ -268,5 +270,4 @@ def describe_change(name: str, old: Any, new: Any) -> str:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shorten(json.dumps(value, default=str) if not isinstance(value, str) else repr(value), limit)

@@ -13,8 +13,11 @@ import logging
 import os
 import re
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
+
+from clipzss.errors import ClipzssError
 
 logger = logging.getLogger("clipzss")
 
@@ -110,8 +113,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def is_users_to_fix(err: BaseException) -> bool:
+    """A `ClipzssError`, an OSError (a file, a disk, the network) or memory running out (torch's
+    OutOfMemoryError is matched by name: the CLI never imports torch for this): one line, not a traceback."""
+    return isinstance(err, ClipzssError | OSError | MemoryError) or type(err).__name__ == "OutOfMemoryError"
+
+
+def bug_report_line() -> str:
+    """What follows the traceback of an error that is not the user's: a bug of this version, to be reported."""
+    from clipzss import __version__
+
+    return (
+        f"this is a bug in clipzss {__version__}, not a mistake of yours: please report it with the command "
+        "and the traceback above"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a command; user errors print one line on stderr and return 2 (CLIPZSS_DEBUG=1 shows the traceback)."""
+    """Run a command. An error the user can fix (`is_users_to_fix`) prints one line on stderr and returns 2
+    (CLIPZSS_DEBUG=1 shows its traceback); any other exception is a bug: its traceback, how to report it, 1."""
     args = parse_args(argv)
     # Our own messages at INFO; third-party libraries (open_clip logs at INFO on the root logger) at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -123,14 +143,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         root.addFilter(_ThirdPartyNoise())
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError, KeyError) as err:
+    except KeyboardInterrupt:
+        print(f"clipzss {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not is_users_to_fix(err):
+            traceback.print_exc()
+            print(f"clipzss {args.command}: {bug_report_line()}", file=sys.stderr)
+            return 1
         if os.environ.get("CLIPZSS_DEBUG"):
             raise
         print(f"clipzss {args.command}: error: {user_message(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"clipzss {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

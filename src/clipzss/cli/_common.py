@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from clipzss.errors import UsageError
+
 
 def add_teacher_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-model", default=None, help="open_clip model name (default: the config's)")
@@ -57,7 +59,7 @@ def class_names_from_args(args: argparse.Namespace) -> list[str] | None:
     from clipzss.names import parse_class_names, read_names_file
 
     if args.classes is not None and args.classes_file is not None:
-        raise ValueError("give the class names with exactly one of --classes or --classes-file, not both")
+        raise UsageError("give the class names with exactly one of --classes or --classes-file, not both")
     if args.classes_file is not None:
         return read_names_file(args.classes_file)
     return parse_class_names(args.classes) if args.classes is not None else None
@@ -100,7 +102,7 @@ def load_segmenter(args: argparse.Namespace) -> Any:
     device = resolve_device(args.device)
     text_file = getattr(args, "text_embeddings", None)
     if args.checkpoint and args.baseline:
-        raise ValueError(f"give either a checkpoint or --baseline {args.baseline}, not both")
+        raise UsageError(f"give either a checkpoint or --baseline {args.baseline}, not both")
     if args.checkpoint:
         text = PrecomputedText.load(text_file) if text_file else None
         return Segmenter.from_checkpoint(
@@ -109,6 +111,6 @@ def load_segmenter(args: argparse.Namespace) -> Any:
     if args.baseline:
         teacher = build_teacher(teacher_config(None, args), device=device)
         return TrainingFreeSegmenter(teacher, recipe=args.baseline)
-    raise ValueError(
+    raise UsageError(
         f"say which model to use: a checkpoint (run folder or .safetensors) or --baseline {'|'.join(BASELINES)}"
     )

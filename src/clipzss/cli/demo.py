@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from clipzss.cli._common import add_baseline_arg, add_device_arg
+from clipzss.errors import CannotRunError, UsageError
 
 HELP = "open a local web demo: segment images with any class names, compare with training-free CLIP"
 EPILOG = """examples:
@@ -45,14 +46,14 @@ def run(args: argparse.Namespace) -> int:
     from clipzss.names import MAX_CLASS_NAMES
 
     if args.max_classes is not None and args.max_classes > MAX_CLASS_NAMES:
-        raise ValueError(
+        raise UsageError(
             f"--max-classes {args.max_classes} is more than clipzss handles at once ({MAX_CLASS_NAMES})"
         )
     try:
         from clipzss import demo
     except ModuleNotFoundError as err:
         if err.name and err.name.split(".")[0] in ("gradio", "fastapi", "uvicorn"):
-            raise RuntimeError(
+            raise CannotRunError(
                 f"the demo needs the demo extra ({err}): pip install 'clipzss[demo]'"
             ) from None
         raise
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     max_classes = given(args.max_classes, demo.DEFAULT_MAX_CLASSES)
     text_cache_size = given(args.text_cache_size, demo.DEFAULT_TEXT_CACHE_SIZE)
     if max_classes < 1 or text_cache_size < 1:
-        raise ValueError("--max-classes and --text-cache-size must be at least 1")
+        raise UsageError("--max-classes and --text-cache-size must be at least 1")
 
     primary, baseline = demo.load_models(args.checkpoint, args.baseline, args.teacher_weights, args.device)
     app = demo.build_app(

@@ -12,6 +12,7 @@ from clipzss.cli._common import (
     class_names_from_args,
     teacher_config,
 )
+from clipzss.errors import UsageError
 
 HELP = "precompute CLIP text embeddings of class names to a file"
 EPILOG = """examples:
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     names = class_names_from_args(args)
     if names is None:
-        raise ValueError("give the class names with exactly one of --classes or --classes-file")
+        raise UsageError("give the class names with exactly one of --classes or --classes-file")
     refuse_existing([args.out], args.overwrite)  # before CLIP is loaded: minutes of work never thrown away
     base = load_checkpoint(args.checkpoint).config.teacher if args.checkpoint else None
     # A checkpoint's own teacher settings never reach the network; weights named on the command line may.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from clipzss.cli._common import (
     add_baseline_arg,
@@ -13,6 +14,7 @@ from clipzss.cli._common import (
     add_teacher_args,
     load_segmenter,
 )
+from clipzss.errors import UsageError
 
 HELP = "evaluate a checkpoint (or a training-free baseline) on a dataset: pAcc, mIoU(S/U), hIoU"
 EPILOG = """examples:
@@ -27,6 +29,8 @@ folder given with --out or --report are never replaced unless --overwrite is giv
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from clipzss.config import EvalConfig, choices
+
     parser.add_argument("checkpoint", nargs="?", default=None, help="checkpoint file or run folder")
     add_baseline_arg(parser, "evaluate CLIP itself instead, training-free, with this recipe")
     parser.add_argument(
@@ -41,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unseen", default=None, help="comma-separated unseen class names (default: standard split)"
     )
-    parser.add_argument("--mode", choices=["slide", "whole"], default=None, help="inference mode")
+    parser.add_argument("--mode", choices=choices(EvalConfig, "mode"), default=None, help="inference mode")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument(
         "--seen-gamma",
@@ -51,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--absent-classes",
-        choices=["mmseg", "skip"],
+        choices=choices(EvalConfig, "absent_classes"),
         default=None,
         help="a class absent from the ground truth: mmseg = IoU 0 if predicted (default), skip = left out",
     )
@@ -72,47 +76,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arg(parser)
 
 
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields this command's options set, as ``section.key`` overrides (`config.apply_overrides`)."""
+    from clipzss.names import parse_class_names
+
+    out: dict[str, Any] = {}
+    if (
+        args.dataset or args.data_root or args.unseen is not None
+    ):  # explicit data replace the config's eval set
+        out.update({"data.eval_dataset": None, "data.eval_root": None, "data.eval_unseen": None})
+    if args.dataset:
+        out["data.dataset"] = args.dataset
+        if not args.data_root:
+            out["data.root"] = ""
+    if args.data_root:
+        out["data.root"] = args.data_root
+    if args.unseen is not None:
+        out["data.unseen"] = parse_class_names(args.unseen) if args.unseen.strip() else []
+    if args.workers is not None:
+        out["data.num_workers"] = args.workers
+    if args.max_images:  # 0 means no limit, as when the option is left out
+        out["eval.max_images"] = args.max_images
+    for option, key in (
+        ("mode", "eval.mode"),
+        ("seen_gamma", "eval.seen_gamma"),
+        ("absent_classes", "eval.absent_classes"),
+        ("label_candidates", "eval.label_candidates"),
+    ):
+        if getattr(args, option) is not None:
+            out[key] = getattr(args, option)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from clipzss.checkpoint import resolve_checkpoint_path
-    from clipzss.config import Config, check_values
+    from clipzss.config import Config, apply_overrides
     from clipzss.data import build_eval_dataset
     from clipzss.evaluate import RESULT_FILES, evaluate
     from clipzss.files import next_free_path, refuse_existing
     from clipzss.models.segmenter import Segmenter
-    from clipzss.names import parse_class_names
 
     segmenter = load_segmenter(args)
     cfg = segmenter.config if isinstance(segmenter, Segmenter) else Config()
-    data = cfg.data
-    if (
-        args.dataset or args.data_root or args.unseen is not None
-    ):  # explicit data replace the config's eval set
-        data = replace(data, eval_dataset=None, eval_root=None, eval_unseen=None)
-    if args.dataset:
-        data = replace(data, dataset=args.dataset, root="" if not args.data_root else data.root)
-    if args.data_root:
-        data = replace(data, root=args.data_root)
-    if args.unseen is not None:
-        data = replace(data, unseen=parse_class_names(args.unseen) if args.unseen.strip() else [])
-    if args.workers is not None:
-        data = replace(data, num_workers=args.workers)
-    eval_cfg = segmenter.eval_cfg  # the checkpoint's, or the baseline recipe's input handling
-    if args.mode:
-        eval_cfg = replace(eval_cfg, mode=args.mode)
-    if args.max_images:
-        eval_cfg = replace(eval_cfg, max_images=args.max_images)
-    if args.seen_gamma is not None:
-        eval_cfg = replace(eval_cfg, seen_gamma=args.seen_gamma)
-    if args.absent_classes:
-        eval_cfg = replace(eval_cfg, absent_classes=args.absent_classes)
-    if args.label_candidates is not None:
-        eval_cfg = replace(eval_cfg, label_candidates=args.label_candidates)
-    cfg = replace(cfg, data=data, eval=eval_cfg)
-    check_values(cfg)  # the options above set config fields: the same bounds as a config file's
+    # The eval section is the checkpoint's, or the baseline recipe's input handling; the options set fields of both.
+    cfg = apply_overrides(replace(cfg, eval=segmenter.eval_cfg), config_overrides(args))
+    data, eval_cfg = cfg.data, cfg.eval
     if not (data.eval_root or data.root) and (data.eval_dataset or data.dataset) != "synthetic":
-        raise ValueError("say where the dataset is: --data-root DIR")
+        raise UsageError("say where the dataset is: --data-root DIR")
     if args.out:
         out = Path(args.out)
     else:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clipzss.cli._common import add_device_arg, add_overwrite_arg, add_teacher_args, teacher_config
+from clipzss.errors import UsageError
 
 HELP = (
     "cluster images with the teacher's dense tokens (PLM pseudo labels): quality vs ground truth + overlays"
@@ -92,18 +93,18 @@ def run(args: argparse.Namespace) -> int:
 
     paths, overrides = _split_inputs(args.inputs)
     if not paths:
-        raise ValueError("give at least one image file or folder to inspect")
+        raise UsageError("give at least one image file or folder to inspect")
     dense = None
     if args.dense is not None:
         from clipzss.models.recipes import check_dense
 
         dense = [p.strip() for p in args.dense.split(",") if p.strip()]
         if not dense:
-            raise ValueError("--dense: give at least one dense path, e.g. --dense value,clearclip")
+            raise UsageError("--dense: give at least one dense path, e.g. --dense value,clearclip")
         for path in dense:
             check_dense(path)  # before the teacher is built
         if getattr(args, "world_teacher", None):
-            raise ValueError("--dense compares CLIP's dense paths: drop --world-teacher")
+            raise UsageError("--dense compares CLIP's dense paths: drop --world-teacher")
     cfg = load_config(args.config, overrides)
     teacher_cfg = teacher_config(cfg.teacher, args)
     if args.image_size:

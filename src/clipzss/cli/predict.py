@@ -16,6 +16,7 @@ from clipzss.cli._common import (
     class_names_from_args,
     load_segmenter,
 )
+from clipzss.errors import UsageError
 
 HELP = "segment images with any class names"
 EPILOG = """examples:
@@ -33,6 +34,8 @@ DEFAULT_OUT = "outputs/predict"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from clipzss.config import EvalConfig, choices
+
     parser.add_argument("images", nargs="+", help="image files, or folders of images")
     add_classes_args(parser)
     parser.add_argument(
@@ -45,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--onnx", default=None, help="run a model from `clipzss export` with onnxruntime alone"
     )
-    parser.add_argument("--mode", choices=["slide", "whole"], default=None, help="inference mode")
+    parser.add_argument("--mode", choices=choices(EvalConfig, "mode"), default=None, help="inference mode")
     add_label_candidates_arg(parser)
     parser.add_argument(
         "--out",
@@ -83,14 +86,14 @@ def run(args: argparse.Namespace) -> int:
         from clipzss.inference.onnx_runner import OnnxSegmenter
 
         if args.checkpoint or args.baseline:
-            raise ValueError("--onnx runs the exported model on its own: drop --checkpoint / --baseline")
+            raise UsageError("--onnx runs the exported model on its own: drop --checkpoint / --baseline")
         segmenter = OnnxSegmenter(args.onnx, args.text_embeddings)
         names = names or segmenter.class_names
     else:
         segmenter = load_segmenter(args)
         if names is None:
             if not args.text_embeddings:
-                raise ValueError('give the class names to segment, e.g. --classes "cat,dog,grass"')
+                raise UsageError('give the class names to segment, e.g. --classes "cat,dog,grass"')
             names = segmenter.text_encoder.class_names
     if args.label_candidates is not None:
         if args.onnx:
@@ -118,5 +121,5 @@ def run(args: argparse.Namespace) -> int:
     if failed:  # exit code 2 once every other image is written
         others = f"; the other {len(images) - len(failed)} were written" if len(images) > len(failed) else ""
         more = f" (and {len(failed) - 1} more unreadable images, listed above)" if len(failed) > 1 else ""
-        raise ValueError(f"{failed[0]}{more}{others}")
+        raise UsageError(f"{failed[0]}{more}{others}")
     return 0

@@ -29,8 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipzss.quickstart import run_quickstart
+    from clipzss.quickstart import WORLD_NOTE, output_folder, run_quickstart, uses_world
 
     weights = args.teacher_weights or os.environ.get("CLIPZSS_CLIP_WEIGHTS")
-    run_quickstart(Path(args.out), iters=args.iters, teacher_weights=weights, device=args.device)
+    out = output_folder(Path(args.out))
+    if out != Path(args.out):
+        print(f"{args.out} holds an earlier quick start: this one writes to {out}")
+    if uses_world(weights):
+        print(WORLD_NOTE)
+    result = run_quickstart(out, iters=args.iters, teacher_weights=weights, device=args.device)
+    print(result.summary())
     return 0

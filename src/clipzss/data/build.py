@@ -8,12 +8,13 @@ import logging
 import zlib
 from pathlib import Path
 
-from clipzss.config import SETTINGS, Config, DataConfig, check_choice
+from clipzss.config import Config, DataConfig, check_field
 from clipzss.data.datasets import FileDataset, SegmentationDataset
 from clipzss.data.readers import READERS, normalize_dataset_name, read_listing
 from clipzss.data.scenes import SyntheticScenes
 from clipzss.data.splits import make_split
 from clipzss.data.transforms import build_transforms
+from clipzss.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ _SYNTHETIC_LENGTH = {True: 256, False: 32}
 def training_unseen(data: DataConfig) -> list[str] | None:
     """The classes a training set holds out: the configured unseen ones, none under ``data.setting=supervised``
     (every class labelled: the upper bound, still evaluated seen/unseen over the configured split)."""
-    check_choice(data.setting, SETTINGS, "data.setting")
+    check_field(data.setting, "data.setting")
     return [] if data.setting == "supervised" else data.unseen
 
 
@@ -41,7 +42,7 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegmentationDataset:
     """
     name = normalize_dataset_name(cfg.data.dataset)
     if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset '{cfg.data.dataset}'; choose one of: {', '.join(DATASET_NAMES)}")
+        raise UsageError(f"unknown dataset '{cfg.data.dataset}'; choose one of: {', '.join(DATASET_NAMES)}")
     transform = build_transforms(cfg.data, train, short_side=cfg.eval.short_side)
     unseen = training_unseen(cfg.data) if train else cfg.data.unseen
     if name == "synthetic":
@@ -55,7 +56,7 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegmentationDataset:
         )
     reader = READERS[name]
     if train and not reader.trainable:
-        raise ValueError(
+        raise UsageError(
             f"dataset '{name}' is evaluation-only (open-vocabulary transfer); train on another one"
         )
     if not cfg.data.root:

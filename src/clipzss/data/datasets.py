@@ -25,6 +25,7 @@ from clipzss.data.masks import Palette, class_ids, load_mask
 from clipzss.data.readers import Sample, read_classes_txt
 from clipzss.data.splits import IGNORE_INDEX, Split, training_mask
 from clipzss.data.transforms import EvalTransform, SegTransform, build_eval_transform, pil_to_tensor
+from clipzss.errors import UsageError
 from clipzss.images import to_rgb
 
 # Still imported from here by modules outside clipzss.data (their new homes are clipzss.data.masks / .readers).
@@ -89,9 +90,9 @@ def _image_matching(path: Path, size_hw: tuple[int, int]) -> Image.Image:
                 upright = raw
             image = to_rgb(upright)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
+        raise UsageError(f"cannot read image {path}: {err}") from None
     if (image.height, image.width) != size_hw:
-        raise ValueError(
+        raise UsageError(
             f"image {path} is {image.height}x{image.width} but its mask is {size_hw[0]}x{size_hw[1]} (H x W)"
         )
     return image
@@ -116,7 +117,7 @@ class FileDataset(SegmentationDataset):
     ) -> None:
         super().__init__(split, transform, train)
         if train and ignore_index != IGNORE_INDEX:
-            raise ValueError(
+            raise UsageError(
                 f"training needs labels with ignore = {IGNORE_INDEX}; this label set uses {ignore_index} "
                 f"({split.num_classes} classes) and is for evaluation only"
             )

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.errors import UsageError
 
 PALETTE_FILE = "palette.txt"
 # Modes whose second channel is alpha: the first channel holds the ids.
@@ -59,7 +60,7 @@ class Palette:
             values, counts = np.unique(keys[~known], return_counts=True)
             order = np.argsort(-counts)[:5]
             listed = ", ".join(f"{format_colour_key(int(values[i]))} × {counts[i]} px" for i in order)
-            raise ValueError(
+            raise UsageError(
                 f"mask {path} has {len(values)} colour(s) not in {self.source}: {listed}; add them to the "
                 "palette (as a class or, after the last class, as an ignore colour)"
             )
@@ -106,27 +107,27 @@ def read_palette(path: Path, class_names: Sequence[str]) -> Palette:
     for number, line in enumerate(lines, start=1):
         parsed = _parse_colour(line)
         if parsed is None:
-            raise ValueError(
+            raise UsageError(
                 f"{path} line {number} is not a colour: {line.strip()!r} (expected 'R G B', 'R,G,B' or '#RRGGBB', "
                 "optionally followed by the class name)"
             )
         (r, g, b), name = parsed
         class_id = number - 1 if number <= len(class_names) else IGNORE_INDEX
         if name and class_id != IGNORE_INDEX and name.lower() != class_names[class_id].strip().lower():
-            raise ValueError(
+            raise UsageError(
                 f"{path} line {number} names '{name}' but class id {class_id} is '{class_names[class_id]}'; "
                 "line i of the palette must colour class i of classes.txt"
             )
         key = (r << 16) | (g << 8) | b
         if key in keys:
             other = keys.index(key) + 1
-            raise ValueError(
+            raise UsageError(
                 f"{path} line {number} repeats the colour {format_colour_key(key)} of line {other}"
             )
         keys.append(key)
         ids.append(class_id)
     if len(lines) < len(class_names):
-        raise ValueError(
+        raise UsageError(
             f"{path} has {len(lines)} colours for {len(class_names)} classes; give one line per class, "
             "in classes.txt order"
         )
@@ -193,16 +194,16 @@ def load_mask(path: Path, palette: Palette | None = None) -> np.ndarray:
             mode = image.mode
             array = np.asarray(image)
     except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot read mask {path}: {err}") from None
+        raise UsageError(f"cannot read mask {path}: {err}") from None
     values = single_channel(array, mode, palette, path)
     if values is None:
-        raise ValueError(
+        raise UsageError(
             f"mask {path} is a colour ({mode}) image; masks must hold class ids in one channel "
             f"(mode L, P or I;16), with 255 = ignore; for colour-coded masks put a {PALETTE_FILE} "
             "(one 'R G B' line per class, in classes.txt order) beside classes.txt"
         )
     if mode == "F" or values.dtype.kind == "f":
-        raise ValueError(f"mask {path} holds floating-point values; masks must hold integer class ids")
+        raise UsageError(f"mask {path} holds floating-point values; masks must hold integer class ids")
     return values.astype(np.int64)
 
 
@@ -225,7 +226,7 @@ def class_ids(
     if bad.any():
         values = np.unique(raw[bad])[:10].tolist()
         rule = " after reduce_zero_label (0 = background)" if reduce_zero_label else ""
-        raise ValueError(
+        raise UsageError(
             f"mask {path} has ids {values} beyond the {num_classes} classes{rule}; "
             f"valid raw ids are 0..{top - 1} and {ignore_index} (ignore)"
         )

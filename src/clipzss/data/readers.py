@@ -18,6 +18,7 @@ from pathlib import Path
 
 from clipzss.data.masks import PALETTE_FILE, Palette, read_palette
 from clipzss.data.splits import DATASET_CLASSES, IGNORE_INDEX, WIDE_IGNORE_INDEX, validate_class_names
+from clipzss.errors import UsageError
 from clipzss.images import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def _list_images(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):
         twice = sorted({s for s in stems if stems.count(s) > 1})
-        raise ValueError(f"{folder} has several images with the same name stem: {', '.join(twice[:5])}")
+        raise UsageError(f"{folder} has several images with the same name stem: {', '.join(twice[:5])}")
     return images
 
 
@@ -168,10 +169,10 @@ def read_classes_txt(path: Path, max_classes: int = IGNORE_INDEX) -> tuple[str, 
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
-        raise ValueError(f"{path} is empty: give one class name per line (line i = id i)")
+        raise UsageError(f"{path} is empty: give one class name per line (line i = id i)")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
-            raise ValueError(f"{path} line {number} is blank; every id up to the last class needs a name")
+            raise UsageError(f"{path} line {number} is blank; every id up to the last class needs a name")
     return validate_class_names(lines, max_classes=max_classes)
 
 
@@ -345,7 +346,7 @@ def read_listing(dataset: str, root: Path | str, split: str, strict: bool = True
     """
     name = normalize_dataset_name(dataset)
     if name not in READERS:
-        raise ValueError(f"unknown dataset '{dataset}'; choose one of: {', '.join(READERS)}")
+        raise UsageError(f"unknown dataset '{dataset}'; choose one of: {', '.join(READERS)}")
     problems: list[str] | None = None if strict else []
     listing = READERS[name].read(Path(root).expanduser(), split, problems)
     listing.problems = problems or []

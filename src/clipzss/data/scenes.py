@@ -16,6 +16,7 @@ import torch
 from clipzss.data.datasets import SegmentationDataset
 from clipzss.data.splits import make_split
 from clipzss.data.transforms import EvalTransform, SegTransform
+from clipzss.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,11 @@ class SyntheticScenes(SegmentationDataset):
         train: bool = False,
     ) -> None:
         if num_images < 1 or size < 8:
-            raise ValueError(
+            raise UsageError(
                 f"SyntheticScenes needs num_images >= 1 and size >= 8, got {num_images} and {size}"
             )
         if not 1 <= cells[0] <= cells[1]:
-            raise ValueError(f"cells must be an increasing range of at least 1, got {cells}")
+            raise UsageError(f"cells must be an increasing range of at least 1, got {cells}")
         split = make_split(SYNTHETIC_CLASSES, SYNTHETIC_UNSEEN if unseen is None else unseen)
         super().__init__(split, transform, train)
         self.num_images = num_images

@@ -8,13 +8,14 @@ are never rewritten.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from clipzss.data.ade847 import ADE847_CLASSES
+from clipzss.errors import UsageError
+from clipzss.messages import did_you_mean
 from clipzss.names import normalize_class_name, parse_class_names
 
 IGNORE_INDEX = 255
@@ -116,7 +117,7 @@ class Split:
     def __post_init__(self) -> None:
         ids = sorted(self.seen + self.unseen)
         if ids != list(range(len(self.class_names))):
-            raise ValueError(
+            raise UsageError(
                 f"seen {self.seen} and unseen {self.unseen} must partition the ids 0..{len(self.class_names) - 1}"
             )
 
@@ -141,14 +142,14 @@ def validate_class_names(class_names: Sequence[str], max_classes: int = IGNORE_I
     use: :data:`IGNORE_INDEX`, or :data:`WIDE_IGNORE_INDEX` for 16-bit label sets (ADE-847, PC-459).
     """
     if isinstance(class_names, str):
-        raise ValueError(f"class_names must be a sequence of names, got the string {class_names!r}")
+        raise UsageError(f"class_names must be a sequence of names, got the string {class_names!r}")
     names = tuple(class_names)
     for i, name in enumerate(names):
         if not isinstance(name, str):
-            raise ValueError(f"class name at index {i} is not a string: {name!r}")
+            raise UsageError(f"class name at index {i} is not a string: {name!r}")
     names = tuple(parse_class_names(names))
     if len(names) > max_classes:
-        raise ValueError(
+        raise UsageError(
             f"{len(names)} classes do not fit: ids must stay below the ignore index {max_classes}"
         )
     return names
@@ -173,20 +174,20 @@ def make_split(
     if unseen_names is None:
         unseen_names = STANDARD_UNSEEN.get(dataset, ()) if dataset is not None else ()
     if isinstance(unseen_names, str):
-        raise ValueError(f"unseen names must be a list of class names, got the string {unseen_names!r}")
+        raise UsageError(f"unseen names must be a list of class names, got the string {unseen_names!r}")
     index = {normalize_class_name(n): i for i, n in enumerate(names)}
     unseen: list[int] = []
     for name in unseen_names:
         if not isinstance(name, str) or normalize_class_name(name) not in index:
-            close = difflib.get_close_matches(str(name), names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"unseen class '{name}' is not in the class list{hint}")
+            hint = did_you_mean(str(name), names)
+            hint = f"; {hint}" if hint else ""
+            raise UsageError(f"unseen class '{name}' is not in the class list{hint}")
         i = index[normalize_class_name(name)]
         if i in unseen:
-            raise ValueError(f"unseen class '{name}' is listed twice")
+            raise UsageError(f"unseen class '{name}' is listed twice")
         unseen.append(i)
     if len(unseen) == len(names):
-        raise ValueError("every class is unseen; at least one class must stay seen for training")
+        raise UsageError("every class is unseen; at least one class must stay seen for training")
     unseen_set = set(unseen)
     seen = tuple(i for i in range(len(names)) if i not in unseen_set)
     return Split(class_names=names, seen=seen, unseen=tuple(sorted(unseen)))

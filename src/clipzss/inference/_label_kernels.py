@@ -14,8 +14,8 @@ _F32 = np.float32
 
 
 # Lanes of `point_stats`: classes c, c + 16, c + 32, ... share a lane, so one step over 16 consecutive classes is
-# branch-free selects the compiler vectorises (one AVX-512 or two AVX2 registers); 8 lanes measured 1.8x slower,
-# 32 no faster.
+# branch-free selects the compiler vectorises (one AVX-512 or two AVX2 registers); 8 lanes were slower and 32 no
+# faster (benchmarks/README.md, "Zero-shot labels at any vocabulary size").
 _LANES = 16
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from clipzss.errors import UsageError
 from clipzss.files import atomic_write
 from clipzss.names import parse_class_names
 
@@ -30,7 +31,7 @@ def write_text_embeddings(
     file is never replaced (`clipzss.files.OutputExistsError`)."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2 or embeddings.shape[0] != len(class_names):
-        raise ValueError(f"{len(class_names)} class names but embeddings of shape {embeddings.shape}")
+        raise UsageError(f"{len(class_names)} class names but embeddings of shape {embeddings.shape}")
     meta = {"class_names": json.dumps(list(class_names)), "teacher": identity}
     atomic_write(
         Path(path),
@@ -55,12 +56,12 @@ def read_text_embeddings(path: str | Path) -> tuple[list[str], np.ndarray, str]:
             or embeddings.ndim != 2
             or embeddings.shape[0] != len(names)
         ):
-            raise ValueError(f"{len(names)} names for embeddings of shape {embeddings.shape}")
+            raise UsageError(f"{len(names)} names for embeddings of shape {embeddings.shape}")
         names = parse_class_names(names)  # duplicates, and at most MAX_CLASS_NAMES
         if not np.isfinite(embeddings).all():
-            raise ValueError("its embeddings hold NaN or infinite values")
+            raise UsageError("its embeddings hold NaN or infinite values")
     except Exception as err:
-        raise ValueError(
+        raise UsageError(
             f"{path} is not a text-embedding file written by `clipzss embed-text` ({err})"
         ) from None
     return names, embeddings, meta.get("teacher", "")

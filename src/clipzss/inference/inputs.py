@@ -8,7 +8,7 @@ with the torch paths, and a mask from `clipzss predict` is the mask `clipzss eva
 - `preprocess`: resize with PIL's bilinear filter on the 8-bit image (mmseg resizes the 8-bit image too, with
   cv2's bilinear filter, which does not antialias when shrinking; PIL does), then normalise with ImageNet
   statistics;
-- `sliding_windows`: mmseg's slide grid; `MODES` are the two test modes (whole, slide).
+- `sliding_windows`: mmseg's slide grid (``eval.mode`` slide; whole runs the image at once).
 
 The torch side (running the network over the windows) is `clipzss.inference.windows`; the labels at the original
 size come from `clipzss.inference.label_maps` (torch and numpy alike).
@@ -22,10 +22,10 @@ import numpy as np
 from PIL import Image
 
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD
+from clipzss.errors import UsageError
 
 # mmseg's test img_scale (2048, 512): the long side may reach 4× the short-side scale.
 LONG_SIDE_FACTOR = 4
-MODES = ("slide", "whole")
 
 
 def rescale_size(height: int, width: int, short: float, long: float) -> tuple[int, int]:
@@ -63,9 +63,8 @@ _NORMALIZED = _normalize_plain(np.arange(256, dtype=np.uint8).reshape(1, 256, 1)
 def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
     """8-bit RGB (H, W, 3) → (3, H, W) float32 with ImageNet statistics, the students' input convention.
 
-    A lookup of each byte's value (`_normalize_plain` of 0..255): the same bits as the arithmetic, one pass
-    instead of four (2.5 vs 7.3 ms for a 512×683 image), which counts against the 5 % predict may cost beyond
-    the student.
+    A lookup of each byte's value (`_normalize_plain` of 0..255): the same bits as the arithmetic in one pass
+    instead of four, which counts against what predict may cost beyond the student (benchmarks/README.md).
     """
     x = np.asarray(image, dtype=np.uint8)
     out = np.empty((3, *x.shape[:2]), dtype=np.float32)
@@ -77,12 +76,6 @@ def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
 def preprocess(image: Image.Image, short_side: int | None) -> np.ndarray:
     """RGB image → (3, h, w) float32 network input at `inference_size` (the one preprocessing of every path)."""
     return normalize(resize_image(image, inference_size(image.height, image.width, short_side)))
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"unknown inference mode '{mode}'; choose one of: {', '.join(MODES)}")
-    return mode
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -100,7 +93,7 @@ def sliding_windows(
     """
     (crop_h, crop_w), (stride_h, stride_w) = _pair(crop_size), _pair(stride)
     if min(crop_h, crop_w, stride_h, stride_w) < 1:
-        raise ValueError(f"crop_size {crop_size} and stride {stride} must be positive")
+        raise UsageError(f"crop_size {crop_size} and stride {stride} must be positive")
     rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
     cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
     windows = []

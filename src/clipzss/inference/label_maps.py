@@ -3,8 +3,8 @@
 Every prediction ends as ``argmax_k upsample(logits)_k`` (mmseg's test pipeline): each window's stride-4 logits
 are upsampled bilinearly to the window, windows are averaged where they overlap, the canvas is resized to the
 original image, and each pixel takes the class with the largest value. Done literally that is K·H·W values
-(1.4 GB for 171 classes on a 1024×2048 canvas) and several passes over them: 1.1 ms per class name per 512² image
-on a CPU core, as much as the classifier matmul itself.
+(gigabytes for a large vocabulary on a 1024×2048 canvas) and several passes over them, as much time as the
+classifier matmul itself (benchmarks/README.md, "Speed and memory").
 
 Upsampling, averaging and resizing are convex combinations of low-resolution values, so a pixel's value for
 class k lies between the smallest and the largest low-resolution value of k that feeds it (and, where windows
@@ -42,6 +42,8 @@ from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
+
+from clipzss.errors import UsageError
 
 
 def _torch() -> Any:
@@ -519,7 +521,7 @@ def _plan_tables(plan: Plan) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
 def check_candidates(value: Any, name: str = "candidates") -> int:
     """``value`` as `label_map`'s ``candidates`` (an integer >= 0), or one line naming ``name`` (a config field)."""
     if isinstance(value, bool) or not (isinstance(value, int | np.integer) and value >= 0):
-        raise ValueError(f"{name} must be an integer >= 0 (0: exact labels), got {value!r}")
+        raise UsageError(f"{name} must be an integer >= 0 (0: exact labels), got {value!r}")
     return int(value)
 
 

@@ -19,10 +19,11 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from clipzss.config import Config, ConfigError, check_choice, check_side
+from clipzss.config import Config, ConfigError, check_choice, check_field, check_side
+from clipzss.errors import UsageError
 from clipzss.images import ImageLike, as_rgb
 from clipzss.inference.embeddings_file import read_text_embeddings
-from clipzss.inference.inputs import check_mode, preprocess, sliding_windows
+from clipzss.inference.inputs import preprocess, sliding_windows
 from clipzss.inference.label_maps import check_candidates, label_map, slide_labels, whole_plan
 from clipzss.names import parse_class_names
 
@@ -40,7 +41,7 @@ def open_session(path: str | Path, threads: int | None) -> Any:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types
-        raise ValueError(f"{path} is not a loadable ONNX model: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"{path} is not a loadable ONNX model: {str(err).splitlines()[0]}") from None
 
 
 OUTPUTS = ("logits", "embeddings")  # what `clipzss export` writes: with class names baked in, or without
@@ -57,21 +58,21 @@ class _Metadata:
         if key not in self.meta:
             if default is not None:
                 return default
-            raise ValueError(f"{self.path}: its clipzss metadata has no '{key}' (not a complete export)")
+            raise UsageError(f"{self.path}: its clipzss metadata has no '{key}' (not a complete export)")
         return self.meta[key]
 
     def _json(self, key: str) -> Any:
         try:
             return json.loads(self._raw(key))
         except (json.JSONDecodeError, RecursionError):
-            raise ValueError(f"{self.path}: metadata '{key}' is not valid JSON") from None
+            raise UsageError(f"{self.path}: metadata '{key}' is not valid JSON") from None
 
     def choice(self, key: str, choices: tuple[str, ...]) -> str:
         value = self._raw(key)
         try:
             check_choice(value, choices, key)
         except ValueError as err:
-            raise ValueError(f"{self.path}: metadata {err}") from None
+            raise UsageError(f"{self.path}: metadata {err}") from None
         return value
 
     def number(self, key: str) -> float:
@@ -80,7 +81,7 @@ class _Metadata:
         except ValueError:
             value = math.nan
         if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{self.path}: metadata {key}={self._raw(key)[:40]!r} is not a positive number")
+            raise UsageError(f"{self.path}: metadata {key}={self._raw(key)[:40]!r} is not a positive number")
         return value
 
     def side(self, key: str, default: int | None = None) -> int:
@@ -88,7 +89,7 @@ class _Metadata:
         try:
             value = int(raw)
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"{self.path}: metadata {key}={raw[:40]!r} is not a whole number of pixels"
             ) from None
         if default is not None and value == default:
@@ -96,17 +97,17 @@ class _Metadata:
         try:
             return check_side(value, key)
         except ConfigError as err:
-            raise ValueError(f"{self.path}: metadata {err}") from None
+            raise UsageError(f"{self.path}: metadata {err}") from None
 
     def eval(self) -> dict[str, Any]:
         """The export's test-time settings (mode, windows, short side), refused as a config's would be."""
         data = self._json("eval")
         if not isinstance(data, dict):
-            raise ValueError(f"{self.path}: metadata 'eval' is not a mapping of settings")
+            raise UsageError(f"{self.path}: metadata 'eval' is not a mapping of settings")
         try:
             checked = Config.from_dict({"eval": data}, source=f"{self.path}: metadata").eval
         except ConfigError as err:
-            raise ValueError(
+            raise UsageError(
                 str(err) if str(err).startswith(str(self.path)) else f"{self.path}: {err}"
             ) from None
         values = {key: getattr(checked, key) for key in data}
@@ -117,11 +118,11 @@ class _Metadata:
     def class_names(self) -> list[str]:
         names = self._json("class_names")
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-            raise ValueError(f"{self.path}: metadata 'class_names' is not a list of names")
+            raise UsageError(f"{self.path}: metadata 'class_names' is not a list of names")
         try:
             return parse_class_names(names)
         except ValueError as err:
-            raise ValueError(f"{self.path}: metadata 'class_names': {err}") from None
+            raise UsageError(f"{self.path}: metadata 'class_names': {err}") from None
 
 
 class OnnxSegmenter:
@@ -141,10 +142,10 @@ class OnnxSegmenter:
         self.session = open_session(self.path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("clipzss_format") != FORMAT:
-            raise ValueError(f"{self.path} is an ONNX model but not one exported by `clipzss export`")
+            raise UsageError(f"{self.path} is an ONNX model but not one exported by `clipzss export`")
         inputs = [node.name for node in self.session.get_inputs()]
         if inputs != ["image"]:
-            raise ValueError(
+            raise UsageError(
                 f"{self.path}: the graph's inputs are {inputs[:4]}, not the one 'image' of an export"
             )
         checked = _Metadata(meta, self.path)
@@ -177,7 +178,7 @@ class OnnxSegmenter:
 
     def _rows(self, class_names: Sequence[str] | None) -> tuple[list[str], list[int]]:
         if not self.class_names:
-            raise ValueError(
+            raise UsageError(
                 f"{self.path} returns embeddings without a classifier: give text embeddings "
                 "(--text-embeddings from `clipzss embed-text`) or export with --classes"
             )
@@ -185,7 +186,7 @@ class OnnxSegmenter:
         index = {name: row for row, name in enumerate(self.class_names)}
         missing = [n for n in names if n not in index]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"class names not in {self.path}: {', '.join(missing)} (it knows: {', '.join(self.class_names)})"
             )
         return names, [index[n] for n in names]
@@ -223,7 +224,7 @@ class OnnxSegmenter:
         rgb = as_rgb(image)
         x = self.preprocess(rgb)  # (1, 3, h, w)
         out_size = (rgb.height, rgb.width)
-        if check_mode(mode or self.eval.get("mode", "whole")) == "whole":
+        if check_field(mode or self.eval.get("mode", "whole"), "eval.mode") == "whole":
             logits = self._logits(x, rows).transpose(0, 2, 3, 1)  # (1, h', w', K): one window
             return label_map(whole_plan(logits.shape[1:3], out_size), logits, candidates=candidates)
         h, w = x.shape[-2:]

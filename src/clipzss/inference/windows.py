@@ -13,8 +13,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from clipzss.config import EvalConfig
-from clipzss.inference.inputs import check_mode, sliding_windows
+from clipzss.config import EvalConfig, check_field
+from clipzss.inference.inputs import sliding_windows
 from clipzss.inference.label_maps import (
     Plan,
     all_window_logits,
@@ -67,7 +67,7 @@ def window_logits(
     """
     _, _, h, w = images.shape
     out_size = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
-    if check_mode(cfg.mode) == "whole":
+    if check_field(cfg.mode, "eval.mode") == "whole":
         logits = _classes_last(logits_fn(images))[:, None]  # (B, 1, h', w', K)
         return whole_plan(logits.shape[2:4], out_size), logits
     windows = sliding_windows(h, w, cfg.crop_size, cfg.stride)
@@ -109,7 +109,7 @@ def window_labels(
     out_size = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
     # (checked here too: predict runs a checkpoint's config without going through evaluate)
     candidates = check_candidates(cfg.label_candidates, "eval.label_candidates")
-    if check_mode(cfg.mode) == "slide":
+    if check_field(cfg.mode, "eval.mode") == "slide":
         windows = sliding_windows(h, w, cfg.crop_size, cfg.stride)
         run = partial(_run_windows, logits_fn, images)
         return slide_labels(run, (h, w), windows, out_size, transforms, window_batch, candidates)

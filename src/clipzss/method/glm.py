@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipzss.config import MethodConfig
+from clipzss.errors import UsageError
 from clipzss.method.losses import info_nce
 
 UNKNOWN_IMAGE = -1  # the id of a CLS token whose image is not known (never equal to any other id)
@@ -172,9 +173,9 @@ class GLM(nn.Module):
     ) -> None:
         super().__init__()
         if cfg.tau <= 0:
-            raise ValueError(f"method.tau must be > 0, got {cfg.tau}")
+            raise UsageError(f"method.tau must be > 0, got {cfg.tau}")
         if not 0 <= cfg.bank_fraction <= 1:
-            raise ValueError(f"method.bank_fraction must be in [0, 1], got {cfg.bank_fraction}")
+            raise UsageError(f"method.bank_fraction must be in [0, 1], got {cfg.bank_fraction}")
         self.embed_dim = embed_dim
         self.tau = cfg.tau
         self.normalize_keys = normalize_keys

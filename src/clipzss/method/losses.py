@@ -14,19 +14,15 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from clipzss.config import DISTILL_PIXELS, PROTOTYPE_GAPS, MethodConfig, check_choice
+from clipzss.config import MethodConfig, check_field
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.errors import UsageError
 from clipzss.method.pseudo_labels import mean_token, token_validity
 from clipzss.method.regions import Regions, count_pseudo_slots, downsample_labels, teacher_pseudo_prototypes
 
 # A finite "minus infinity" for padded pseudo channels: exp(-1e4) is exactly 0 in fp32/bf16 softmax, while -inf
 # would give NaN in a softmax or a loss if every channel of a row were padding. Representable in fp16 too.
 NEG_LOGIT = -1e4
-BCE_MODES = ("bce", "softmax")  # prototype_bce_loss's formulations (method.bce)
-# nel_loss's normalisations (method.nel_norm): ZegCLIP's released criterion, or our earlier mean over entries.
-NEL_NORMS = ("zegclip", "entries")
-# Where NEL and CE are computed (method.loss_resolution): at the logits' own stride, or upsampled to the labels.
-LOSS_RESOLUTIONS = ("logits", "full")
 
 
 def info_nce(
@@ -157,7 +153,7 @@ def masked_focal_loss(
         pixels: (B, H, W) bool, False on void pixels, which count nowhere (with "zegclip" a map is then averaged
             over its image's non-void pixels); None = every pixel counts (ZegCLIP's criterion exactly).
     """
-    check_choice(norm, NEL_NORMS, "method.nel_norm")
+    check_field(norm, "method.nel_norm")
     logits = _at_least_fp32(logits)
     channels = _channel_mask(valid_channels, logits)  # (B, K)
     target = _one_hot_targets(labels, logits.shape[1], logits.dtype)  # (B, K, H, W)
@@ -198,7 +194,7 @@ def masked_dice_loss(
         norm: "zegclip" or "entries".
         pixels: (B, H, W) bool, False on void pixels; None = every pixel counts.
     """
-    check_choice(norm, NEL_NORMS, "method.nel_norm")
+    check_field(norm, "method.nel_norm")
     logits = _at_least_fp32(logits)
     probs = logits.sigmoid()
     target = _one_hot_targets(labels, logits.shape[1], logits.dtype)  # (B, K, H, W)
@@ -309,8 +305,7 @@ def prototype_bce_loss(
         bias: added to the logits, a number or a () tensor (learnable).
         mode: "bce" or "softmax".
     """
-    if mode not in BCE_MODES:
-        raise ValueError(f"prototype_bce_loss mode must be one of {', '.join(BCE_MODES)}, got '{mode}'")
+    check_field(mode, "method.bce")
     num_classes = text_seen.shape[0]
     cos = F.normalize(p_seen.float(), dim=-1) @ F.normalize(text_seen.float(), dim=-1).T  # (N, S_n)
     weights = torch.ones(cos.shape[0], device=cos.device) if valid is None else valid.float()
@@ -424,7 +419,7 @@ def compute_losses(
         ids: (B,) image identities for GLM's negatives (:func:`clipzss.method.glm.image_ids`), or None.
     """
     if not (cfg.glm or cfg.synthesizer or cfg.nel or cfg.ce or cfg.w_distill > 0):
-        raise ValueError("every loss is switched off (method.glm, synthesizer, nel and ce are all false)")
+        raise UsageError("every loss is switched off (method.glm, synthesizer, nel and ce are all false)")
     if cfg.glm and glm is None:
         raise ValueError("method.glm is on but no GLM module was given to compute_losses")
     if cfg.synthesizer and synthesizer is None:
@@ -446,7 +441,7 @@ def compute_losses(
             None if valid is None else token_validity(valid, tuple(teacher_dense.shape[-2:]))
         )  # (B, h', w')
         if cfg.w_distill > 0:
-            check_choice(cfg.distill_pixels, DISTILL_PIXELS, "method.distill_pixels")
+            check_field(cfg.distill_pixels, "method.distill_pixels")
             tokens = token_valid
             if cfg.distill_pixels == "unlabelled":  # no ground truth: pseudo ids or still unlabelled
                 unlabelled = downsample_labels(labels, tuple(teacher_dense.shape[-2:])) >= num_seen
@@ -457,7 +452,7 @@ def compute_losses(
         if cfg.pseudo_labels:
             num_pseudo = count_pseudo_slots(labels, num_seen) if max_pseudo is None else max_pseudo
         if num_seen + num_pseudo > IGNORE_INDEX:
-            raise ValueError(
+            raise UsageError(
                 f"{num_seen} seen + {num_pseudo} pseudo ids reach the ignore label {IGNORE_INDEX}; lower the number "
                 "of pseudo regions (method.min_region)"
             )
@@ -466,7 +461,7 @@ def compute_losses(
             regions = synthesizer(R, labels, teacher_cls, teacher_dense, num_seen, num_pseudo, valid)
             seen_protos, seen_valid = regions.seen()  # (B, S_n, C), (B, S_n)
             classes = torch.arange(num_seen, device=R.device).repeat(batch)  # (B*S_n,)
-            check_choice(cfg.bce, BCE_MODES, "method.bce")
+            check_field(cfg.bce, "method.bce")
             scale, bias = (1 / cfg.tau, 0.0) if cfg.bce == "softmax" else (cfg.bce_scale, cfg.bce_bias)
             if regions.logit_scale is not None:  # method.bce_learnable: the synthesizer's own scale and bias
                 scale, bias = regions.logit_scale, regions.logit_bias
@@ -481,7 +476,7 @@ def compute_losses(
             pseudo_protos, pseudo_valid = teacher_pseudo_prototypes(
                 teacher_dense, labels, num_seen, num_pseudo
             )
-        check_choice(cfg.prototype_gap, PROTOTYPE_GAPS, "method.prototype_gap")
+        check_field(cfg.prototype_gap, "method.prototype_gap")
         if cfg.prototype_gap == "shift" and cfg.pseudo_labels:
             # Every step on every rank (the mean is all-reduced), whether or not this rank has pseudo regions.
             mean_image = mean_token(teacher_dense.float(), token_valid).flatten()  # (C,)
@@ -489,7 +484,7 @@ def compute_losses(
                 pseudo_protos = gap_shifted(pseudo_protos, mean_image, text_seen)
 
         if cfg.nel or cfg.ce:
-            check_choice(cfg.loss_resolution, LOSS_RESOLUTIONS, "method.loss_resolution")
+            check_field(cfg.loss_resolution, "method.loss_resolution")
             logits = build_logits(
                 R, text_seen, pseudo_protos, pseudo_valid, cfg.alpha, cfg.beta
             )  # (B, K, h, w)

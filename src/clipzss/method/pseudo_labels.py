@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange, reduce
 
-from clipzss.config import CENTER_SCOPES, MethodConfig, check_choice
+from clipzss.config import MethodConfig, check_field
+from clipzss.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +61,11 @@ def window_sizes(h: int, w: int, divisors: Sequence[int]) -> list[int]:
     if h < 1 or w < 1:
         raise ValueError(f"token grid must be at least 1x1, got {h}x{w}")
     if not divisors:
-        raise ValueError("window_divisors is empty; give at least one divisor, e.g. (2, 4, 8)")
+        raise UsageError("window_divisors is empty; give at least one divisor, e.g. (2, 4, 8)")
     sizes: list[int] = []
     for d in divisors:
         if d <= 0:
-            raise ValueError(f"window divisor must be positive, got {d} in {tuple(divisors)}")
+            raise UsageError(f"window divisor must be positive, got {d} in {tuple(divisors)}")
         size = max(1, math.floor(min(h, w) / d + 0.5))
         if size not in sizes:
             sizes.append(size)
@@ -321,7 +322,7 @@ def kmeans_sets(
                 f"kmeans needs x (B, N, C) and init (B, K, C), got {tuple(x.shape)} and {tuple(init.shape)}"
             )
     if iters < 0:
-        raise ValueError(f"kmeans_iters must be >= 0, got {iters}")
+        raise UsageError(f"kmeans_iters must be >= 0, got {iters}")
     dtype = _compute_dtype(x, *inits)
     x = x.to(dtype).contiguous()  # a strided view would be copied by every matmul
     sizes = [init.shape[1] for init in inits]
@@ -494,7 +495,7 @@ def mean_token(dense: torch.Tensor, valid: torch.Tensor | None = None, scope: st
     global batch. The sums are float64, so the order of the additions hardly matters. An image (or batch) without a
     valid token has a zero mean. Under torch.distributed the batch scope is a collective: every rank must call it.
     """
-    check_choice(scope, CENTER_SCOPES, "method.center_scope")
+    check_field(scope, "method.center_scope")
     x = dense.double()
     weights = torch.ones_like(x[:, :1]) if valid is None else valid[:, None].double()  # (B, 1, h, w)
     dims = (0, 2, 3) if scope == "batch" else (2, 3)

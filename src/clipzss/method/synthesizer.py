@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipzss.config import MethodConfig
+from clipzss.errors import UsageError
 from clipzss.method.regions import Regions, count_pseudo_slots, downsample_labels, region_means
 
 
@@ -53,7 +54,7 @@ class Synthesizer(nn.Module):
                 f"num_layers={num_layers}, num_heads={num_heads}"
             )
         if bce_scale <= 0 or not math.isfinite(bce_scale) or not math.isfinite(bce_bias):
-            raise ValueError(
+            raise UsageError(
                 f"method.bce_scale must be a finite number > 0 and method.bce_bias finite, got {bce_scale} and "
                 f"{bce_bias}"
             )

@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clipzss.config import CLUSTER_MODES, MethodConfig, TransductiveConfig, check_choice
+from clipzss.config import MethodConfig, TransductiveConfig, check_field
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.errors import UsageError
 from clipzss.method.pseudo_labels import pseudo_labels, upsample_regions
 
 
@@ -93,7 +94,7 @@ def transductive_labels(
     Returns:
         fused (B, H, W) int64 and num_pseudo (B,) int64, the cluster slots of each image.
     """
-    check_choice(cfg.clusters, CLUSTER_MODES, "transductive.clusters")
+    check_field(cfg.clusters, "transductive.clusters")
     if cfg.clusters == "unnamed" or not method.pseudo_labels:
         return pseudo_labels(dense, named, num_known, method, valid)
     clustered, num_pseudo = pseudo_labels(dense, labels, num_known, method, valid)
@@ -110,7 +111,7 @@ class EMAStudent(nn.Module):
     def __init__(self, student: nn.Module, decay: float) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"transductive.ema_decay={decay} must be in [0, 1)")
+            raise UsageError(f"transductive.ema_decay={decay} must be in [0, 1)")
         self.decay = decay
         self.model = copy.deepcopy(student).eval().requires_grad_(False)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from clipzss.config import SAVED_DEFAULTS, EvalConfig, check_choice
+from clipzss.config import SAVED_DEFAULTS, EvalConfig, TeacherConfig, check_choice, check_field, choices
 
 # teacher.dense: "value" (the value path without attention, residual or FFN; the default before the recipes
 # below were added, so a checkpoint that records no path computed it) and the four released recipes.
 LEGACY_DENSE: str = SAVED_DEFAULTS[("teacher", "dense")]
-DENSE_PATHS: tuple[str, ...] = (LEGACY_DENSE, "maskclip", "clearclip", "sclip", "naclip")
+DENSE_PATHS: tuple[str, ...] = choices(TeacherConfig, "dense")
 BASELINES: tuple[str, ...] = ("maskclip", "clearclip", "sclip", "naclip")
 
 # Published mIoU (%) of each recipe with CLIP ViT-B/16, no background class, mostly as re-reported in later papers'
@@ -62,7 +62,7 @@ BASELINE_TITLES: dict[str, str] = {
 
 def check_dense(path: str) -> None:
     """One line naming ``teacher.dense`` when the path is not one of `DENSE_PATHS`."""
-    check_choice(path, DENSE_PATHS, "teacher.dense")
+    check_field(path, "teacher.dense")
 
 
 def check_baseline(name: str) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from clipzss.checkpoint import CheckpointError, load_checkpoint
 from clipzss.config import Config, EvalConfig
+from clipzss.errors import UsageError
 from clipzss.images import ImageLike, as_rgb
 from clipzss.inference.embeddings_file import read_text_embeddings, write_text_embeddings
 from clipzss.inference.inputs import preprocess
@@ -45,7 +46,7 @@ class PrecomputedText:
 
     def __init__(self, class_names: Sequence[str], embeddings: torch.Tensor, identity: str = "") -> None:
         if embeddings.ndim != 2 or embeddings.shape[0] != len(class_names):
-            raise ValueError(
+            raise UsageError(
                 f"{len(class_names)} class names but embeddings of shape {tuple(embeddings.shape)}"
             )
         self.class_names = list(class_names)
@@ -73,7 +74,7 @@ class PrecomputedText:
         index = {name: i for i, name in enumerate(self.class_names)}
         missing = [n for n in class_names if n not in index]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"class names not in the text-embedding file: {', '.join(missing)} "
                 f"(it holds: {', '.join(self.class_names)})"
             )
@@ -96,7 +97,7 @@ class LRUCache(MutableMapping):
 
     def __init__(self, max_size: int = TEXT_CACHE_SIZE) -> None:
         if max_size < 1:
-            raise ValueError(f"a cache needs room for at least one entry, got max_size={max_size}")
+            raise UsageError(f"a cache needs room for at least one entry, got max_size={max_size}")
         self.max_size = max_size
         self._items: OrderedDict[Hashable, object] = OrderedDict()
 
@@ -144,9 +145,8 @@ def _classes_last_logits(flat: torch.Tensor, weights: torch.Tensor, norm: torch.
     """(B, P, K) = (weights @ flat) / norm, on the CPU in blocks of pixels.
 
     Each block is a (K, C) @ (C, n) matmul whose (K, n) result is still in cache when one pass transposes and
-    divides it into the classes-last output. Measured on one core at 128² pixels, C = 512: faster than the
-    single (K, C) @ (C, P) matmul alone (23 / 58 / 346 ms against 26 / 79 / 360 at 20 / 171 / 847 classes),
-    where the one-matmul classes-last form plus its division took 32 / 104 / 469.
+    divides it into the classes-last output: faster than the single (K, C) @ (C, P) matmul alone, let alone the
+    one-matmul classes-last form plus its division (the measurements are in benchmarks/README.md).
     """
     batch, _, points = flat.shape
     classes = weights.shape[0]
@@ -197,12 +197,12 @@ class ZeroShotSegmenter:
             elif isinstance(self.text_encoder, CLIPTeacher):
                 text = self.text_encoder.text_embeddings(list(names), templates=list(templates))
             else:
-                raise ValueError(
+                raise UsageError(
                     f"prompt templates cannot be changed with a {type(self.text_encoder).__name__} text encoder "
                     "(precomputed embeddings); load CLIP to use other templates"
                 )
             if self.embed_dim is not None and text.shape[-1] != self.embed_dim:
-                raise ValueError(
+                raise UsageError(
                     f"the text encoder ({getattr(self.text_encoder, 'identity', type(self.text_encoder).__name__)})"
                     f" gives {text.shape[-1]}-d embeddings but this model's are {self.embed_dim}-d: it is not the "
                     "text encoder the model was trained with; pass that one's weights (--teacher-weights) or its "

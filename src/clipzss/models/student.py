@@ -10,7 +10,6 @@ The encoder's starting weights (``StudentConfig.weights``: none, a hub tag or a 
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import math
@@ -27,6 +26,8 @@ from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDeco
 from torch import nn
 
 from clipzss.config import StudentConfig
+from clipzss.errors import UsageError
+from clipzss.messages import did_you_mean
 from clipzss.models.student_weights import load_encoder_state, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class Student(nn.Module):
         if static and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             expected = (padded_h // 4, padded_w // 4)
             if tuple(out.shape[-2:]) != expected:
-                raise ValueError(
+                raise UsageError(
                     f"student {self.arch}/{self.encoder_name} returned a {tuple(out.shape[-2:])} map for a "
                     f"{tuple(x.shape[-2:])} input instead of {expected} (stride 4); its arch_kwargs change the "
                     "decoder's stride in a way this module does not handle"
@@ -178,8 +179,8 @@ def build_student(cfg: StudentConfig, *, for_training: bool = True) -> Student:
 
     Raises:
         ValueError: unknown or unsupported architecture / encoder, bad ``arch_kwargs``, weights that do not fit.
-        FileNotFoundError: a weights file that does not exist, or hub weights that are neither cached nor
-            downloadable (offline).
+        FileNotFoundError: a weights file that does not exist.
+        OfflineError: hub weights that are neither cached nor downloadable (offline).
     """
     arch_cls = _resolve_arch(cfg.arch)
     _check_encoder(cfg.encoder)
@@ -234,7 +235,7 @@ def _probe(student: Student, backward: bool) -> None:
             if backward:
                 out.sum().backward()
     except (RuntimeError, AssertionError) as err:  # e.g. a fixed-size ViT told dynamic_img_size=False
-        raise ValueError(
+        raise UsageError(
             f"student {student.arch}/{student.encoder_name} cannot run a {size}x{size} image: {err}"
         ) from err
     finally:
@@ -265,8 +266,8 @@ def _freeze_unused(student: Student) -> tuple[str, ...]:
 
 
 def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    hint = did_you_mean(name, choices)
+    return f" ({hint})" if hint else ""
 
 
 def _resolve_arch(name: str) -> type[nn.Module]:
@@ -274,13 +275,13 @@ def _resolve_arch(name: str) -> type[nn.Module]:
     by_lower = {a.__name__.lower(): a for a in smp._MODEL_ARCHITECTURES}
     arch_cls = by_lower.get(name.lower())
     if arch_cls is None:
-        raise ValueError(
+        raise UsageError(
             f"unknown student architecture '{name}'; choose one of {', '.join(supported)}"
             + _did_you_mean(name, supported)
         )
     if arch_cls.__name__ not in SUPPORTED_ARCHS:
         reason = _REJECTED_ARCHS.get(arch_cls.__name__, "it has no stride-4 output")
-        raise ValueError(
+        raise UsageError(
             f"student architecture '{arch_cls.__name__}' is not supported: {reason}; "
             f"choose one of {', '.join(supported)}"
         )
@@ -290,17 +291,16 @@ def _resolve_arch(name: str) -> type[nn.Module]:
 def _check_encoder(name: str) -> None:
     if name.startswith("tu-"):
         if not timm.is_model(name[3:]):
-            close = difflib.get_close_matches(name[3:], timm.list_models(), n=1)
-            hint = f" (did you mean 'tu-{close[0]}'?)" if close else ""
-            raise ValueError(f"unknown timm encoder '{name}': '{name[3:]}' is not a timm model{hint}")
+            hint = _did_you_mean(name, [f"tu-{model}" for model in timm.list_models()])
+            raise UsageError(f"unknown timm encoder '{name}': '{name[3:]}' is not a timm model{hint}")
         try:
             timm.models.get_pretrained_cfg(name[3:])
         except RuntimeError as err:  # a tag the architecture does not have, e.g. tu-convnext_atto.nope
-            raise ValueError(f"unknown timm encoder '{name}': {err}") from None
+            raise UsageError(f"unknown timm encoder '{name}': {err}") from None
         return
     names = smp.encoders.get_encoder_names()
     if name not in names:
-        raise ValueError(
+        raise UsageError(
             f"unknown student encoder '{name}'; choose one of {', '.join(names)}, or any timm model as "
             f"tu-<timm name> (e.g. tu-convnext_tiny)" + _did_you_mean(name, names)
         )
@@ -311,7 +311,7 @@ def _arch_kwargs(cfg: StudentConfig, arch_cls: type[nn.Module]) -> dict[str, Any
     kwargs = dict(cfg.arch_kwargs)
     for key in (*_RESERVED_KWARGS, "aux_params"):
         if key in kwargs:
-            raise ValueError(
+            raise UsageError(
                 f"student.arch_kwargs may not set '{key}': the student sets it itself "
                 "(encoder and weights have their own fields, the output is always embed_dim raw channels)"
             )
@@ -330,7 +330,7 @@ def _arch_kwargs(cfg: StudentConfig, arch_cls: type[nn.Module]) -> dict[str, Any
         ]
         for key in kwargs:
             if key not in valid:
-                raise ValueError(
+                raise UsageError(
                     f"unknown student.arch_kwargs key '{key}' for {arch} with an smp encoder; valid keys: "
                     f"{', '.join(valid)}" + _did_you_mean(key, valid)
                 )
@@ -357,7 +357,7 @@ def _create(
             **kwargs,
         )
     except (ValueError, KeyError, TypeError, RuntimeError, AssertionError) as err:
-        raise ValueError(
+        raise UsageError(
             f"cannot build student {arch_cls.__name__} with encoder '{cfg.encoder}' and arch_kwargs "
             f"{ {k: v for k, v in kwargs.items() if k != 'pretrained_cfg_overlay'} }: {err}"
         ) from err
@@ -371,13 +371,13 @@ def _make_stride4(model: nn.Module, arch: str, embed_dim: int) -> None:
     elif isinstance(head, DPTSegmentationHead):
         core, factor = head.head, head.upsampling_factor
     else:
-        raise ValueError(f"student {arch}: unexpected smp head {type(head).__name__}")
+        raise UsageError(f"student {arch}: unexpected smp head {type(head).__name__}")
     stride = int(factor)  # the decoder's output stride: smp heads upsample it to full resolution
     if stride == 1 and arch in _TRUNCATED_DECODERS:
         blocks = model.decoder.blocks
         keep = len(blocks) - 2  # the blocks after this one work at 1/2 and 1/1
         if keep < 1:
-            raise ValueError(f"student {arch} needs encoder_depth >= 3 to have a stride-4 decoder stage")
+            raise UsageError(f"student {arch} needs encoder_depth >= 3 to have a stride-4 decoder stage")
         model.decoder.blocks = blocks[:keep]
         channels = _last_conv_channels(blocks[keep - 1])
         kernel = core.kernel_size[0]
@@ -385,7 +385,7 @@ def _make_stride4(model: nn.Module, arch: str, embed_dim: int) -> None:
         initialize_head(core)
         stride = 4
     if stride not in (2, 4, 8, 16, 32):
-        raise ValueError(
+        raise UsageError(
             f"student {arch}: its decoder works at stride {stride}, which cannot be brought to 4"
         )
     model.segmentation_head = _Stride4Head(core, pool=max(4 // stride, 1), upsample=max(stride // 4, 1))

@@ -21,6 +21,7 @@ from torch import nn
 
 from clipzss import hub
 from clipzss.config import StudentConfig
+from clipzss.errors import OfflineError, UsageError
 
 _KEY_PREFIXES = ("", "encoder.", "model.encoder.", "module.", "module.encoder.", "module.model.encoder.")
 
@@ -39,8 +40,9 @@ def resolve_weights(cfg: StudentConfig) -> StudentWeights:
     """Read the weights ``cfg.weights`` names for ``cfg.encoder`` (from the hub cache or the hub for a tag).
 
     Raises:
-        ValueError: a tag the encoder does not have, or a file that holds no state dict.
-        FileNotFoundError: a file that does not exist, or a tag's weights neither cached nor downloadable.
+        UsageError: a tag the encoder does not have, or a file that holds no state dict.
+        FileNotFoundError: a file that does not exist.
+        OfflineError: a tag's weights neither cached nor downloadable (offline).
     """
     source = _weights_source(cfg.weights, cfg.encoder)
     if source is None:
@@ -65,7 +67,7 @@ def _weights_source(weights: str | None, encoder: str) -> Path | str | None:
         if weights in tags:
             return weights
         if weights in any_tag and not Path(weights).is_file():
-            raise ValueError(
+            raise UsageError(
                 f"encoder '{encoder}' has no '{weights}' weights; its pretrained weights are: {', '.join(tags)}"
             )
     path = Path(weights).expanduser()
@@ -85,12 +87,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling and safetensors raise many types; all mean "not a weights file"
-        raise ValueError(f"cannot read student weights {path}: {err}") from err
+        raise UsageError(f"cannot read student weights {path}: {err}") from err
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"student weights {path} do not hold a state dict (a mapping of names to tensors)")
+        raise UsageError(f"student weights {path} do not hold a state dict (a mapping of names to tensors)")
     return data
 
 
@@ -119,7 +121,7 @@ def load_encoder_state(encoder: nn.Module, state_dict: dict[str, torch.Tensor], 
             for part in (_keys("missing", missing), _keys("unexpected", unexpected), _size_mismatch(err))
             if part
         )
-        raise ValueError(f"student weights {where} do not fit the encoder: {detail}") from None
+        raise UsageError(f"student weights {where} do not fit the encoder: {detail}") from None
     return True
 
 
@@ -135,8 +137,8 @@ def _size_mismatch(err: RuntimeError) -> str:
     return lines[0] if lines else ""
 
 
-def _offline_error(what: str) -> FileNotFoundError:
-    return FileNotFoundError(
+def _offline_error(what: str) -> OfflineError:
+    return OfflineError(
         f"cannot get {what}: not in the local Hugging Face cache and the hub is unreachable (offline); download the "
         "encoder weights on a connected machine and set student.weights=/path/to/encoder_weights.safetensors"
     )
@@ -165,9 +167,9 @@ def _timm_hub_state_dict(timm_name: str) -> dict[str, torch.Tensor] | None:
     try:
         cfg = timm.models.get_pretrained_cfg(timm_name)
     except RuntimeError as err:
-        raise ValueError(f"no {what}: {err}") from None
+        raise UsageError(f"no {what}: {err}") from None
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise ValueError(f"timm has no {what}")
+        raise UsageError(f"timm has no {what}")
     if cfg.hf_hub_id:
         filenames = (
             (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")

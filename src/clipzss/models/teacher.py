@@ -11,7 +11,6 @@ random init. Text embeddings are cached in memory and on disk because the studen
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -34,7 +33,9 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from clipzss import hub
-from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
+from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig, check_field
+from clipzss.errors import OfflineError, UsageError
+from clipzss.messages import did_you_mean, shorten
 from clipzss.models.recipes import DENSE_PATHS, check_dense
 from clipzss.models.text_cache import read_text_cache, text_cache_dir, write_text_cache
 from clipzss.names import parse_class_names
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 # Seed of the random teacher (weights="none"): fixed so that every process builds the same weights, and so a
 # checkpoint trained against a random teacher stays reproducible.
 RANDOM_TEACHER_SEED = 0
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEXT_CHUNK = 256  # prompts per text-encoder batch
 # The disk cache keeps this many class lists (each a small file): every new list a demo user types adds one.
 TEXT_CACHE_FILES = 256
@@ -123,7 +123,7 @@ class CLIPTeacher(FrozenModule):
     def __init__(self, model: nn.Module, cfg: TeacherConfig, weights: _Weights) -> None:
         super().__init__()
         _check_visual_tower(getattr(model, "visual", None), cfg.model)
-        _check_precision(cfg.precision)
+        check_field(cfg.precision, "teacher.precision")
         _check_dense(cfg.dense)
         _check_naclip_std(cfg.naclip_std)
         self.model = model
@@ -317,21 +317,20 @@ def build_teacher(
         ValueError: unknown model, tag, precision or an unsupported vision tower; with ``download=False``, a
             model that needs the hub.
         FileNotFoundError: `cfg.weights` looks like a path that does not exist.
-        RuntimeError: a tag's weights are neither cached nor downloadable (offline), or not cached and
+        OfflineError: a tag's weights are neither cached nor downloadable (offline), or not cached and
             ``download`` is false.
     """
-    _check_precision(cfg.precision)
+    check_field(cfg.precision, "teacher.precision")
     _check_dense(cfg.dense)
     _check_naclip_std(cfg.naclip_std)
     models = open_clip.list_models()
     if cfg.model not in models:
-        close = difflib.get_close_matches(cfg.model, models, n=5, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
-        raise ValueError(f"unknown teacher model '{cfg.model}'; {hint}")
+        hint = did_you_mean(cfg.model, models, n=5, cutoff=0.5) or "see open_clip.list_models()"
+        raise UsageError(f"unknown teacher model '{cfg.model}'; {hint}")
     needs_hub = hub_models(cfg) if not download else []
     if needs_hub:
         part, name = needs_hub[0]
-        raise ValueError(
+        raise UsageError(
             f"teacher.model '{cfg.model}' takes its {part} from the Hugging Face hub model '{name}', and a "
             "checkpoint's config never makes clipzss reach the network; give the text side yourself "
             "(--text-embeddings from `clipzss embed-text`)"
@@ -349,7 +348,7 @@ def build_teacher(
 
 def _create_clip(cfg: TeacherConfig, weights: _Weights) -> nn.Module:
     """open_clip's ``cfg.model`` with ``weights`` loaded, or initialised from `RANDOM_TEACHER_SEED` (leaving the
-    caller's RNG alone) when there are none; every way the build fails is one ValueError line."""
+    caller's RNG alone) when there are none; every way the build fails is one UsageError line."""
     random_init = weights.kind == "none"
     if random_init:
         source: dict[str, Any] = {"pretrained": None}
@@ -363,20 +362,20 @@ def _create_clip(cfg: TeacherConfig, weights: _Weights) -> nn.Module:
         try:
             return open_clip.create_model(cfg.model, **source, **dict(cfg.model_overrides))
         except TypeError as err:  # an override keyword open_clip does not take
-            raise ValueError(
-                f"teacher.model_overrides do not fit open_clip's '{cfg.model}': {_short(str(err))}"
+            raise UsageError(
+                f"teacher.model_overrides do not fit open_clip's '{cfg.model}': {shorten(str(err), 300)}"
             ) from None
         except (RuntimeError, KeyError) as err:
             if random_init:
                 raise
             reason = " ".join(str(err).split())  # torch's load_state_dict message spans lines
-            raise ValueError(
+            raise UsageError(
                 f"teacher weights {weights.path} do not fit model '{cfg.model}': {reason}"
             ) from err
         except Exception as err:  # unpickling, safetensors and truncated files raise many types: not weights
             if random_init:
                 raise
-            raise ValueError(
+            raise UsageError(
                 f"cannot read teacher weights {weights.path}: {_unreadable_reason(err)}"
             ) from None
 
@@ -387,10 +386,6 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def _short(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _unreadable_reason(err: Exception) -> str:
@@ -409,7 +404,7 @@ def _unreadable_reason(err: Exception) -> str:
     if isinstance(err, EOFError):
         return "the file is empty or truncated"
     reason = " ".join(str(err).split()) or type(err).__name__
-    return f"not a readable weights file ({type(err).__name__}: {_short(reason, 200)})"
+    return f"not a readable weights file ({type(err).__name__}: {shorten(reason)})"
 
 
 def hub_models(cfg: TeacherConfig) -> list[tuple[str, str]]:
@@ -443,7 +438,7 @@ def resolve_weights(cfg: TeacherConfig, download: bool = True) -> _Weights:
     tag = spec.lower().replace("-", "_")
     if tag not in tags:
         valid = ", ".join(tags) if tags else "none for this model"
-        raise ValueError(
+        raise UsageError(
             f"unknown teacher weights '{spec}' for {cfg.model}: not a file and not an open_clip tag "
             f"(valid tags: {valid}); {_HOW_TO_GET_WEIGHTS}"
         )
@@ -474,7 +469,7 @@ def _tag_checkpoint(model: str, tag: str, pretrained: dict[str, Any], download: 
         return str(pretrained["file"])
     hub_entry = pretrained.get("hf_hub", "")
     if not hub_entry:
-        raise ValueError(
+        raise UsageError(
             f"open_clip tag '{tag}' for {model} has no Hugging Face hub entry; {_HOW_TO_GET_WEIGHTS}"
         )
     # open_clip's convention: "org/repo/" = the default weights file, "org/repo/file.pt" = that file.
@@ -483,13 +478,13 @@ def _tag_checkpoint(model: str, tag: str, pretrained: dict[str, Any], download: 
     try:
         path = hub.fetch(repo_id, candidates, download=download)
     except hub.NotDownloaded:
-        raise RuntimeError(
+        raise OfflineError(
             f"the checkpoint's teacher weights '{tag}' for {model} are not in the Hugging Face cache, and a "
             f"checkpoint's config never makes clipzss download: pass --teacher-weights {tag} to download them "
             "yourself (teacher_weights= in Python), or a local weights file"
         ) from None
     except hub.HubUnavailable as err:
-        raise RuntimeError(
+        raise OfflineError(
             f"cannot load teacher weights '{tag}' for {model}: they are not in the Hugging Face cache and {err}; "
             f"{_HOW_TO_GET_WEIGHTS}"
         ) from None
@@ -503,16 +498,11 @@ def _safe_first(filename: str) -> list[str]:
     return [filename]
 
 
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown teacher precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
-
-
 def _check_visual_tower(visual: nn.Module | None, model_name: str) -> None:
     """The dense path needs the standard open_clip ViT: class-token pooling, nn.MultiheadAttention blocks."""
 
-    def unsupported(why: str) -> ValueError:
-        return ValueError(
+    def unsupported(why: str) -> UsageError:
+        return UsageError(
             f"teacher model '{model_name}' is not supported: {why}; use a standard open_clip ViT (e.g. ViT-B-16)"
         )
 
@@ -652,35 +642,35 @@ def _check_dense(mode: str) -> None:
 
 def _check_naclip_std(std: float) -> None:
     if isinstance(std, bool) or not isinstance(std, int | float) or not math.isfinite(std) or std <= 0:
-        raise ValueError(f"teacher.naclip_std={std!r} must be a positive number of patches (NACLIP's is 5)")
+        raise UsageError(f"teacher.naclip_std={std!r} must be a positive number of patches (NACLIP's is 5)")
 
 
 # ---------------------------------------------------------------------- text helpers
 def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
     if isinstance(class_names, str):
-        raise ValueError(f"class_names must be a list of names, got the single string '{class_names}'")
+        raise UsageError(f"class_names must be a list of names, got the single string '{class_names}'")
     names = tuple(class_names)
     if not names:
-        raise ValueError("class_names is empty; give at least one class name")
+        raise UsageError("class_names is empty; give at least one class name")
     bad = [repr(n) for n in names if not isinstance(n, str) or not n.strip()]
     if bad:
-        raise ValueError(f"class names must be non-empty strings; got {', '.join(bad)}")
+        raise UsageError(f"class names must be non-empty strings; got {', '.join(bad)}")
     parse_class_names(names)  # duplicates, including names CLIP cannot tell apart ("Cat" and "cat")
     return names
 
 
 def _check_templates(templates: tuple[str, ...]) -> None:
     if not templates:
-        raise ValueError("no prompt templates given; each template needs a '{}' for the class name")
+        raise UsageError("no prompt templates given; each template needs a '{}' for the class name")
     bad = [t for t in templates if "{}" not in t]
     if bad:
-        raise ValueError(f"prompt templates without a '{{}}' for the class name: {bad}")
+        raise UsageError(f"prompt templates without a '{{}}' for the class name: {bad}")
     for template in templates:  # "{} {1}" or "{name}" would fail inside the text encoder with a traceback
         try:
             template.format("x")
         except (IndexError, KeyError, ValueError) as err:
-            raise ValueError(
-                f"prompt template {_short(template, 80)!r} cannot be filled with a class name ({err!r}); use a "
+            raise UsageError(
+                f"prompt template {shorten(template, 80)!r} cannot be filled with a class name ({err!r}); use a "
                 "single '{}' and write literal braces as '{{' and '}}'"
             ) from None
 

@@ -30,8 +30,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipzss.checkpoint import CHECKPOINT_NAME
-from clipzss.config import CLUSTER_MODES, SETTINGS, Config, TrainConfig, check_choice, check_values
+from clipzss.config import Config, TrainConfig, check_field
 from clipzss.data import Split, build_dataset, build_eval_dataset, seen_lookup
+from clipzss.errors import ClipzssError, UsageError
 from clipzss.evaluate import evaluate
 from clipzss.files import atomic_write, remove_stale_temporaries
 from clipzss.method.glm import GLM
@@ -55,7 +56,7 @@ from clipzss.training.step import TrainParts, build_optimizer, grad_scaler, set_
 logger = logging.getLogger(__name__)
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(ClipzssError):
     """SIGINT/SIGTERM: a checkpoint was saved at ``step`` and ``--resume`` continues from it."""
 
     def __init__(self, step: int, out: Path, signal_name: str) -> None:
@@ -99,7 +100,7 @@ class StopRequest:
         return bool(flag.item())
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ClipzssError, RuntimeError):
     """A loss term became NaN/inf; training stops and the last good checkpoint is kept."""
 
 
@@ -158,7 +159,7 @@ class StreamSampler(Sampler):
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
         if size < world_size:
-            raise ValueError(f"the training set has {size} images, fewer than the {world_size} processes")
+            raise UsageError(f"the training set has {size} images, fewer than the {world_size} processes")
         self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world_size, start
         self.per_rank = size // world_size
 
@@ -245,33 +246,33 @@ def due(done: int, interval: int, max_iters: int) -> bool:
 
 def check_schedule(t: TrainConfig) -> None:
     """Refuse negative intervals in one line naming the field (0 is allowed: at the last step only)."""
-    check_values(Config(train=t))
+    Config(train=t).validate()
 
 
 def check_setting(cfg: Config, split: Split) -> None:
     """One line naming the field when ``data.setting`` or the transductive section does not fit (a training set
     passed to `train` decides the split; `EMAStudent` checks its decay)."""
-    check_choice(cfg.data.setting, SETTINGS, "data.setting")
+    check_field(cfg.data.setting, "data.setting")
     if cfg.data.setting == "supervised" and split.unseen:
-        raise ValueError(
+        raise UsageError(
             f"data.setting=supervised trains on every class's labels, but the training set holds out "
             f"{len(split.unseen)} classes as unlabelled: build it with unseen=[]"
         )
     if cfg.data.setting != "transductive":
         return
     if not split.unseen:
-        raise ValueError("data.setting=transductive needs target names: list them in data.unseen")
+        raise UsageError("data.setting=transductive needs target names: list them in data.unseen")
     t = cfg.transductive
-    check_choice(t.clusters, CLUSTER_MODES, "transductive.clusters")
+    check_field(t.clusters, "transductive.clusters")
     if not t.tau > 0:
-        raise ValueError(f"transductive.tau={t.tau} must be positive")
+        raise UsageError(f"transductive.tau={t.tau} must be positive")
     for name in ("threshold", "self_threshold"):
         if not 0.0 <= getattr(t, name) <= 1.0:
-            raise ValueError(
+            raise UsageError(
                 f"transductive.{name}={getattr(t, name)} is a probability: give a value in [0, 1]"
             )
     if t.self_train_start is not None and t.self_train_start < 0:
-        raise ValueError(
+        raise UsageError(
             f"transductive.self_train_start={t.self_train_start} is negative: give a number of steps, or null"
         )
 
@@ -329,7 +330,7 @@ def train(
     ``eval_interval`` steps and after the last one; with ``eval_interval=0`` no evaluation set is built, and a
     ``val_set`` passed here is evaluated once, after the last step.
     """
-    check_values(cfg)  # a config built in Python was never read through Config.from_dict
+    cfg.validate()  # a config built in Python was never read through Config.from_dict
     state = load_training_state(Path(resume)) if resume is not None else None  # fail before building anything
     info, device = setup_distributed(cfg.train.device)
     if state is not None:
@@ -350,7 +351,7 @@ def train(
             if info.main:
                 logger.info("resumed from %s at step %d", resume, run.start)
         if cfg.train.batch_size % info.world_size:
-            raise ValueError(
+            raise UsageError(
                 f"train.batch_size={cfg.train.batch_size} is the global batch and must divide evenly over "
                 f"{info.world_size} processes"
             )
@@ -393,7 +394,7 @@ def _build_run(
     seed_everything(cfg.train.seed + info.rank)
     teacher = teacher or build_teacher(cfg.teacher, device=device)
     if teacher.embed_dim != cfg.student.embed_dim:
-        raise ValueError(
+        raise UsageError(
             f"student.embed_dim={cfg.student.embed_dim} but the teacher's embeddings have {teacher.embed_dim} "
             f"dimensions: set student.embed_dim={teacher.embed_dim}"
         )

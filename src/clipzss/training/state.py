@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from clipzss.checkpoint import CHECKPOINT_NAME, checkpoint_writes, write_failure
 from clipzss.config import Config, pin_saved_defaults
+from clipzss.errors import CannotRunError, ClipzssError
 from clipzss.files import atomic_write_all
 from clipzss.runs import changed_fields, describe_change, is_shape_field
 from clipzss.training.step import TrainParts
@@ -84,7 +85,7 @@ def load_training_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise RuntimeError(
+        raise CannotRunError(
             f"cannot resume from {path}: the file is truncated, corrupt or unsafe ({_load_failure(err)})"
         ) from None
 
@@ -102,7 +103,7 @@ def _load_failure(err: Exception) -> str:
     return f"not tensors and plain values alone{what}; clipzss never unpickles anything else"
 
 
-class ResumeError(ValueError):
+class ResumeError(ClipzssError, ValueError):
     """A resume whose config or model does not fit the saved state; nothing was written."""
 
 

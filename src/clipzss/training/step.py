@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
-from clipzss.config import Config
+from clipzss.config import Config, check_field
 from clipzss.data import IGNORE_INDEX, VOID_INDEX
 from clipzss.method.glm import GLM, image_ids
 from clipzss.method.losses import compute_losses
@@ -98,12 +98,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 def amp_mode(cfg: Config, device: torch.device) -> str:
     """bf16 autocast on CUDA by default, fp32 on CPU (CPU autocast is slower than fp32 for these nets)."""
-    amp = cfg.train.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"train.amp='{cfg.train.amp}' is not one of auto, {', '.join(AMP_DTYPES)}")
-    return amp
+    amp = check_field(cfg.train.amp, "train.amp")
+    return ("bf16" if device.type == "cuda" else "off") if amp == "auto" else amp
 
 
 def autocast_context(cfg: Config, device: torch.device) -> torch.autocast:

@@ -53,6 +53,7 @@ from clipzss.config import DEFAULT_TEMPLATES, Config, EvalConfig
 from clipzss.data import FileDataset, SegmentationDataset, make_split, read_listing
 from clipzss.data.splits import IGNORE_INDEX
 from clipzss.data.transforms import SegTransform, build_train_transform, build_transforms
+from clipzss.errors import UsageError
 from clipzss.files import atomic_write
 from clipzss.models.teacher import FrozenModule
 from clipzss.worlds.students import student_config
@@ -186,7 +187,7 @@ class TextTable:
     def __call__(self, names: Sequence[str]) -> torch.Tensor:
         """(K, C) float32 unit vectors for ``names``; names not yet in the table are encoded and stored."""
         if isinstance(names, str) or not names:
-            raise ValueError(f"class_names must be a non-empty list of names, got {names!r}")
+            raise UsageError(f"class_names must be a non-empty list of names, got {names!r}")
         table = self._load()
         missing = list(dict.fromkeys(readable(n) for n in names if readable(n) not in table))
         if missing:
@@ -299,7 +300,7 @@ def split_sequences(root: str | Path, world: CamVidWorld | None = None) -> dict[
     for group, members in groups.items():
         for name in members:
             if seen.get(name, group) != group:
-                raise ValueError(
+                raise UsageError(
                     f"the {seen[name]} and {group} frames overlap (e.g. {name}): give disjoint prefixes"
                 )
             seen[name] = group

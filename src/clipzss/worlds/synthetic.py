@@ -50,6 +50,7 @@ from torch import nn
 from clipzss.config import IMAGENET_MEAN, IMAGENET_STD, Config
 from clipzss.data import SegmentationDataset, make_split
 from clipzss.data.transforms import SegTransform, build_transforms
+from clipzss.errors import UsageError
 from clipzss.files import atomic_write, user_cache_dir
 from clipzss.models.teacher import FrozenModule
 
@@ -188,7 +189,7 @@ class WorldScenes(SegmentationDataset):
         train: bool = False,
     ) -> None:
         if num_images < 1:
-            raise ValueError(f"WorldScenes needs num_images >= 1, got {num_images}")
+            raise UsageError(f"WorldScenes needs num_images >= 1, got {num_images}")
         data_split = make_split(WORLD_CLASSES, WORLD_UNSEEN if unseen is None else unseen)
         super().__init__(data_split, transform, train)
         self.world = world or WorldConfig()
@@ -225,7 +226,7 @@ def text_vector(name: str, dim: int, seed: int = 0, mode: str = "random") -> tor
     are related (cosine ≈ 0.44); any other name gets its own random vector.
     """
     if mode not in TEXT_MODES:
-        raise ValueError(f"unknown text mode '{mode}'; choose one of {', '.join(TEXT_MODES)}")
+        raise UsageError(f"unknown text mode '{mode}'; choose one of {', '.join(TEXT_MODES)}")
     key = name.strip().lower()
     own = _unit_vector(f"{seed}:{dim}:{key}", dim)
     words = key.split()
@@ -277,7 +278,7 @@ class AlignedTeacher(FrozenModule):
         self.world = world or WorldConfig()
         self.embed_dim = self.spec.embed_dim
         if self.spec.text not in TEXT_MODES:
-            raise ValueError(f"unknown text mode '{self.spec.text}'; choose one of {', '.join(TEXT_MODES)}")
+            raise UsageError(f"unknown text mode '{self.spec.text}'; choose one of {', '.join(TEXT_MODES)}")
         # Both nets are initialised from the spec's seed, never from the global RNG: a teacher trained on another
         # machine, or after other code drew random numbers, is the same teacher.
         with torch.random.fork_rng(devices=[]):
@@ -322,7 +323,7 @@ class AlignedTeacher(FrozenModule):
     def text_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
         """Class names → (K, C) unit vectors; any name works (unknown names get their own random vector)."""
         if isinstance(class_names, str) or not class_names:
-            raise ValueError(f"class_names must be a non-empty list of names, got {class_names!r}")
+            raise UsageError(f"class_names must be a non-empty list of names, got {class_names!r}")
         rows = [text_vector(name, self.embed_dim, self.spec.seed, self.spec.text) for name in class_names]
         return torch.stack(rows).to(self.device)
 

@@ -41,6 +41,7 @@ from clipzss.data.prepare.runner import Options, PrepareReport, write_bytes
 from clipzss.data.prepare.sources import Role, find_sources
 from clipzss.data.prepare.voc import sbd_mat_ids, voc_png_ids
 from clipzss.data.readers import normalize_dataset_name
+from clipzss.errors import UsageError
 
 STATE_FILE = ".clipzss-prepare.json"
 
@@ -91,7 +92,7 @@ def prepare(
     )
     name = normalize_dataset_name(dataset)
     if name not in PREPARERS:
-        raise ValueError(
+        raise UsageError(
             f"unknown dataset '{dataset}' for prepare-data; choose one of: {', '.join(PREPARERS)}"
         )
     preparer = PREPARERS[name]

@@ -18,6 +18,7 @@ from clipzss.data.prepare.archives import Entry, iter_entries, open_image
 from clipzss.data.prepare.sources import Role
 from clipzss.data.readers import ADE_FULL_FOLDER
 from clipzss.data.splits import WIDE_IGNORE_INDEX
+from clipzss.errors import UsageError
 
 ADE_FULL_MAX_SIDE = 512  # detectron2's preparation resizes so that the short side is at most 512
 
@@ -54,7 +55,7 @@ def ade_full_object_ids(data: bytes, what: str = "ADE20K _seg.png") -> np.ndarra
     """An ADE20K ``*_seg.png`` → (H, W) int64 object ids, encoded as ``R / 10 * 256 + G`` (B holds instances)."""
     image = open_image(data, what)
     if image.mode != "RGB":
-        raise ValueError(f"{what} has mode {image.mode}; ADE20K's _seg.png files are RGB")
+        raise UsageError(f"{what} has mode {image.mode}; ADE20K's _seg.png files are RGB")
     rgb = np.asarray(image).astype(np.int64)
     return (rgb[..., 0] // 10) * 256 + rgb[..., 1]
 
@@ -99,7 +100,7 @@ def _ade_full_step(source: Path, base: Path, opts: runner.Options, steps: list[r
     def pairs() -> Iterator[Entry]:
         for entry in iter_entries(source, regex):
             if entry.sibling is None:
-                raise ValueError(f"{source}: ADE20K_2021_17_01 must be the .zip or its extracted folder")
+                raise UsageError(f"{source}: ADE20K_2021_17_01 must be the .zip or its extracted folder")
             image_path = entry.path[: -len("_seg.png")] + ".jpg"
             read = partial(lambda e, other: (e.sibling(other), e.read()), entry, image_path)
             yield Entry(entry.path, entry.size, read, entry.streamed, entry.local, entry.sibling)
@@ -108,7 +109,7 @@ def _ade_full_step(source: Path, base: Path, opts: runner.Options, steps: list[r
         image = open_image(data[0], entry.path[: -len("_seg.png")] + ".jpg").convert("RGB")
         ids = ade_full_ids(data[1], entry.path)
         if ids.shape != (image.height, image.width):
-            raise ValueError(
+            raise UsageError(
                 f"{entry.path} is {ids.shape[0]}x{ids.shape[1]} but its image is {image.height}x{image.width}"
             )
         size = detectron2_size(image.height, image.width)

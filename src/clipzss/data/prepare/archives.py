@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from clipzss.errors import UsageError
 from clipzss.files import TEMPORARY
 
 ARCHIVE_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".zip")
@@ -43,12 +44,12 @@ def is_archive(path: Path) -> bool:
 def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     handle = archive.extractfile(member)
     if handle is None:
-        raise ValueError(f"cannot read {member.name} from the archive")
+        raise UsageError(f"cannot read {member.name} from the archive")
     return handle.read()
 
 
-def _unreadable(source: Path, err: BaseException) -> ValueError:
-    return ValueError(f"cannot read archive {source} (corrupt or truncated download?): {err}")
+def _unreadable(source: Path, err: BaseException) -> UsageError:
+    return UsageError(f"cannot read archive {source} (corrupt or truncated download?): {err}")
 
 
 def _guarded(read: Callable[..., bytes], source: Path) -> Callable[..., bytes]:
@@ -127,7 +128,7 @@ def open_image(data: bytes, what: str) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.load()
     except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot read {what}: {err}") from None
+        raise UsageError(f"cannot read {what}: {err}") from None
     return image
 
 
@@ -136,10 +137,10 @@ def load_mat(data: bytes, what: str) -> dict[str, Any]:
     try:
         from scipy.io import loadmat
     except ImportError:
-        raise ValueError(
+        raise UsageError(
             "reading the .mat annotations needs scipy: pip install scipy (or clipzss[data])"
         ) from None
     try:
         return loadmat(io.BytesIO(data), squeeze_me=True, struct_as_record=False)
     except (ValueError, TypeError, OSError, NotImplementedError, zlib.error) as err:
-        raise ValueError(f"cannot read {what}: {err}") from None
+        raise UsageError(f"cannot read {what}: {err}") from None

@@ -9,6 +9,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from clipzss.errors import UsageError
+
 # Published checksums of the official archives (algorithm, digest). docs/protocols.md says where each comes from.
 ARCHIVE_CHECKSUMS: dict[str, tuple[str, str]] = {
     "VOCtrainval_11-May-2012.tar": ("md5", "6cd6e144f989b92b3379bac3b3de84fd"),
@@ -56,7 +58,7 @@ def verify_archive(path: Path, state: dict[str, Any], progress: bool = True) -> 
         return None
     actual = file_digest(path, algorithm, progress)
     if actual != expected:
-        raise ValueError(
+        raise UsageError(
             f"{path}: {algorithm} {actual} differs from the published {expected}; the download is incomplete "
             "or corrupt: download it again (or pass --no-verify to use it anyway)"
         )

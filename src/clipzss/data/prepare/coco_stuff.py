@@ -12,6 +12,7 @@ from clipzss.data.prepare import runner
 from clipzss.data.prepare.archives import Entry, iter_entries, open_image
 from clipzss.data.prepare.sources import Role, dir_role, has_files
 from clipzss.data.splits import IGNORE_INDEX
+from clipzss.errors import UsageError
 
 # COCO-Stuff: the 11 COCO thing ids (0-based in the stuffthingmaps, = COCO category id - 1) that have no
 # annotations: street sign, hat, shoe, eye glasses, plate, mirror, window, desk, door, blender, hair brush.
@@ -61,11 +62,11 @@ def stuffthingmap_ids(data: bytes, what: str = "stuffthingmap") -> np.ndarray:
     """A COCO-Stuff stuffthingmaps PNG (ids 0..181, 255 unlabelled) → (H, W) uint8 trainIds (171 classes)."""
     image = open_image(data, what)
     if image.mode not in ("L", "P"):
-        raise ValueError(f"{what} has mode {image.mode}; the stuffthingmaps are single-channel id PNGs")
+        raise UsageError(f"{what} has mode {image.mode}; the stuffthingmaps are single-channel id PNGs")
     raw = np.asarray(image, dtype=np.uint8)
     bad = (raw >= COCO_STUFF_RAW_CLASSES) & (raw != 255)
     if bad.any():
-        raise ValueError(f"{what} has ids {np.unique(raw[bad])[:10].tolist()} outside 0..181 and 255")
+        raise UsageError(f"{what} has ids {np.unique(raw[bad])[:10].tolist()} outside 0..181 and 255")
     return coco_stuff_lut()[raw]
 
 

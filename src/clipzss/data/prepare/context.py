@@ -14,6 +14,7 @@ from clipzss.data.prepare.archives import Entry, iter_entries, load_mat
 from clipzss.data.prepare.sources import Role, mat_variables
 from clipzss.data.readers import CONTEXT459_CLASSES_FILE
 from clipzss.data.splits import CONTEXT59_CLASSES, WIDE_IGNORE_INDEX
+from clipzss.errors import UsageError
 
 # PASCAL Context-59: the ids (in the 459-class LabelMap, 1-based, 0 = unlabelled) of the 59 classes, in the
 # alphabetical order of splits.CONTEXT59_CLASSES; the selection used by detail-api and mmseg's converter.
@@ -70,15 +71,15 @@ def context_mat_ids(data: bytes, what: str = "Context .mat") -> tuple[np.ndarray
     """A PASCAL Context ``trainval/*.mat`` (``LabelMap``, 459 classes, 0 unlabelled) → (Context-59, Context-459)."""
     mat = load_mat(data, what)
     if "LabelMap" not in mat:
-        raise ValueError(
+        raise UsageError(
             f"{what} has no 'LabelMap' (keys: {', '.join(sorted(mat))}); is it a PASCAL Context file?"
         )
     labels = np.asarray(mat["LabelMap"])
     if labels.ndim != 2 or labels.dtype.kind not in "iu":
-        raise ValueError(f"{what}: LabelMap is not a 2-D integer map (shape {labels.shape}, {labels.dtype})")
+        raise UsageError(f"{what}: LabelMap is not a 2-D integer map (shape {labels.shape}, {labels.dtype})")
     if labels.max(initial=0) > CONTEXT_FULL_CLASSES:
         bad = np.unique(labels[labels > CONTEXT_FULL_CLASSES])[:10].tolist()
-        raise ValueError(f"{what}: LabelMap values {bad} exceed the {CONTEXT_FULL_CLASSES} classes")
+        raise UsageError(f"{what}: LabelMap values {bad} exceed the {CONTEXT_FULL_CLASSES} classes")
     to59, to459 = context_luts()
     labels = labels.astype(np.int64)
     return to59[labels], to459[labels]
@@ -92,10 +93,10 @@ def _context_names(text: str, source: str) -> tuple[list[str], list[str]]:
             continue
         key, sep, name = line.partition(":")
         if not sep or not key.strip().isdigit() or not name.strip():
-            raise ValueError(f"{source} line {number} is not 'id: name': {line.strip()!r}")
+            raise UsageError(f"{source} line {number} is not 'id: name': {line.strip()!r}")
         names[int(key)] = name.strip()
     if sorted(names) != list(range(1, CONTEXT_FULL_CLASSES + 1)):
-        raise ValueError(f"{source} lists {len(names)} ids; PASCAL Context's labels.txt has ids 1..459")
+        raise UsageError(f"{source} lists {len(names)} ids; PASCAL Context's labels.txt has ids 1..459")
     notes = []
     for class_id, expected in zip(CONTEXT59_LABEL_IDS, CONTEXT59_CLASSES, strict=True):
         if names[class_id].replace(" ", "").lower() != expected.replace(" ", "").lower():

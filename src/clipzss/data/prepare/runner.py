@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from clipzss.data.prepare.archives import Entry, iter_entries
 from clipzss.data.readers import EXPECTED_IMAGES, read_listing
+from clipzss.errors import UsageError
 from clipzss.files import atomic_write, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def write_bytes(path: Path, data: bytes) -> None:
 def write_label_png(path: Path, ids: np.ndarray) -> None:
     """Write (H, W) ids as a grey PNG (or TIFF for a ``.tif`` path): 8-bit for uint8, 16-bit for uint16 ids."""
     if ids.dtype.name not in ("uint8", "uint16"):
-        raise ValueError(f"label maps are written as uint8 or uint16, got {ids.dtype} for {path}")
+        raise UsageError(f"label maps are written as uint8 or uint16, got {ids.dtype} for {path}")
     image = Image.fromarray(ids)
     file_format = "TIFF" if path.suffix.lower() in (".tif", ".tiff") else "PNG"
     atomic_write(path, lambda temp: image.save(temp, format=file_format))
@@ -183,7 +184,7 @@ def place_folder(source: Path, target: Path, opts: Options, steps: list[Step]) -
         return
     if target.is_symlink():
         if target.resolve() != source.resolve():
-            raise ValueError(
+            raise UsageError(
                 f"{target} is a link to {target.resolve()}, not to {source}; remove it or use another --dst"
             )
         return

@@ -13,6 +13,7 @@ from clipzss.data.masks import voc_palette
 from clipzss.data.prepare import runner
 from clipzss.data.prepare.archives import Entry, iter_entries, load_mat, open_image
 from clipzss.data.prepare.sources import Role, mat_variables
+from clipzss.errors import UsageError
 
 # The downloads this preparer reads, and how find_sources recognises each among the sources.
 VOC2012 = Role(
@@ -46,28 +47,28 @@ def voc_png_ids(data: bytes, what: str = "VOC mask") -> np.ndarray:
         return np.asarray(image, dtype=np.uint8)
     if image.mode in ("RGB", "RGBA"):
         return voc_palette().to_ids(np.asarray(image), what).astype(np.uint8)
-    raise ValueError(f"{what} has mode {image.mode}; expected a palette (P) PNG of class indices")
+    raise UsageError(f"{what} has mode {image.mode}; expected a palette (P) PNG of class indices")
 
 
 def sbd_mat_ids(data: bytes, what: str = "SBD .mat") -> np.ndarray:
     """An SBD ``cls/*.mat`` (struct ``GTcls`` with field ``Segmentation``) → (H, W) uint8 ids 0..20."""
     mat = load_mat(data, what)
     if "GTcls" not in mat:
-        raise ValueError(
+        raise UsageError(
             f"{what} has no 'GTcls' struct (keys: {', '.join(sorted(mat))}); is it an SBD cls file?"
         )
     gt = mat["GTcls"]
     try:
         segmentation = gt.Segmentation if hasattr(gt, "Segmentation") else gt["Segmentation"]
     except (KeyError, ValueError, IndexError):
-        raise ValueError(f"{what}: GTcls has no 'Segmentation' field") from None
+        raise UsageError(f"{what}: GTcls has no 'Segmentation' field") from None
     ids = np.asarray(segmentation)
     if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
-        raise ValueError(
+        raise UsageError(
             f"{what}: GTcls.Segmentation is not a 2-D integer map (shape {ids.shape}, {ids.dtype})"
         )
     if ids.max() > 20 and not ((ids <= 20) | (ids == 255)).all():
-        raise ValueError(f"{what}: ids {np.unique(ids[ids > 20])[:10].tolist()} are not VOC classes (0..20)")
+        raise UsageError(f"{what}: ids {np.unique(ids[ids > 20])[:10].tolist()} are not VOC classes (0..20)")
     return ids.astype(np.uint8)
 
 
