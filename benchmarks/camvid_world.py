@@ -135,6 +135,64 @@ def text_similarities() -> dict[str, object]:
     return {"names": names, "cosine": [[round(x, 3) for x in row] for row in sims], "model": cw.TEXT_MODEL}
 
 
+def named_label_quality(
+    teacher: CamVidTeacher, thresholds: tuple[float, ...] = (0.0, 0.5, 0.7, 0.9)
+) -> dict[str, object]:
+    """The transductive setting's named labels on the students' frames: of the unlabelled (car, tree, pedestrian)
+    pixels, the share the teacher names at each `transductive.threshold`, and the share of those it names right.
+
+    What the student of the transductive rows is taught about the targets before any self-training; the code is
+    the trainer's (`clipzss.method.transductive.name_pixels`), on whole frames without augmentation.
+    """
+    import torch
+
+    from clipzss.config import TransductiveConfig
+    from clipzss.data import IGNORE_INDEX, seen_lookup
+    from clipzss.data.transforms import build_transforms
+    from clipzss.method.transductive import name_pixels
+    from clipzss.worlds import camvid as cw
+
+    world = teacher.world
+    cfg = cw.camvid_student_config(tempfile.gettempdir(), None, world=world)
+    frames = cw.CamVidImages(
+        cw.default_root(),
+        cw.FOLDERS,
+        world.student_sequences,
+        world.size,
+        transform=build_transforms(cfg.data, False, min(world.size)),
+    )
+    split, names = frames.split, list(frames.class_names)
+    texts = teacher.text_embeddings([names[i] for i in (*split.seen, *split.unseen)])
+    tau = TransductiveConfig().tau
+    items = [frames[i] for i in range(len(frames))]
+    truth = torch.stack([item["mask"] for item in items]).long()  # every class's id; 255 on CamVid's void
+    valid = truth != IGNORE_INDEX
+    labels = torch.where(valid, seen_lookup(split)[truth.clamp(0, IGNORE_INDEX)], IGNORE_INDEX)
+    true_id = torch.full_like(truth, -1)
+    for t, c in enumerate(split.unseen):
+        true_id[truth == c] = len(split.seen) + t
+    unlabelled = (labels == IGNORE_INDEX) & valid
+    with torch.no_grad():
+        dense = torch.cat(
+            [
+                teacher.encode_image(torch.stack([it["image"] for it in items[i : i + 32]]))[1]
+                for i in range(0, len(items), 32)
+            ]
+        )
+    rows = []
+    for threshold in thresholds:
+        named = name_pixels(dense, texts, labels, len(split.seen), 1 / tau, threshold, valid)
+        got = unlabelled & (named != IGNORE_INDEX)
+        rows.append(
+            {
+                "threshold": threshold,
+                "named": float(got.sum() / unlabelled.sum().clamp_min(1)),
+                "precision": float((got & (named == true_id)).sum() / got.sum().clamp_min(1)),
+            }
+        )
+    return {"images": len(items), "tau": tau, "rows": rows}
+
+
 def teacher_row(teacher: CamVidTeacher, val_set: CamVidImages, eval_cfg: EvalConfig) -> dict[str, object]:
     """The teacher's own segmentation of the evaluation frames (its tokens against the 11 texts), per class."""
     from clipzss.evaluate import evaluate
@@ -281,6 +339,7 @@ def measure(args: argparse.Namespace, store: dict) -> None:
     store["student_images"], store["eval_images"] = len(train_set), len(val_set)
     store["text"] = text_similarities()
     store["teacher"] = teacher_row(teacher, val_set, cfg.eval)
+    store["named_labels"] = named_label_quality(teacher)
     logger.info(
         "teacher on the evaluation frames: %s",
         {k: round(v, 1) for k, v in store["teacher"]["metrics"].items() if k in METRICS},
@@ -520,6 +579,20 @@ def render(store: dict) -> str:
         lines += [
             f"**MiniLM cosines** between the prompt-averaged class texts (offline): {pairs}. The 11 texts lie in a "
             f"cone (pairwise cosines {low:.2f}–{high:.2f}), as CLIP's class texts do.",
+            "",
+        ]
+    named = store.get("named_labels")
+    if named:
+        lines += [
+            f"**Named labels of the transductive rows** (the teacher's tokens on the students' {named['images']} "
+            f"frames against the seen and target texts, softmax at 1/τ = {1 / named['tau']:.0f}, "
+            "`clipzss.method.transductive.name_pixels`): of the car, tree and pedestrian pixels, "
+            + "; ".join(
+                f"at threshold {r['threshold']:.1f} {100 * r['named']:.1f}% named, {100 * r['precision']:.1f}% of "
+                "them right"
+                for r in named["rows"]
+            )
+            + ". The default threshold is 0.5.",
             "",
         ]
     pseudo = store.get("pseudo_labels")
