@@ -57,7 +57,7 @@ def test_errors_keep_their_builtin_bases() -> None:
 
 def test_offline_teacher_and_student_raise_the_same_class(monkeypatch: pytest.MonkeyPatch) -> None:
     from clipzss import hub
-    from clipzss.models import student, teacher
+    from clipzss.models import student_weights, teacher
 
     def unreachable(*args: object, **kwargs: object) -> Path:
         raise hub.HubUnavailable("the hub is unreachable (test)")
@@ -66,7 +66,7 @@ def test_offline_teacher_and_student_raise_the_same_class(monkeypatch: pytest.Mo
     with pytest.raises(OfflineError, match="teacher weights 'openai'"):
         teacher._tag_checkpoint("ViT-B-16", "openai", {"hf_hub": "org/repo/"})
     with pytest.raises(OfflineError, match="offline"):
-        student._hub_download("org/repo", ("model.safetensors",), None, "'imagenet' weights for resnet18")
+        student_weights._hub_download("org/repo", ("model.safetensors",), None, "'imagenet' weights for resnet18")
 
 
 @pytest.mark.parametrize(
