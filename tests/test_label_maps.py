@@ -355,3 +355,25 @@ def test_band_plans_give_the_full_scores_bit_for_bit(width: int, out: tuple[int,
         scores = lm.dense_scores(lm.band_plan(plan, band), part)
         np.testing.assert_array_equal(scores, full[band.out_start : band.out_stop])
         assert np.array_equal(lm.label_map(lm.band_plan(plan, band), part), scores.argmax(-1))
+
+
+def test_held_rows_keep_the_rows_later_bands_read() -> None:
+    first = np.full((1, 1, 2, 2, 3), 0.0, np.float32)
+    held = lm._HeldRows(first, depth=2, cols=2)
+
+    def row(r: int) -> np.ndarray:  # the logits of a row of two windows, all equal to r
+        return np.full((1, 2, 2, 2, 3), r, np.float32)
+
+    held.add_row(0, [first, row(0)[:, 1:]])
+    held.add_row(1, [row(1)])
+    with pytest.raises(ValueError, match="no room for window row 2"):
+        held.add_row(2, [row(2)])
+    held.drop_before(1)
+    held.add_row(2, [row(2)[:, :1], row(2)[:, 1:]])
+    assert held._logits.shape[1] == 4  # two rows, never more
+    np.testing.assert_array_equal(held.rows(1, 2)[0, :, 0, 0, 0], [1, 1, 2, 2])
+    with pytest.raises(ValueError, match="window row 4 does not follow the held rows, 1 to 2"):
+        held.add_row(4, [row(4)])
+    held.drop_before(4)  # rows 1..3 are read by no later band (row 3 never run)
+    held.add_row(4, [row(4)])
+    np.testing.assert_array_equal(held.rows(4, 4)[0, :, 0, 0, 0], [4, 4])
