@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -517,8 +518,31 @@ def dense_labels(plan: Plan, logits: Array, transform: Transform | None = None) 
 # The shortcut.
 
 
-def _axis_tables(axis: Axis) -> tuple[Any, ...]:
-    """One axis of a plan as the kernels' arguments (`clipzss.inference._label_kernels.label_units`).
+class AxisTables(NamedTuple):
+    """One axis of a plan as `clipzss.inference._label_kernels.label_units` reads it (built by `_axis_tables`).
+
+    The kernel takes plain arrays (numba types a tuple of arrays slowly at every call); `kernel_args` names them
+    as its parameters, so no call depends on the order of the fields.
+    """
+
+    ustart: np.ndarray  # (units,) first output index of each unit
+    ustop: np.ndarray  # (units,) its end
+    crange: np.ndarray  # (2, units) first and last canvas index it reads
+    lo: np.ndarray  # (slots, units) first low-resolution index it reads per window slot (lo > hi: none)
+    hi: np.ndarray  # (slots, units) last
+    ints: np.ndarray  # (5, length) int64 rows: final i0, i1, window i0, i1, coverage count
+    weights: np.ndarray  # (4, length) float32 rows: final w0, w1, window w0, w1
+    slots: np.ndarray  # (slots, canvas) window index per covering slot (-1: none)
+    starts: np.ndarray  # (windows,) window starts on the canvas
+    final: bool  # whether the canvas is resized to the output
+
+    def kernel_args(self, axis: str) -> dict[str, Any]:
+        """The tables as ``label_units`` keyword arguments of ``axis`` ("r": rows, "c": columns)."""
+        return {f"{name}_{axis}": value for name, value in self._asdict().items()}
+
+
+def _axis_tables(axis: Axis) -> AxisTables:
+    """One axis of a plan as the kernels' arguments.
 
     Output indices are grouped into units: the pixels between the same two low-resolution points for a plain
     upsampling, else runs of about `UNIT_CANVAS` canvas pixels. Per unit: its output range, the canvas range it
@@ -556,13 +580,38 @@ def _axis_tables(axis: Axis) -> tuple[Any, ...]:
         ints[row, : len(values)] = values
     for row, values in enumerate((maps[0].w0, maps[0].w1, maps[1].w0, maps[1].w1)):
         weights[row, : len(values)] = values
-    starts = np.asarray(axis.starts, dtype=np.int64)
-    return start, stop, np.stack([cmin, cmax]), lo, hi, ints, weights, slots, starts, axis.final is not None
+    return AxisTables(
+        ustart=start,
+        ustop=stop,
+        crange=np.stack([cmin, cmax]),
+        lo=lo,
+        hi=hi,
+        ints=ints,
+        weights=weights,
+        slots=slots,
+        starts=np.asarray(axis.starts, dtype=np.int64),
+        final=axis.final is not None,
+    )
 
 
 @lru_cache(maxsize=16)
-def _plan_tables(plan: Plan) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+def _plan_tables(plan: Plan) -> tuple[AxisTables, AxisTables]:
     return _axis_tables(plan.rows), _axis_tables(plan.cols)
+
+
+@lru_cache(maxsize=16)
+def _kernel_tables(plan: Plan) -> tuple[Any, ...]:
+    """Both axes' tables as ``label_units``' last arguments, taken by the kernel's own parameter names.
+
+    Positional, as numba dispatches them fastest (keywords add a few microseconds per call), yet in no order
+    written by hand; built once per plan.
+    """
+    from clipzss.inference import _label_kernels as kernels
+
+    rows, cols = _plan_tables(plan)
+    by_name = {**rows.kernel_args("r"), **cols.kernel_args("c")}
+    params = list(inspect.signature(kernels.label_units.py_func).parameters)
+    return tuple(by_name[name] for name in params[-len(by_name) :])
 
 
 def check_candidates(value: Any, name: str = "candidates") -> int:
@@ -621,7 +670,6 @@ def label_map_with_stats(
     if not finite:  # NaN / inf: the rounding bounds do not hold; the dense path is the definition
         return dense_labels(plan, logits), {"dense": 1}
     shortlist = np.empty((n, h, w, m), dtype=np.int64)  # (filled by label_units where needed)
-    rows, cols = _plan_tables(plan)
     # Every output value is a convex combination of low-res values computed in at most (windows per point + 12)
     # float32 roundings, each off by at most UNIT_ROUNDOFF of the largest magnitude involved, and weights that sum
     # to 1 within 4 more: rel is 4× that bound of (windows per point + 16) roundings.
@@ -630,7 +678,7 @@ def label_map_with_stats(
     out = np.empty(plan.out_size, dtype=np.int64)
     counters = kernels.label_units(
         logits, top.reshape(n, h, w), best.reshape(n, h, w), second.reshape(n, h, w), shortlist, out, rel,
-        *rows, *cols,
+        *_kernel_tables(plan),
     )  # fmt: skip
     names = ("settled", "one_candidate", "pixel_values", "candidates", "values")
     return out, dict(zip(names, (int(c) for c in counters), strict=True))
