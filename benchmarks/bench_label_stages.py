@@ -21,7 +21,7 @@ from PIL import Image
 from clipzss.config import Config, EvalConfig, StudentConfig
 from clipzss.inference import _label_kernels as kernels
 from clipzss.inference.inputs import preprocess
-from clipzss.inference.label_maps import UNIT_ROUNDOFF, _plan_tables
+from clipzss.inference.label_maps import UNIT_ROUNDOFF, _kernel_tables
 from clipzss.inference.windows import window_logits
 from clipzss.models.segmenter import Segmenter, _classes_last_logits, pixel_norms
 from clipzss.models.student import build_student
@@ -34,7 +34,6 @@ def label_kernels(plan, low: np.ndarray):
     best, second = (np.empty((n, h * w), dtype=np.float32) for _ in range(2))
     flat = low.reshape(n, h * w, k)
     kernels.point_stats(flat, top, best, second)
-    rows, cols = _plan_tables(plan)
     depth = int(plan.rows.coverage[1].max() * plan.cols.coverage[1].max()) + 16
     out = np.empty(plan.out_size, dtype=np.int64)
     stats = (top.reshape(n, h, w), best.reshape(n, h, w), second.reshape(n, h, w))
@@ -44,8 +43,7 @@ def label_kernels(plan, low: np.ndarray):
         np.empty((n, h, w, 0), dtype=np.int64),
         out,
         4.0 * depth * UNIT_ROUNDOFF,
-        *rows,
-        *cols,
+        *_kernel_tables(plan),
     )
     return (lambda: kernels.point_stats(flat, top, best, second)), (lambda: kernels.label_units(*args))
 

@@ -22,6 +22,7 @@ from clipzss.images import load_image, to_rgb
 from clipzss.inference.inputs import inference_size, normalize, preprocess, rescale_size
 from clipzss.inference.windows import infer_logits
 from clipzss.models.segmenter import Segmenter
+from conftest import shared_data_dir
 
 # ---------------------------------------------------------------------------------------------------- loading
 
@@ -151,20 +152,44 @@ def _confusion(truth: np.ndarray, pred: np.ndarray, k: int) -> torch.Tensor:
     return torch.from_numpy(np.bincount(truth[keep] * k + pred[keep], minlength=k * k).reshape(k, k))
 
 
-@pytest.mark.parametrize("mode", ["whole", "slide"])
-def test_predict_masks_score_exactly_what_eval_scores(
-    trained_checkpoint: Path, shared_data: Path, tmp_path: Path, mode: str
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class CamvidModel:
+    """What both modes of the eval/predict comparison read: none of it depends on the mode."""
+
+    data: Path  # three CamVid val photos and a panorama, with their masks
+    names: list[str]
+    model: Path  # the trained checkpoint with small windows
+    onnx_file: Path  # its ONNX export with every class baked in
+    segmenter: Segmenter  # the reference's network, loaded once
+
+
+@pytest.fixture(scope="module")
+def camvid_model(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> CamvidModel:
+    shared_data = shared_data_dir()
+    if shared_data is None:
+        pytest.skip("../shared/data is not present")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    data = tmp_path / "camvid4"
+    root = tmp_path_factory.mktemp("camvid_model")
+    data = root / "camvid4"
     names = _camvid_with_panorama(shared_data, data)
     ckpt = load_checkpoint(trained_checkpoint)
     # Small windows so that slide mode really slides (2×3 windows per photo, 2×8 on the panorama).
     cfg = dataclasses.replace(
         ckpt.config, eval=dataclasses.replace(ckpt.config.eval, crop_size=48, stride=32)
     )
-    model = save_checkpoint(tmp_path / "model", ckpt.state_dict, cfg, **ckpt.meta)
+    model = save_checkpoint(root / "model", ckpt.state_dict, cfg, **ckpt.meta)
+    onnx_file = root / "model.onnx"
+    assert main(["export", str(model), "--onnx", str(onnx_file), "--classes", ",".join(names)]) == 0
+    segmenter = Segmenter.from_checkpoint(model, device="cpu")
+    return CamvidModel(data, names, model, onnx_file, segmenter)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_predict_masks_score_exactly_what_eval_scores(
+    camvid_model: CamvidModel, tmp_path: Path, mode: str
+) -> None:
+    data, names, model = camvid_model.data, camvid_model.names, camvid_model.model
     unseen = "car,tree,pedestrian"
 
     common = ["--mode", mode, "--device", "cpu"]
@@ -180,13 +205,11 @@ def test_predict_masks_score_exactly_what_eval_scores(
     classes = ",".join(names)
     assert main(["predict", *map(str, photos), "--checkpoint", str(model), "--classes", classes,
                  "--out", str(tmp_path / "torch"), *common]) == 0  # fmt: skip
-    onnx_file = tmp_path / "model.onnx"
-    assert main(["export", str(model), "--onnx", str(onnx_file), "--classes", classes]) == 0
-    assert main(["predict", *map(str, photos), "--onnx", str(onnx_file), "--out", str(tmp_path / "onnx"),
-                 "--mode", mode]) == 0  # fmt: skip
+    assert main(["predict", *map(str, photos), "--onnx", str(camvid_model.onnx_file),
+                 "--out", str(tmp_path / "onnx"), "--mode", mode]) == 0  # fmt: skip
 
-    segmenter = Segmenter.from_checkpoint(model, device="cpu")
-    segmenter.eval_cfg = dataclasses.replace(segmenter.eval_cfg, mode=mode)
+    segmenter = camvid_model.segmenter
+    eval_cfg = dataclasses.replace(segmenter.eval_cfg, mode=mode)
     k = len(names)
     confusion = torch.zeros(k, k, dtype=torch.int64)
     for photo in photos:
@@ -197,11 +220,9 @@ def test_predict_masks_score_exactly_what_eval_scores(
         # ONNX against torch: the same pixels but for float rounding, and exactly where the top two are apart.
         onnx_pred = np.asarray(Image.open(tmp_path / "onnx" / f"{photo.stem}_mask.png")).astype(np.int64)
         image = load_image(photo)
-        x = torch.from_numpy(preprocess(image, segmenter.eval_cfg.short_side))[None]
+        x = torch.from_numpy(preprocess(image, eval_cfg.short_side))[None]
         with torch.no_grad():
-            logits = infer_logits(
-                segmenter.logits_fn(names), x, segmenter.eval_cfg, (image.height, image.width)
-            )
+            logits = infer_logits(segmenter.logits_fn(names), x, eval_cfg, (image.height, image.width))
         top2 = logits[0].topk(2, dim=0).values
         clear = (top2[0] - top2[1] > 1e-3).numpy()
         assert np.array_equal(logits[0].argmax(0).numpy(), pred)

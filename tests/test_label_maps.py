@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +271,26 @@ def student():
     return build_student(cfg, for_training=False).eval()
 
 
+@pytest.fixture(scope="module")
+def embed(student) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The student's normalised embeddings of a batch of crops, each distinct crop run through it once.
+
+    Every path compared below (labels, reference scores, approximate labels, torch's kernels) then reads the same
+    window logits, whatever its batches of windows, and the network runs once per window for all class counts.
+    """
+    seen: dict[tuple[tuple[int, ...], bytes], torch.Tensor] = {}
+
+    def run(crops: torch.Tensor) -> torch.Tensor:
+        keys = [(tuple(c.shape), c.contiguous().numpy().tobytes()) for c in crops]
+        missing = list(dict.fromkeys(key for key in keys if key not in seen))
+        if missing:
+            fresh = F.normalize(student(crops[[keys.index(key) for key in missing]]), dim=1)
+            seen.update(zip(missing, fresh, strict=True))
+        return torch.stack([seen[key] for key in keys])
+
+    return run
+
+
 def real_images(shared: Path) -> list[Image.Image]:
     camvid = sorted((shared / "camvid" / "val" / "images").glob("*"))[:2]
     voc = sorted((shared / "voc-sample" / "VOC2012" / "JPEGImages").glob("*.jpg"))[:1]
@@ -278,12 +299,11 @@ def real_images(shared: Path) -> list[Image.Image]:
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 @pytest.mark.parametrize("k", [20, 171])
-def test_real_images_labels_equal_reference_and_torch(shared_data: Path, student, mode: str, k: int) -> None:
+def test_real_images_labels_equal_reference_and_torch(shared_data: Path, embed, mode: str, k: int) -> None:
     text = F.normalize(torch.randn(k, 32, generator=torch.Generator().manual_seed(k)), dim=1) / 0.07
 
     def logits_fn(x: torch.Tensor) -> torch.Tensor:
-        emb = F.normalize(student(x), dim=1)
-        return torch.einsum("bchw,kc->bkhw", emb, text).contiguous(memory_format=torch.channels_last)
+        return torch.einsum("bchw,kc->bkhw", embed(x), text).contiguous(memory_format=torch.channels_last)
 
     cfg = EvalConfig(mode=mode, crop_size=192, stride=128, short_side=192)
     with torch.inference_mode():
@@ -335,3 +355,25 @@ def test_band_plans_give_the_full_scores_bit_for_bit(width: int, out: tuple[int,
         scores = lm.dense_scores(lm.band_plan(plan, band), part)
         np.testing.assert_array_equal(scores, full[band.out_start : band.out_stop])
         assert np.array_equal(lm.label_map(lm.band_plan(plan, band), part), scores.argmax(-1))
+
+
+def test_held_rows_keep_the_rows_later_bands_read() -> None:
+    first = np.full((1, 1, 2, 2, 3), 0.0, np.float32)
+    held = lm._HeldRows(first, depth=2, cols=2)
+
+    def row(r: int) -> np.ndarray:  # the logits of a row of two windows, all equal to r
+        return np.full((1, 2, 2, 2, 3), r, np.float32)
+
+    held.add_row(0, [first, row(0)[:, 1:]])
+    held.add_row(1, [row(1)])
+    with pytest.raises(ValueError, match="no room for window row 2"):
+        held.add_row(2, [row(2)])
+    held.drop_before(1)
+    held.add_row(2, [row(2)[:, :1], row(2)[:, 1:]])
+    assert held._logits.shape[1] == 4  # two rows, never more
+    np.testing.assert_array_equal(held.rows(1, 2)[0, :, 0, 0, 0], [1, 1, 2, 2])
+    with pytest.raises(ValueError, match="window row 4 does not follow the held rows, 1 to 2"):
+        held.add_row(4, [row(4)])
+    held.drop_before(4)  # rows 1..3 are read by no later band (row 3 never run)
+    held.add_row(4, [row(4)])
+    np.testing.assert_array_equal(held.rows(4, 4)[0, :, 0, 0, 0], [4, 4])

@@ -126,7 +126,7 @@ def pixel_norms(flat: np.ndarray, out: np.ndarray) -> None:
                 acc[i] = max(np.sqrt(acc[i]), _F32(1e-12))
 
 
-# Per-axis tables (see `label_maps._AxisTables.packed`): ints rows FINAL_I0, FINAL_I1, WIN_I0, WIN_I1, COUNT and
+# Per-axis tables (`label_maps.AxisTables`): ints rows FINAL_I0, FINAL_I1, WIN_I0, WIN_I1, COUNT and
 # weights rows FINAL_W0, FINAL_W1, WIN_W0, WIN_W1, each padded to one length.
 FINAL_I0, FINAL_I1, WIN_I0, WIN_I1, COUNT = 0, 1, 2, 3, 4
 FINAL_W0, FINAL_W1, WIN_W0, WIN_W1 = 0, 1, 2, 3
@@ -199,8 +199,8 @@ def _distinct_masks(slots, lo, hi, masks):
 @numba.njit(cache=True, nogil=True)
 def label_units(
     logits, top, best, second, shortlist, out, rel,
-    ustart_r, ustop_r, crange_r, lo_r, hi_r, ri, rw, rslots, rstarts, rfinal,
-    ustart_c, ustop_c, crange_c, lo_c, hi_c, ci, cw, cslots, cstarts, cfinal,
+    ustart_r, ustop_r, crange_r, lo_r, hi_r, ints_r, weights_r, slots_r, starts_r, final_r,
+    ustart_c, ustop_c, crange_c, lo_c, hi_c, ints_c, weights_c, slots_c, starts_c, final_c,
 ):  # fmt: skip
     """Label every output pixel, unit by unit; returns counters (settled, one candidate, pixel values, ...).
 
@@ -219,7 +219,7 @@ def label_units(
     unit cannot win.
     """
     n_win, h, w, k = logits.shape
-    n_cols = len(cstarts)
+    n_cols = len(starts_c)
     n_ur, n_uc = len(ustart_r), len(ustart_c)
     n_rs, n_cs = lo_r.shape[0], lo_c.shape[0]
     settled = single = multi = n_cand = n_values = 0
@@ -357,8 +357,8 @@ def label_units(
             # columns) along its canvas rows and columns.
             y_lo, y_hi = crange_r[0, ur], crange_r[1, ur]
             x_lo, x_hi = crange_c[0, uc], crange_c[1, uc]
-            n_rm = _distinct_masks(rslots, y_lo, y_hi, row_masks)
-            n_cm = _distinct_masks(cslots, x_lo, x_hi, col_masks)
+            n_rm = _distinct_masks(slots_r, y_lo, y_hi, row_masks)
+            n_cm = _distinct_masks(slots_c, x_lo, x_hi, col_masks)
             # Each candidate's range over the unit: per window over the points it reads there, then averaged over
             # the windows that cover a canvas point (the canvas is their mean), worst and best over the unit.
             best_lo = -np.inf
@@ -405,8 +405,9 @@ def label_units(
                 for y in range(y_lo, y_hi + 1):
                     for x in range(x_lo, x_hi + 1):
                         v = _canvas_value(
-                            logits, y, x, cand[q], ri, rw, rslots, rstarts, ci, cw, cslots, cstarts
-                        )
+                            logits, y, x, cand[q], ints_r, weights_r, slots_r, starts_r,
+                            ints_c, weights_c, slots_c, starts_c,
+                        )  # fmt: skip
                         scratch[q, y - y_lo, x - x_lo] = v
                         lo, hi = min(lo, v), max(hi, v)
                 cand_lo[q], cand_hi[q] = lo, hi
@@ -428,7 +429,10 @@ def label_units(
                 for x in range(ustart_c[uc], ustop_c[uc]):
                     winner, top_value = -1, _F32(0)
                     for q in range(survivors):
-                        v = _final_value(scratch[keep[q]], y, x, y_lo, x_lo, ri, rw, rfinal, ci, cw, cfinal)
+                        v = _final_value(
+                            scratch[keep[q]], y, x, y_lo, x_lo, ints_r, weights_r, final_r,
+                            ints_c, weights_c, final_c,
+                        )  # fmt: skip
                         if winner < 0 or v > top_value:
                             top_value, winner = v, cand[keep[q]]
                     out[y, x] = winner

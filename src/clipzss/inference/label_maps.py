@@ -34,12 +34,14 @@ returns, permuted for free), windows in `clipzss.inference.inputs.sliding_window
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import inspect
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -349,33 +351,81 @@ def slide_labels(
         return plan_labels(plan, logits, transforms, candidates), int(logits.shape[-1])
     # Output row 0 reads window row 0, so the first window is always run; its size bounds the batches.
     first = run(windows[:1])
-    b = first.shape[0]
-    store = _empty(first, (b, depth * cols, *first.shape[2:]))  # the held rows of windows, oldest first
-    store[:, :1] = first
     plan = slide_plan(image_size, windows, first.shape[2:4], out_size)
-    labels = [_empty(first, (b, *out_size), labels=True) for _ in transforms]
+    labels = [_empty(first, (first.shape[0], *out_size), labels=True) for _ in transforms]
     batch = window_batch_size(first, window_batch)
-    held, count, next_band = 0, 0, 0  # window row in store's first slot, rows held, first band not labelled
+    held = _HeldRows(first, depth, cols)
+    todo = collections.deque(bands)  # the bands not labelled yet, in order
     for row in range(rows):
-        if next_band == len(bands) or row < bands[next_band].first:
+        if not todo:
+            break
+        if row < todo[0].first:
             continue  # no output row reads this row of windows
-        drop = bands[next_band].first - held  # rows no later band reads (or skipped)
-        if drop > 0:  # the rows still read move to the front, in order (the slices never overlap)
-            for j in range(count - drop):
-                store[:, j * cols : (j + 1) * cols] = store[:, (j + drop) * cols : (j + drop + 1) * cols]
-            held, count = held + drop, max(count - drop, 0)
-        slot, row_windows = count * cols, windows[row * cols : (row + 1) * cols]
-        for start in range(1 if row == 0 else 0, cols, batch):  # (row 0's first window is in)
-            chunk = row_windows[start : start + batch]
-            store[:, slot + start : slot + start + len(chunk)] = run(chunk)
-        count += 1
-        while next_band < len(bands) and bands[next_band].last <= row:
-            band = bands[next_band]
-            lo, hi = (band.first - held) * cols, (band.last - held + 1) * cols
+        held.drop_before(todo[0].first)  # rows no later band reads
+        row_windows = windows[row * cols : (row + 1) * cols]
+        held.add_row(row, _row_chunks(run, row_windows, batch, first if row == 0 else None))
+        while todo and todo[0].last <= row:  # the bands whose rows are all in
+            band = todo.popleft()
             rows_out = slice(band.out_start, band.out_stop)
-            _fill_labels(labels, band_plan(plan, band), store[:, lo:hi], transforms, candidates, rows_out)
-            next_band += 1
-    return labels, int(store.shape[-1])
+            part = held.rows(band.first, band.last)
+            _fill_labels(labels, band_plan(plan, band), part, transforms, candidates, rows_out)
+    return labels, int(first.shape[-1])
+
+
+def _row_chunks(
+    run: RunWindows, row_windows: Sequence[Window], batch: int, first: Array | None = None
+) -> Iterator[Array]:
+    """The (B, n, h', w', K) logits of one row of windows, ``batch`` windows per `run` call, in order; ``first``:
+    the row's first window's, already run."""
+    if first is not None:
+        yield first
+    for start in range(0 if first is None else 1, len(row_windows), batch):
+        yield run(row_windows[start : start + batch])
+
+
+class _HeldRows:
+    """The logits of consecutive rows of windows, oldest first, in one buffer of ``depth`` rows allocated once.
+
+    Rows are added after the newest and dropped from the front, so streaming an image never holds more than the
+    ``depth`` rows its deepest band reads.
+    """
+
+    def __init__(self, like: Array, depth: int, cols: int) -> None:
+        self.cols = cols
+        self.start = 0  # the window row in the buffer's first slot
+        self.count = 0  # rows held
+        self._logits = _empty(like, (like.shape[0], depth * cols, *like.shape[2:]))
+
+    def _slots(self, first: int, stop: int) -> slice:
+        return slice(first * self.cols, stop * self.cols)
+
+    def drop_before(self, row: int) -> None:
+        """Forget the rows before window row ``row``; those still held move to the front, in order."""
+        drop = row - self.start
+        if drop <= 0:
+            return
+        keep = max(self.count - drop, 0)
+        for j in range(keep):  # (the slices never overlap)
+            self._logits[:, self._slots(j, j + 1)] = self._logits[:, self._slots(j + drop, j + drop + 1)]
+        self.start, self.count = row, keep
+
+    def add_row(self, row: int, chunks: Iterable[Array]) -> None:
+        """Window row ``row``, the one after the newest held, from its windows' logits in order, chunk by chunk."""
+        if row != self.start + self.count:
+            raise ValueError(
+                f"window row {row} does not follow the held rows, {self.start} to {self.start + self.count - 1}"
+            )
+        if self.count * self.cols >= self._logits.shape[1]:
+            raise ValueError(f"no room for window row {row}: drop rows before adding")
+        slot = self.count * self.cols
+        for logits in chunks:
+            self._logits[:, slot : slot + logits.shape[1]] = logits
+            slot += logits.shape[1]
+        self.count += 1
+
+    def rows(self, first: int, last: int) -> Array:
+        """The logits of held window rows ``first..last``: (B, windows, h', w', K), a view of the buffer."""
+        return self._logits[:, self._slots(first - self.start, last - self.start + 1)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,8 +520,31 @@ def dense_labels(plan: Plan, logits: Array, transform: Transform | None = None) 
 # The shortcut.
 
 
-def _axis_tables(axis: Axis) -> tuple[Any, ...]:
-    """One axis of a plan as the kernels' arguments (`clipzss.inference._label_kernels.label_units`).
+class AxisTables(NamedTuple):
+    """One axis of a plan as `clipzss.inference._label_kernels.label_units` reads it (built by `_axis_tables`).
+
+    The kernel takes plain arrays (numba types a tuple of arrays slowly at every call); `kernel_args` names them
+    as its parameters, so no call depends on the order of the fields.
+    """
+
+    ustart: np.ndarray  # (units,) first output index of each unit
+    ustop: np.ndarray  # (units,) its end
+    crange: np.ndarray  # (2, units) first and last canvas index it reads
+    lo: np.ndarray  # (slots, units) first low-resolution index it reads per window slot (lo > hi: none)
+    hi: np.ndarray  # (slots, units) last
+    ints: np.ndarray  # (5, length) int64 rows: final i0, i1, window i0, i1, coverage count
+    weights: np.ndarray  # (4, length) float32 rows: final w0, w1, window w0, w1
+    slots: np.ndarray  # (slots, canvas) window index per covering slot (-1: none)
+    starts: np.ndarray  # (windows,) window starts on the canvas
+    final: bool  # whether the canvas is resized to the output
+
+    def kernel_args(self, axis: str) -> dict[str, Any]:
+        """The tables as ``label_units`` keyword arguments of ``axis`` ("r": rows, "c": columns)."""
+        return {f"{name}_{axis}": value for name, value in self._asdict().items()}
+
+
+def _axis_tables(axis: Axis) -> AxisTables:
+    """One axis of a plan as the kernels' arguments.
 
     Output indices are grouped into units: the pixels between the same two low-resolution points for a plain
     upsampling, else runs of about `UNIT_CANVAS` canvas pixels. Per unit: its output range, the canvas range it
@@ -509,13 +582,38 @@ def _axis_tables(axis: Axis) -> tuple[Any, ...]:
         ints[row, : len(values)] = values
     for row, values in enumerate((maps[0].w0, maps[0].w1, maps[1].w0, maps[1].w1)):
         weights[row, : len(values)] = values
-    starts = np.asarray(axis.starts, dtype=np.int64)
-    return start, stop, np.stack([cmin, cmax]), lo, hi, ints, weights, slots, starts, axis.final is not None
+    return AxisTables(
+        ustart=start,
+        ustop=stop,
+        crange=np.stack([cmin, cmax]),
+        lo=lo,
+        hi=hi,
+        ints=ints,
+        weights=weights,
+        slots=slots,
+        starts=np.asarray(axis.starts, dtype=np.int64),
+        final=axis.final is not None,
+    )
 
 
 @lru_cache(maxsize=16)
-def _plan_tables(plan: Plan) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+def _plan_tables(plan: Plan) -> tuple[AxisTables, AxisTables]:
     return _axis_tables(plan.rows), _axis_tables(plan.cols)
+
+
+@lru_cache(maxsize=16)
+def _kernel_tables(plan: Plan) -> tuple[Any, ...]:
+    """Both axes' tables as ``label_units``' last arguments, taken by the kernel's own parameter names.
+
+    Positional, as numba dispatches them fastest (keywords add a few microseconds per call), yet in no order
+    written by hand; built once per plan.
+    """
+    from clipzss.inference import _label_kernels as kernels
+
+    rows, cols = _plan_tables(plan)
+    by_name = {**rows.kernel_args("r"), **cols.kernel_args("c")}
+    params = list(inspect.signature(kernels.label_units.py_func).parameters)
+    return tuple(by_name[name] for name in params[-len(by_name) :])
 
 
 def check_candidates(value: Any, name: str = "candidates") -> int:
@@ -574,7 +672,6 @@ def label_map_with_stats(
     if not finite:  # NaN / inf: the rounding bounds do not hold; the dense path is the definition
         return dense_labels(plan, logits), {"dense": 1}
     shortlist = np.empty((n, h, w, m), dtype=np.int64)  # (filled by label_units where needed)
-    rows, cols = _plan_tables(plan)
     # Every output value is a convex combination of low-res values computed in at most (windows per point + 12)
     # float32 roundings, each off by at most UNIT_ROUNDOFF of the largest magnitude involved, and weights that sum
     # to 1 within 4 more: rel is 4× that bound of (windows per point + 16) roundings.
@@ -583,7 +680,7 @@ def label_map_with_stats(
     out = np.empty(plan.out_size, dtype=np.int64)
     counters = kernels.label_units(
         logits, top.reshape(n, h, w), best.reshape(n, h, w), second.reshape(n, h, w), shortlist, out, rel,
-        *rows, *cols,
+        *_kernel_tables(plan),
     )  # fmt: skip
     names = ("settled", "one_candidate", "pixel_values", "candidates", "values")
     return out, dict(zip(names, (int(c) for c in counters), strict=True))
