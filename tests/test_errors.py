@@ -66,7 +66,9 @@ def test_offline_teacher_and_student_raise_the_same_class(monkeypatch: pytest.Mo
     with pytest.raises(OfflineError, match="teacher weights 'openai'"):
         teacher._tag_checkpoint("ViT-B-16", "openai", {"hf_hub": "org/repo/"})
     with pytest.raises(OfflineError, match="offline"):
-        student_weights._hub_download("org/repo", ("model.safetensors",), None, "'imagenet' weights for resnet18")
+        student_weights._hub_download(
+            "org/repo", ("model.safetensors",), None, "'imagenet' weights for resnet18"
+        )
 
 
 @pytest.mark.parametrize(
