@@ -35,18 +35,8 @@ TINY_CLIP = {
 
 
 # The 11 CamVid classes of ../shared/data/camvid/classes.txt, in id order (tests that fake or read CamVid).
-CAMVID_CLASSES: tuple[str, ...] = (
-    "sky",
-    "building",
-    "pole",
-    "road",
-    "pavement",
-    "tree",
-    "signsymbol",
-    "fence",
-    "car",
-    "pedestrian",
-    "bicyclist",
+CAMVID_CLASSES: tuple[str, ...] = tuple(
+    "sky building pole road pavement tree signsymbol fence car pedestrian bicyclist".split()
 )
 
 
