@@ -36,7 +36,7 @@ TINY_CLIP = {
 
 # The 11 CamVid classes of ../shared/data/camvid/classes.txt, in id order (tests that fake or read CamVid).
 CAMVID_CLASSES: tuple[str, ...] = tuple(
-    "sky building pole road pavement tree signsymbol fence car pedestrian bicyclist".split()
+    "sky building pole road pavement tree signsymbol fence car pedestrian bicyclist".split()  # noqa: SIM905
 )
 
 
