@@ -393,6 +393,7 @@ def test_compute_losses_ce_only_is_the_plain_text_classifier_student(resolution:
         nel=False,
         ce=True,
         pseudo_labels=False,
+        w_distill=0.0,
         w_ce=2.0,
         loss_resolution=resolution,
     )
