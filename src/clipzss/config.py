@@ -135,9 +135,9 @@ class MethodConfig:
     """CLIP-ZSS modules, their switches (ablations) and their hyper-parameters."""
 
     glm: bool = True
-    # Off by default: GLM's bank of past CLS tokens (the paper's) moved unseen mIoU by -0.1 on average on the CamVid
-    # proxy (three seeds: +0.1, +1.2, -1.5), so GLM uses every rank's in-batch CLS tokens as negatives
-    # (benchmarks/README.md, "reference − bank"). `method.bank=true` restores the paper's GLM.
+    # Off by default: taking GLM's bank of past CLS tokens (the paper's) out moved unseen mIoU on the CamVid proxy by
+    # -0.1 on average (per seed +0.1, +1.2, -1.5: no worth shown), so GLM uses every rank's in-batch CLS tokens as
+    # negatives (benchmarks/README.md, "reference − bank"). `method.bank=true` restores the paper's GLM.
     bank: bool = False
     pseudo_labels: bool = True
     # Off by default: single-scale seeds (the middle window) trained as well and clustered as well in every
