@@ -151,11 +151,10 @@ def named_label_quality(
     the trainer's (`clipzss.method.transductive.name_pixels`), on whole frames without augmentation.
     """
     import torch
+    from common import named_label_quality
 
     from clipzss.config import TransductiveConfig
-    from clipzss.data import IGNORE_INDEX, seen_lookup
     from clipzss.data.transforms import build_transforms
-    from clipzss.method.transductive import name_pixels
     from clipzss.worlds import camvid as cw
 
     world = teacher.world
@@ -172,30 +171,10 @@ def named_label_quality(
     tau = TransductiveConfig().tau
     items = [frames[i] for i in range(len(frames))]
     truth = torch.stack([item["mask"] for item in items]).long()  # every class's id; 255 on CamVid's void
-    valid = truth != IGNORE_INDEX
-    labels = torch.where(valid, seen_lookup(split)[truth.clamp(0, IGNORE_INDEX)], IGNORE_INDEX)
-    true_id = torch.full_like(truth, -1)
-    for t, c in enumerate(split.unseen):
-        true_id[truth == c] = len(split.seen) + t
-    unlabelled = (labels == IGNORE_INDEX) & valid
     with torch.no_grad():
-        dense = torch.cat(
-            [
-                teacher.encode_image(torch.stack([it["image"] for it in items[i : i + 32]]))[1]
-                for i in range(0, len(items), 32)
-            ]
-        )
-    rows = []
-    for threshold in thresholds:
-        named = name_pixels(dense, texts, labels, len(split.seen), 1 / tau, threshold, valid)
-        got = unlabelled & (named != IGNORE_INDEX)
-        rows.append(
-            {
-                "threshold": threshold,
-                "named": float(got.sum() / unlabelled.sum().clamp_min(1)),
-                "precision": float((got & (named == true_id)).sum() / got.sum().clamp_min(1)),
-            }
-        )
+        batches = [torch.stack([it["image"] for it in items[i : i + 32]]) for i in range(0, len(items), 32)]
+        dense = torch.cat([teacher.encode_image(batch)[1] for batch in batches])
+    rows = named_label_quality(dense, texts, truth, split, tau, thresholds)
     return {"images": len(items), "tau": tau, "rows": rows}
 
 

@@ -250,3 +250,38 @@ def report(title: str, info: dict[str, Any], table: str, payload: dict[str, Any]
 
 def target(met: bool) -> str:
     return "met" if met else "MISSED"
+
+
+def named_label_quality(
+    dense: torch.Tensor,
+    texts: torch.Tensor,
+    truth: torch.Tensor,
+    split: Any,
+    tau: float,
+    thresholds: Sequence[float],
+) -> list[dict[str, float]]:
+    """The transductive setting's named labels (`clipzss.method.transductive.name_pixels`, the trainer's code) on
+    frames whose ``truth`` (B, H, W) holds every class's id (255 = void): of the unseen pixels, the share named at
+    each threshold and the share of those named right. ``texts`` are the seen then the unseen names' embeddings."""
+    from clipzss.data import IGNORE_INDEX, seen_lookup
+    from clipzss.method.transductive import name_pixels
+
+    valid = truth != IGNORE_INDEX
+    labels = torch.where(valid, seen_lookup(split)[truth.clamp(0, IGNORE_INDEX)], IGNORE_INDEX)
+    num_seen = len(split.seen)
+    true_id = torch.full_like(truth, -1)
+    for t, c in enumerate(split.unseen):
+        true_id[truth == c] = num_seen + t
+    unlabelled = (labels == IGNORE_INDEX) & valid
+    rows = []
+    for threshold in thresholds:
+        named = name_pixels(dense, texts, labels, num_seen, 1 / tau, threshold, valid)
+        got = unlabelled & (named != IGNORE_INDEX)
+        rows.append(
+            {
+                "threshold": threshold,
+                "named": float(got.sum() / unlabelled.sum().clamp_min(1)),
+                "precision": float((got & (named == true_id)).sum() / got.sum().clamp_min(1)),
+            }
+        )
+    return rows

@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import named_label_quality
 
-from clipzss.data import IGNORE_INDEX, seen_lookup
 from clipzss.data.transforms import build_transforms
-from clipzss.method.transductive import name_pixels
 from clipzss.worlds.students import student_config, teacher_metrics, train_and_evaluate
 from clipzss.worlds.synthetic import WorldConfig, WorldScenes, load_teacher, world_datasets
 
@@ -58,29 +57,10 @@ def label_quality(
     scenes = WorldScenes(world, "train", images, transform=build_transforms(cfg.data, False, world.size))
     items = [scenes[i] for i in range(images)]
     truth = torch.stack([item["mask"] for item in items])  # (N, H, W) class ids, every class
-    valid = truth != IGNORE_INDEX
-    labels = torch.where(valid, seen_lookup(scenes.split)[truth.clamp(0, IGNORE_INDEX)], IGNORE_INDEX)
     names, split = list(scenes.class_names), scenes.split
     texts = teacher.text_embeddings([names[i] for i in (*split.seen, *split.unseen)])
     _, dense = teacher.encode_image(torch.stack([item["image"] for item in items]))
-    num_seen = len(split.seen)
-    true_id = torch.full_like(truth, -1)
-    for t, c in enumerate(split.unseen):
-        true_id[truth == c] = num_seen + t
-    unlabelled = (labels == IGNORE_INDEX) & valid
-    rows = []
-    for threshold in thresholds:
-        tau = cfg.transductive.tau
-        named = name_pixels(dense, texts, labels, num_seen, 1 / tau, threshold, valid)
-        got = unlabelled & (named != IGNORE_INDEX)
-        rows.append(
-            {
-                "threshold": threshold,
-                "named": float(got.sum() / unlabelled.sum().clamp_min(1)),
-                "precision": float((got & (named == true_id)).sum() / got.sum().clamp_min(1)),
-            }
-        )
-    return rows
+    return named_label_quality(dense, texts, truth, split, cfg.transductive.tau, thresholds)
 
 
 def run(name: str, spec: dict[str, object], seed: int, iters: int, out: Path) -> dict[str, float]:
