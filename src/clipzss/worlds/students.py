@@ -76,6 +76,19 @@ VARIANTS = {
 # The two parts the CamVid table moved, taken back out of today's default (measured after it moved).
 VARIANTS["default − dense distillation"] = {"w_distill": 0.0}
 VARIANTS["default + bank (the paper's GLM negatives)"] = {"bank": True}
+# CLIP-ZSS's parts taken out of today's default (the "default −" rows above take them out of the reference), one at
+# a time and all four together, as the CamVid table does.
+TODAY = "today's default − "
+VARIANTS[TODAY + "GLM"] = {"glm": False}
+VARIANTS[TODAY + "mask fusion"] = {"mask_fusion": False}
+VARIANTS[TODAY + "NEL (CE only)"] = {"nel": False}
+VARIANTS[TODAY + "token centring (raw tokens, λ 0.85)"] = {"center_tokens": False, "fusion_threshold": 0.85}
+VARIANTS[TODAY + "all four (PLM clusters + distillation, CE)"] = {
+    "glm": False,
+    "mask_fusion": False,
+    "nel": False,
+    "center_tokens": False,
+}
 # The table's rows under the names they were run with (benchmarks/evidence.py --relabel reads old JSON files).
 RENAMED: dict[str, str] = {}  # none since the current table, which re-ran every row under its name
 BASELINE, FULL = "seen-only baseline (CE)", "default"
