@@ -470,6 +470,20 @@ def _compare_tab(page: _Requests, rows: list[list[str]], default_classes: str) -
     button.click(page.on_compare, [image, classes, recipe], [*ours, *theirs, title, status])
 
 
+# What the demo never does, whatever Gradio's defaults become: no share link (Gradio's banner suggests
+# `share=True`; we print the URL instead), no server-side rendering, MCP server or installable app, no tracebacks in
+# the page, no banner (quiet), and no blocking inside `launch` (``block_thread`` below decides).
+_NEVER: dict[str, bool] = {
+    "share": False,
+    "ssr_mode": False,
+    "mcp_server": False,
+    "pwa": False,
+    "show_error": False,
+    "quiet": True,
+    "prevent_thread_lock": True,
+}
+
+
 def launch(
     app: gr.Blocks,
     host: str = DEFAULT_HOST,
@@ -486,20 +500,13 @@ def launch(
         logger.warning(
             "the demo is reachable from the network on %s:%d; anyone who can reach it can use it", host, port
         )
-    # Gradio's own banner suggests `share=True`, an option this demo deliberately lacks: we print the URL instead.
     _, url, _ = app.launch(
         server_name=host,
         server_port=port,
-        share=False,
         max_file_size=max_file_size,
-        prevent_thread_lock=True,
-        quiet=True,
-        show_error=False,
-        ssr_mode=False,
-        mcp_server=False,
-        pwa=False,
         theme=gr.themes.Default(),
         css=CSS,
+        **_NEVER,
     )
     if not quiet:
         print(f"clipzss demo running on {url} (Ctrl-C stops it)", flush=True)
