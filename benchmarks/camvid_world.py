@@ -627,8 +627,9 @@ def targets(by_row: dict[str, list[dict]], teacher_u: float) -> list[str]:
     reference's on the same seeds.
 
     (1) default mIoU(U) ≥ 0.8 × the teacher's (stretch 1.0); (2) default mIoU(S) within 3 points of the seen-only
-    baseline's; (3) a "−" row (a part of the reference taken out) below the reference by more than one standard
-    deviation (the larger of the two rows'; the paired view, each seed's difference, is printed beside it);
+    baseline's; (3) a "−" row (a part of the default taken out; also of the reference) below the default by more
+    than one standard deviation (the larger of the two rows'; the paired view, each seed's difference, is printed
+    beside it);
     (4) the baseline's seen mIoU has stopped moving between the two schedules.
     """
     base, full, ref = by_row.get(BASELINE_ROW), by_row.get(DEFAULT_ROW), by_row.get(REFERENCE_ROW)
@@ -646,31 +647,16 @@ def targets(by_row: dict[str, list[dict]], teacher_u: float) -> list[str]:
         f"(2) default mIoU(S) − baseline mIoU(S) = {fs - bs:+.1f} ({'met' if fs >= bs - 3 else 'not met'}: within 3 "
         "points).",
     ]
-    parts = []
-    ru, ru_sd = _mean_sd(ref, "mIoU(U)") if ref else (math.nan, math.nan)
-    prefix = "reference − "
-    for row, runs in by_row.items():
-        if ref and row.startswith(prefix):
-            u, sd = _mean_sd(runs, "mIoU(U)")
-            diffs = _paired_diffs(ref, runs)
-            if len(runs) < 2:
-                parts.append(
-                    f"{row[len(prefix) :]} {-diffs[0]:+.1f} on seed {runs[0]['seed']} (one seed: open)"
-                )
-                continue
-            margin = max(sd, ru_sd)
-            ok = ru - u > margin
-            parts.append(
-                f"{row[len(prefix) :]} {ru - u:+.1f} vs {margin:.1f} ({'met' if ok else 'not met'}; per seed "
-                + ", ".join(f"{-d:+.1f}" for d in diffs)
-                + ")"
+    for base_row, prefix, runs_of in (
+        (DEFAULT_ROW, DEFAULT_MINUS, full),
+        (REFERENCE_ROW, "reference − ", ref),
+    ):
+        parts = _part_verdicts(by_row, prefix, runs_of)
+        if parts:
+            items.append(
+                f"(3{'' if base_row == DEFAULT_ROW else ', the reference'}) each part of the {base_row.split(':')[0]}"
+                f', its mIoU(U) minus its "−" row against one standard deviation: ' + "; ".join(parts) + "."
             )
-    if parts:
-        items.append(
-            '(3) each part of the reference, reference mIoU(U) minus its "−" row against one standard deviation: '
-            + "; ".join(parts)
-            + "."
-        )
     long = by_row.get(LONG_BASELINE_ROW)
     if long:
         ls, _ = _mean_sd(long, "mIoU(S)")
@@ -739,6 +725,29 @@ def setting_targets(by_row: dict[str, list[dict]], full: list[dict], teacher_u: 
             "teacher's: the ceiling of this student recipe on the evaluation sequence."
         )
     return ["**Targets of the settings** (transductive setting). " + " ".join(items), ""] if items else []
+
+
+def _part_verdicts(by_row: dict[str, list[dict]], prefix: str, whole: list[dict] | None) -> list[str]:
+    """Target (3) for the rows named ``prefix`` + part: ``whole``'s mean mIoU(U) minus the row's, "met" when that
+    exceeds one standard deviation (the larger of the two rows'), with each seed's difference beside it."""
+    if not whole:
+        return []
+    wu, wu_sd = _mean_sd(whole, "mIoU(U)")
+    parts = []
+    for row, runs in by_row.items():
+        if not row.startswith(prefix):
+            continue
+        diffs = _paired_diffs(whole, runs)
+        if len(runs) < 2:
+            parts.append(f"{row[len(prefix) :]} {-diffs[0]:+.1f} on seed {runs[0]['seed']} (one seed: open)")
+            continue
+        u, sd = _mean_sd(runs, "mIoU(U)")
+        margin = max(sd, wu_sd)
+        parts.append(
+            f"{row[len(prefix) :]} {wu - u:+.1f} vs {margin:.1f} ({'met' if wu - u > margin else 'not met'}; per "
+            "seed " + ", ".join(f"{-d:+.1f}" for d in diffs) + ")"
+        )
+    return parts
 
 
 def _seeds_note(n: int) -> str:
