@@ -290,36 +290,15 @@ def _window_ranges(logits, q, win_lo, win_hi, lo_r, hi_r, lo_c, hi_c, n_cols, ur
             win_lo[i, j], win_hi[i, j] = lo, hi
 
 
-@numba.njit(cache=True, nogil=True)
-def label_units(
-    logits, top, best, second, shortlist, out, rel,
-    ustart_r, ustop_r, crange_r, lo_r, hi_r, ints_r, weights_r, slots_r, starts_r, final_r,
-    ustart_c, ustop_c, crange_c, lo_c, hi_c, ints_c, weights_c, slots_c, starts_c, final_c,
+@numba.njit(cache=True, nogil=True, inline="always")
+def _settle_units(
+    logits, top, best, second, out, rel, m, ustart_r, ustop_r, lo_r, hi_r, ustart_c, ustop_c, lo_c, hi_c, n_cols
 ):  # fmt: skip
-    """Label every output pixel, unit by unit; returns counters (settled, one candidate, pixel values, ...).
-
-    A unit reads the low-resolution points lo..hi (rows × columns) of each window that covers it.
-    1. It is settled when all of them have the same top class with a margin beyond rounding.
-    2. Otherwise tau, a lower bound on its winner's value, is the worst value over its points of its smallest
-       and its largest top class; each point is searched once over all K classes for those reaching the lowest
-       bound of the units that read it (only where its second value reaches that bound).
-    3. A unit's candidates are the classes reaching its own bound at one of its points; their exact ranges over
-       the points prune them, then their exact canvas values over the unit's canvas rectangle prune again, and
-       the survivors' reference values decide each pixel (lowest class id on ties).
-
-    Approximate mode (``shortlist``: (n, h, w, m) scratch, m > 0): step 1 still settles units exactly, but an
-    unsettled unit's candidates are its points' m best classes (step 2 finds those of the points that open units
-    read, instead of searching for a bound); among them step 3 is exact. A class outside every shortlist of the
-    unit cannot win.
-    """
+    """Step 1 of `label_units`: writes the settled units; (each unit's bound, inf if settled; each unit's largest
+    magnitude; each point's lowest bound of the units that read it; the number settled)."""
     n_win, h, w, k = logits.shape
-    n_cols = len(starts_c)
     n_ur, n_uc = len(ustart_r), len(ustart_c)
-    n_rs, n_cs = lo_r.shape[0], lo_c.shape[0]
-    settled = single = multi = n_cand = n_values = 0
-    m = shortlist.shape[3]
-
-    # 1. Unit statistics; settled units are written at once.
+    settled = 0
     threshold = np.full((n_ur, n_uc), np.inf)
     scale_of = np.zeros((n_ur, n_uc))
     point_bound = np.full((n_win, h, w), np.inf)
@@ -344,9 +323,15 @@ def label_units(
             threshold[ur, uc] = bound
             scale_of[ur, uc] = scale
             _lower_point_bounds(point_bound, bound, lo_r, hi_r, lo_c, hi_c, n_cols, ur, uc)
+    return threshold, scale_of, point_bound, settled
 
-    # 2. One search over K per point whose second value reaches its bound: the other classes that reach it (or,
-    # approximate, the m best classes of the points that open units read).
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _point_hits(logits, second, point_bound, shortlist):
+    """Step 2 of `label_units`: each point's classes reaching its bound, as CSR arrays (hit_start, hit_class,
+    hit_value); approximate (m > 0), none, but the shortlists of the points at bound -inf are filled instead."""
+    n_win, h, w, k = logits.shape
+    m = shortlist.shape[3]
     hit_start = np.zeros(n_win * h * w + 1, dtype=np.int64)
     values = np.empty(max(m, 1), dtype=np.float32)
     for win in range(n_win):
@@ -381,6 +366,45 @@ def label_units(
                         hit_class[at] = q
                         hit_value[at] = v
                         at += 1
+    return hit_start, hit_class, hit_value
+
+
+@numba.njit(cache=True, nogil=True)
+def label_units(
+    logits, top, best, second, shortlist, out, rel,
+    ustart_r, ustop_r, crange_r, lo_r, hi_r, ints_r, weights_r, slots_r, starts_r, final_r,
+    ustart_c, ustop_c, crange_c, lo_c, hi_c, ints_c, weights_c, slots_c, starts_c, final_c,
+):  # fmt: skip
+    """Label every output pixel, unit by unit; returns counters (settled, one candidate, pixel values, ...).
+
+    A unit reads the low-resolution points lo..hi (rows × columns) of each window that covers it.
+    1. It is settled when all of them have the same top class with a margin beyond rounding.
+    2. Otherwise tau, a lower bound on its winner's value, is the worst value over its points of its smallest
+       and its largest top class; each point is searched once over all K classes for those reaching the lowest
+       bound of the units that read it (only where its second value reaches that bound).
+    3. A unit's candidates are the classes reaching its own bound at one of its points; their exact ranges over
+       the points prune them, then their exact canvas values over the unit's canvas rectangle prune again, and
+       the survivors' reference values decide each pixel (lowest class id on ties).
+
+    Approximate mode (``shortlist``: (n, h, w, m) scratch, m > 0): step 1 still settles units exactly, but an
+    unsettled unit's candidates are its points' m best classes (step 2 finds those of the points that open units
+    read, instead of searching for a bound); among them step 3 is exact. A class outside every shortlist of the
+    unit cannot win.
+    """
+    k = logits.shape[3]
+    n_cols = len(starts_c)
+    n_ur, n_uc = len(ustart_r), len(ustart_c)
+    n_rs, n_cs = lo_r.shape[0], lo_c.shape[0]
+    single = multi = n_cand = n_values = 0
+    m = shortlist.shape[3]
+
+    # 1. Unit statistics; settled units are written at once.
+    threshold, scale_of, point_bound, settled = _settle_units(
+        logits, top, best, second, out, rel, m, ustart_r, ustop_r, lo_r, hi_r, ustart_c, ustop_c, lo_c, hi_c, n_cols,
+    )  # fmt: skip
+    # 2. One search over K per point whose second value reaches its bound: the other classes that reach it (or,
+    # approximate, the m best classes of the points that open units read).
+    hit_start, hit_class, hit_value = _point_hits(logits, second, point_bound, shortlist)
 
     # 3. The units left.
     mark = np.full(k, -1, dtype=np.int64)
