@@ -202,7 +202,7 @@ def _distinct_masks(slots, lo, hi, masks):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _unit_stats(top, best, second, k, lo_r, hi_r, lo_c, hi_c, n_cols, ur, uc):
-    """(smallest top class, largest top class, smallest top value, largest second value, largest magnitude)."""
+    """Over the unit's points: (min, max top class; min top value; max second value; max |top or second value|)."""
     t_min, t_max = k, -1
     b_min, s_max, scale = np.inf, -np.inf, 0.0
     for i in range(lo_r.shape[0]):
@@ -294,8 +294,7 @@ def _window_ranges(logits, q, win_lo, win_hi, lo_r, hi_r, lo_c, hi_c, n_cols, ur
 def _settle_units(
     logits, top, best, second, out, rel, m, ustart_r, ustop_r, lo_r, hi_r, ustart_c, ustop_c, lo_c, hi_c, n_cols
 ):  # fmt: skip
-    """Step 1 of `label_units`: writes the settled units; (each unit's bound, inf if settled; each unit's largest
-    magnitude; each point's lowest bound of the units that read it; the number settled)."""
+    """Step 1: writes the settled units; (unit bounds, inf where settled; unit scales; point bounds; number settled)."""
     n_win, h, w, k = logits.shape
     n_ur, n_uc = len(ustart_r), len(ustart_c)
     settled = 0
@@ -328,8 +327,7 @@ def _settle_units(
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _point_hits(logits, second, point_bound, shortlist):
-    """Step 2 of `label_units`: each point's classes reaching its bound, as CSR arrays (hit_start, hit_class,
-    hit_value); approximate (m > 0), none, but the shortlists of the points at bound -inf are filled instead."""
+    """Step 2: each point's classes reaching its bound (start per point, classes, values); approximate: shortlists."""
     n_win, h, w, k = logits.shape
     m = shortlist.shape[3]
     hit_start = np.zeros(n_win * h * w + 1, dtype=np.int64)
