@@ -196,53 +196,116 @@ def _distinct_masks(slots, lo, hi, masks):
     return n
 
 
-@numba.njit(cache=True, nogil=True)
-def label_units(
-    logits, top, best, second, shortlist, out, rel,
-    ustart_r, ustop_r, crange_r, lo_r, hi_r, ints_r, weights_r, slots_r, starts_r, final_r,
-    ustart_c, ustop_c, crange_c, lo_c, hi_c, ints_c, weights_c, slots_c, starts_c, final_c,
+# The loops over the low-resolution points a unit (ur, uc) reads: for window (i, j) of the grid (window
+# i * n_cols + j), its points lo_r[i, ur]..hi_r[i, ur] × lo_c[j, uc]..hi_c[j, uc]. Inlined into `label_units`.
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _unit_stats(top, best, second, k, lo_r, hi_r, lo_c, hi_c, n_cols, ur, uc):
+    """Over the unit's points: (min, max top class; min top value; max second value; max |top or second value|)."""
+    t_min, t_max = k, -1
+    b_min, s_max, scale = np.inf, -np.inf, 0.0
+    for i in range(lo_r.shape[0]):
+        for j in range(lo_c.shape[0]):
+            win = i * n_cols + j
+            for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
+                for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
+                    t = top[win, r, c]
+                    t_min, t_max = min(t_min, t), max(t_max, t)
+                    b, sec = best[win, r, c], second[win, r, c]
+                    b_min, s_max = min(b_min, b), max(s_max, sec)
+                    scale = max(scale, abs(b), abs(sec))
+    return t_min, t_max, b_min, s_max, scale
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _unit_worst(logits, ref, lo_r, hi_r, lo_c, hi_c, n_cols, ur, uc):
+    """The smallest value of class ``ref`` over the unit's points."""
+    worst = np.inf
+    for i in range(lo_r.shape[0]):
+        for j in range(lo_c.shape[0]):
+            win = i * n_cols + j
+            for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
+                for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
+                    worst = min(worst, logits[win, r, c, ref])
+    return worst
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _lower_point_bounds(point_bound, bound, lo_r, hi_r, lo_c, hi_c, n_cols, ur, uc):
+    """``point_bound`` lowered to ``bound`` at the unit's points."""
+    for i in range(lo_r.shape[0]):
+        for j in range(lo_c.shape[0]):
+            win = i * n_cols + j
+            for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
+                for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
+                    point_bound[win, r, c] = min(point_bound[win, r, c], bound)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _collect_candidates(
+    top, best, shortlist, hit_start, hit_class, hit_value, bound, uid, mark, cand,
+    lo_r, hi_r, lo_c, hi_c, n_cols, ur, uc,
 ):  # fmt: skip
-    """Label every output pixel, unit by unit; returns counters (settled, one candidate, pixel values, ...).
+    """The unit's candidates into ``cand`` (``mark[q] == uid`` once q is in), in the order met; their count."""
+    _, h, w = top.shape
+    count = 0
+    for i in range(lo_r.shape[0]):
+        for j in range(lo_c.shape[0]):
+            win = i * n_cols + j
+            for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
+                for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
+                    t = top[win, r, c]
+                    if best[win, r, c] >= bound and mark[t] != uid:
+                        mark[t] = uid
+                        cand[count] = t
+                        count += 1
+                    for a in range(shortlist.shape[3]):
+                        q = shortlist[win, r, c, a]
+                        if mark[q] != uid:
+                            mark[q] = uid
+                            cand[count] = q
+                            count += 1
+                    p = (win * h + r) * w + c
+                    for a in range(hit_start[p], hit_start[p + 1]):
+                        q = hit_class[a]
+                        if hit_value[a] >= bound and mark[q] != uid:
+                            mark[q] = uid
+                            cand[count] = q
+                            count += 1
+    return count
 
-    A unit reads the low-resolution points lo..hi (rows × columns) of each window that covers it.
-    1. It is settled when all of them have the same top class with a margin beyond rounding.
-    2. Otherwise tau, a lower bound on its winner's value, is the worst value over its points of its smallest
-       and its largest top class; each point is searched once over all K classes for those reaching the lowest
-       bound of the units that read it (only where its second value reaches that bound).
-    3. A unit's candidates are the classes reaching its own bound at one of its points; their exact ranges over
-       the points prune them, then their exact canvas values over the unit's canvas rectangle prune again, and
-       the survivors' reference values decide each pixel (lowest class id on ties).
 
-    Approximate mode (``shortlist``: (n, h, w, m) scratch, m > 0): step 1 still settles units exactly, but an
-    unsettled unit's candidates are its points' m best classes (step 2 finds those of the points that open units
-    read, instead of searching for a bound); among them step 3 is exact. A class outside every shortlist of the
-    unit cannot win.
-    """
+@numba.njit(cache=True, nogil=True, inline="always")
+def _window_ranges(logits, q, win_lo, win_hi, lo_r, hi_r, lo_c, hi_c, n_cols, ur, uc):
+    """Class ``q``'s smallest and largest value over the unit's points of each window, into ``win_lo``/``win_hi``."""
+    for i in range(lo_r.shape[0]):
+        for j in range(lo_c.shape[0]):
+            win = i * n_cols + j
+            lo, hi = np.inf, -np.inf
+            for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
+                for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
+                    v = logits[win, r, c, q]
+                    lo, hi = min(lo, v), max(hi, v)
+            win_lo[i, j], win_hi[i, j] = lo, hi
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _settle_units(
+    logits, top, best, second, out, rel, m, ustart_r, ustop_r, lo_r, hi_r, ustart_c, ustop_c, lo_c, hi_c, n_cols
+):  # fmt: skip
+    """Step 1: writes the settled units; (unit bounds, inf where settled; unit scales; point bounds; number settled)."""
     n_win, h, w, k = logits.shape
-    n_cols = len(starts_c)
     n_ur, n_uc = len(ustart_r), len(ustart_c)
-    n_rs, n_cs = lo_r.shape[0], lo_c.shape[0]
-    settled = single = multi = n_cand = n_values = 0
-    m = shortlist.shape[3]
-
-    # 1. Unit statistics; settled units are written at once.
+    settled = 0
     threshold = np.full((n_ur, n_uc), np.inf)
     scale_of = np.zeros((n_ur, n_uc))
     point_bound = np.full((n_win, h, w), np.inf)
     for ur in range(n_ur):
         for uc in range(n_uc):
-            t_min, t_max = k, -1
-            b_min, s_max, scale = np.inf, -np.inf, 0.0
-            for i in range(n_rs):
-                for j in range(n_cs):
-                    win = i * n_cols + j
-                    for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
-                        for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
-                            t = top[win, r, c]
-                            t_min, t_max = min(t_min, t), max(t_max, t)
-                            b, sec = best[win, r, c], second[win, r, c]
-                            b_min, s_max = min(b_min, b), max(s_max, sec)
-                            scale = max(scale, abs(b), abs(sec))
+            t_min, t_max, b_min, s_max, scale = _unit_stats(
+                top, best, second, k, lo_r, hi_r, lo_c, hi_c, n_cols, ur, uc
+            )
             if t_min == t_max and b_min - s_max > 2 * rel * scale:
                 settled += 1
                 for y in range(ustart_r[ur], ustop_r[ur]):
@@ -254,26 +317,19 @@ def label_units(
             else:
                 tau = -np.inf
                 for ref in (t_min, t_max):
-                    worst = np.inf
-                    for i in range(n_rs):
-                        for j in range(n_cs):
-                            win = i * n_cols + j
-                            for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
-                                for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
-                                    worst = min(worst, logits[win, r, c, ref])
-                    tau = max(tau, worst)
+                    tau = max(tau, _unit_worst(logits, ref, lo_r, hi_r, lo_c, hi_c, n_cols, ur, uc))
                 bound = tau - 2 * rel * max(scale, abs(tau))
             threshold[ur, uc] = bound
             scale_of[ur, uc] = scale
-            for i in range(n_rs):
-                for j in range(n_cs):
-                    win = i * n_cols + j
-                    for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
-                        for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
-                            point_bound[win, r, c] = min(point_bound[win, r, c], bound)
+            _lower_point_bounds(point_bound, bound, lo_r, hi_r, lo_c, hi_c, n_cols, ur, uc)
+    return threshold, scale_of, point_bound, settled
 
-    # 2. One search over K per point whose second value reaches its bound: the other classes that reach it (or,
-    # approximate, the m best classes of the points that open units read).
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _point_hits(logits, second, point_bound, shortlist):
+    """Step 2: each point's classes reaching its bound (start per point, classes, values); approximate: shortlists."""
+    n_win, h, w, k = logits.shape
+    m = shortlist.shape[3]
     hit_start = np.zeros(n_win * h * w + 1, dtype=np.int64)
     values = np.empty(max(m, 1), dtype=np.float32)
     for win in range(n_win):
@@ -308,6 +364,45 @@ def label_units(
                         hit_class[at] = q
                         hit_value[at] = v
                         at += 1
+    return hit_start, hit_class, hit_value
+
+
+@numba.njit(cache=True, nogil=True)
+def label_units(
+    logits, top, best, second, shortlist, out, rel,
+    ustart_r, ustop_r, crange_r, lo_r, hi_r, ints_r, weights_r, slots_r, starts_r, final_r,
+    ustart_c, ustop_c, crange_c, lo_c, hi_c, ints_c, weights_c, slots_c, starts_c, final_c,
+):  # fmt: skip
+    """Label every output pixel, unit by unit; returns counters (settled, one candidate, pixel values, ...).
+
+    A unit reads the low-resolution points lo..hi (rows × columns) of each window that covers it.
+    1. It is settled when all of them have the same top class with a margin beyond rounding.
+    2. Otherwise tau, a lower bound on its winner's value, is the worst value over its points of its smallest
+       and its largest top class; each point is searched once over all K classes for those reaching the lowest
+       bound of the units that read it (only where its second value reaches that bound).
+    3. A unit's candidates are the classes reaching its own bound at one of its points; their exact ranges over
+       the points prune them, then their exact canvas values over the unit's canvas rectangle prune again, and
+       the survivors' reference values decide each pixel (lowest class id on ties).
+
+    Approximate mode (``shortlist``: (n, h, w, m) scratch, m > 0): step 1 still settles units exactly, but an
+    unsettled unit's candidates are its points' m best classes (step 2 finds those of the points that open units
+    read, instead of searching for a bound); among them step 3 is exact. A class outside every shortlist of the
+    unit cannot win.
+    """
+    k = logits.shape[3]
+    n_cols = len(starts_c)
+    n_ur, n_uc = len(ustart_r), len(ustart_c)
+    n_rs, n_cs = lo_r.shape[0], lo_c.shape[0]
+    single = multi = n_cand = n_values = 0
+    m = shortlist.shape[3]
+
+    # 1. Unit statistics; settled units are written at once.
+    threshold, scale_of, point_bound, settled = _settle_units(
+        logits, top, best, second, out, rel, m, ustart_r, ustop_r, lo_r, hi_r, ustart_c, ustop_c, lo_c, hi_c, n_cols,
+    )  # fmt: skip
+    # 2. One search over K per point whose second value reaches its bound: the other classes that reach it (or,
+    # approximate, the m best classes of the points that open units read).
+    hit_start, hit_class, hit_value = _point_hits(logits, second, point_bound, shortlist)
 
     # 3. The units left.
     mark = np.full(k, -1, dtype=np.int64)
@@ -329,30 +424,10 @@ def label_units(
                 continue
             uid = ur * n_uc + uc
             scale = scale_of[ur, uc]
-            count = 0
-            for i in range(n_rs):
-                for j in range(n_cs):
-                    win = i * n_cols + j
-                    for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
-                        for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
-                            t = top[win, r, c]
-                            if best[win, r, c] >= bound and mark[t] != uid:
-                                mark[t] = uid
-                                cand[count] = t
-                                count += 1
-                            for a in range(shortlist.shape[3]):
-                                q = shortlist[win, r, c, a]
-                                if mark[q] != uid:
-                                    mark[q] = uid
-                                    cand[count] = q
-                                    count += 1
-                            p = (win * h + r) * w + c
-                            for a in range(hit_start[p], hit_start[p + 1]):
-                                q = hit_class[a]
-                                if hit_value[a] >= bound and mark[q] != uid:
-                                    mark[q] = uid
-                                    cand[count] = q
-                                    count += 1
+            count = _collect_candidates(
+                top, best, shortlist, hit_start, hit_class, hit_value, bound, uid, mark, cand,
+                lo_r, hi_r, lo_c, hi_c, n_cols, ur, uc,
+            )  # fmt: skip
             # Which windows cover the unit's canvas points: the distinct sets (as bit masks over window rows and
             # columns) along its canvas rows and columns.
             y_lo, y_hi = crange_r[0, ur], crange_r[1, ur]
@@ -363,15 +438,7 @@ def label_units(
             # the windows that cover a canvas point (the canvas is their mean), worst and best over the unit.
             best_lo = -np.inf
             for q in range(count):
-                for i in range(n_rs):
-                    for j in range(n_cs):
-                        win = i * n_cols + j
-                        lo, hi = np.inf, -np.inf
-                        for r in range(lo_r[i, ur], hi_r[i, ur] + 1):
-                            for c in range(lo_c[j, uc], hi_c[j, uc] + 1):
-                                v = logits[win, r, c, cand[q]]
-                                lo, hi = min(lo, v), max(hi, v)
-                        win_lo[i, j], win_hi[i, j] = lo, hi
+                _window_ranges(logits, cand[q], win_lo, win_hi, lo_r, hi_r, lo_c, hi_c, n_cols, ur, uc)
                 lo, hi = np.inf, -np.inf
                 for a in range(n_rm):
                     for b in range(n_cm):
