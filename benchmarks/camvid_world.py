@@ -104,6 +104,7 @@ def rows() -> dict[str, dict[str, object]]:
         },
         DEFAULT_MINUS + "all four (PLM clusters + distillation, CE)": {"switches": dict(MINUS_FOUR)},
         "default, distillation weight 4": {"switches": {"w_distill": 4.0}},
+        "default, distillation weight 10": {"switches": {"w_distill": 10.0}},
         # The settings (data.setting), on the default: the unseen names known in training, or every class
         # labelled. Self-training starts halfway, with an EMA horizon (1 / (1 - decay) = 50 steps) that fits a run
         # of hundreds of steps.
