@@ -252,3 +252,25 @@ def test_demo_bounds_names_per_request_and_its_text_cache(trained_checkpoint: Pa
     assert isinstance(seg._text_cache, LRUCache) and len(seg._text_cache) == 2
     assert len(seg.text_encoder._text_cache) == 2  # the CLIP teacher's own copies too
     assert list(seg._text_cache)[-1][0] == ("road", "sky4")  # the most recent list is kept
+
+
+def test_a_server_that_does_not_start_is_not_blamed_on_the_port() -> None:
+    """Gradio reports "Cannot find empty port" both for a taken port and for a server slower than its 5 s start
+    limit; the demo tells the two apart, so a busy machine does not send the user hunting for a free port."""
+    import socket
+
+    class SlowStart:
+        def launch(self, **_: object) -> None:
+            raise OSError("Cannot find empty port in range: 1-1. You can specify a different port ...")
+
+    port = free_port()
+    with pytest.raises(
+        OSError, match=rf"did not start on 127.0.0.1:{port} within Gradio's 5 s.*port is free"
+    ):
+        launch(SlowStart(), port=port, block=False, quiet=True)  # type: ignore[arg-type]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises(OSError, match=rf"^port {busy} on 127.0.0.1 is in use by another program"):
+            launch(SlowStart(), port=busy, block=False, quiet=True)  # type: ignore[arg-type]

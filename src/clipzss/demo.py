@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import logging
+import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -484,6 +485,24 @@ _NEVER: dict[str, bool] = {
 }
 
 
+def start_failure(host: str, port: int) -> str:
+    """What went wrong when Gradio says "Cannot find empty port": it says so both when the port is taken and when
+    its server did not start within its fixed 5 s of wall time (a busy machine), and only the first is about ports."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as Gradio checks: TIME_WAIT is not "in use"
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return f"port {port} on {host} is in use by another program: choose another port (clipzss demo --port)"
+    return (
+        f"the demo's web server did not start on {host}:{port} within Gradio's 5 s limit although the port is free "
+        "(a busy machine is the usual cause): run the command again"
+    )
+
+
 def launch(
     app: gr.Blocks,
     host: str = DEFAULT_HOST,
@@ -500,14 +519,19 @@ def launch(
         logger.warning(
             "the demo is reachable from the network on %s:%d; anyone who can reach it can use it", host, port
         )
-    _, url, _ = app.launch(
-        server_name=host,
-        server_port=port,
-        max_file_size=max_file_size,
-        theme=gr.themes.Default(),
-        css=CSS,
-        **_NEVER,
-    )
+    try:
+        _, url, _ = app.launch(
+            server_name=host,
+            server_port=port,
+            max_file_size=max_file_size,
+            theme=gr.themes.Default(),
+            css=CSS,
+            **_NEVER,
+        )
+    except OSError as err:
+        if not str(err).startswith("Cannot find empty port"):
+            raise
+        raise OSError(start_failure(host, port)) from None
     if not quiet:
         print(f"clipzss demo running on {url} (Ctrl-C stops it)", flush=True)
     if block:
