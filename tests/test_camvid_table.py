@@ -44,11 +44,36 @@ def test_old_default_rows_are_filed_under_the_reference(cw):
 
 
 def test_rows_on_todays_default_keep_their_names(cw):
-    today = _run(cw.DEFAULT_MINUS + "GLM", 1, 20.0, glm=False, w_distill=1.0, bank=False)
+    today = _run(cw.DEFAULT_MINUS + "GLM", 1, 20.0, glm=False, w_distill=4.0, bank=False)
     assert cw.renamed(today) == cw.DEFAULT_MINUS + "GLM"
-    # and the bare "default" row is told from the reference by its stored settings
-    assert cw.renamed(_run(cw.DEFAULT_ROW, 0, 20.0, w_distill=1.0, bank=False)) == cw.DEFAULT_ROW
+    # the bare "default" row is told from the reference by its stored settings
+    assert cw.renamed(_run(cw.DEFAULT_ROW, 0, 20.0, w_distill=4.0, bank=False)) == cw.DEFAULT_ROW
     assert cw.renamed(_run(cw.DEFAULT_ROW, 0, 20.0, **REFERENCE)) == cw.REFERENCE_ROW
+    # the row that measured weight 4 before it became the default is the default now
+    assert (
+        cw.renamed(_run("default, distillation weight 4", 2, 20.0, w_distill=4.0, bank=False))
+        == cw.DEFAULT_ROW
+    )
+
+
+def test_runs_of_the_first_default_are_filed_under_it(cw):
+    """Runs made while the default distilled at weight 1 keep that name after it moved to weight 4."""
+    assert cw.renamed(_run(cw.DEFAULT_ROW, 0, 20.0, w_distill=1.0, bank=False)) == cw.FIRST_DEFAULT_ROW
+    four = cw.DEFAULT_MINUS + "all four (PLM clusters + distillation, CE)"
+    assert (
+        cw.renamed(_run(four, 0, 20.0, w_distill=1.0, bank=False))
+        == cw.FIRST_MINUS + four[len(cw.DEFAULT_MINUS) :]
+    )
+    supervised = {**_run(cw.SUPERVISED_ROW, 0, 20.0, w_distill=1.0, bank=False), "setting": "supervised"}
+    assert cw.renamed(supervised) == cw.SUPERVISED_ROW + cw.ON_FIRST
+    # and every name they get is a row of the table that reruns them with weight 1
+    rows = cw.rows()
+    for name in (
+        cw.FIRST_DEFAULT_ROW,
+        cw.FIRST_MINUS + four[len(cw.DEFAULT_MINUS) :],
+        cw.SUPERVISED_ROW + cw.ON_FIRST,
+    ):
+        assert cw.run_method(rows[name]["switches"])["w_distill"] == 1.0
 
 
 def test_every_default_minus_row_switches_what_its_name_says(cw):
@@ -56,7 +81,7 @@ def test_every_default_minus_row_switches_what_its_name_says(cw):
     minus = {name: spec["switches"] for name, spec in rows.items() if name.startswith(cw.DEFAULT_MINUS)}
     assert minus[cw.DEFAULT_MINUS + "GLM"] == {"glm": False}
     assert minus[cw.DEFAULT_MINUS + "all four (PLM clusters + distillation, CE)"] == dict(cw.MINUS_FOUR)
-    for switches in minus.values():  # on today's default, not on the reference
+    for switches in minus.values():  # on today's default, not on the reference nor the first default
         assert not set(switches) & set(REFERENCE)
 
 
@@ -75,7 +100,7 @@ def test_part_verdicts_against_one_standard_deviation(cw):
 
 
 def test_the_reference_minus_bank_row_stands_for_the_default_without_distillation(cw):
-    full = [_run(cw.DEFAULT_ROW, s, 25.0 + s, w_distill=1.0, bank=False) for s in range(3)]
+    full = [_run(cw.DEFAULT_ROW, s, 25.0 + s, w_distill=4.0, bank=False) for s in range(3)]
     base = [_run(cw.BASELINE_ROW, s, 10.0) for s in range(3)]
     same = [_run(cw.REFERENCE_MINUS_BANK, s, 20.0, w_distill=0.0, bank=False) for s in range(3)]
     text = " ".join(
