@@ -805,7 +805,8 @@ def _seeds_note(n: int) -> str:
 def _paired_diffs(ref: list[dict], runs: list[dict]) -> list[float]:
     """Each of ``runs``' mIoU(U) minus the reference's on the same seed (seeds the reference lacks are skipped)."""
     by_seed = {r["seed"]: r["metrics"]["mIoU(U)"] for r in ref}
-    return [r["metrics"]["mIoU(U)"] - by_seed[r["seed"]] for r in runs if r["seed"] in by_seed]
+    ordered = sorted(runs, key=lambda r: r["seed"])
+    return [r["metrics"]["mIoU(U)"] - by_seed[r["seed"]] for r in ordered if r["seed"] in by_seed]
 
 
 NOTE = [
