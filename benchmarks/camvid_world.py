@@ -61,14 +61,12 @@ REFERENCE_ROW = "reference: CLIP-ZSS's modules (GLM + bank, PLM + fusion + centr
 RENAMED = {"default, centring per image": "reference, centring per image"}
 # The default's "−" rows are named apart from the reference's (stored runs are matched by row name).
 DEFAULT_MINUS = "default − "
-MINUS_FOUR = (("glm", False), ("mask_fusion", False), ("nel", False), ("center_tokens", False))
 REFERENCE_MINUS_BANK = "reference − bank (in-batch negatives only)"
-# The table's first default (dense distillation at weight 1, the bank off); its rows keep that weight, so they
-# still compute what the table shows after the default moved to weight 4.
+# The table's first default (dense distillation at weight 1, the bank off, `clipzss.worlds.students.W1`); its rows
+# keep that weight, so they still compute what the table shows after the default moved to weight 4.
 FIRST_DEFAULT_ROW = "first default (distillation weight 1)"
 FIRST_MINUS = "first default − "
 ON_FIRST = " (on the first default)"
-W1: dict[str, object] = {"w_distill": 1.0}
 # Rows run first (every seed), then the rest: the issue's budget is ~2 h for these and ~5 h for the whole table.
 CORE_ROWS = (BASELINE_ROW, DEFAULT_ROW, LONG_BASELINE_ROW)
 
@@ -76,7 +74,7 @@ CORE_ROWS = (BASELINE_ROW, DEFAULT_ROW, LONG_BASELINE_ROW)
 def rows() -> dict[str, dict[str, object]]:
     """The table's rows: ``MethodConfig()`` of the day with the row's switches (the schedule factor "iters": the
     run's iterations are ``--iters`` times it; 1 when absent). Ablations switch on top of `REFERENCE`."""
-    from clipzss.worlds.students import BASELINE, REFERENCE, VARIANTS
+    from clipzss.worlds.students import ALL_FOUR, BASELINE, PARTS, REFERENCE, VARIANTS, W1
 
     baseline = {k: v for k, v in VARIANTS[BASELINE].items() if k != "multi_scale"}
 
@@ -102,15 +100,9 @@ def rows() -> dict[str, dict[str, object]]:
         "reference + dense distillation (unlabelled pixels)": ref(w_distill=1.0, distill_pixels="unlabelled"),
         # The default's own "−" rows (the issue's rule: a part stays on only if the default beats its "−" row by
         # one standard deviation), and all four parts out together: PLM's clusters and dense distillation, CE.
-        DEFAULT_MINUS + "GLM": {"switches": {"glm": False}},
-        DEFAULT_MINUS + "mask fusion": {"switches": {"mask_fusion": False}},
-        DEFAULT_MINUS + "NEL (CE only)": {"switches": {"nel": False}},
-        DEFAULT_MINUS + "token centring (raw tokens, λ 0.85)": {
-            "switches": {"center_tokens": False, "fusion_threshold": 0.85}
-        },
-        DEFAULT_MINUS + "all four (PLM clusters + distillation, CE)": {"switches": dict(MINUS_FOUR)},
+        **{DEFAULT_MINUS + part: {"switches": dict(switches)} for part, switches in PARTS.items()},
         FIRST_DEFAULT_ROW: {"switches": dict(W1)},
-        FIRST_MINUS + "all four (PLM clusters + distillation, CE)": {"switches": {**W1, **dict(MINUS_FOUR)}},
+        FIRST_MINUS + ALL_FOUR: {"switches": {**W1, **PARTS[ALL_FOUR]}},
         "default, distillation weight 10": {"switches": {"w_distill": 10.0}},
         # The settings (data.setting), on the default: the unseen names known in training, or every class
         # labelled. Self-training starts halfway, with an EMA horizon (1 / (1 - decay) = 50 steps) that fits a run
@@ -135,6 +127,13 @@ def _reference() -> dict[str, object]:
     return REFERENCE
 
 
+def _first_weight() -> object:
+    """The first default's distillation weight (`clipzss.worlds.students.W1`)."""
+    from clipzss.worlds.students import W1
+
+    return W1["w_distill"]
+
+
 def renamed(run: dict[str, object]) -> str:
     """A stored run's row name today, from its stored MethodConfig: "default" runs of the reference's settings, and
     "default ± part" rows, were named before the reference had a name of its own (`RENAMED`); runs of the first
@@ -143,7 +142,7 @@ def renamed(run: dict[str, object]) -> str:
     method = run.get("method") or {}
     inductive = run.get("setting", "inductive") == "inductive"
     todays = method.get("bank") is False and (method.get("w_distill") or 0.0) > 0  # after the table moved it
-    first = todays and method.get("w_distill") == W1["w_distill"] != run_method({})["w_distill"]
+    first = todays and method.get("w_distill") == _first_weight() != run_method({})["w_distill"]
     if row in (DEFAULT_ROW, REFERENCE_ROW, FIRST_DEFAULT_ROW, "default, distillation weight 4") and inductive:
         # which of them a run is follows from its stored MethodConfig (an earlier renaming mixed them up)
         if all(method.get(k) == v for k, v in _reference().items()):
